@@ -1,0 +1,485 @@
+"""LLMEngine: add requests, step, abort; each step returns the requests that produced tokens.
+
+This is the API the server drives from its engine loop and the offline `LLM` drives in a loop.
+It owns the tokenizer (prompts in, incremental text out), stop conditions and per-request timing;
+the Scheduler decides what runs, the ModelRunner runs it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+
+from kvpilot_engine.block_manager import BlockManager
+from kvpilot_engine.config import EngineArgs, ModelConfig, parse_size, resolve_dtype
+from kvpilot_engine.loader import Checkpoint, load_checkpoint
+from kvpilot_engine.model_runner import ModelRunner, kv_bytes_per_block
+from kvpilot_engine.models.llama import LlamaForCausalLM
+from kvpilot_engine.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
+from kvpilot_engine.sampler import SampleResult
+from kvpilot_engine.sampling_params import RequestOutputKind, SamplingParams
+from kvpilot_engine.scheduler import ScheduledSeq, Scheduler, SchedulerOutput
+from kvpilot_engine.sequence import Sequence, SequenceStatus
+from kvpilot_engine.tokenizer import IncrementalDetokenizer, Tokenizer
+
+logger = logging.getLogger("kvpilot.engine")
+
+DEFAULT_CPU_KV_CACHE_MEMORY = 2 * 2**30
+DEFAULT_GPU_KV_CACHE_FRACTION = 0.85  # of the free GPU memory after loading the weights
+
+
+class InvalidRequestError(ValueError):
+    """A request the engine refuses; `param` names the offending OpenAI parameter."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
+
+
+@dataclass
+class EngineStats:
+    num_running: int = 0
+    num_waiting: int = 0
+    kv_cache_usage: float = 0.0
+    prefix_cache_queries: int = 0
+    prefix_cache_hits: int = 0
+    num_preemptions: int = 0
+    num_steps: int = 0
+    # The last step, for the per-iteration metrics a model-based autoscaler fits.
+    step_time: float = 0.0
+    step_prefill_tokens: int = 0
+    step_decode_tokens: int = 0
+    step_num_seqs: int = 0
+
+
+@dataclass
+class _SeqState:
+    seq: Sequence
+    detok: IncrementalDetokenizer | None
+    text: str = ""
+    logprobs: list[dict[int, Logprob]] | None = None
+    cumulative_logprob: float | None = None
+    sent_text: int = 0
+    sent_tokens: int = 0
+    finish_sent: bool = False
+
+
+@dataclass
+class _RequestState:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    seqs: list[_SeqState]
+    metrics: RequestMetrics
+    hold: int = 0  # characters held back while streaming, so a stop string is never emitted
+    final_sent: bool = False
+
+    @property
+    def finished(self) -> bool:
+        return all(s.seq.is_finished for s in self.seqs)
+
+
+class LLMEngine:
+    def __init__(self, args: EngineArgs, checkpoint: Checkpoint | None = None):
+        self.args = args
+        self.device = args.resolve_device()
+        ckpt = checkpoint or load_checkpoint(args.model)
+        self.checkpoint = ckpt
+        self.model_config: ModelConfig = ckpt.config
+        self.tokenizer: Tokenizer = ckpt.tokenizer
+        self.dtype = resolve_dtype(args.dtype, ckpt.config.torch_dtype, self.device)
+        cfg = self.model_config
+
+        max_len = args.max_model_len or cfg.max_position_embeddings
+        if cfg.sliding_window and cfg.sliding_window < max_len:
+            # Attention here is full causal: within the window it equals sliding-window attention.
+            logger.warning(
+                "capping max_model_len to the model's sliding window %d", cfg.sliding_window
+            )
+            max_len = cfg.sliding_window
+        self.max_model_len = max_len
+
+        t0 = time.perf_counter()
+        self.model = self._load_model(ckpt)
+        self.load_time = time.perf_counter() - t0
+        self.weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
+
+        block_bytes = kv_bytes_per_block(cfg, args.block_size, self.dtype)
+        if args.num_kv_blocks is not None:
+            num_blocks = args.num_kv_blocks
+        else:
+            if args.kv_cache_memory is not None:
+                budget = parse_size(args.kv_cache_memory)
+            elif self.device.type == "cuda":
+                free, _ = torch.cuda.mem_get_info(self.device)
+                budget = int(free * DEFAULT_GPU_KV_CACHE_FRACTION)
+            else:
+                budget = DEFAULT_CPU_KV_CACHE_MEMORY
+            num_blocks = budget // block_bytes
+        if num_blocks * args.block_size < self.max_model_len:
+            raise ValueError(
+                f"the KV cache holds {num_blocks * args.block_size} tokens ({num_blocks} blocks of "
+                f"{args.block_size}), fewer than max_model_len={self.max_model_len}; raise "
+                "kv_cache_memory or lower max_model_len"
+            )
+        self.num_blocks = num_blocks
+        self.kv_cache_bytes = num_blocks * block_bytes
+        self.block_manager = BlockManager(num_blocks, args.block_size, args.enable_prefix_caching)
+        self.scheduler = Scheduler(
+            self.block_manager,
+            max_num_seqs=args.max_num_seqs,
+            max_num_batched_tokens=args.max_num_batched_tokens,
+            policy=args.scheduling_policy,
+            enable_chunked_prefill=args.enable_chunked_prefill,
+        )
+        self.model_runner = ModelRunner(
+            self.model, cfg, num_blocks, args.block_size, self.device, self.dtype, args.seed
+        )
+        self.requests: dict[str, _RequestState] = {}
+        self._seq_ids = itertools.count()
+        self._seqs: dict[int, _RequestState] = {}
+        self._pending_outputs: list[RequestOutput] = []
+        self.stats = EngineStats()
+        logger.info(
+            "engine ready: model=%s dtype=%s device=%s weights=%.1f MiB kv_blocks=%d "
+            "(%d tokens, %.1f MiB) max_model_len=%d load=%.1fs",
+            ckpt.name,
+            self.dtype,
+            self.device,
+            self.weight_bytes / 2**20,
+            num_blocks,
+            num_blocks * args.block_size,
+            self.kv_cache_bytes / 2**20,
+            self.max_model_len,
+            self.load_time,
+        )
+
+    @classmethod
+    def from_engine_args(cls, args: EngineArgs) -> LLMEngine:
+        return cls(args)
+
+    def _load_model(self, ckpt: Checkpoint) -> LlamaForCausalLM:
+        with torch.device("meta"):
+            model = LlamaForCausalLM(ckpt.config)
+        model = model.to(self.dtype).to_empty(device=self.device)
+        if ckpt.config.tie_word_embeddings:
+            model.lm_head.weight = model.model.embed_tokens.weight
+        model.load_weights(ckpt.weights())
+        return model.eval()
+
+    # ---- requests ----------------------------------------------------------------------------
+    def add_request(
+        self,
+        request_id: str,
+        prompt: str | list[int],
+        params: SamplingParams | None = None,
+        priority: int = 0,
+        arrival_time: float | None = None,
+    ) -> None:
+        params = params or SamplingParams()
+        if request_id in self.requests:
+            raise InvalidRequestError(f"request id {request_id!r} is already in use")
+        if isinstance(prompt, str):
+            text: str | None = prompt
+            token_ids = self.tokenizer.encode(prompt)
+        else:
+            text, token_ids = None, list(prompt)
+        self._validate(token_ids, params)
+        if params.max_tokens is None:
+            params.max_tokens = self.max_model_len - len(token_ids)
+        now = time.monotonic()
+        arrival = arrival_time if arrival_time is not None else now
+        state = _RequestState(
+            request_id=request_id,
+            prompt=text,
+            prompt_token_ids=token_ids,
+            params=params,
+            seqs=[],
+            metrics=RequestMetrics(arrival_time=arrival),
+            hold=max((len(s) for s in params.stop), default=1) - 1,
+        )
+        for i in range(params.n):
+            seq = Sequence(
+                seq_id=next(self._seq_ids),
+                request_id=request_id,
+                index=i,
+                token_ids=list(token_ids),
+                num_prompt_tokens=len(token_ids),
+                sampling_params=params,
+                priority=priority,
+                arrival_time=arrival,
+            )
+            detok = IncrementalDetokenizer(self.tokenizer, token_ids, params.skip_special_tokens)
+            state.seqs.append(
+                _SeqState(
+                    seq,
+                    detok,
+                    logprobs=[] if params.logprobs is not None else None,
+                    cumulative_logprob=0.0 if params.logprobs is not None else None,
+                )
+            )
+            self._seqs[seq.seq_id] = state
+        self.requests[request_id] = state
+        for s in state.seqs:
+            self.scheduler.add(s.seq)
+
+    def _validate(self, token_ids: list[int], params: SamplingParams) -> None:
+        if not token_ids:
+            raise InvalidRequestError("the prompt is empty", param="prompt")
+        vocab = self.model_config.vocab_size
+        bad = next((t for t in token_ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise InvalidRequestError(
+                f"token id {bad} is out of range for a vocabulary of {vocab}", param="prompt"
+            )
+        if len(token_ids) >= self.max_model_len:
+            raise InvalidRequestError(
+                f"the prompt has {len(token_ids)} tokens; this model's maximum context length is "
+                f"{self.max_model_len} tokens, and at least one must be left to generate",
+                param="prompt",
+            )
+        if (
+            params.max_tokens is not None
+            and len(token_ids) + params.max_tokens > self.max_model_len
+        ):
+            raise InvalidRequestError(
+                f"the prompt ({len(token_ids)} tokens) plus max_tokens ({params.max_tokens}) "
+                f"exceeds the maximum context length of {self.max_model_len} tokens",
+                param="max_tokens",
+            )
+        if (
+            not self.args.enable_chunked_prefill
+            and len(token_ids) > self.args.max_num_batched_tokens
+        ):
+            raise InvalidRequestError(
+                f"the prompt has {len(token_ids)} tokens, more than max_num_batched_tokens="
+                f"{self.args.max_num_batched_tokens} with chunked prefill off",
+                param="prompt",
+            )
+        bad = next((t for t in params.stop_token_ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise InvalidRequestError(
+                f"stop token id {bad} is out of range", param="stop_token_ids"
+            )
+
+    def abort_request(self, request_ids: str | list[str]) -> None:
+        """Stop requests wherever they are and free their KV blocks at once."""
+        ids = {request_ids} if isinstance(request_ids, str) else set(request_ids)
+        ids &= set(self.requests)
+        if not ids:
+            return
+        for seq in self.scheduler.abort(ids):
+            self.model_runner.release(seq)
+        for rid in ids:
+            state = self.requests.pop(rid)
+            for s in state.seqs:
+                self._seqs.pop(s.seq.seq_id, None)
+            state.metrics.finished_time = time.monotonic()
+            self._pending_outputs.append(self._make_output(state, force=True))
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests) or bool(self._pending_outputs)
+
+    def get_num_unfinished_requests(self) -> int:
+        return len(self.requests)
+
+    # ---- one step ----------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        outputs, self._pending_outputs = self._pending_outputs, []
+        t0 = time.perf_counter()
+        sched = self.scheduler.schedule()
+        if sched.is_empty:
+            if self.scheduler.has_unfinished() and not self.scheduler.running:
+                # Impossible with a pool of at least max_model_len tokens; fail loudly if it does.
+                raise RuntimeError("scheduler made no progress with requests waiting")
+            self._update_stats(sched, 0.0)
+            return outputs
+        now = time.monotonic()
+        for s in sched.scheduled:
+            st = self._seqs[s.seq.seq_id]
+            if st.metrics.first_scheduled_time is None:
+                st.metrics.first_scheduled_time = now
+                st.metrics.num_cached_tokens = s.seq.num_cached_tokens
+        decode_tokens, prefill_tokens = sched.num_decode_tokens, sched.num_prefill_tokens
+        results = self.model_runner.execute(sched)
+        self.scheduler.update(sched)
+
+        now = time.monotonic()
+        touched: dict[str, _RequestState] = {}
+        for seq_id, result in results.items():
+            state = self._seqs[seq_id]
+            seq_state = next(s for s in state.seqs if s.seq.seq_id == seq_id)
+            self._append_token(state, seq_state, result, now)
+            touched[state.request_id] = state
+        for state in touched.values():
+            if state.finished:
+                state.metrics.finished_time = now
+            out = self._make_output(state)
+            if out is not None:
+                outputs.append(out)
+            if state.finished:
+                self.requests.pop(state.request_id, None)
+                for s in state.seqs:
+                    self._seqs.pop(s.seq.seq_id, None)
+        self.stats.step_prefill_tokens = prefill_tokens
+        self.stats.step_decode_tokens = decode_tokens
+        self._update_stats(sched, time.perf_counter() - t0)
+        return outputs
+
+    def _update_stats(self, sched: SchedulerOutput, step_time: float) -> None:
+        st = self.stats
+        st.num_running = self.scheduler.num_running
+        st.num_waiting = self.scheduler.num_waiting
+        st.kv_cache_usage = self.block_manager.usage
+        st.prefix_cache_queries = self.block_manager.prefix_cache_queries
+        st.prefix_cache_hits = self.block_manager.prefix_cache_hits
+        st.num_preemptions = self.scheduler.num_preemptions
+        if not sched.is_empty:
+            st.num_steps += 1
+            st.step_time = step_time
+            st.step_num_seqs = len(sched.scheduled)
+
+    def _append_token(
+        self, state: _RequestState, ss: _SeqState, result: SampleResult, now: float
+    ) -> None:
+        seq, params = ss.seq, state.params
+        token = result.token_id
+        seq.token_ids.append(token)
+        if state.metrics.first_token_time is None:
+            state.metrics.first_token_time = now
+        state.metrics.last_token_time = now
+        if ss.logprobs is not None and result.logprob is not None:
+            entry = {
+                tid: Logprob(lp, rank + 1, self.tokenizer.decode([tid], skip_special_tokens=False))
+                for rank, (tid, lp) in enumerate(result.top_logprobs or [])
+            }
+            entry.setdefault(
+                token,
+                Logprob(
+                    result.logprob,
+                    result.sampled_rank or 0,
+                    self.tokenizer.decode([token], skip_special_tokens=False),
+                ),
+            )
+            ss.logprobs.append(entry)
+            ss.cumulative_logprob = (ss.cumulative_logprob or 0.0) + result.logprob
+
+        old_len = len(ss.text)
+        ss.text += ss.detok.add(token)
+        n_out = seq.num_output_tokens
+        status: SequenceStatus | None = None
+        if n_out >= params.min_tokens:
+            if not params.ignore_eos and token in self.model_config.eos_token_ids:
+                status = SequenceStatus.FINISHED_STOPPED
+            elif token in params.stop_token_ids:
+                status, seq.stop_reason = SequenceStatus.FINISHED_STOPPED, token
+        if status is None and (n_out >= params.max_tokens or len(seq) >= self.max_model_len):
+            status = SequenceStatus.FINISHED_LENGTH
+        if status is not None:
+            ss.text += ss.detok.flush()
+        if params.stop and n_out >= params.min_tokens:
+            hit = self._find_stop(ss.text, old_len, params)
+            if hit is not None:
+                cut, stop = hit
+                ss.text = ss.text[:cut]
+                status, seq.stop_reason = SequenceStatus.FINISHED_STOPPED, stop
+        if status is not None:
+            self.scheduler.finish(seq, status)
+            self.model_runner.release(seq)
+
+    @staticmethod
+    def _find_stop(text: str, old_len: int, params: SamplingParams) -> tuple[int, str] | None:
+        best: tuple[int, str] | None = None
+        for stop in params.stop:
+            # Only the new text and the tail that a stop string could straddle need searching.
+            idx = text.find(stop, max(0, old_len - len(stop) + 1))
+            if idx != -1 and (best is None or idx < best[0]):
+                best = (idx, stop)
+        if best is None:
+            return None
+        idx, stop = best
+        return (idx + len(stop) if params.include_stop_str_in_output else idx), stop
+
+    def _make_output(self, state: _RequestState, force: bool = False) -> RequestOutput | None:
+        kind = state.params.output_kind
+        finished = state.finished or force
+        if kind is RequestOutputKind.FINAL_ONLY and not finished:
+            return None
+        if state.final_sent:
+            return None
+        completions: list[CompletionOutput] = []
+        for ss in state.seqs:
+            seq = ss.seq
+            done = seq.is_finished or force
+            visible = ss.text if done else ss.text[: max(0, len(ss.text) - state.hold)]
+            out_ids = seq.output_token_ids
+            reason = seq.status.value if seq.is_finished else ("abort" if force else None)
+            if kind is RequestOutputKind.DELTA:
+                text, ids = visible[ss.sent_text :], out_ids[ss.sent_tokens :]
+                lps = ss.logprobs[ss.sent_tokens :] if ss.logprobs is not None else None
+                if not text and not ids and (reason is None or ss.finish_sent):
+                    continue
+                ss.sent_text, ss.sent_tokens = len(visible), len(out_ids)
+                ss.finish_sent = reason is not None
+            else:
+                text, ids, lps = visible, list(out_ids), ss.logprobs
+            completions.append(
+                CompletionOutput(
+                    index=seq.index,
+                    text=text,
+                    token_ids=ids,
+                    cumulative_logprob=ss.cumulative_logprob,
+                    logprobs=lps,
+                    finish_reason=reason,
+                    stop_reason=seq.stop_reason,
+                )
+            )
+        if finished:
+            state.final_sent = True
+        return RequestOutput(
+            request_id=state.request_id,
+            prompt=state.prompt,
+            prompt_token_ids=state.prompt_token_ids,
+            outputs=completions,
+            finished=finished,
+            metrics=state.metrics,
+            num_cached_tokens=state.metrics.num_cached_tokens,
+        )
+
+    # ---- scoring -----------------------------------------------------------------------------
+    def score(self, token_ids: list[int]) -> torch.Tensor:
+        """Logits at every position of `token_ids` ([len, vocab], float32), computed through the
+        paged cache in chunks of max_num_batched_tokens. For perplexity and the oracle tests."""
+        self._validate(token_ids, SamplingParams(max_tokens=None))
+        seq = Sequence(
+            seq_id=next(self._seq_ids),
+            request_id="__score__",
+            index=0,
+            token_ids=list(token_ids),
+            num_prompt_tokens=len(token_ids),
+            sampling_params=SamplingParams(),
+        )
+        chunks: list[torch.Tensor] = []
+        try:
+            while seq.num_computed_tokens < len(seq):
+                n = min(self.args.max_num_batched_tokens, len(seq) - seq.num_computed_tokens)
+                if not self.block_manager.allocate_slots(seq, n):
+                    raise RuntimeError("not enough free KV blocks to score this sequence now")
+                out = SchedulerOutput(scheduled=[ScheduledSeq(seq, n)])
+                chunks.append(self.model_runner.all_logits(out).float())
+                seq.num_computed_tokens += n
+        finally:
+            self.block_manager.free(seq)
+        return torch.cat(chunks)
+
+    def check_no_leaks(self) -> None:
+        """With no requests left, every block must be back on the free list."""
+        assert not self.scheduler.has_unfinished(), "requests are still queued"
+        free = self.block_manager.num_free_blocks
+        assert free == self.num_blocks, f"{self.num_blocks - free} KV blocks leaked"
+        self.block_manager.check_invariants([])

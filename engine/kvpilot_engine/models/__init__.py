@@ -1,0 +1,1 @@
+"""Model definitions. One class serves the whole Llama family (see llama.py)."""

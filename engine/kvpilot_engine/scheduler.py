@@ -1,0 +1,187 @@
+"""Scheduler: decides which tokens of which sequences go into the next forward pass.
+
+One token budget per step is shared by everything: running sequences are served first (a decode
+costs one token, an unfinished prefill continues with its next chunk), then waiting sequences are
+admitted with as much of their prompt as the budget leaves. Prefill chunks and decodes therefore
+share one forward pass. When the KV pool runs dry a running sequence is preempted: its blocks are
+freed and it is recomputed later (its full blocks usually come back from the prefix cache).
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass, field
+
+from kvpilot_engine.block_manager import BlockManager
+from kvpilot_engine.sequence import Sequence, SequenceStatus
+
+
+@dataclass
+class ScheduledSeq:
+    seq: Sequence
+    num_tokens: int  # tokens of this sequence computed in this step
+
+    @property
+    def samples(self) -> bool:
+        """Whether this chunk reaches the end of the sequence, so its last logits are sampled."""
+        return self.seq.num_computed_tokens + self.num_tokens == len(self.seq)
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled: list[ScheduledSeq] = field(default_factory=list)
+    preempted: list[Sequence] = field(default_factory=list)
+
+    @property
+    def num_batched_tokens(self) -> int:
+        return sum(s.num_tokens for s in self.scheduled)
+
+    @property
+    def num_decode_tokens(self) -> int:
+        # A decode computes the one token sampled last step; anything else (prompt chunks and
+        # the recompute after a preemption) is prefill work.
+        return sum(
+            1
+            for s in self.scheduled
+            if s.num_tokens == 1
+            and s.seq.num_output_tokens > 0
+            and s.seq.num_computed_tokens == len(s.seq) - 1
+        )
+
+    @property
+    def num_prefill_tokens(self) -> int:
+        return self.num_batched_tokens - self.num_decode_tokens
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled
+
+
+class Scheduler:
+    def __init__(
+        self,
+        block_manager: BlockManager,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        policy: str = "fcfs",
+        enable_chunked_prefill: bool = True,
+    ):
+        self.block_manager = block_manager
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.policy = policy
+        self.enable_chunked_prefill = enable_chunked_prefill
+        self.waiting: list[Sequence] = []  # kept sorted by _waiting_key
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    # ---- queues ------------------------------------------------------------------------------
+    def _waiting_key(self, seq: Sequence) -> tuple[int, float, int]:
+        prio, arrival, seq_id = seq.sort_key()
+        return (prio if self.policy == "priority" else 0, arrival, seq_id)
+
+    def add(self, seq: Sequence) -> None:
+        seq.status = SequenceStatus.WAITING
+        # A preempted sequence keeps its arrival time, so it goes back ahead of later arrivals.
+        bisect.insort(self.waiting, seq, key=self._waiting_key)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    # ---- one step ----------------------------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.max_num_batched_tokens
+        bm = self.block_manager
+
+        # 1. Running sequences, oldest (or most important) first.
+        idx = 0
+        while idx < len(self.running) and budget > 0:
+            seq = self.running[idx]
+            num_new = min(seq.num_uncomputed_tokens, budget)
+            scheduled = True
+            while not bm.allocate_slots(seq, num_new):
+                victim = self._pick_victim(idx)
+                self._preempt(victim)
+                out.preempted.append(victim)
+                if victim is seq:
+                    scheduled = False
+                    break
+            if not scheduled:
+                break
+            out.scheduled.append(ScheduledSeq(seq, num_new))
+            budget -= num_new
+            idx += 1
+
+        # 2. Waiting sequences, unless this step already had to preempt: the pool is full.
+        while (
+            not out.preempted
+            and self.waiting
+            and budget > 0
+            and len(self.running) < self.max_num_seqs
+        ):
+            seq = self.waiting[0]
+            computed = bm.get_computed_blocks(seq)
+            num_cached = len(computed) * bm.block_size
+            num_new = len(seq) - num_cached
+            if not self.enable_chunked_prefill and num_new > budget:
+                break
+            num_new = min(num_new, budget)
+            if not bm.allocate_slots(seq, num_new, computed):
+                break
+            bm.record_prefix_lookup(len(seq), num_cached)
+            self.waiting.pop(0)
+            seq.num_computed_tokens = num_cached
+            seq.num_cached_tokens = num_cached
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            out.scheduled.append(ScheduledSeq(seq, num_new))
+            budget -= num_new
+        return out
+
+    def _pick_victim(self, current: int) -> Sequence:
+        """The least important running sequence not yet scheduled in this step (maybe `current`)."""
+        if self.policy == "priority":
+            candidates = self.running[current:]
+            return max(candidates, key=lambda s: s.sort_key())
+        return self.running[-1]
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.block_manager.free(seq)
+        seq.num_computed_tokens = 0
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        self.add(seq)
+
+    # ---- after the forward pass --------------------------------------------------------------
+    def update(self, out: SchedulerOutput) -> None:
+        """Mark the scheduled tokens computed and offer newly full blocks to the prefix cache.
+
+        The engine appends sampled tokens afterwards; their K/V are computed next step."""
+        for s in out.scheduled:
+            s.seq.num_computed_tokens += s.num_tokens
+            self.block_manager.cache_full_blocks(s.seq)
+
+    def finish(self, seq: Sequence, status: SequenceStatus) -> None:
+        assert status.finished
+        if seq.status is SequenceStatus.RUNNING:
+            self.running.remove(seq)
+        elif seq.status is SequenceStatus.WAITING:
+            self.waiting.remove(seq)
+        seq.status = status
+        self.block_manager.free(seq)
+
+    def abort(self, request_ids: set[str]) -> list[Sequence]:
+        aborted = [s for s in self.running + self.waiting if s.request_id in request_ids]
+        for seq in aborted:
+            self.finish(seq, SequenceStatus.FINISHED_ABORTED)
+        return aborted

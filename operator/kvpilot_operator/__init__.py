@@ -1,0 +1,1 @@
+"""kvpilot's control plane (operator, autoscaler, router). Arrives with the operator issues."""

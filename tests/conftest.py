@@ -1,0 +1,37 @@
+"""Shared fixtures: the real SmolLM2 weights, loaded once per session."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+# Tests run on 2 cores; more threads than cores only adds contention.
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+
+@pytest.fixture(scope="session")
+def smollm2_path() -> str:
+    from kvpilot_engine.loader import resolve_model_path
+
+    return str(resolve_model_path("smollm2"))
+
+
+@pytest.fixture(scope="session")
+def smollm2_checkpoint():
+    from kvpilot_engine.loader import load_checkpoint
+
+    return load_checkpoint("smollm2")
+
+
+@pytest.fixture(scope="session")
+def hf_smollm2(smollm2_path):
+    """transformers' own model from the same GGUF, in float32: the oracle."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    path = os.path.dirname(smollm2_path)
+    model = AutoModelForCausalLM.from_pretrained(
+        path, gguf_file=os.path.basename(smollm2_path), dtype=torch.float32
+    )
+    return model.eval()
