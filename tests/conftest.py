@@ -35,3 +35,28 @@ def hf_smollm2(smollm2_path):
         path, gguf_file=os.path.basename(smollm2_path), dtype=torch.float32
     )
     return model.eval()
+
+
+@pytest.fixture(scope="session")
+def make_smollm2(smollm2_checkpoint):
+    """Build an LLM on the (already parsed) SmolLM2 checkpoint with the given engine args."""
+    from kvpilot_engine import LLM
+    from kvpilot_engine.config import EngineArgs
+    from kvpilot_engine.llm_engine import LLMEngine
+
+    def make(**engine_args):
+        args = EngineArgs(model="smollm2", dtype="float32", **engine_args)
+        return LLM.from_engine(LLMEngine(args, checkpoint=smollm2_checkpoint))
+
+    return make
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

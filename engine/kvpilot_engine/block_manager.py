@@ -102,19 +102,27 @@ class BlockManager:
         self.prefix_cache_queries += num_queried_tokens
         self.prefix_cache_hits += num_hit_tokens
 
+    def _blocks_to_allocate(self, seq: Sequence, num_new_tokens: int, computed: list[int]) -> int:
+        # `computed` hits are tokens about to become computed; they are not in
+        # seq.num_computed_tokens yet.
+        total = seq.num_computed_tokens + len(computed) * self.block_size + num_new_tokens
+        return self.blocks_needed(total) - len(seq.block_table) - len(computed)
+
     def can_allocate(self, seq: Sequence, num_new_tokens: int, computed: list[int] = ()) -> bool:
-        need = self.blocks_needed(seq.num_computed_tokens + num_new_tokens) - len(seq.block_table)
+        need = self._blocks_to_allocate(seq, num_new_tokens, computed)
         # A cached hit that sits on the free list is taken off it, so it is not a free block.
         reclaimed = sum(1 for b in computed if self.blocks[b].ref_count == 0)
-        return need - len(computed) <= len(self._free) - reclaimed
+        return need <= len(self._free) - reclaimed
 
     def allocate_slots(self, seq: Sequence, num_new_tokens: int, computed: list[int] = ()) -> bool:
-        """Make `seq.block_table` cover num_computed_tokens + num_new_tokens tokens.
+        """Make `seq.block_table` cover its computed tokens plus `num_new_tokens`.
 
-        `computed` are prefix-cache hits from get_computed_blocks, taken on first admission.
+        `computed` are prefix-cache hits from get_computed_blocks, taken on admission (the caller
+        then adds their tokens to num_computed_tokens).
         Returns False, changing nothing, when the pool is short."""
         if not self.can_allocate(seq, num_new_tokens, computed):
             return False
+        need = self._blocks_to_allocate(seq, num_new_tokens, computed)
         for block_id in computed:
             block = self.blocks[block_id]
             if block.ref_count == 0:
@@ -123,7 +131,6 @@ class BlockManager:
             seq.block_table.append(block_id)
         if computed:
             seq.num_registered_blocks = len(seq.block_table)
-        need = self.blocks_needed(seq.num_computed_tokens + num_new_tokens) - len(seq.block_table)
         for _ in range(need):
             seq.block_table.append(self._pop_free())
         return True

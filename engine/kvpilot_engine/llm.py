@@ -45,6 +45,13 @@ class LLM:
         self.llm_engine = LLMEngine.from_engine_args(EngineArgs(model=model, **engine_args))
         self._ids = itertools.count()
 
+    @classmethod
+    def from_engine(cls, engine: LLMEngine) -> LLM:
+        llm = cls.__new__(cls)
+        llm.llm_engine = engine
+        llm._ids = itertools.count()
+        return llm
+
     def get_tokenizer(self) -> Tokenizer:
         return self.llm_engine.tokenizer
 

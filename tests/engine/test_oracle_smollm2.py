@@ -4,8 +4,9 @@ logits within 1e-3."""
 from __future__ import annotations
 
 import pytest
-import torch
-from kvpilot_engine import LLM, SamplingParams
+from kvpilot_engine import SamplingParams
+
+from .hf_oracle import hf_greedy, hf_logits
 
 PROMPTS = [
     "The capital of France is",
@@ -21,29 +22,8 @@ NEW_TOKENS = 64
 
 
 @pytest.fixture(scope="module")
-def llm(smollm2_checkpoint):
-    from kvpilot_engine.config import EngineArgs
-    from kvpilot_engine.llm_engine import LLMEngine
-
-    engine = LLMEngine(EngineArgs(model="smollm2", dtype="float32"), checkpoint=smollm2_checkpoint)
-    obj = LLM.__new__(LLM)
-    obj.llm_engine = engine
-    import itertools
-
-    obj._ids = itertools.count()
-    return obj
-
-
-def hf_greedy(model, ids: list[int], n: int) -> list[int]:
-    """Plain greedy decoding with transformers' KV cache: no logits processors, EOS ignored."""
-    out: list[int] = []
-    with torch.inference_mode():
-        res = model(torch.tensor([ids]), use_cache=True)
-        for _ in range(n):
-            nxt = int(res.logits[0, -1].argmax())
-            out.append(nxt)
-            res = model(torch.tensor([[nxt]]), past_key_values=res.past_key_values, use_cache=True)
-    return out
+def llm(make_smollm2):
+    return make_smollm2()
 
 
 @pytest.mark.slow
@@ -62,8 +42,7 @@ def test_greedy_matches_transformers(llm, hf_smollm2):
         # Logits over the whole generated sequence: ours through the paged cache, theirs dense.
         full = ids + ours
         our_logits = llm.llm_engine.score(full)
-        with torch.inference_mode():
-            ref_logits = hf_smollm2(torch.tensor([full])).logits[0].float()
+        ref_logits = hf_logits(hf_smollm2, full)
         max_diff = max(max_diff, float((our_logits - ref_logits).abs().max()))
     print(f"\nlargest logit difference vs transformers (float32): {max_diff:.2e}")
     assert max_diff <= 1e-3

@@ -1,0 +1,1 @@
+"""Benchmarks behind `kvpilot bench ...`: they print figures and compare against a peer."""

@@ -1,0 +1,157 @@
+"""`kvpilot bench throughput`: offline generation, kvpilot against transformers in one run.
+
+The dataset is random token ids with uniformly drawn input and output lengths (vLLM's "random"
+dataset); EOS is ignored so both sides generate exactly the requested lengths. transformers runs
+`generate` on left-padded static batches, the way offline batch jobs use it; its throughput
+counts only the requested output tokens, not the padding it also computes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import random
+import time
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from kvpilot_engine.config import EngineArgs
+
+
+@dataclass
+class Workload:
+    prompts: list[list[int]]
+    output_lens: list[int]
+
+    @property
+    def total_output(self) -> int:
+        return sum(self.output_lens)
+
+    @property
+    def total_input(self) -> int:
+        return sum(len(p) for p in self.prompts)
+
+
+def make_workload(
+    n: int, input_len: tuple[int, int], output_len: tuple[int, int], vocab_size: int, seed: int
+) -> Workload:
+    rng = random.Random(seed)
+    # Skip the first ids: special tokens in most vocabularies.
+    prompts = [
+        [rng.randrange(100, vocab_size) for _ in range(rng.randint(*input_len))] for _ in range(n)
+    ]
+    return Workload(prompts, [rng.randint(*output_len) for _ in range(n)])
+
+
+def bench_kvpilot(args: EngineArgs, work: Workload) -> tuple[float, object]:
+    from kvpilot_engine.llm import LLM
+    from kvpilot_engine.sampling_params import SamplingParams
+
+    llm = LLM(**{**args.__dict__})
+    params = [
+        SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in work.output_lens
+    ]
+    # Warm-up: first-call allocations and thread pools are not what we measure.
+    llm.generate(
+        {"prompt_token_ids": work.prompts[0][:32]},
+        SamplingParams(max_tokens=4, ignore_eos=True),
+        use_tqdm=False,
+    )
+    t0 = time.perf_counter()
+    outs = llm.generate([{"prompt_token_ids": p} for p in work.prompts], params, use_tqdm=True)
+    elapsed = time.perf_counter() - t0
+    got = sum(len(o.outputs[0].token_ids) for o in outs)
+    assert got == work.total_output, f"kvpilot generated {got} tokens, expected {work.total_output}"
+    llm.llm_engine.check_no_leaks()
+    return elapsed, llm
+
+
+def bench_transformers(llm, work: Workload, batch_size: int) -> float:
+    from transformers import AutoModelForCausalLM
+
+    ckpt = llm.llm_engine.checkpoint
+    dtype = llm.llm_engine.dtype
+    if ckpt.path.suffix == ".gguf":
+        model = AutoModelForCausalLM.from_pretrained(
+            str(ckpt.path.parent), gguf_file=ckpt.path.name, dtype=dtype
+        )
+    else:
+        model = AutoModelForCausalLM.from_pretrained(str(ckpt.path), dtype=dtype)
+    model = model.to(llm.llm_engine.device).eval()
+    model.generation_config.eos_token_id = None  # ignore EOS, like kvpilot's ignore_eos
+    pad = llm.llm_engine.tokenizer.eos_token_id or 0
+    dev = llm.llm_engine.device
+    order = list(range(len(work.prompts)))
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    t0 = time.perf_counter()
+    for batch in tqdm(batches, desc="transformers", unit="batch"):
+        width = max(len(work.prompts[i]) for i in batch)
+        ids = torch.full((len(batch), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, i in enumerate(batch):
+            p = work.prompts[i]
+            ids[row, width - len(p) :] = torch.tensor(p)
+            mask[row, width - len(p) :] = 1
+        with torch.inference_mode():
+            model.generate(
+                input_ids=ids.to(dev),
+                attention_mask=mask.to(dev),
+                do_sample=False,
+                max_new_tokens=max(work.output_lens[i] for i in batch),
+                pad_token_id=pad,
+            )
+    return time.perf_counter() - t0
+
+
+def run_throughput_bench(ns: argparse.Namespace, args: EngineArgs) -> int:
+    from kvpilot_engine.loader import load_checkpoint
+
+    vocab = load_checkpoint(args.model).config.vocab_size
+    work = make_workload(
+        ns.num_prompts, tuple(ns.input_len), tuple(ns.output_len), vocab, ns.dataset_seed
+    )
+    print(
+        f"workload: {ns.num_prompts} prompts, input {ns.input_len[0]}-{ns.input_len[1]} "
+        f"(total {work.total_input}), output {ns.output_len[0]}-{ns.output_len[1]} "
+        f"(total {work.total_output}) tokens, seed {ns.dataset_seed}, EOS ignored"
+    )
+    kv_time, llm = bench_kvpilot(args, work)
+    kv_tps = work.total_output / kv_time
+    result = {
+        "model": args.model,
+        "device": str(llm.llm_engine.device),
+        "dtype": str(llm.llm_engine.dtype),
+        "torch_threads": torch.get_num_threads(),
+        "machine": platform.processor() or platform.machine(),
+        "num_prompts": ns.num_prompts,
+        "total_input_tokens": work.total_input,
+        "total_output_tokens": work.total_output,
+        "kvpilot_seconds": round(kv_time, 2),
+        "kvpilot_output_tokens_per_s": round(kv_tps, 1),
+        "kvpilot_total_tokens_per_s": round((work.total_input + work.total_output) / kv_time, 1),
+        "kvpilot_preemptions": llm.llm_engine.scheduler.num_preemptions,
+    }
+    print(f"kvpilot:      {kv_time:8.1f} s  {kv_tps:8.1f} output tok/s")
+    if not ns.no_baseline:
+        hf_time = bench_transformers(llm, work, ns.hf_batch_size)
+        hf_tps = work.total_output / hf_time
+        result.update(
+            {
+                "transformers_batch_size": ns.hf_batch_size,
+                "transformers_seconds": round(hf_time, 2),
+                "transformers_output_tokens_per_s": round(hf_tps, 1),
+                "speedup": round(kv_tps / hf_tps, 2),
+            }
+        )
+        print(
+            f"transformers: {hf_time:8.1f} s  {hf_tps:8.1f} output tok/s "
+            f"(static batches of {ns.hf_batch_size})"
+        )
+        print(f"speed-up:     {kv_tps / hf_tps:.2f}x")
+    if ns.json:
+        with open(ns.json, "w") as f:
+            json.dump(result, f, indent=2)
+    return 0

@@ -1,0 +1,146 @@
+"""The `kvpilot` command. Subcommands import their heavy modules lazily, so commands that do not
+run a model never import torch."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from collections.abc import Sequence
+
+
+def add_engine_args(p: argparse.ArgumentParser) -> None:
+    """Flags for every EngineArgs field: the same names `kvpilot serve` will accept."""
+    from kvpilot_engine.config import EngineArgs
+
+    d = EngineArgs()
+    p.add_argument(
+        "model",
+        nargs="?",
+        default=d.model,
+        help="HF folder, GGUF file, or a bundled model (default: smollm2)",
+    )
+    p.add_argument("--dtype", default=d.dtype, choices=["auto", "float32", "float16", "bfloat16"])
+    p.add_argument("--device", default=d.device, help="auto, cpu or cuda[:N]")
+    p.add_argument("--max-model-len", type=int, default=d.max_model_len)
+    p.add_argument("--block-size", type=int, default=d.block_size)
+    p.add_argument(
+        "--kv-cache-memory",
+        default=d.kv_cache_memory,
+        help="bytes for the KV pool, e.g. 2GiB (default: 2GiB on CPU, 85%% of free GPU)",
+    )
+    p.add_argument("--num-kv-blocks", type=int, default=d.num_kv_blocks)
+    p.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs)
+    p.add_argument("--max-num-batched-tokens", type=int, default=d.max_num_batched_tokens)
+    p.add_argument(
+        "--no-enable-prefix-caching",
+        dest="enable_prefix_caching",
+        action="store_false",
+        default=d.enable_prefix_caching,
+    )
+    p.add_argument(
+        "--no-enable-chunked-prefill",
+        dest="enable_chunked_prefill",
+        action="store_false",
+        default=d.enable_chunked_prefill,
+    )
+    p.add_argument("--scheduling-policy", default=d.scheduling_policy, choices=["fcfs", "priority"])
+    p.add_argument("--seed", type=int, default=d.seed)
+
+
+def engine_args_from(ns: argparse.Namespace):
+    from kvpilot_engine.config import EngineArgs
+
+    names = {f.name for f in dataclasses.fields(EngineArgs)}
+    return EngineArgs(**{k: v for k, v in vars(ns).items() if k in names})
+
+
+def cmd_generate(ns: argparse.Namespace) -> int:
+    from kvpilot_engine.llm import LLM
+    from kvpilot_engine.llm_engine import LLMEngine
+    from kvpilot_engine.sampling_params import RequestOutputKind, SamplingParams
+
+    engine = LLMEngine(engine_args_from(ns))
+    params = SamplingParams(
+        temperature=ns.temperature,
+        top_p=ns.top_p,
+        top_k=ns.top_k,
+        max_tokens=ns.max_tokens,
+        seed=ns.sampling_seed,
+        output_kind=RequestOutputKind.DELTA,
+    )
+    prompt: str | list[int] = ns.prompt
+    if not ns.raw:
+        tok = LLM.from_engine(engine).get_tokenizer()
+        if tok.chat_template:
+            text = tok.apply_chat_template([{"role": "user", "content": ns.prompt}])
+            prompt = tok.encode(text, add_special_tokens=False)
+    engine.add_request("cli", prompt, params)
+    n_tokens = 0
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            n_tokens += len(out.outputs[0].token_ids)
+            sys.stdout.write(out.outputs[0].text)
+            sys.stdout.flush()
+            if out.finished:
+                m = out.metrics
+                sys.stdout.write("\n")
+                print(
+                    f"[{n_tokens} tokens, finish_reason="
+                    f"{out.outputs[0].finish_reason}, TTFT {m.time_to_first_token * 1000:.0f} ms]",
+                    file=sys.stderr,
+                )
+    return 0
+
+
+def cmd_bench_throughput(ns: argparse.Namespace) -> int:
+    from kvpilot_engine.bench.throughput import run_throughput_bench
+
+    return run_throughput_bench(ns, engine_args_from(ns))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kvpilot", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="generate text for one prompt (chat template applied)")
+    add_engine_args(g)
+    g.add_argument("-p", "--prompt", default="Explain in two sentences what a KV cache is.")
+    g.add_argument("--raw", action="store_true", help="send the prompt as is, no chat template")
+    g.add_argument("--max-tokens", type=int, default=128)
+    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=-1)
+    g.add_argument("--sampling-seed", type=int, default=None)
+    g.set_defaults(func=cmd_generate)
+
+    bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
+    t = bench.add_parser("throughput", help="offline generation throughput, vs transformers")
+    add_engine_args(t)
+    t.add_argument("--num-prompts", type=int, default=64)
+    t.add_argument("--input-len", type=int, nargs=2, default=[32, 512], metavar=("MIN", "MAX"))
+    t.add_argument("--output-len", type=int, nargs=2, default=[32, 256], metavar=("MIN", "MAX"))
+    t.add_argument("--dataset-seed", type=int, default=0)
+    t.add_argument(
+        "--hf-batch-size",
+        type=int,
+        default=16,
+        help="static batch size for the transformers baseline",
+    )
+    t.add_argument("--no-baseline", action="store_true", help="skip transformers")
+    t.add_argument("--json", default=None, help="also write the figures to this file")
+    t.set_defaults(func=cmd_bench_throughput)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ns = build_parser().parse_args(argv)
+    try:
+        return int(ns.func(ns) or 0)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"kvpilot: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

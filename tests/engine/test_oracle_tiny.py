@@ -1,0 +1,122 @@
+"""Randomly initialised tiny Llama, Mistral, Qwen2 and Qwen3 checkpoints, written as Hugging Face
+folders by transformers itself, must give transformers' greedy tokens and logits."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from kvpilot_engine import LLM, SamplingParams
+
+from .hf_oracle import hf_greedy, hf_logits
+
+COMMON = dict(
+    vocab_size=49152,  # the SmolLM2 tokenizer is copied into each folder
+    hidden_size=96,
+    intermediate_size=192,
+    num_hidden_layers=2,
+    max_position_embeddings=512,
+    initializer_range=0.15,  # peaked distributions, so greedy has clear winners
+    bos_token_id=1,
+    eos_token_id=2,
+)
+
+CASES = {
+    # GQA group 1 (plain MHA) with llama3 rope scaling.
+    "llama": dict(
+        cls="LlamaForCausalLM",
+        cfg="LlamaConfig",
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64,
+        },
+    ),
+    # GQA group 2, tied embeddings.
+    "mistral": dict(
+        cls="MistralForCausalLM",
+        cfg="MistralConfig",
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+        sliding_window=None,
+    ),
+    # GQA group 3, qkv bias.
+    "qwen2": dict(
+        cls="Qwen2ForCausalLM",
+        cfg="Qwen2Config",
+        num_attention_heads=6,
+        num_key_value_heads=2,
+    ),
+    # GQA group 4, q/k norm, head_dim not hidden/heads.
+    "qwen3": dict(
+        cls="Qwen3ForCausalLM",
+        cfg="Qwen3Config",
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        head_dim=32,
+        tie_word_embeddings=False,
+    ),
+}
+
+
+def write_tiny_model(path: Path, name: str, tokenizer) -> Path:
+    import transformers
+
+    spec = dict(CASES[name])
+    cls = getattr(transformers, spec.pop("cls"))
+    cfg = getattr(transformers, spec.pop("cfg"))(**COMMON, **spec)
+    torch.manual_seed(hash(name) % 2**31)
+    model = cls(cfg)
+    if name == "qwen2":  # transformers initialises biases to zero; make them matter
+        for layer in model.model.layers:
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                torch.nn.init.normal_(proj.bias, std=0.5)
+    if name == "qwen3":
+        for layer in model.model.layers:
+            torch.nn.init.normal_(layer.self_attn.q_norm.weight, mean=1.0, std=0.3)
+            torch.nn.init.normal_(layer.self_attn.k_norm.weight, mean=1.0, std=0.3)
+    model.save_pretrained(path)
+    tokenizer.tokenizer.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(
+        json.dumps({"bos_token": "<|im_start|>", "eos_token": "<|im_end|>"})
+    )
+    return path
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_tiny_model_matches_transformers(name, tmp_path, smollm2_checkpoint):
+    from transformers import AutoModelForCausalLM
+
+    path = write_tiny_model(tmp_path / name, name, smollm2_checkpoint.tokenizer)
+    ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    llm = LLM(str(path), dtype="float32", block_size=16, max_num_batched_tokens=64)
+    cfg = llm.llm_engine.model_config
+    assert cfg.architecture == name
+    assert (
+        cfg.num_attention_heads // cfg.num_key_value_heads
+        == CASES[name]["num_attention_heads"] // CASES[name]["num_key_value_heads"]
+    )
+
+    g = torch.Generator().manual_seed(0)
+    # Prompts on, just past and well past block boundaries; 100 tokens exceed the 64-token
+    # budget, so that one is prefilled in chunks.
+    prompts = [torch.randint(3, 49152, (n,), generator=g).tolist() for n in (5, 16, 17, 33, 100)]
+    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    max_diff = 0.0
+    for p, out in zip(prompts, outs, strict=True):
+        assert out.outputs[0].token_ids == hf_greedy(ref, p, 24)
+        full = p + out.outputs[0].token_ids
+        max_diff = max(
+            max_diff, float((llm.llm_engine.score(full) - hf_logits(ref, full)).abs().max())
+        )
+    print(f"\n{name}: largest logit difference vs transformers (float32): {max_diff:.2e}")
+    assert max_diff <= 1e-3
+    llm.llm_engine.check_no_leaks()
