@@ -15,7 +15,25 @@ MAX_TOKENS = 20
 
 def make_prompts(tokenizer) -> list[list[int]]:
     rng = random.Random(1234)
-    words = ["the", "river", "model", "cache", "token", "light", "garden", "engine", "ocean", "number", "paper", "forest", "music", "window", "stone", "silver", "machine"]
+    words = [
+        "the",
+        "river",
+        "model",
+        "cache",
+        "token",
+        "light",
+        "garden",
+        "engine",
+        "ocean",
+        "number",
+        "paper",
+        "forest",
+        "music",
+        "window",
+        "stone",
+        "silver",
+        "machine",
+    ]
     prompts = []
     for i in range(NUM_REQUESTS):
         n_words = rng.choice([2, 5, 9, 15, 30, 60, 90])  # 3 to ~100 tokens, crossing blocks

@@ -73,7 +73,7 @@ def test_bundled_model_resolves():
 def test_loader_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="neither a local path nor a bundled model"):
         load_checkpoint("no-such-model")
-    with pytest.raises(FileNotFoundError, match="no config.json"):
+    with pytest.raises(FileNotFoundError, match="no config\\.json"):
         load_checkpoint(str(tmp_path))
     (tmp_path / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"]}))
     with pytest.raises(UnsupportedModelError, match="unsupported architecture"):
@@ -94,7 +94,7 @@ def test_loader_errors(tmp_path):
         load_checkpoint(str(tmp_path))
     bogus = tmp_path / "weights.bin"
     bogus.write_bytes(b"not a model")
-    with pytest.raises(UnsupportedModelError, match="not a .gguf"):
+    with pytest.raises(UnsupportedModelError, match=r"not a \.gguf"):
         load_checkpoint(str(bogus))
     bad_gguf = tmp_path / "broken.gguf"
     bad_gguf.write_bytes(b"GGUF garbage")
