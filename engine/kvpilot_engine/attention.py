@@ -12,10 +12,26 @@ head_dim]. A token at position p of a sequence lives in slot block_table[p // bs
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+
+
+@dataclass
+class DecodeGroup:
+    """Decode rows of similar context length, attended in one padded SDPA call.
+
+    Built once per step and shared by every layer: the gather index, the padding mask and the
+    buffers the gathered K/V land in (preallocated, so 30 layers do not fault in fresh pages)."""
+
+    rows: torch.Tensor  # [G] query rows in the flattened batch
+    block_ids: torch.Tensor  # [G * num_blocks] the blocks to gather, row-major
+    mask: torch.Tensor  # [G, 1, 1, L] True where a key is inside the sequence
+    max_len: int  # L
+    num_blocks: int
+    key_buf: torch.Tensor  # [G * num_blocks, block_size, num_kv_heads, head_dim]
+    value_buf: torch.Tensor
 
 
 @dataclass
@@ -24,13 +40,70 @@ class AttentionMetadata:
     query_start_loc: list[int]  # [num_seqs + 1] offsets of each sequence's queries
     context_lens: list[int]  # [num_seqs] tokens in the cache after this step, queries included
     block_tables: torch.Tensor  # [num_seqs, max_blocks] int64, padded with 0
-    decode_seqs: list[int]  # sequences with one query token: batched together in the reference
+    decode_seqs: list[int]  # sequences with one query token
     prefill_seqs: list[int]  # the others
     max_context_len: int
+    decode_groups: list[DecodeGroup] = field(default_factory=list)
 
     @property
     def num_seqs(self) -> int:
         return len(self.context_lens)
+
+
+DECODE_GROUP_SIZE = 16
+
+
+def build_decode_groups(
+    meta: AttentionMetadata, block_size: int, workspace: Workspace
+) -> list[DecodeGroup]:
+    """Sort decode rows by context length and cut them into groups, so padding to the longest
+    context in a group wastes little."""
+    order = sorted(meta.decode_seqs, key=lambda i: meta.context_lens[i])
+    groups: list[DecodeGroup] = []
+    offset = 0
+    specs = []
+    for g in range(0, len(order), DECODE_GROUP_SIZE):
+        members = order[g : g + DECODE_GROUP_SIZE]
+        max_len = meta.context_lens[members[-1]]
+        num_blocks = -(-max_len // block_size)
+        specs.append((members, max_len, num_blocks, offset))
+        offset += len(members) * num_blocks
+    key_ws, value_ws = workspace.get(offset)
+    dev = meta.block_tables.device
+    for members, max_len, num_blocks, off in specs:
+        idx = torch.tensor(members, device=dev)
+        lens = torch.tensor([meta.context_lens[i] for i in members], device=dev)
+        n = len(members) * num_blocks
+        groups.append(
+            DecodeGroup(
+                rows=torch.tensor([meta.query_start_loc[i] for i in members], device=dev),
+                block_ids=meta.block_tables[idx, :num_blocks].reshape(-1),
+                mask=(torch.arange(max_len, device=dev)[None, :] < lens[:, None])[:, None, None, :],
+                max_len=max_len,
+                num_blocks=num_blocks,
+                key_buf=key_ws[off : off + n],
+                value_buf=value_ws[off : off + n],
+            )
+        )
+    return groups
+
+
+class Workspace:
+    """Gather buffers for decode attention that only grow, reused step after step."""
+
+    def __init__(self, block_shape: tuple[int, ...], dtype: torch.dtype, device: torch.device):
+        self.block_shape = block_shape
+        self.dtype = dtype
+        self.device = device
+        self._key = torch.empty(0, *block_shape, dtype=dtype, device=device)
+        self._value = torch.empty(0, *block_shape, dtype=dtype, device=device)
+
+    def get(self, num_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if num_blocks > self._key.shape[0]:
+            size = max(num_blocks, 2 * self._key.shape[0])
+            self._key = torch.empty(size, *self.block_shape, dtype=self.dtype, device=self.device)
+            self._value = torch.empty_like(self._key)
+        return self._key, self._value
 
 
 def write_kv_cache(
@@ -90,22 +163,14 @@ def paged_attention(
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
         out[start:end] = o.transpose(0, 1)
 
-    if meta.decode_seqs:
-        rows = torch.tensor(
-            [meta.query_start_loc[i] for i in meta.decode_seqs], device=query.device
-        )
-        lens = torch.tensor([meta.context_lens[i] for i in meta.decode_seqs], device=query.device)
-        max_len = int(lens.max())
-        block_size = key_cache.shape[1]
-        num_blocks = -(-max_len // block_size)
-        tables = meta.block_tables[meta.decode_seqs][:, :num_blocks]
-        # [B, blocks, bs, Hkv, D] -> [B, Hkv, L, D]; padding positions are masked out below.
-        k = key_cache[tables].flatten(1, 2)[:, :max_len].transpose(1, 2)
-        v = value_cache[tables].flatten(1, 2)[:, :max_len].transpose(1, 2)
-        q = query[rows].unsqueeze(2)  # [B, H, 1, D]
-        mask = torch.arange(max_len, device=query.device)[None, :] < lens[:, None]
-        o = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask[:, None, None, :], scale=scale, enable_gqa=gqa
-        )
-        out[rows] = o.squeeze(2)
+    for g in meta.decode_groups:
+        batch = g.rows.shape[0]
+        torch.index_select(key_cache, 0, g.block_ids, out=g.key_buf)
+        torch.index_select(value_cache, 0, g.block_ids, out=g.value_buf)
+        # [G * blocks, bs, Hkv, D] -> [G, Hkv, L, D]; keys past a row's length are masked.
+        k = g.key_buf.view(batch, -1, *key_cache.shape[2:])[:, : g.max_len].transpose(1, 2)
+        v = g.value_buf.view(batch, -1, *key_cache.shape[2:])[:, : g.max_len].transpose(1, 2)
+        q = query[g.rows].unsqueeze(2)  # [G, H, 1, D]
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=g.mask, scale=scale, enable_gqa=gqa)
+        out[g.rows] = o.squeeze(2)
     return out

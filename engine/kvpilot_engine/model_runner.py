@@ -8,12 +8,34 @@ from __future__ import annotations
 
 import torch
 
-from kvpilot_engine.attention import AttentionMetadata
+from kvpilot_engine.attention import AttentionMetadata, Workspace, build_decode_groups
 from kvpilot_engine.config import ModelConfig
 from kvpilot_engine.models.llama import LlamaForCausalLM
 from kvpilot_engine.sampler import Sampler, SampleResult
 from kvpilot_engine.scheduler import SchedulerOutput
 from kvpilot_engine.sequence import Sequence
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+
+
+def tune_cpu_allocator() -> bool:
+    """Keep large temporaries on glibc's heap instead of fresh mmap()s.
+
+    By default glibc serves every allocation above a (dynamic) threshold with its own mmap, and
+    returns it on free; the next step's activations then fault in zeroed pages again. On CPU that
+    costs more than the matmuls of a decode step. 32 MiB is glibc's largest mmap threshold."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return False
+    try:
+        libc = ctypes.CDLL(name)
+        ok = libc.mallopt(_M_MMAP_THRESHOLD, 32 * 2**20) == 1
+        return ok and libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1) == 1
+    except (OSError, AttributeError):  # not glibc
+        return False
 
 
 def kv_bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
@@ -39,6 +61,8 @@ class ModelRunner:
         dtype: torch.dtype,
         seed: int = 0,
     ):
+        if device.type == "cpu":
+            tune_cpu_allocator()
         self.model = model
         self.config = config
         self.block_size = block_size
@@ -52,6 +76,7 @@ class ModelRunner:
             )
             for _ in range(config.num_hidden_layers)
         ]
+        self.workspace = Workspace(shape[1:], dtype, device)
         self.sampler = Sampler()
         self.default_generator = torch.Generator(device=device)
         self.default_generator.manual_seed(seed)
@@ -110,6 +135,8 @@ class ModelRunner:
             prefill_seqs=prefill_seqs,
             max_context_len=max(context_lens),
         )
+        if decode_seqs:
+            meta.decode_groups = build_decode_groups(meta, bs, self.workspace)
         return (
             torch.tensor(input_ids, dtype=torch.long, device=dev),
             torch.tensor(positions, dtype=torch.long, device=dev),

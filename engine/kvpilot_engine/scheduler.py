@@ -102,14 +102,18 @@ class Scheduler:
         budget = self.max_num_batched_tokens
         bm = self.block_manager
 
-        # 1. Running sequences, oldest (or most important) first.
+        # 1. Running sequences, oldest (or most important) first. Under the priority policy the
+        # list is kept in priority order, so the victims taken from its tail are the least
+        # important and a low-priority sequence is never served ahead of a higher one.
+        if self.policy == "priority":
+            self.running.sort(key=lambda s: s.sort_key())
         idx = 0
         while idx < len(self.running) and budget > 0:
             seq = self.running[idx]
             num_new = min(seq.num_uncomputed_tokens, budget)
             scheduled = True
             while not bm.allocate_slots(seq, num_new):
-                victim = self._pick_victim(idx)
+                victim = self._pick_victim()
                 self._preempt(victim)
                 out.preempted.append(victim)
                 if victim is seq:
@@ -132,7 +136,10 @@ class Scheduler:
             computed = bm.get_computed_blocks(seq)
             num_cached = len(computed) * bm.block_size
             num_new = len(seq) - num_cached
-            if not self.enable_chunked_prefill and num_new > budget:
+            # Without chunked prefill a prompt waits for a step with room for all of it; only a
+            # preempted sequence longer than the whole budget is let in chunk by chunk (alone
+            # at the head of a step), or it could never be recomputed.
+            if not self.enable_chunked_prefill and num_new > budget and out.scheduled:
                 break
             num_new = min(num_new, budget)
             if not bm.allocate_slots(seq, num_new, computed):
@@ -147,11 +154,9 @@ class Scheduler:
             budget -= num_new
         return out
 
-    def _pick_victim(self, current: int) -> Sequence:
-        """The least important running sequence not yet scheduled in this step (maybe `current`)."""
-        if self.policy == "priority":
-            candidates = self.running[current:]
-            return max(candidates, key=lambda s: s.sort_key())
+    def _pick_victim(self) -> Sequence:
+        """The least important running sequence not yet scheduled in this step (maybe the one
+        being scheduled): the tail, since `running` is in admission or priority order."""
         return self.running[-1]
 
     def _preempt(self, seq: Sequence) -> None:
