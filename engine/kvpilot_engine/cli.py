@@ -46,11 +46,22 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--scheduling-policy", default=d.scheduling_policy, choices=["fcfs", "priority"])
     p.add_argument("--seed", type=int, default=d.seed)
+    # Accepted now so the operator's pod args are stable; a later issue implements them.
+    p.add_argument("--quantization", default="none", help="weight quantization (only: none)")
+    p.add_argument(
+        "--tensor-parallel-size", type=int, default=1, help="GPUs to shard over (only: 1)"
+    )
 
 
 def engine_args_from(ns: argparse.Namespace):
     from kvpilot_engine.config import EngineArgs
 
+    if getattr(ns, "quantization", "none") not in ("none", None):
+        raise ValueError(f"--quantization {ns.quantization!r} is not supported yet; only 'none' is")
+    if getattr(ns, "tensor_parallel_size", 1) != 1:
+        raise ValueError(
+            f"--tensor-parallel-size {ns.tensor_parallel_size} is not supported yet; only 1 is"
+        )
     names = {f.name for f in dataclasses.fields(EngineArgs)}
     return EngineArgs(**{k: v for k, v in vars(ns).items() if k in names})
 
@@ -93,10 +104,38 @@ def cmd_generate(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(ns: argparse.Namespace) -> int:
+    args = engine_args_from(ns)  # flag errors surface before the server starts
+    from kvpilot_engine.server.api_server import run_server
+
+    return run_server(
+        args,
+        host=ns.host,
+        port=ns.port,
+        served_model_name=ns.served_model_name or ns.model,
+        max_waiting=ns.max_waiting,
+        drain_timeout=ns.drain_timeout,
+        log_level=ns.log_level,
+    )
+
+
 def cmd_bench_throughput(ns: argparse.Namespace) -> int:
     from kvpilot_engine.bench.throughput import run_throughput_bench
 
     return run_throughput_bench(ns, engine_args_from(ns))
+
+
+def cmd_bench_serve(ns: argparse.Namespace) -> int:
+    from kvpilot_engine.bench.serve import run_serve_bench
+
+    return run_serve_bench(ns)
+
+
+def _positive_int(value: str) -> int:
+    n = int(value)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
+    return n
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -114,6 +153,30 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--sampling-seed", type=int, default=None)
     g.set_defaults(func=cmd_generate)
 
+    s = sub.add_parser("serve", help="serve the OpenAI-compatible API, /metrics, /health, /ready")
+    add_engine_args(s)
+    s.add_argument("--host", default="0.0.0.0", help="address to bind (default: all, as vLLM)")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument(
+        "--served-model-name",
+        default=None,
+        help="the name clients send as `model` (default: MODEL)",
+    )
+    s.add_argument(
+        "--max-waiting",
+        type=_positive_int,
+        default=256,
+        help="requests allowed to wait for a slot; beyond, 503 with Retry-After",
+    )
+    s.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=30.0,
+        help="on SIGTERM, seconds to let in-flight requests finish before aborting them",
+    )
+    s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    s.set_defaults(func=cmd_serve)
+
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
     t = bench.add_parser("throughput", help="offline generation throughput, vs transformers")
     add_engine_args(t)
@@ -130,6 +193,50 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--no-baseline", action="store_true", help="skip transformers")
     t.add_argument("--json", default=None, help="also write the figures to this file")
     t.set_defaults(func=cmd_bench_throughput)
+
+    b = bench.add_parser("serve", help="online load against any OpenAI-compatible server(s)")
+    b.add_argument(
+        "--base-url",
+        nargs="+",
+        default=["http://127.0.0.1:8000"],
+        help="one or more servers, measured one after the other with the same load",
+    )
+    b.add_argument("--model", default=None, help="model name to send (default: the first served)")
+    b.add_argument("--num-prompts", type=int, default=64)
+    b.add_argument(
+        "--request-rate",
+        type=float,
+        default=float("inf"),
+        help="requests/s with Poisson arrivals (default: inf, all at once)",
+    )
+    b.add_argument(
+        "--max-concurrency",
+        type=_positive_int,
+        nargs="*",
+        default=None,
+        help="cap on requests in flight; several values run one after the other",
+    )
+    b.add_argument(
+        "--input-len",
+        type=int,
+        nargs=2,
+        default=[64, 256],
+        metavar=("MIN", "MAX"),
+        help="prompt length in words (about one token each)",
+    )
+    b.add_argument("--output-len", type=int, nargs=2, default=[32, 128], metavar=("MIN", "MAX"))
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument(
+        "--no-ignore-eos",
+        dest="ignore_eos",
+        action="store_false",
+        help="do not send vLLM's ignore_eos extension",
+    )
+    b.add_argument("--slo-ttft-ms", type=float, default=None, help="TTFT target for goodput")
+    b.add_argument("--slo-tpot-ms", type=float, default=None, help="TPOT target for goodput")
+    b.add_argument("--timeout", type=float, default=600.0, help="per-request timeout, seconds")
+    b.add_argument("--json", default=None, help="also write the figures to this file")
+    b.set_defaults(func=cmd_bench_serve)
     return parser
 
 

@@ -1,0 +1,155 @@
+"""Prometheus metrics: vLLM's names and labels, so existing dashboards, KEDA recipes and the
+Gateway API Inference Extension read a kvpilot pod as they read a vLLM one; plus kvpilot's own
+per-step figures for a model-based autoscaler.
+
+Histogram buckets are vLLM's edges with the usual SLO thresholds added, so that an SLO such as
+"p99 TTFT under 200 ms" is a bucket edge and `histogram_quantile` / goodput ratios are exact.
+Everything is written from the engine thread; prometheus_client is thread-safe.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from kvpilot_engine.llm_engine import EngineStats
+from kvpilot_engine.outputs import RequestOutput
+
+TTFT_BUCKETS = (
+    0.001, 0.005, 0.01, 0.02, 0.04, 0.05, 0.06, 0.08, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5,
+    0.75, 1.0, 1.5, 2.0, 2.5, 3.0, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0,
+)  # fmt: skip
+ITL_BUCKETS = (
+    0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4,
+    0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0,
+)  # fmt: skip
+REQUEST_LATENCY_BUCKETS = (
+    0.1, 0.25, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0,
+    60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0,
+)  # fmt: skip
+STEP_BUCKETS = (
+    0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5,
+    5.0, 10.0,
+)  # fmt: skip
+TOKEN_BUCKETS = (0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
+
+
+class ServerMetrics:
+    def __init__(self, model_name: str):
+        self.registry = CollectorRegistry()
+        r, label = self.registry, ["model_name"]
+        self.model_name = model_name
+
+        def gauge(name: str, doc: str) -> Gauge:
+            return Gauge(name, doc, label, registry=r).labels(model_name)
+
+        def counter(name: str, doc: str) -> Counter:
+            return Counter(name, doc, label, registry=r).labels(model_name)
+
+        def hist(name: str, doc: str, buckets: tuple[float, ...]) -> Histogram:
+            return Histogram(name, doc, label, buckets=buckets, registry=r).labels(model_name)
+
+        self.running = gauge("vllm:num_requests_running", "Requests in model execution batches.")
+        self.waiting = gauge("vllm:num_requests_waiting", "Requests waiting to be processed.")
+        self.kv_usage = gauge("vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent.")
+        self._cache_info = Gauge(
+            "vllm:cache_config_info",
+            "Information of the KV cache config.",
+            ["model_name", "block_size", "num_gpu_blocks", "enable_prefix_caching", "cache_dtype"],
+            registry=r,
+        )
+        self.ttft = hist(
+            "vllm:time_to_first_token_seconds", "Time to first token in seconds.", TTFT_BUCKETS
+        )
+        self.itl = hist(
+            "vllm:inter_token_latency_seconds", "Inter-token latency in seconds.", ITL_BUCKETS
+        )
+        self.e2e = hist(
+            "vllm:e2e_request_latency_seconds",
+            "End-to-end request latency in seconds.",
+            REQUEST_LATENCY_BUCKETS,
+        )
+        self.queue_time = hist(
+            "vllm:request_queue_time_seconds",
+            "Time spent waiting before the first scheduling, in seconds.",
+            REQUEST_LATENCY_BUCKETS,
+        )
+        self.prompt_tokens = counter("vllm:prompt_tokens", "Prefill tokens processed.")
+        self.generation_tokens = counter("vllm:generation_tokens", "Generation tokens processed.")
+        self.prefix_queries = counter(
+            "vllm:prefix_cache_queries", "Prefix cache queries, in tokens."
+        )
+        self.prefix_hits = counter("vllm:prefix_cache_hits", "Prefix cache hits, in tokens.")
+        self.preemptions = counter("vllm:num_preemptions", "Cumulative number of preemptions.")
+        self._success = Counter(
+            "vllm:request_success",
+            "Finished requests, by finish reason.",
+            ["model_name", "finished_reason"],
+            registry=r,
+        )
+        for reason in ("stop", "length", "abort"):
+            self._success.labels(model_name, reason)  # export zeros so rate() works from the start
+        self.step_time = hist(
+            "kvpilot_engine_step_seconds", "Wall time of one engine step.", STEP_BUCKETS
+        )
+        self.step_prefill = hist(
+            "kvpilot_engine_step_prefill_tokens",
+            "Prefill tokens in one engine step.",
+            TOKEN_BUCKETS,
+        )
+        self.step_decode = hist(
+            "kvpilot_engine_step_decode_tokens", "Decode tokens in one engine step.", TOKEN_BUCKETS
+        )
+        # The engine's cache counters are cumulative; we export their increments.
+        self._last = EngineStats()
+
+    def set_cache_config(
+        self, block_size: int, num_blocks: int, prefix_caching: bool, dtype: str
+    ) -> None:
+        self._cache_info.labels(
+            self.model_name, str(block_size), str(num_blocks), str(prefix_caching), dtype
+        ).set(1)
+
+    def baseline(self, stats: EngineStats) -> None:
+        """Count the engine's cumulative counters from here on."""
+        self._last = dataclasses.replace(stats)
+        self.kv_usage.set(stats.kv_cache_usage)
+
+    def on_step(self, stats: EngineStats, num_pending: int, stepped: bool) -> None:
+        """After every engine step. `num_pending`: requests accepted but not yet in the engine."""
+        self.running.set(stats.num_running)
+        self.waiting.set(stats.num_waiting + num_pending)
+        self.kv_usage.set(stats.kv_cache_usage)
+        last = self._last
+        self.prefix_queries.inc(max(0, stats.prefix_cache_queries - last.prefix_cache_queries))
+        self.prefix_hits.inc(max(0, stats.prefix_cache_hits - last.prefix_cache_hits))
+        self.preemptions.inc(max(0, stats.num_preemptions - last.num_preemptions))
+        last.prefix_cache_queries = stats.prefix_cache_queries
+        last.prefix_cache_hits = stats.prefix_cache_hits
+        last.num_preemptions = stats.num_preemptions
+        if stepped:
+            self.step_time.observe(stats.step_time)
+            self.step_prefill.observe(stats.step_prefill_tokens)
+            self.step_decode.observe(stats.step_decode_tokens)
+
+    def on_output(self, out: RequestOutput, prev_token_time: float | None) -> None:
+        """For every RequestOutput (DELTA kind). `prev_token_time` is the request's
+        last_token_time as of its previous output, None before its first token."""
+        m = out.metrics
+        new_tokens = sum(len(c.token_ids) for c in out.outputs)
+        self.generation_tokens.inc(new_tokens)
+        if new_tokens and m.last_token_time is not None:
+            if prev_token_time is None:
+                if m.time_to_first_token is not None:
+                    self.ttft.observe(m.time_to_first_token)
+                    self.prompt_tokens.inc(len(out.prompt_token_ids))
+            elif m.last_token_time > prev_token_time:
+                self.itl.observe(m.last_token_time - prev_token_time)
+        if out.finished:
+            reason = next((c.finish_reason for c in out.outputs if c.finish_reason), "abort")
+            self._success.labels(self.model_name, reason).inc()
+            if m.finished_time is not None:
+                self.e2e.observe(m.finished_time - m.arrival_time)
+            if m.queue_time is not None:
+                self.queue_time.observe(m.queue_time)

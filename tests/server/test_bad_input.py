@@ -1,0 +1,116 @@
+"""Bad input: every case is a 4xx with an OpenAI error body, and the server keeps serving with
+nothing left in its KV cache."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+
+from tests.server.conftest import MAX_MODEL_LEN, MODEL, wait_idle
+
+OK_COMPLETION = {"model": MODEL, "prompt": "Hello", "max_tokens": 2}
+OK_CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
+LONG_PROMPT = "hello " * (MAX_MODEL_LEN + 50)
+
+
+def completion(**changes: object) -> dict[str, object]:
+    return {**OK_COMPLETION, **changes}
+
+
+def chat(**changes: object) -> dict[str, object]:
+    return {**OK_CHAT, **changes}
+
+
+def without(body: dict[str, object], key: str) -> dict[str, object]:
+    return {k: v for k, v in body.items() if k != key}
+
+
+C, CH = "/v1/completions", "/v1/chat/completions"
+# (id, path, body: bytes or a JSON-able dict, expected status, expected error.param or None)
+CASES: list[tuple[str, str, bytes | dict[str, object], int, str | None]] = [
+    ("malformed-json", C, b'{"model": "smollm2", "prompt": ', 400, None),
+    ("not-json", C, b"prompt=hello", 400, None),
+    ("empty-body", C, b"", 400, None),
+    ("json-array-body", C, b"[1, 2]", 400, None),
+    ("invalid-utf8", C, b'{"model": "smollm2", "prompt": "\xff\xfe\xfd"}', 400, None),
+    ("invalid-utf8-chat", CH, b'{"model":"smollm2","messages":[{"role":"user","content":"\xc3"}]}',
+     400, None),
+    ("missing-model", C, without(OK_COMPLETION, "model"), 400, "model"),
+    ("missing-prompt", C, without(OK_COMPLETION, "prompt"), 400, "prompt"),
+    ("unknown-model", C, completion(model="gpt-4"), 404, "model"),
+    ("unknown-model-chat", CH, chat(model="nope"), 404, "model"),
+    ("unknown-field", C, completion(frobnicate=True), 400, "frobnicate"),
+    ("unknown-field-chat", CH, chat(tools=[]), 400, "tools"),
+    ("prompt-wrong-type", C, completion(prompt=42), 400, "prompt"),
+    ("max-tokens-string", C, completion(max_tokens="ten"), 400, "max_tokens"),
+    ("max-tokens-float", C, completion(max_tokens=2.5), 400, "max_tokens"),
+    ("max-tokens-negative", C, completion(max_tokens=-5), 400, "max_tokens"),
+    ("max-tokens-zero", C, completion(max_tokens=0), 400, "max_tokens"),
+    ("max-tokens-huge", C, completion(max_tokens=10**9), 400, "max_tokens"),
+    ("max-tokens-huge-chat", CH, chat(max_tokens=10**6), 400, "max_tokens"),
+    ("temperature-negative", C, completion(temperature=-0.5), 400, "temperature"),
+    ("temperature-too-high", C, completion(temperature=7.0), 400, "temperature"),
+    ("temperature-string", C, completion(temperature="hot"), 400, "temperature"),
+    ("top-p-zero", C, completion(top_p=0.0), 400, "top_p"),
+    ("top-p-above-one", C, completion(top_p=1.5), 400, "top_p"),
+    ("n-zero", C, completion(n=0), 400, "n"),
+    ("n-huge", C, completion(n=100000), 400, "n"),
+    ("stream-not-bool", C, completion(stream="yes"), 400, "stream"),
+    ("logprobs-too-many", C, completion(logprobs=1000), 400, "logprobs"),
+    ("top-logprobs-without-logprobs", CH, chat(top_logprobs=2), 400, "top_logprobs"),
+    ("empty-prompt", C, completion(prompt=""), 400, "prompt"),
+    ("empty-token-prompt", C, completion(prompt=[]), 400, "prompt"),
+    ("token-id-out-of-vocab", C, completion(prompt=[1, 10**9]), 400, "prompt"),
+    ("negative-token-id", C, completion(prompt=[-1]), 400, "prompt"),
+    ("several-prompts", C, completion(prompt=["a", "b"]), 400, "prompt"),
+    ("prompt-past-context", C, completion(prompt=LONG_PROMPT), 400, "prompt"),
+    ("chat-past-context", CH, chat(messages=[{"role": "user", "content": LONG_PROMPT}]), 400,
+     "messages"),
+    ("empty-messages", CH, chat(messages=[]), 400, "messages"),
+    ("messages-not-list", CH, chat(messages="hi"), 400, "messages"),
+    ("message-bad-role", CH, chat(messages=[{"role": "wizard", "content": "hi"}]), 400,
+     "messages"),
+    ("message-missing-content", CH, chat(messages=[{"role": "user"}]), 400, "messages"),
+    ("stop-wrong-type", C, completion(stop=5), 400, "stop"),
+    ("stop-empty-string", C, completion(stop=[""]), 400, None),
+    ("min-tokens-over-max", C, completion(min_tokens=10, max_tokens=2), 400, None),
+    ("echo-unsupported", C, completion(echo=True), 400, "echo"),
+    ("penalty-unsupported", C, completion(presence_penalty=1.0), 400, None),
+    ("penalty-out-of-range", C, completion(frequency_penalty=9.0), 400, "frequency_penalty"),
+    ("stream-options-unknown", C, completion(stream=True, stream_options={"x": 1}), 400,
+     "stream_options"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("path", "body", "status", "param"), [c[1:] for c in CASES],
+                         ids=[c[0] for c in CASES])  # fmt: skip
+def test_bad_request(
+    base_url: str, path: str, body: bytes | dict[str, object], status: int, param: str | None
+) -> None:
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    r = httpx.post(
+        base_url + path, content=content, headers={"Content-Type": "application/json"}, timeout=30
+    )
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"}
+    assert isinstance(err["message"], str) and err["message"]
+    assert err["type"] == "invalid_request_error"
+    if param is not None:
+        assert err["param"] == param, err
+
+
+def test_unknown_route_and_method(base_url: str) -> None:
+    for r in (httpx.get(f"{base_url}/v2/nothing"), httpx.get(f"{base_url}/v1/completions")):
+        assert r.status_code in (404, 405)
+        assert set(r.json()["error"]) == {"message", "type", "param", "code"}
+
+
+def test_still_serving_and_nothing_leaked(base_url: str) -> None:
+    assert len(CASES) >= 25
+    r = httpx.post(f"{base_url}/v1/completions", json=OK_COMPLETION, timeout=60)
+    assert r.status_code == 200 and r.json()["choices"][0]["text"]
+    assert httpx.get(f"{base_url}/health").status_code == 200
+    wait_idle(base_url)
