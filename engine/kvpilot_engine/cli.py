@@ -125,6 +125,17 @@ def cmd_bench_throughput(ns: argparse.Namespace) -> int:
     return run_throughput_bench(ns, engine_args_from(ns))
 
 
+def cmd_export(ns: argparse.Namespace) -> int:
+    import torch
+
+    from kvpilot_engine.export import export_hf
+
+    dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+    out = export_hf(ns.model, ns.out, dtype[ns.dtype])
+    print(f"wrote a Hugging Face folder of {ns.model} to {out}")
+    return 0
+
+
 def cmd_bench_serve(ns: argparse.Namespace) -> int:
     from kvpilot_engine.bench.serve import run_serve_bench
 
@@ -176,6 +187,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     s.set_defaults(func=cmd_serve)
+
+    e = sub.add_parser("export", help="write a model (e.g. a GGUF) as a Hugging Face folder")
+    e.add_argument("model", help="HF folder, GGUF file, or a bundled model")
+    e.add_argument("out", help="folder to write")
+    e.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    e.set_defaults(func=cmd_export)
 
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
     t = bench.add_parser("throughput", help="offline generation throughput, vs transformers")

@@ -127,3 +127,34 @@ def test_request_validation(make_smollm2):
     with pytest.raises(ValueError, match="fewer than max_model_len"):
         make_smollm2(num_kv_blocks=2, block_size=16, max_model_len=64)
     engine.check_no_leaks()
+
+
+def test_export_gguf_as_hf_folder(tmp_path, smollm2_checkpoint, hf_tokenizer, hf_smollm2):
+    """The exported folder loads in transformers (no GGUF involved) and in kvpilot, and both
+    compute the logits of the GGUF model."""
+    import torch
+    from kvpilot_engine.export import export_hf
+    from kvpilot_engine.loader import load_checkpoint
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = export_hf("smollm2", tmp_path / "smollm2-hf")
+    ids = smollm2_checkpoint.tokenizer.encode("The exported model says")
+    ref = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    with torch.inference_mode():
+        exported_logits = ref(torch.tensor([ids])).logits[0]
+    gguf_weights = dict(smollm2_checkpoint.weights())
+    hf_weights = dict(load_checkpoint(str(out)).weights())
+    assert set(hf_weights) == set(gguf_weights) - {"lm_head.weight"}
+    for name, w in hf_weights.items():
+        assert torch.equal(w, gguf_weights[name]), name
+    with torch.inference_mode():
+        gguf_logits = hf_smollm2(torch.tensor([ids])).logits[0]
+    assert torch.allclose(exported_logits, gguf_logits, atol=1e-4)
+    assert (
+        AutoTokenizer.from_pretrained(out)("Hi there")["input_ids"]
+        == hf_tokenizer("Hi there")["input_ids"]
+    )
+    assert (
+        load_checkpoint(str(out)).tokenizer.chat_template
+        == smollm2_checkpoint.tokenizer.chat_template
+    )

@@ -227,6 +227,8 @@ async def run_load(
         if model is None:
             models = (await client.get(f"{base}/models")).json()["data"]
             model = models[0]["id"]
+        # One short request first: lazy initialisation on the server is not what we measure.
+        await _one_request(client, f"{base}/completions", model, "Hello", 4, extra)
         rng = random.Random(seed)
         sem = asyncio.Semaphore(max_concurrency) if max_concurrency else None
         bar = tqdm(total=len(prompts), desc=f"bench {base}", unit="req", disable=not progress)
