@@ -254,6 +254,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--timeout", type=float, default=600.0, help="per-request timeout, seconds")
     b.add_argument("--json", default=None, help="also write the figures to this file")
     b.set_defaults(func=cmd_bench_serve)
+
+    # The control plane's commands live with it (and import neither torch nor the engine).
+    from kvpilot_operator.cli import add_commands
+
+    add_commands(sub, bench)
     return parser
 
 

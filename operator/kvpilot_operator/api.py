@@ -1,0 +1,312 @@
+"""The kvpilot.io/v1alpha1 API: `LLMService` and `ServingPolicy` as pydantic v2 models.
+
+These models are the one source of truth: `kvpilot crds` generates `crds/*.yaml` from them, the
+operator parses what the API server hands it with them, and `kvpilot render` validates files with
+them. Field names are camelCase on the wire (Kubernetes convention), snake_case in Python.
+
+Fields a ServingPolicy can supply (engine knobs, SLO, scaling, quantization) carry no default in
+the schema: an unset field means "take the policy's value, else the built-in default"
+(`kvpilot_operator.policy.resolve_spec`). Only fields no policy touches have schema defaults.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic.alias_generators import to_camel
+
+GROUP = "kvpilot.io"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+
+# Kubernetes quantities accept both `cpu: 2` and `cpu: "500m"`.
+INT_OR_STRING: dict[str, Any] = {"x-kubernetes-int-or-string": True}
+QUANTITY_PATTERN = r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$"
+DURATION_PATTERN = r"^[0-9]+(s|m|h)$"
+DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+
+Quantity = Annotated[
+    int | str,
+    Field(json_schema_extra=INT_OR_STRING, union_mode="left_to_right"),
+]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(
+        alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=False
+    )
+
+
+# --- spec -------------------------------------------------------------------------------------
+
+
+class PVCSource(_Model):
+    claim_name: str = Field(min_length=1, description="PersistentVolumeClaim holding the model.")
+
+
+class ModelSource(_Model):
+    # The API server checks "path or pvc" with this; pydantic with the validator below.
+    model_config = ConfigDict(
+        json_schema_extra={"anyOf": [{"required": ["path"]}, {"required": ["pvc"]}]}
+    )
+
+    path: str | None = Field(
+        None,
+        min_length=1,
+        description=(
+            "Model inside the engine container: a Hugging Face folder, a GGUF file, or a "
+            "bundled model name such as `smollm2`. With `pvc`, relative to the volume."
+        ),
+    )
+    pvc: PVCSource | None = Field(None, description="Mount this claim read-only at /models.")
+
+    @model_validator(mode="after")
+    def _path_or_pvc(self) -> ModelSource:
+        if self.path is None and self.pvc is None:
+            raise ValueError("model.source needs `path` or `pvc`")
+        return self
+
+
+class ModelSpec(_Model):
+    source: ModelSource = Field(description="Where the weights come from.")
+    served_name: str | None = Field(
+        None,
+        min_length=1,
+        max_length=253,
+        description="Name clients send as `model` (default: the LLMService's name).",
+    )
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+        "auto", description="Weight and activation dtype."
+    )
+    max_context: int | None = Field(
+        None, ge=16, le=1_048_576, description="Maximum tokens per sequence (prompt + output)."
+    )
+
+
+class LatencyTarget(_Model):
+    percentile: Literal[50, 90, 95, 99] = Field(95, description="Percentile held to the target.")
+    target_ms: int = Field(ge=1, le=600_000, description="Target in milliseconds.")
+
+
+class SLOSpec(_Model):
+    ttft: LatencyTarget | None = Field(None, description="Time to first token.")
+    tpot: LatencyTarget | None = Field(None, description="Time per output token after the first.")
+    window: str | None = Field(
+        None, pattern=DURATION_PATTERN, description="Evaluation window, e.g. `5m`."
+    )
+
+
+class ParallelismSpec(_Model):
+    tensor: int = Field(1, ge=1, le=64, description="Tensor-parallel degree (GPUs per replica).")
+    pipeline: int = Field(1, ge=1, le=64, description="Pipeline-parallel degree.")
+
+
+class EngineSpec(_Model):
+    max_num_batched_tokens: int | None = Field(
+        None, ge=16, le=1_048_576, description="Token budget of one engine step."
+    )
+    max_num_seqs: int | None = Field(None, ge=1, le=4096, description="Sequences per step.")
+    block_size: Literal[8, 16, 32, 64] | None = Field(None, description="KV-cache block size.")
+    enable_prefix_caching: bool | None = Field(None, description="Hash-chain prefix caching.")
+    enable_chunked_prefill: bool | None = Field(None, description="Mix prefill chunks and decodes.")
+    scheduling_policy: Literal["fcfs", "priority"] | None = Field(None, description="Queue order.")
+    kv_cache_memory: str | None = Field(
+        None,
+        pattern=r"^[0-9]+(\.[0-9]+)?(B|KB|MB|GB|KiB|MiB|GiB|TiB)?$",
+        description="Bytes for the KV pool, e.g. `2GiB` (default: engine's choice).",
+    )
+    max_waiting: int | None = Field(
+        None, ge=1, le=1_000_000, description="Queue bound; beyond it the engine answers 503."
+    )
+    drain_timeout_seconds: int | None = Field(
+        None, ge=0, le=3600, description="On shutdown, time to let in-flight requests finish."
+    )
+    extra_args: list[str] | None = Field(None, description="Further `kvpilot serve` flags.")
+
+
+class GPUSpec(_Model):
+    count: int = Field(0, ge=0, le=64, description="GPUs per replica.")
+    type: str | None = Field(
+        None,
+        description="GPU product, matched against the node label `nvidia.com/gpu.product`.",
+    )
+    resource_name: str = Field("nvidia.com/gpu", description="Extended resource to request.")
+
+
+class Toleration(_Model):
+    key: str | None = None
+    operator: Literal["Exists", "Equal"] | None = None
+    value: str | None = None
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
+    toleration_seconds: int | None = None
+
+
+class ResourcesSpec(_Model):
+    gpu: GPUSpec = Field(default_factory=GPUSpec, json_schema_extra={"default": {}})
+    cpu: Quantity | None = Field(None, description="CPU request (and limit), e.g. `4` or `500m`.")
+    memory: Quantity | None = Field(None, description="Memory request and limit, e.g. `16Gi`.")
+    node_selector: dict[str, str] | None = None
+    tolerations: list[Toleration] | None = None
+
+
+class ScalingSpec(_Model):
+    min_replicas: int | None = Field(None, ge=0, le=1000)
+    max_replicas: int | None = Field(None, ge=1, le=1000)
+    scale_to_zero: bool | None = Field(None, description="Allow 0 replicas after an idle period.")
+    idle_seconds: int | None = Field(
+        None, ge=30, le=86_400, description="Idle time before scaling to zero."
+    )
+    mode: Literal["active", "advisory"] | None = Field(
+        None, description="`advisory` records decisions without applying them."
+    )
+    stable_window_seconds: int | None = Field(None, ge=10, le=3600)
+    panic_window_seconds: int | None = Field(None, ge=5, le=600)
+    panic_threshold: float | None = Field(
+        None, ge=1.0, le=10.0, description="Load over capacity that triggers the panic window."
+    )
+    tolerance: float | None = Field(
+        None, ge=0.0, le=0.9, description="Relative band around the SLO target with no action."
+    )
+    scale_up_cooldown_seconds: int | None = Field(None, ge=0, le=3600)
+    scale_down_cooldown_seconds: int | None = Field(None, ge=0, le=86_400)
+    max_scale_up_rate: float | None = Field(
+        None, ge=1.0, le=100.0, description="At most this factor more replicas per decision."
+    )
+    max_scale_down_rate: float | None = Field(
+        None, ge=1.0, le=100.0, description="At most this factor fewer replicas per decision."
+    )
+
+
+class CanarySpec(_Model):
+    steps: list[Annotated[int, Field(ge=1, le=100)]] = Field(
+        default_factory=lambda: [5, 25, 50, 100],
+        min_length=1,
+        max_length=20,
+        description="Traffic weights (percent) the canary walks through.",
+    )
+    step_seconds: int = Field(300, ge=10, le=86_400, description="Analysis time per step.")
+    max_ttft_regression: float = Field(
+        0.2, ge=0.0, le=10.0, description="Allowed relative TTFT p95 increase over stable."
+    )
+    max_tpot_regression: float = Field(0.2, ge=0.0, le=10.0)
+    max_error_rate_increase: float = Field(0.01, ge=0.0, le=1.0)
+
+
+class ShadowSpec(_Model):
+    model: ModelSpec | None = Field(None, description="Model of the shadow (default: primary's).")
+    image: str | None = None
+    engine: EngineSpec | None = None
+    mirror_percent: float = Field(10.0, ge=0.0, le=100.0)
+    max_rps: float | None = Field(None, ge=0.0, description="Cap on mirrored requests per second.")
+
+
+class RolloutSpec(_Model):
+    canary: CanarySpec | None = None
+    shadow: ShadowSpec | None = None
+
+
+class LLMServiceSpec(_Model):
+    """An OpenAI-compatible LLM endpoint held to TTFT/TPOT SLOs, served by kvpilot engines."""
+
+    model: ModelSpec = Field(description="The model to serve.")
+    policy: str | None = Field(
+        None, pattern=DNS_LABEL, max_length=63, description="A ServingPolicy's name."
+    )
+    replicas: int | None = Field(
+        None,
+        ge=0,
+        le=1000,
+        description="Desired engine replicas; written by the autoscaler (scale subresource).",
+    )
+    slo: SLOSpec | None = Field(None, description="Latency objectives (the autoscaler's target).")
+    quantization: Literal["none", "int8", "int4", "fp8", "gguf"] | None = Field(
+        None, description="Weight quantization (`gguf`: keep a GGUF file's quantized tensors)."
+    )
+    # `default: {}` lets the API server fill the nested defaults even when the block is absent.
+    parallelism: ParallelismSpec = Field(
+        default_factory=ParallelismSpec,
+        json_schema_extra={"default": {}},
+        description="Sharding of one replica over GPUs.",
+    )
+    engine: EngineSpec | None = Field(None, description="Engine knobs (`kvpilot serve` flags).")
+    resources: ResourcesSpec = Field(
+        default_factory=ResourcesSpec,
+        json_schema_extra={"default": {}},
+        description="What one replica asks the scheduler for.",
+    )
+    scaling: ScalingSpec | None = Field(None, description="Replica bounds and autoscaler tuning.")
+    rollout: RolloutSpec | None = Field(None, description="Canary and shadow rollouts.")
+    image: str | None = Field(None, min_length=1, description="Engine image (default: operator's).")
+
+
+# --- status -----------------------------------------------------------------------------------
+
+
+class Condition(_Model):
+    type: str
+    status: Literal["True", "False", "Unknown"]
+    reason: str = ""
+    message: str = ""
+    last_transition_time: str | None = None
+    observed_generation: int | None = None
+
+
+class ScalingDecision(_Model):
+    time: str
+    from_replicas: int = Field(alias="from")
+    to_replicas: int = Field(alias="to")
+    reason: str
+    applied: bool = True
+
+
+class LLMServiceStatus(_Model):
+    observed_generation: int | None = None
+    conditions: list[Condition] = Field(default_factory=list)
+    replicas: int | None = None
+    ready_replicas: int | None = None
+    selector: str | None = Field(None, description="Label selector of the engine pods (scale).")
+    endpoint: str | None = Field(None, description="OpenAI base URL inside the cluster.")
+    model: str | None = Field(None, description="Served model name.")
+    ttft_p95_ms: float | None = None
+    tpot_p95_ms: float | None = None
+    slo_met: str | None = Field(None, description="`True`, `False` or `Unknown`.")
+    last_decisions: list[ScalingDecision] | None = None
+
+
+class ObjectMeta(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    name: str = Field(pattern=DNS_LABEL, max_length=63)
+    namespace: str | None = None
+    generation: int | None = None
+    uid: str | None = None
+    labels: dict[str, str] | None = None
+    annotations: dict[str, str] | None = None
+
+
+class LLMService(_Model):
+    api_version: Literal["kvpilot.io/v1alpha1"] = API_VERSION
+    kind: Literal["LLMService"] = "LLMService"
+    metadata: ObjectMeta
+    spec: LLMServiceSpec
+    status: LLMServiceStatus | None = None
+
+
+# --- ServingPolicy ----------------------------------------------------------------------------
+
+
+class ServingPolicySpec(_Model):
+    """Cluster-wide serving presets that an LLMService names in spec.policy."""
+
+    description: str | None = None
+    slo: SLOSpec | None = None
+    quantization: Literal["none", "int8", "int4", "fp8", "gguf"] | None = None
+    engine: EngineSpec | None = None
+    scaling: ScalingSpec | None = None
+
+
+class ServingPolicy(_Model):
+    api_version: Literal["kvpilot.io/v1alpha1"] = API_VERSION
+    kind: Literal["ServingPolicy"] = "ServingPolicy"
+    metadata: ObjectMeta
+    spec: ServingPolicySpec

@@ -1,0 +1,128 @@
+"""kopf handlers: thin. Each one finds the LLMService(s) concerned and calls `reconcile`.
+
+- LLMService create/update/resume -> reconcile it.
+- An owned Deployment/Service/PDB changed or deleted by someone else -> reconcile its owner
+  (drift correction); a Deployment status change only refreshes the owner's status.
+- A ServingPolicy created/changed/deleted -> reconcile every LLMService that names it.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import defaultdict
+from typing import Any
+
+import kopf
+
+from kvpilot_operator.api import GROUP, VERSION
+from kvpilot_operator.kube import Kube
+from kvpilot_operator.manifests import MANAGED_BY, SERVICE_LABEL, RenderOptions
+from kvpilot_operator.reconcile import Outcome, reconcile
+
+OWNED = {"app.kubernetes.io/managed-by": MANAGED_BY}
+
+
+class State:
+    """Set by `run()` before the handlers fire."""
+
+    kube: Kube
+    opts: RenderOptions
+
+
+def _report(body: Any, out: Outcome) -> None:
+    for action in out.actions:
+        kopf.info(body, reason="Applied", message=action)
+    if out.problem is not None:
+        kopf.warn(body, reason=out.problem.reason, message=out.problem.message)
+    if out.status and "conditions" in out.status:
+        ready = next(c for c in out.status["conditions"] if c["type"] == "Ready")
+        kopf.event(
+            body,
+            type="Normal",
+            reason=f"Ready{ready['status']}",
+            message=f"{ready['reason']}: {ready['message']}",
+        )
+
+
+# kopf serialises handlers per object, but an LLMService is also reconciled from its owned objects'
+# events: one lock per LLMService keeps two reconciles of it from racing their applies.
+_locks: defaultdict[tuple[str, str], threading.Lock] = defaultdict(threading.Lock)
+
+
+def _reconcile_body(body: dict[str, Any], **kwargs: Any) -> Outcome:
+    meta = body["metadata"]
+    with _locks[(meta["namespace"], meta["name"])]:
+        out = reconcile(State.kube, body, State.opts, **kwargs)
+    _report(body, out)
+    if out.problem is not None and out.problem.reason == "ApplyFailed":
+        # Transient (API server, admission, quota): retry with back-off, never crash.
+        raise kopf.TemporaryError(out.problem.message, delay=15)
+    return out
+
+
+@kopf.on.resume(GROUP, VERSION, "llmservices")
+@kopf.on.create(GROUP, VERSION, "llmservices")
+@kopf.on.update(GROUP, VERSION, "llmservices")
+def on_llmservice(body: kopf.Body, **_: Any) -> None:
+    _reconcile_body(dict(body))
+
+
+def _owner(body: kopf.Body) -> dict[str, Any] | None:
+    name = (body.get("metadata", {}).get("labels") or {}).get(SERVICE_LABEL)
+    if not name:
+        return None
+    owner = State.kube.get_llmservice(body["metadata"]["namespace"], name)
+    if owner is None or owner["metadata"].get("deletionTimestamp"):
+        return None  # being garbage-collected with its owner: nothing to restore
+    return owner
+
+
+@kopf.on.event("apps", "v1", "deployments", labels=OWNED)
+def on_deployment_event(body: kopf.Body, type: str | None, **_: Any) -> None:
+    if type is None:  # the initial listing: the owners' resume handlers cover it
+        return
+    owner = _owner(body)
+    if owner is None:
+        return
+    meta = body["metadata"]
+    drifted = type == "DELETED" or (
+        (body.get("status") or {}).get("observedGeneration") != meta.get("generation")
+    )
+    if drifted:
+        _reconcile_body(owner)
+    else:
+        _reconcile_body(owner, apply=False, deployment=dict(body))
+
+
+@kopf.on.event("", "v1", "services", labels=OWNED)
+@kopf.on.event("policy", "poddisruptionbudgets", labels=OWNED)
+def on_owned_event(body: kopf.Body, type: str | None, **_: Any) -> None:
+    if type not in ("MODIFIED", "DELETED"):
+        return
+    owner = _owner(body)
+    if owner is not None:
+        _reconcile_body(owner)
+
+
+@kopf.on.create(GROUP, VERSION, "servingpolicies")
+@kopf.on.update(GROUP, VERSION, "servingpolicies")
+@kopf.on.delete(GROUP, VERSION, "servingpolicies", optional=True)
+def on_policy(name: str, **_: Any) -> None:
+    for svc in State.kube.list_llmservices():
+        if (svc.get("spec") or {}).get("policy") == name:
+            _reconcile_body(svc)
+
+
+@kopf.on.startup()
+def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
+    # One operator replica, no peering objects to install; kopf's own bookkeeping stays in an
+    # annotation of our group rather than kopf's default one.
+    settings.peering.standalone = True
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=GROUP, key="last-handled-configuration"
+    )
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
+    settings.posting.level = logging.INFO
+    settings.watching.server_timeout = 300
+    settings.execution.max_workers = 8

@@ -1,0 +1,162 @@
+"""LLMService status as a pure function of what the operator saw: the live engine Deployment and
+the outcome of the last reconcile. Conditions follow Kubernetes conventions (type, status,
+reason in CamelCase, message, lastTransitionTime that moves only when status flips)."""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+from typing import Any
+
+READY, PROGRESSING, DEGRADED = "Ready", "Progressing", "Degraded"
+
+
+@dataclass(frozen=True)
+class Problem:
+    """Why the operator cannot serve the spec as written (-> Degraded)."""
+
+    reason: str  # InvalidSpec, PolicyNotFound, ApplyFailed
+    message: str
+
+
+def now_iso() -> str:
+    return dt.datetime.now(dt.timezone.utc).replace(microsecond=0).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _deployment_condition(deployment: dict[str, Any], kind: str) -> dict[str, Any] | None:
+    for cond in (deployment.get("status") or {}).get("conditions") or []:
+        if cond.get("type") == kind:
+            return cond
+    return None
+
+
+def engine_conditions(
+    deployment: dict[str, Any] | None, generation: int | None, problem: Problem | None
+) -> list[dict[str, str]]:
+    """[Ready, Progressing, Degraded] as (type, status, reason, message) dicts."""
+    if deployment is None:
+        ready = ("False", "DeploymentNotFound", "the engine Deployment does not exist yet")
+        progressing = ("True", "Creating", "creating the engine Deployment")
+        if problem is not None:
+            progressing = ("False", problem.reason, "waiting for a spec the operator can serve")
+    else:
+        spec = deployment.get("spec") or {}
+        st = deployment.get("status") or {}
+        want = spec.get("replicas", 1)
+        available = st.get("availableReplicas") or 0
+        updated = st.get("updatedReplicas") or 0
+        ready_n = st.get("readyReplicas") or 0
+        current = st.get("replicas") or 0
+        if want == 0:
+            ready = ("False", "ScaledToZero", "no engine replicas are wanted")
+        elif available >= 1:
+            ready = (
+                "True",
+                "MinimumReplicasAvailable",
+                f"{available}/{want} engine replicas ready",
+            )
+        else:
+            ready = ("False", "NoReadyReplicas", f"0/{want} engine replicas ready")
+        caught_up = (st.get("observedGeneration") or 0) >= (
+            deployment["metadata"].get("generation") or 0
+        )
+        if not caught_up:
+            progressing = ("True", "RollingOut", "the engine Deployment is being updated")
+        elif updated < want:
+            progressing = ("True", "RollingOut", f"{updated}/{want} engine replicas updated")
+        elif ready_n < want:
+            progressing = ("True", "ScalingUp", f"{ready_n}/{want} engine replicas ready")
+        elif current > want:
+            progressing = ("True", "ScalingDown", f"{current} engine replicas, want {want}")
+        else:
+            progressing = ("False", "RolloutComplete", f"{want} engine replicas up to date")
+    if problem is not None:
+        degraded = ("True", problem.reason, problem.message)
+    else:
+        stalled = _deployment_condition(deployment or {}, "Progressing")
+        failure = _deployment_condition(deployment or {}, "ReplicaFailure")
+        if stalled and stalled.get("status") == "False":
+            degraded = (
+                "True",
+                stalled.get("reason") or "RolloutStalled",
+                stalled.get("message") or "",
+            )
+        elif failure and failure.get("status") == "True":
+            degraded = ("True", "ReplicaFailure", failure.get("message") or "")
+        else:
+            degraded = ("False", "AsExpected", "")
+    out = []
+    for kind, (status, reason, message) in (
+        (READY, ready),
+        (PROGRESSING, progressing),
+        (DEGRADED, degraded),
+    ):
+        # Never an empty message: Kubernetes 1.20 reads "" in a CR as null and rejects it.
+        cond: dict[str, Any] = {
+            "type": kind,
+            "status": status,
+            "reason": reason,
+            "message": message or reason,
+        }
+        if generation is not None:
+            cond["observedGeneration"] = generation
+        out.append(cond)
+    return out
+
+
+def merge_conditions(
+    old: list[dict[str, Any]] | None, new: list[dict[str, Any]], now: str
+) -> list[dict[str, Any]]:
+    """New conditions, keeping each one's lastTransitionTime while its status is unchanged and
+    keeping conditions of other types (e.g. the autoscaler's) as they are."""
+    previous = {c.get("type"): c for c in old or []}
+    merged = []
+    for cond in new:
+        before = previous.pop(cond["type"], None)
+        since = (
+            before.get("lastTransitionTime")
+            if before and before.get("status") == cond["status"]
+            else None
+        )
+        merged.append({**cond, "lastTransitionTime": since or now})
+    return merged + list(previous.values())
+
+
+def status_patch(
+    current: dict[str, Any] | None,
+    *,
+    deployment: dict[str, Any] | None,
+    generation: int | None,
+    problem: Problem | None,
+    selector: str,
+    endpoint: str,
+    model: str,
+) -> dict[str, Any] | None:
+    """The status fields to patch, or None when nothing would change (no churn, no event)."""
+    current = current or {}
+    st = (deployment or {}).get("status") or {}
+    wanted: dict[str, Any] = {
+        "observedGeneration": generation,
+        "replicas": st.get("replicas") or 0,
+        "readyReplicas": st.get("readyReplicas") or 0,
+        "selector": selector,
+        "endpoint": endpoint,
+        "model": model,
+    }
+    conditions = engine_conditions(deployment, generation, problem)
+    merged = merge_conditions(current.get("conditions"), conditions, now_iso())
+    changed = {k: v for k, v in wanted.items() if current.get(k) != v}
+    if _strip_times(merged) != _strip_times(current.get("conditions") or []):
+        changed["conditions"] = merged
+    return changed or None
+
+
+def _strip_times(conditions: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [{k: v for k, v in c.items() if k != "lastTransitionTime"} for c in conditions]
+
+
+def condition(status: dict[str, Any] | None, kind: str) -> dict[str, Any] | None:
+    for cond in (status or {}).get("conditions") or []:
+        if cond.get("type") == kind:
+            return cond
+    return None

