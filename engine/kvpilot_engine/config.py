@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:  # torch is imported where used: the CLI's parsers (and the operator) need
+    import torch  # these dataclasses without it
+
 
 # Hugging Face `architectures` names -> the one model class that implements them all.
 SUPPORTED_ARCHITECTURES = {
@@ -160,6 +162,8 @@ def parse_size(value: int | float | str) -> int:
 def resolve_dtype(
     dtype: str | torch.dtype, model_dtype: str | None, device: torch.device
 ) -> torch.dtype:
+    import torch
+
     if isinstance(dtype, torch.dtype):
         return dtype
     names = {
@@ -220,6 +224,8 @@ class EngineArgs:
             raise ValueError("num_kv_blocks must be at least 1")
 
     def resolve_device(self) -> torch.device:
+        import torch
+
         if self.device == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
         return torch.device(self.device)

@@ -319,3 +319,16 @@ def test_pydantic_rejects_what_the_crd_rejects() -> None:
             LLMService.model_validate(bad)
     with pytest.raises(ValidationError):
         ServingPolicy.model_validate({"metadata": {"name": "p"}, "spec": {"quantization": "x"}})
+
+
+def test_control_plane_commands_never_import_torch() -> None:
+    """The operator image carries no torch: its code paths, and the CLI that starts them, must
+    not import it."""
+    code = (
+        "import sys\n"
+        "from kvpilot_engine.cli import build_parser\n"
+        "build_parser().parse_args(['render', '-f', 'x'])\n"
+        "import kvpilot_operator.handlers, kvpilot_operator.reconcile, kvpilot_operator.crds\n"
+        "assert 'torch' not in sys.modules, 'torch imported'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
