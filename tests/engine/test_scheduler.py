@@ -9,6 +9,7 @@ sequence after its N-th output token.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 
 import pytest
 from hypothesis import HealthCheck, event, given, settings
@@ -50,18 +51,26 @@ def make_scheduler(
     return Scheduler(bm, max_num_seqs, max_num_batched_tokens, policy, chunked)
 
 
-def engine_step(sched: Scheduler, token: int | None = None) -> SchedulerOutput:
-    """One engine iteration; each sequence finishes after sampling_params.max_tokens tokens."""
-    out = sched.schedule()
+def finish_step(
+    sched: Scheduler, out: SchedulerOutput, next_token: Callable[[Sequence], int]
+) -> None:
+    """The model's half of an iteration: sample for sequences whose prompt is all computed;
+    each one finishes after sampling_params.max_tokens tokens."""
     samples = [s.samples for s in out.scheduled]
     sched.update(out)
     for s, sampled in zip(out.scheduled, samples, strict=True):
         seq = s.seq
         assert sampled == (seq.num_computed_tokens == len(seq))
         if seq.num_computed_tokens == len(seq):
-            seq.token_ids.append(token if token is not None else seq.seq_id % 3)
+            seq.token_ids.append(next_token(seq))
             if seq.num_output_tokens >= seq.sampling_params.max_tokens:
                 sched.finish(seq, SequenceStatus.FINISHED_LENGTH)
+
+
+def engine_step(sched: Scheduler, token: int | None = None) -> SchedulerOutput:
+    """One engine iteration."""
+    out = sched.schedule()
+    finish_step(sched, out, lambda seq: token if token is not None else seq.seq_id % 3)
     return out
 
 
@@ -475,15 +484,7 @@ def run_workload(sched: Scheduler, arrivals: dict[int, list[Sequence]], max_step
                 # New K/V never goes into a block another sequence shares.
                 assert bm.blocks[seq.block_table[p // bs]].ref_count == 1
 
-        samples = [s.samples for s in out.scheduled]
-        sched.update(out)
-        for s, sampled in zip(out.scheduled, samples, strict=True):
-            seq = s.seq
-            assert sampled == (seq.num_computed_tokens == len(seq))
-            if seq.num_computed_tokens == len(seq):
-                seq.token_ids.append((seq.seq_id + len(seq)) % 2)
-                if seq.num_output_tokens >= seq.sampling_params.max_tokens:
-                    sched.finish(seq, SequenceStatus.FINISHED_LENGTH)
+        finish_step(sched, out, lambda seq: (seq.seq_id + len(seq)) % 2)
 
         bm.check_invariants(live(sched))
         assert all(s.block_table == [] for s in sched.waiting)

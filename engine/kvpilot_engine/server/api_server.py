@@ -294,6 +294,17 @@ async def _collect(stream: RequestStream, n: int) -> tuple[list[_Choice], Reques
     return choices, last
 
 
+async def _full_response(
+    stream: RequestStream, n: int, build: Callable[[list[_Choice], UsageInfo], BaseModel]
+) -> Response:
+    """A non-streaming answer: collect the choices, log, and reply with the body `build` makes."""
+    choices, last = await _collect(stream, n)
+    n_out = sum(len(c.token_ids) for c in choices)
+    _log_done(last, n_out)
+    body = build(choices, _usage(len(last.prompt_token_ids) if last else 0, n_out))
+    return Response(body.model_dump_json(), media_type="application/json")
+
+
 def _usage(prompt_tokens: int, completion_tokens: int) -> UsageInfo:
     return UsageInfo(
         prompt_tokens=prompt_tokens,
@@ -446,11 +457,8 @@ def build_app(engine: AsyncLLMEngine, served_model_name: str, metrics: ServerMet
                 media_type="text/event-stream",
             )
 
-        async def full() -> Response:
-            choices, last = await _collect(stream, req.n)
-            n_out = sum(len(c.token_ids) for c in choices)
-            _log_done(last, n_out)
-            body = CompletionResponse(
+        def body(choices: list[_Choice], usage: UsageInfo) -> CompletionResponse:
+            return CompletionResponse(
                 id=rid,
                 created=created,
                 model=req.model,
@@ -468,11 +476,10 @@ def build_app(engine: AsyncLLMEngine, served_model_name: str, metrics: ServerMet
                     )
                     for i, c in enumerate(choices)
                 ],
-                usage=_usage(len(last.prompt_token_ids) if last else 0, n_out),
+                usage=usage,
             )
-            return Response(body.model_dump_json(), media_type="application/json")
 
-        return await _until_disconnect(request, full())
+        return await _until_disconnect(request, _full_response(stream, req.n, body))
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
@@ -502,11 +509,8 @@ def build_app(engine: AsyncLLMEngine, served_model_name: str, metrics: ServerMet
                 media_type="text/event-stream",
             )
 
-        async def full() -> Response:
-            choices, last = await _collect(stream, req.n)
-            n_out = sum(len(c.token_ids) for c in choices)
-            _log_done(last, n_out)
-            body = ChatCompletionResponse(
+        def body(choices: list[_Choice], usage: UsageInfo) -> ChatCompletionResponse:
+            return ChatCompletionResponse(
                 id=rid,
                 created=created,
                 model=req.model,
@@ -522,11 +526,10 @@ def build_app(engine: AsyncLLMEngine, served_model_name: str, metrics: ServerMet
                     )
                     for i, c in enumerate(choices)
                 ],
-                usage=_usage(len(last.prompt_token_ids) if last else 0, n_out),
+                usage=usage,
             )
-            return Response(body.model_dump_json(), media_type="application/json")
 
-        return await _until_disconnect(request, full())
+        return await _until_disconnect(request, _full_response(stream, req.n, body))
 
     return app
 
