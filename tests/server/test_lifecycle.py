@@ -200,3 +200,25 @@ def test_overload_then_sigterm_drains(tmp_path: Path) -> None:
             final = json.loads(reader.events[-2])["choices"][0]
             assert final["finish_reason"] == "length"
         assert a.text
+
+
+def test_sigterm_past_drain_timeout_aborts_and_exits(tmp_path: Path) -> None:
+    """A stream that cannot finish within --drain-timeout is aborted (its client gets a final
+    chunk and [DONE], not a cut connection) and the server still exits 0."""
+    with run_server(tmp_path / "serve.log", "--drain-timeout", "1") as srv:
+        url = f"{srv.url}/v1/completions"
+        long = _Reader(url, {"prompt": "Tell a story", "max_tokens": 400, "ignore_eos": True})
+        long.start()
+        assert long.first_event.wait(60) and long.status == 200, long.error
+        t0 = time.monotonic()
+        srv.proc.send_signal(signal.SIGTERM)
+        assert srv.proc.wait(60) == 0, srv.log_tail()
+        exited_s = time.monotonic() - t0
+        long.join(30)
+        assert long.error is None, long.error
+        assert long.events[-1] == "[DONE]"
+        final = json.loads(long.events[-2])["choices"][0]
+        assert final["finish_reason"] == "abort", final
+        assert len(long.text) > 0
+        assert exited_s < 15, f"took {exited_s:.1f}s to exit with --drain-timeout 1"
+        assert "drain timeout" in srv.log_tail(200)
