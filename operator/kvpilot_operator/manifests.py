@@ -19,6 +19,8 @@ DEFAULT_DRAIN_SECONDS = 30  # `kvpilot serve --drain-timeout` default
 SERVICE_LABEL = "kvpilot.io/llmservice"
 MANAGED_BY = "kvpilot-operator"
 NON_ROOT_UID = 65532
+# What `kvpilot serve` of the same release implements (the operator and engine ship together).
+ENGINE_QUANTIZATIONS = frozenset({"none"})
 
 
 class SpecError(ValueError):
@@ -85,6 +87,13 @@ def check_servable(spec: LLMServiceSpec) -> None:
         )
     if spec.quantization == "fp8" and not gpus:
         problems.append("spec.quantization fp8 needs a Hopper GPU: set spec.resources.gpu.count")
+    elif spec.quantization not in ENGINE_QUANTIZATIONS:
+        # The engine would refuse the flag at start-up and the pod would crash-loop.
+        problems.append(
+            f"spec.quantization {spec.quantization} (perhaps from the policy) is not implemented "
+            f"by this engine version (it serves: {', '.join(sorted(ENGINE_QUANTIZATIONS))}); "
+            "set spec.quantization: none"
+        )
     if problems:
         raise SpecError("; ".join(problems))
 

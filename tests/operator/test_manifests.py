@@ -206,7 +206,9 @@ def test_examples_render(example: Path) -> None:
 
 
 def test_deployment_security_probes_labels_and_owner() -> None:
-    objs = rendered(make_service(resources={"cpu": "500m", "memory": "2Gi"}), "copilot")
+    objs = rendered(
+        make_service(resources={"cpu": "500m", "memory": "2Gi"}, quantization="none"), "copilot"
+    )
     dep, svc, pdb = objs["Deployment"], objs["Service"], objs["PodDisruptionBudget"]
     for obj in (dep, svc, pdb):
         labels = obj["metadata"]["labels"]
@@ -292,6 +294,7 @@ def test_replicas_follow_spec_within_bounds() -> None:
         ({"parallelism": {"pipeline": 2}}, "pipeline parallelism"),
         ({"parallelism": {"tensor": 4}, "resources": {"gpu": {"count": 2}}}, "must equal"),
         ({"quantization": "fp8"}, "fp8 needs a Hopper GPU"),
+        ({"quantization": "int4"}, "int4 .* not implemented by this engine version"),
     ],
 )
 def test_specs_the_schema_admits_but_cannot_be_served(spec: dict, message: str) -> None:
