@@ -185,20 +185,16 @@ def _metadata(svc: LLMService, name: str) -> dict[str, Any]:
     return meta
 
 
-def _quantity(value: int | str) -> str:
-    return str(value)
-
-
 def _container_resources(spec: LLMServiceSpec) -> dict[str, Any]:
     res = spec.resources
     requests: dict[str, str] = {}
     limits: dict[str, str] = {}
     if res.cpu is not None:
-        requests["cpu"] = _quantity(res.cpu)
+        requests["cpu"] = str(res.cpu)
     if res.memory is not None:
         # Memory is not compressible: the limit equals the request so the KV pool sized at
         # start-up is never OOM-killed later by a neighbour.
-        requests["memory"] = limits["memory"] = _quantity(res.memory)
+        requests["memory"] = limits["memory"] = str(res.memory)
     if res.gpu.count:
         requests[res.gpu.resource_name] = limits[res.gpu.resource_name] = str(res.gpu.count)
     out: dict[str, Any] = {}

@@ -23,8 +23,9 @@ def now_iso() -> str:
     return dt.datetime.now(dt.timezone.utc).replace(microsecond=0).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def _deployment_condition(deployment: dict[str, Any], kind: str) -> dict[str, Any] | None:
-    for cond in (deployment.get("status") or {}).get("conditions") or []:
+def find_condition(obj: dict[str, Any], kind: str) -> dict[str, Any] | None:
+    """The condition of type `kind` in any object's status (Deployment, LLMService)."""
+    for cond in (obj.get("status") or {}).get("conditions") or []:
         if cond.get("type") == kind:
             return cond
     return None
@@ -73,8 +74,8 @@ def engine_conditions(
     if problem is not None:
         degraded = ("True", problem.reason, problem.message)
     else:
-        stalled = _deployment_condition(deployment or {}, "Progressing")
-        failure = _deployment_condition(deployment or {}, "ReplicaFailure")
+        stalled = find_condition(deployment or {}, "Progressing")
+        failure = find_condition(deployment or {}, "ReplicaFailure")
         if stalled and stalled.get("status") == "False":
             degraded = (
                 "True",
@@ -153,10 +154,3 @@ def status_patch(
 
 def _strip_times(conditions: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [{k: v for k, v in c.items() if k != "lastTransitionTime"} for c in conditions]
-
-
-def condition(status: dict[str, Any] | None, kind: str) -> dict[str, Any] | None:
-    for cond in (status or {}).get("conditions") or []:
-        if cond.get("type") == kind:
-            return cond
-    return None

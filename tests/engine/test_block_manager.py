@@ -71,6 +71,13 @@ def admit_and_compute(bm: BlockManager, tokens) -> Sequence:
     return seq
 
 
+def cached_and_freed(num_blocks: int, tokens) -> BlockManager:
+    """A pool whose only history is one computed-then-finished prompt: its blocks are cached."""
+    bm = BlockManager(num_blocks, 2)
+    bm.free(admit_and_compute(bm, tokens))
+    return bm
+
+
 # ---- allocation ------------------------------------------------------------------------------
 def test_rejects_empty_pool():
     with pytest.raises(ValueError):
@@ -437,9 +444,7 @@ def test_a_hit_refreshes_lru_position():
 
 
 def test_evicted_block_loses_its_hash():
-    bm = BlockManager(2, 2)
-    a = admit_and_compute(bm, [1, 2, 3, 4])
-    bm.free(a)
+    bm = cached_and_freed(2, [1, 2, 3, 4])
     assert bm.num_cached_blocks == 2
     b = make_seq([7, 7, 7, 7])
     assert bm.allocate_slots(b, 4)
@@ -452,9 +457,7 @@ def test_evicted_block_loses_its_hash():
 
 
 def test_reset_prefix_cache():
-    bm = BlockManager(4, 2)
-    a = admit_and_compute(bm, [1, 2, 3, 4])
-    bm.free(a)
+    bm = cached_and_freed(4, [1, 2, 3, 4])
     bm.reset_prefix_cache()
     assert bm.num_cached_blocks == 0
     assert bm.get_computed_blocks(make_seq([1, 2, 3, 4, 5])) == []

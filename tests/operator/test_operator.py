@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 import pytest
 import yaml
 from kvpilot_operator.localcluster import LocalCluster
+from kvpilot_operator.status import find_condition
 
 ROOT = Path(__file__).resolve().parents[2]
 T = TypeVar("T")
@@ -139,10 +140,7 @@ def service_doc(name: str, **spec: Any) -> dict[str, Any]:
 
 
 def condition(obj: dict | None, kind: str) -> dict[str, Any]:
-    for cond in ((obj or {}).get("status") or {}).get("conditions") or []:
-        if cond["type"] == kind:
-            return cond
-    return {}
+    return find_condition(obj or {}, kind) or {}
 
 
 def owned(cluster: LocalCluster, name: str, ns: str) -> dict[str, dict | None]:
