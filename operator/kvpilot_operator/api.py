@@ -176,6 +176,13 @@ class ScalingSpec(_Model):
     max_scale_down_rate: float | None = Field(
         None, ge=1.0, le=100.0, description="At most this factor fewer replicas per decision."
     )
+    target_utilization: float | None = Field(
+        None,
+        ge=0.1,
+        le=1.0,
+        description="Share of a replica's throughput at the SLO that the capacity model plans "
+        "to use; the rest absorbs bursts before the next decision.",
+    )
 
 
 class CanarySpec(_Model):

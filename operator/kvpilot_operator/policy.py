@@ -36,6 +36,7 @@ BUILTIN_DEFAULTS: dict[str, Any] = {
         "scaleDownCooldownSeconds": 300,
         "maxScaleUpRate": 4.0,
         "maxScaleDownRate": 2.0,
+        "targetUtilization": 0.8,
     },
 }
 

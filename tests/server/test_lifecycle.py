@@ -33,6 +33,7 @@ VLLM_NAMES = [
     "vllm:prefix_cache_hits_total",
     "vllm:num_preemptions_total",
     "vllm:request_success_total",
+    "kvpilot_engine_requests_received_total",
     "kvpilot_engine_step_seconds_bucket",
     "kvpilot_engine_step_prefill_tokens_bucket",
     "kvpilot_engine_step_decode_tokens_bucket",
@@ -118,6 +119,11 @@ def test_ttft_histogram_agrees_with_client(base_url: str) -> None:
     assert generated == 9
     assert metric(after, "vllm:e2e_request_latency_seconds_count") >= 3
     assert metric(after, "vllm:request_success_total", finished_reason="length") >= 3
+    received = "kvpilot_engine_requests_received_total"
+    assert (
+        metric(after, received, outcome="accepted") - metric(before, received, outcome="accepted")
+        == 3
+    )
 
 
 def test_unsupported_engine_flags_fail_fast() -> None:
@@ -182,6 +188,10 @@ def test_overload_then_sigterm_drains(tmp_path: Path) -> None:
         r = httpx.post(url, json={"model": MODEL, "prompt": "Hi", "max_tokens": 1})
         assert r.status_code == 503, r.text
         assert r.headers["retry-after"].isdigit() and r.json()["error"]["code"] == "overloaded"
+        m = scrape(srv.url)
+        received = "kvpilot_engine_requests_received_total"
+        assert metric(m, received, outcome="rejected") == 1
+        assert metric(m, received, outcome="accepted") == 2
 
         srv.proc.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + 10

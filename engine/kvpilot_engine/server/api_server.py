@@ -405,9 +405,13 @@ def build_app(engine: AsyncLLMEngine, served_model_name: str, metrics: ServerMet
         rid: str, prompt: str | list[int], params: SamplingParams, priority: int, arrival: float
     ) -> RequestStream:
         try:
-            return await engine.add_request(rid, prompt, params, priority, arrival)
+            stream = await engine.add_request(rid, prompt, params, priority, arrival)
         except (ValueError, EngineOverloadedError, EngineUnavailableError) as e:
+            if isinstance(e, EngineOverloadedError):
+                metrics.rejected.inc()
             raise _from_engine_error(e) from None
+        metrics.received.inc()
+        return stream
 
     @app.get("/health")
     async def health() -> Response:

@@ -90,6 +90,16 @@ class ServerMetrics:
         )
         for reason in ("stop", "length", "abort"):
             self._success.labels(model_name, reason)  # export zeros so rate() works from the start
+        # Demand as it arrives (rejected requests included), which finished-request counters
+        # understate exactly when an engine is saturated: the autoscaler's load signal.
+        self._received = Counter(
+            "kvpilot_engine_requests_received",
+            "Requests received, by outcome (accepted, or rejected as overloaded).",
+            ["model_name", "outcome"],
+            registry=r,
+        )
+        self.received = self._received.labels(model_name, "accepted")
+        self.rejected = self._received.labels(model_name, "rejected")
         self.step_time = hist(
             "kvpilot_engine_step_seconds", "Wall time of one engine step.", STEP_BUCKETS
         )

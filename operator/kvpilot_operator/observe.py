@@ -1,0 +1,141 @@
+"""What Prometheus says about one LLMService's engines, as the decision function's `Observation`.
+
+Every query selects the service's series with a label selector (by default the labels a standard
+`kubernetes-pods` scrape job derives from the pod: `namespace` and the pod label
+`kvpilot.io/llmservice` as `kvpilot_io_llmservice`). Errors are not raised: an unreachable
+Prometheus, a failing query or a service without scrape targets comes back as
+`Observation.missing`, on which the decision holds.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import Any
+
+import requests
+from prometheus_api_client import PrometheusApiClientException, PrometheusConnect
+
+from kvpilot_operator.scaling import Observation, ScalingParams, Window
+
+DEFAULT_SELECTOR = 'namespace="{namespace}",kvpilot_io_llmservice="{name}"'
+# The router's queue (scaled to zero, requests wait there for a replica to wake).
+ROUTER_WAITING = "kvpilot_router_waiting_requests"
+
+
+@dataclass(frozen=True)
+class SLOFigures:
+    """Over the SLO's own window, for status: p95s and the SLO's percentiles."""
+
+    ttft_p95: float | None = None
+    tpot_p95: float | None = None
+    window: Window | None = None  # ttft/tpot at the SLO percentiles
+
+
+def _seconds(s: float) -> str:
+    return f"{max(1, round(s))}s"
+
+
+class PrometheusSource:
+    def __init__(self, url: str, selector: str = DEFAULT_SELECTOR, timeout: float = 5.0):
+        self.url = url
+        self.selector = selector
+        self.prom = PrometheusConnect(url=url, disable_ssl=True, timeout=timeout)
+
+    def _value(self, query: str) -> float | None:
+        """The single value of an instant query; None when it has no result or is NaN."""
+        result: list[dict[str, Any]] = self.prom.custom_query(query)
+        if not result:
+            return None
+        value = float(result[0]["value"][1])
+        return None if math.isnan(value) or math.isinf(value) else value
+
+    def window(self, sel: str, seconds: float, ttft_q: float, tpot_q: float) -> Window:
+        w = _seconds(seconds)
+
+        def rate(metric: str) -> str:
+            return f"sum(rate({metric}{{{sel}}}[{w}]))"
+
+        def quantile(metric: str, q: float) -> str:
+            return f"histogram_quantile({q}, sum by (le) (rate({metric}_bucket{{{sel}}}[{w}])))"
+
+        tokens = f"({rate('vllm:prompt_tokens_total')} + {rate('vllm:generation_tokens_total')})"
+        steps = rate("kvpilot_engine_step_seconds_count")
+        step_tokens = (
+            f"({rate('kvpilot_engine_step_prefill_tokens_sum')} + "
+            f"{rate('kvpilot_engine_step_decode_tokens_sum')})"
+        )
+        v = self._value
+        return Window(
+            request_rate=v(rate("kvpilot_engine_requests_received_total")) or 0.0,
+            token_rate=v(tokens) or 0.0,
+            tokens_per_request=v(f"{tokens} / {rate('vllm:request_success_total')}"),
+            waiting=v(f"sum(vllm:num_requests_waiting{{{sel}}})") or 0.0,
+            running=v(f"sum(vllm:num_requests_running{{{sel}}})") or 0.0,
+            ttft=v(quantile("vllm:time_to_first_token_seconds", ttft_q)),
+            tpot=v(quantile("vllm:inter_token_latency_seconds", tpot_q)),
+            step_time=v(f"{rate('kvpilot_engine_step_seconds_sum')} / {steps}"),
+            step_tokens=v(f"{step_tokens} / {steps}"),
+            kv_usage=v(f"avg(vllm:kv_cache_usage_perc{{{sel}}})"),
+        )
+
+    def observe(
+        self,
+        namespace: str,
+        name: str,
+        params: ScalingParams,
+        *,
+        now: float,
+        replicas: int,
+        ready: int,
+        slo_window: float,
+    ) -> tuple[Observation, SLOFigures]:
+        sel = self.selector.format(namespace=namespace, name=name)
+        obs = Observation(time=now, replicas=replicas, ready=ready)
+        ttft_q, tpot_q = params.ttft_percentile / 100, params.tpot_percentile / 100
+        try:
+            targets = self._value(f"count(up{{{sel}}} == 1)") or 0
+            if replicas == 0:
+                # No engines to scrape: only the router's queue can wake the service.
+                queued = self._value(f"sum({ROUTER_WAITING}{{{sel}}})") or 0.0
+                return replace(obs, short=Window(request_rate=0.0, waiting=queued)), SLOFigures()
+            if targets == 0:
+                return replace(
+                    obs,
+                    missing=("NoMetrics", f"Prometheus has no engine targets up for {{{sel}}}"),
+                ), SLOFigures()
+            short = self.window(sel, params.panic_window, ttft_q, tpot_q)
+            long = self.window(sel, params.stable_window, ttft_q, tpot_q)
+            if short.tokens_per_request is None and long.tokens_per_request is not None:
+                # Long requests may not finish inside the short window; their size has not changed.
+                short = replace(short, tokens_per_request=long.tokens_per_request)
+            slo = self._slo(sel, slo_window, ttft_q, tpot_q)
+        except requests.exceptions.RequestException as err:
+            return replace(
+                obs, missing=("PrometheusUnreachable", f"{self.url}: {_brief(err)}")
+            ), SLOFigures()
+        except PrometheusApiClientException as err:
+            return replace(obs, missing=("PrometheusError", _brief(err))), SLOFigures()
+        return replace(obs, short=short, long=long), slo
+
+    def _slo(self, sel: str, seconds: float, ttft_q: float, tpot_q: float) -> SLOFigures:
+        w = _seconds(seconds)
+
+        def quantile(metric: str, q: float) -> float | None:
+            return self._value(
+                f"histogram_quantile({q}, sum by (le) (rate({metric}_bucket{{{sel}}}[{w}])))"
+            )
+
+        ttft, tpot = "vllm:time_to_first_token_seconds", "vllm:inter_token_latency_seconds"
+        ttft95, tpot95 = quantile(ttft, 0.95), quantile(tpot, 0.95)
+        at_slo = Window(
+            request_rate=0.0,
+            ttft=ttft95 if ttft_q == 0.95 else quantile(ttft, ttft_q),
+            tpot=tpot95 if tpot_q == 0.95 else quantile(tpot, tpot_q),
+        )
+        return SLOFigures(ttft_p95=ttft95, tpot_p95=tpot95, window=at_slo)
+
+
+def _brief(err: BaseException) -> str:
+    text = str(err).splitlines()[0] if str(err) else type(err).__name__
+    return text[:200]
