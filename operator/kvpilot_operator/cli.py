@@ -1,4 +1,4 @@
-"""`kvpilot operator`, `kvpilot crds`, `kvpilot render`, `kvpilot cluster`: the control plane's
+"""`kvpilot operator`, `crds`, `render`, `autoscale simulate`, `cluster`: the control plane's
 subcommands of the one `kvpilot` command. Heavy imports (kopf, the Kubernetes client) happen
 inside the commands."""
 
@@ -30,6 +30,16 @@ def cmd_operator(ns: argparse.Namespace) -> int:
     handlers.State.opts = RenderOptions(
         engine_image=ns.engine_image, pdb_api_version=kube.pdb_api_version()
     )
+    if ns.prometheus_url:
+        from kvpilot_operator.autoscaler import Autoscaler
+        from kvpilot_operator.observe import PrometheusSource
+
+        handlers.State.autoscaler = Autoscaler(
+            kube=kube,
+            source=PrometheusSource(ns.prometheus_url, ns.prometheus_selector),
+            interval=ns.autoscale_interval,
+            lock=handlers.service_lock,
+        )
     if ns.metrics_port:
         start_http_server(ns.metrics_port)
     kopf.run(
@@ -131,8 +141,68 @@ def cmd_bench_operator(ns: argparse.Namespace) -> int:
     return bench_operator.main(ns)
 
 
+def _simulation_params(ns: argparse.Namespace) -> Any:
+    """The resolved scaling policy: an LLMService file (with its policy), else a preset."""
+    import yaml
+
+    from kvpilot_operator.policy import load_presets, resolve_spec
+    from kvpilot_operator.reconcile import parse
+    from kvpilot_operator.scaling import ScalingParams
+
+    presets = {name: p.spec for name, p in load_presets().items()}
+    if ns.file:
+        docs = [d for d in yaml.safe_load_all(Path(ns.file).read_text()) if d]
+        service = next((d for d in docs if d.get("kind") == "LLMService"), None)
+        if service is None:
+            raise ValueError(f"{ns.file}: no LLMService")
+        service.setdefault("metadata", {}).setdefault("namespace", "default")
+        svc = parse(service)
+    else:
+        svc = parse(
+            {
+                "apiVersion": "kvpilot.io/v1alpha1",
+                "kind": "LLMService",
+                "metadata": {"name": "simulated", "namespace": "default"},
+                "spec": {"model": {"source": {"path": "model"}}, "policy": ns.policy},
+            }
+        )
+    name = svc.spec.policy
+    if name and name not in presets:
+        raise ValueError(f"unknown policy {name!r} (presets: {', '.join(sorted(presets))})")
+    return ScalingParams.from_spec(resolve_spec(svc.spec, presets.get(name) if name else None))
+
+
+def cmd_autoscale_simulate(ns: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from kvpilot_operator import simulate as sim
+
+    try:
+        params = _simulation_params(ns)
+        trace = sim.read_trace(Path(ns.trace))
+    except (ValueError, OSError, ValidationError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    engine = sim.EngineModel(
+        overhead=ns.step_overhead_ms / 1000,
+        per_token=ns.per_token_ms / 1000,
+        max_tokens_per_step=params.max_tokens_per_step or ns.max_tokens_per_step,
+        cold_start=ns.cold_start,
+    )
+    result = sim.simulate(
+        trace, params, engine, interval=ns.interval, seed=None if ns.no_noise else ns.seed
+    )
+    for line in sim.decision_lines(result.events):
+        print(line)
+    print(sim.summary(result))
+    if ns.out:
+        title = f"{Path(ns.trace).name}: {ns.file or ns.policy}"
+        print(f"plot               {sim.plot(result, Path(ns.out), title)}")
+    return 0
+
+
 def add_commands(sub: Any, bench: Any) -> None:
-    from kvpilot_operator.manifests import DEFAULT_ENGINE_IMAGE
+    from kvpilot_operator.manifests import DEFAULT_ENGINE_IMAGE, PROMETHEUS_SELECTOR
 
     o = sub.add_parser("operator", help="run the kopf operator (LLMService -> engine pods)")
     o.add_argument("--namespace", action="append", help="watch only this namespace (repeat)")
@@ -142,6 +212,19 @@ def add_commands(sub: Any, bench: Any) -> None:
     )
     o.add_argument("--health-port", type=int, default=8080, help="kopf /healthz; 0 disables")
     o.add_argument("--metrics-port", type=int, default=9090, help="Prometheus; 0 disables")
+    o.add_argument(
+        "--prometheus-url",
+        default=os.environ.get("KVPILOT_PROMETHEUS_URL", ""),
+        help="Prometheus that scrapes the engines; empty disables the autoscaler",
+    )
+    o.add_argument(
+        "--prometheus-selector",
+        default=PROMETHEUS_SELECTOR,
+        help="PromQL label matchers of one service's engine series ({namespace}, {name})",
+    )
+    o.add_argument(
+        "--autoscale-interval", type=float, default=15.0, help="seconds between evaluations"
+    )
     o.add_argument("--log-level", default="info", choices=["debug", "info"])
     o.add_argument("--log-format", default="json", choices=["json", "plain"])
     o.set_defaults(func=cmd_operator)
@@ -160,6 +243,26 @@ def add_commands(sub: Any, bench: Any) -> None:
         "--pdb-api-version", default="policy/v1", choices=["policy/v1", "policy/v1beta1"]
     )
     r.set_defaults(func=cmd_render)
+
+    a = sub.add_parser("autoscale", help="the SLO autoscaler offline").add_subparsers(
+        dest="autoscale", required=True
+    )
+    s = a.add_parser(
+        "simulate",
+        help="replay a load trace through a scaling policy against a model of engine replicas",
+    )
+    s.add_argument("trace", help="CSV: time,request_rate,input_len,output_len (seconds, req/s)")
+    s.add_argument("-f", "--file", help="an LLMService YAML (its policy and scaling fields)")
+    s.add_argument("--policy", default="interactive-chat", help="preset, when no -f is given")
+    s.add_argument("--out", default="autoscale-simulation.png", help="PNG plot; '' for none")
+    s.add_argument("--interval", type=float, default=15.0, help="seconds between decisions")
+    s.add_argument("--step-overhead-ms", type=float, default=10.0, help="engine step, fixed")
+    s.add_argument("--per-token-ms", type=float, default=0.1, help="engine step, per token")
+    s.add_argument("--max-tokens-per-step", type=int, default=2048)
+    s.add_argument("--cold-start", type=float, default=60.0, help="seconds until a replica serves")
+    s.add_argument("--seed", type=int, default=0, help="Poisson arrivals seed")
+    s.add_argument("--no-noise", action="store_true", help="exact rates instead of Poisson")
+    s.set_defaults(func=cmd_autoscale_simulate)
 
     k = sub.add_parser("cluster", help="a local control plane (etcd + kube-apiserver + ...)")
     k.add_argument("action", choices=["up"])

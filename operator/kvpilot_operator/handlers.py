@@ -4,6 +4,8 @@
 - An owned Deployment/Service/PDB changed or deleted by someone else -> reconcile its owner
   (drift correction); a Deployment status change only refreshes the owner's status.
 - A ServingPolicy created/changed/deleted -> reconcile every LLMService that names it.
+- Each LLMService has an autoscaler daemon (when the operator knows a Prometheus): it writes
+  replicas through the scale subresource, which comes back here as an update.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import Any
 import kopf
 
 from kvpilot_operator.api import GROUP, VERSION
+from kvpilot_operator.autoscaler import Autoscaler
 from kvpilot_operator.kube import Kube
 from kvpilot_operator.manifests import MANAGED_BY, SERVICE_LABEL, RenderOptions
 from kvpilot_operator.reconcile import Outcome, reconcile
@@ -28,6 +31,7 @@ class State:
 
     kube: Kube
     opts: RenderOptions
+    autoscaler: Autoscaler | None = None
 
 
 def _report(body: Any, out: Outcome) -> None:
@@ -50,9 +54,18 @@ def _report(body: Any, out: Outcome) -> None:
 _locks: defaultdict[tuple[str, str], threading.Lock] = defaultdict(threading.Lock)
 
 
+def service_lock(namespace: str, name: str) -> threading.Lock:
+    return _locks[(namespace, name)]
+
+
 def _reconcile_body(body: dict[str, Any], **kwargs: Any) -> Outcome:
     meta = body["metadata"]
-    with _locks[(meta["namespace"], meta["name"])]:
+    with service_lock(meta["namespace"], meta["name"]):
+        # The event's status may predate the autoscaler's last write; conditions are patched as
+        # one list, so start from the live ones or theirs would be lost.
+        live = State.kube.get_llmservice(meta["namespace"], meta["name"])
+        if live is not None:
+            body = {**body, "status": live.get("status")}
         out = reconcile(State.kube, body, State.opts, **kwargs)
     _report(body, out)
     if out.problem is not None and out.problem.reason == "ApplyFailed":
@@ -66,6 +79,19 @@ def _reconcile_body(body: dict[str, Any], **kwargs: Any) -> Outcome:
 @kopf.on.update(GROUP, VERSION, "llmservices")
 def on_llmservice(body: kopf.Body, **_: Any) -> None:
     _reconcile_body(dict(body))
+
+
+@kopf.daemon(GROUP, VERSION, "llmservices", cancellation_timeout=10.0)
+def autoscale(
+    body: kopf.Body, namespace: str, name: str, stopped: kopf.DaemonStopped, **_: Any
+) -> None:
+    if State.autoscaler is None:
+        return
+
+    def emit(kind: str, reason: str, message: str) -> None:
+        kopf.event(body, type=kind, reason=reason, message=message)
+
+    State.autoscaler.run(namespace, name, stopped, emit)
 
 
 def _owner(body: kopf.Body) -> dict[str, Any] | None:

@@ -86,3 +86,12 @@ class Kube:
             namespace=namespace,
             content_type="application/merge-patch+json",
         )
+
+    def scale_llmservice(self, namespace: str, name: str, replicas: int) -> None:
+        """Through the scale subresource, as `kubectl scale` does: the one way replicas change."""
+        self.resource(API_VERSION, "LLMService").scale.patch(
+            body={"spec": {"replicas": replicas}},
+            name=name,
+            namespace=namespace,
+            content_type="application/merge-patch+json",
+        )

@@ -17,6 +17,9 @@ MODELS_MOUNT = "/models"
 DEFAULT_ENGINE_IMAGE = f"kvpilot/engine:{__version__}"
 DEFAULT_DRAIN_SECONDS = 30  # `kvpilot serve --drain-timeout` default
 SERVICE_LABEL = "kvpilot.io/llmservice"
+# How the autoscaler finds one service's engine series: the labels a standard `kubernetes-pods`
+# scrape job (labelmap of pod labels, plus `namespace`) gives them.
+PROMETHEUS_SELECTOR = 'namespace="{namespace}",kvpilot_io_llmservice="{name}"'
 MANAGED_BY = "kvpilot-operator"
 NON_ROOT_UID = 65532
 # What `kvpilot serve` of the same release implements (the operator and engine ship together).

@@ -16,9 +16,10 @@ from typing import Any
 import requests
 from prometheus_api_client import PrometheusApiClientException, PrometheusConnect
 
+from kvpilot_operator.manifests import PROMETHEUS_SELECTOR
 from kvpilot_operator.scaling import Observation, ScalingParams, Window
 
-DEFAULT_SELECTOR = 'namespace="{namespace}",kvpilot_io_llmservice="{name}"'
+DEFAULT_SELECTOR = PROMETHEUS_SELECTOR
 # The router's queue (scaled to zero, requests wait there for a replica to wake).
 ROUTER_WAITING = "kvpilot_router_waiting_requests"
 

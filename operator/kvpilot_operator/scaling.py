@@ -225,7 +225,7 @@ def required_replicas(
     return demand_tokens(params, w, backlog) / (capacity * params.target_utilization)
 
 
-def _slo_condition(params: ScalingParams, w: Window | None) -> tuple[str, str, str]:
+def slo_condition(params: ScalingParams, w: Window | None) -> tuple[str, str, str]:
     if w is None:
         return ("Unknown", "NoMetrics", "no latency measured yet")
     ratios = slo_ratios(params, w)
@@ -280,7 +280,7 @@ def decide(
     active = any(w.request_rate > IDLE_RATE or w.waiting > 0 or w.running > 0 for w in busy)
     last_active = now if active or state.last_active is None else state.last_active
     state = dataclasses.replace(state, started=started, last_active=last_active)
-    slo_met = _slo_condition(params, long)
+    slo_met = slo_condition(params, long)
     active_cond = ("True", "ValidMetrics", "deciding on engine metrics from Prometheus")
 
     if current == 0:
@@ -333,8 +333,9 @@ def decide(
     breach = worst_short > 1.0 + params.tolerance
     comfortable_short = all(r <= 1.0 - params.tolerance for r in ratios_short.values())
     ready_capacity = (capacity or 0.0) * obs.ready
-    overload = capacity is not None and (
-        demand_tokens(params, short) >= params.panic_threshold * ready_capacity
+    demand = demand_tokens(params, short)
+    overload = (
+        capacity is not None and demand > 0 and demand >= params.panic_threshold * (ready_capacity)
     )
     panic = overload or (settled and worst_short >= params.panic_threshold)
     panic = panic or (state.panic_until is not None and now < state.panic_until)
@@ -383,7 +384,8 @@ def decide(
     window_full = now - started >= params.stable_window
     stable_rec = max(r for _, r in recs)
 
-    details = {"worst_slo_ratio": worst_short, "stable_recommendation": float(stable_rec)}
+    details = {"stable_recommendation": float(stable_rec)}
+    details.update({f"{k}_ratio": r for k, r in ratios_short.items()})
     if model is not None:
         details.update(step_overhead_s=model.overhead, step_per_token_s=model.per_token)
     ready_for_new = ("True", "ReadyForNewScale", "the last scaling has taken effect")

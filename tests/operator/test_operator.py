@@ -41,8 +41,8 @@ def wait_for(what: str, fn: Callable[[], T | None], timeout: float = 30.0) -> T:
 class Operator:
     """`kvpilot operator` as a subprocess against the test cluster."""
 
-    def __init__(self, cluster: LocalCluster, log: Path) -> None:
-        self.cluster, self.log = cluster, log
+    def __init__(self, cluster: LocalCluster, log: Path, extra_args: tuple[str, ...] = ()) -> None:
+        self.cluster, self.log, self.extra_args = cluster, log, extra_args
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
@@ -59,6 +59,7 @@ class Operator:
             "0",
             "--log-format",
             "plain",
+            *self.extra_args,
         ]
         with self.log.open("ab") as out:
             self.proc = subprocess.Popen(
@@ -104,14 +105,6 @@ def operator(cluster: LocalCluster, tmp_path_factory: pytest.TempPathFactory) ->
         code = op.stop()
         print(op.log_text()[-4000:])
         assert code in (0, -signal.SIGTERM), f"operator exited {code}"
-
-
-@pytest.fixture
-def ns(cluster: LocalCluster, request: pytest.FixtureRequest) -> Iterator[str]:
-    name = "t-" + request.node.name.replace("_", "-").lower()[5:40].strip("-")
-    cluster.kubectl("create", "namespace", name)
-    yield name
-    cluster.kubectl("delete", "namespace", name, "--wait=false")
 
 
 def get(cluster: LocalCluster, kind: str, name: str, ns: str | None = None) -> dict | None:

@@ -1,0 +1,273 @@
+"""The autoscaler loop of one LLMService: observe (Prometheus), decide (`scaling.decide`), write.
+
+The one writer of replicas: a change goes through the LLMService's scale subresource
+(`spec.replicas`), and the operator's reconcile carries it to the Deployment, exactly as
+`kubectl scale llmservice` would. Advisory mode records the decision and writes nothing else.
+Status gets the conditions ScalingActive / AbleToScale / SLOMet, the measured p95s, sloMet and
+the last decisions; every change is an event; `kvpilot_autoscaler_*` metrics on the operator's
+metrics port.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from prometheus_client import Counter, Gauge
+from pydantic import ValidationError
+
+from kvpilot_operator.api import LLMService, ServingPolicy
+from kvpilot_operator.kube import Kube
+from kvpilot_operator.manifests import desired_replicas, engine_name
+from kvpilot_operator.observe import PrometheusSource, SLOFigures
+from kvpilot_operator.policy import resolve_spec
+from kvpilot_operator.scaling import (
+    Decision,
+    ScalerState,
+    ScalingParams,
+    decide,
+    slo_condition,
+)
+from kvpilot_operator.status import merge_conditions, now_iso
+
+log = logging.getLogger("kvpilot.autoscaler")
+
+SCALING_ACTIVE, ABLE_TO_SCALE, SLO_MET = "ScalingActive", "AbleToScale", "SLOMet"
+MAX_DECISIONS = 10  # kept in status.lastDecisions
+
+_LABELS = ["namespace", "llmservice"]
+DESIRED = Gauge("kvpilot_autoscaler_desired_replicas", "Replicas the autoscaler wants.", _LABELS)
+CURRENT = Gauge("kvpilot_autoscaler_current_replicas", "spec.replicas in force.", _LABELS)
+READY = Gauge("kvpilot_autoscaler_ready_replicas", "Engine replicas ready.", _LABELS)
+CAPACITY = Gauge(
+    "kvpilot_autoscaler_capacity_tokens_per_second",
+    "Estimated tokens/s one replica sustains at the TPOT target.",
+    _LABELS,
+)
+REQUIRED = Gauge(
+    "kvpilot_autoscaler_required_replicas", "Replicas the capacity model asks for.", _LABELS
+)
+SLO_RATIO = Gauge(
+    "kvpilot_autoscaler_slo_ratio",
+    "Measured latency percentile over its target (short window).",
+    [*_LABELS, "slo"],
+)
+DECISIONS = Counter(
+    "kvpilot_autoscaler_decisions",
+    "Scaling decisions, by direction and whether they were applied.",
+    [*_LABELS, "direction", "applied"],
+)
+HOLDS = Counter(
+    "kvpilot_autoscaler_holds",
+    "Evaluations that held the replicas for lack of data, by reason.",
+    [*_LABELS, "reason"],
+)
+
+
+@dataclass
+class ServiceLoop:
+    """State of one service's loop (lives as long as the kopf daemon)."""
+
+    state: ScalerState = field(default_factory=ScalerState)
+    last_reason: str = ""
+    last_advice: int | None = None  # advisory mode: the recommendation already recorded
+
+
+Emit = Callable[[str, str, str], None]  # (type, reason, message) -> a Kubernetes event
+
+
+@dataclass
+class Autoscaler:
+    kube: Kube
+    source: PrometheusSource
+    interval: float = 15.0
+    lock: Callable[[str, str], Any] = field(default=lambda ns, name: threading.Lock())
+    clock: Callable[[], float] = time.monotonic
+
+    def run(self, namespace: str, name: str, stopped: Any, emit: Emit) -> None:
+        """Until `stopped` (kopf's DaemonStopped) is set: evaluate, then wait one interval."""
+        loop = ServiceLoop()
+        try:
+            while not stopped.is_set():
+                try:
+                    self.evaluate(namespace, name, loop, emit)
+                except Exception:  # one bad evaluation must not end the loop
+                    log.exception("autoscaler evaluation failed for %s/%s", namespace, name)
+                stopped.wait(self.interval)
+        finally:
+            forget_metrics(namespace, name)
+
+    def evaluate(self, namespace: str, name: str, loop: ServiceLoop, emit: Emit) -> Decision | None:
+        body = self.kube.get_llmservice(namespace, name)
+        if body is None or body["metadata"].get("deletionTimestamp"):
+            return None
+        resolved = self._resolve(body)
+        if resolved is None:
+            return None  # the reconcile reports the invalid spec (Degraded)
+        spec, params = resolved
+        replicas = desired_replicas(spec)
+        deployment = self.kube.get("apps/v1", "Deployment", engine_name(name), namespace)
+        ready = ((deployment or {}).get("status") or {}).get("readyReplicas") or 0
+        window = _duration_seconds((spec.slo.window if spec.slo else None) or "5m")
+        obs, slo = self.source.observe(
+            namespace,
+            name,
+            params,
+            now=self.clock(),
+            replicas=replicas,
+            ready=min(ready, replicas),
+            slo_window=window,
+        )
+        decision, loop.state = decide(params, loop.state, obs)
+        if slo.window is not None and obs.missing is None:
+            # SLOMet is judged over the SLO's own window, not the autoscaler's.
+            decision = dataclasses.replace(decision, slo_met=slo_condition(params, slo.window))
+        applied = False
+        able = decision.able_to_scale
+        if decision.changed and not params.advisory:
+            try:
+                self.kube.scale_llmservice(namespace, name, decision.desired)
+                applied = True
+            except Exception as err:  # reported in status, retried next time
+                msg = f"writing the scale subresource failed: {err}"
+                able = ("False", "FailedUpdateScale", msg)
+                emit("Warning", "FailedUpdateScale", msg)
+        self._record(
+            namespace, name, decision, obs.ready, obs.missing, slo, applied, able, loop, emit
+        )
+        return decision
+
+    def _resolve(self, body: dict[str, Any]) -> tuple[Any, ScalingParams] | None:
+        try:
+            svc = LLMService.model_validate({k: v for k, v in body.items() if k != "status"})
+            policy = None
+            if svc.spec.policy:
+                policy_body = self.kube.get_policy(svc.spec.policy)
+                if policy_body is None:
+                    return None
+                policy = ServingPolicy.model_validate(
+                    {k: v for k, v in policy_body.items() if k != "status"}
+                ).spec
+            spec = resolve_spec(svc.spec, policy)
+            return spec, ScalingParams.from_spec(spec)
+        except ValidationError:
+            return None
+
+    def _record(
+        self,
+        namespace: str,
+        name: str,
+        d: Decision,
+        ready: int,
+        missing: tuple[str, str] | None,
+        slo: SLOFigures,
+        applied: bool,
+        able: tuple[str, str, str],
+        loop: ServiceLoop,
+        emit: Emit,
+    ) -> None:
+        labels = (namespace, name)
+        DESIRED.labels(*labels).set(d.desired)
+        CURRENT.labels(*labels).set(d.current)
+        READY.labels(*labels).set(ready)
+        for slo_name in ("ttft", "tpot"):
+            ratio = d.details.get(f"{slo_name}_ratio")
+            if ratio is not None:
+                SLO_RATIO.labels(*labels, slo_name).set(ratio)
+        if d.capacity is not None:
+            CAPACITY.labels(*labels).set(d.capacity)
+        if d.required is not None:
+            REQUIRED.labels(*labels).set(d.required)
+        if missing is not None:
+            HOLDS.labels(*labels, missing[0]).inc()
+        # Advisory mode recommends the same change every interval; record it once.
+        record = d.changed and (applied or d.desired != loop.last_advice)
+        loop.last_advice = d.desired if d.changed and not applied else None
+        if record:
+            direction = "up" if d.desired > d.current else "down"
+            DECISIONS.labels(*labels, direction, str(applied).lower()).inc()
+            verb = "Scaled" if applied else "ScaleRecommended"
+            emit(
+                "Normal",
+                f"{verb}{direction.capitalize()}" if applied else verb,
+                f"{d.current} -> {d.desired} replicas: {d.reason}"
+                + ("" if applied else " (advisory mode: not applied)"),
+            )
+        elif missing is not None and loop.last_reason != missing[0]:
+            emit("Warning", missing[0], f"holding {d.current} replicas: {missing[1]}")
+        loop.last_reason = missing[0] if missing else ""
+
+        with self.lock(namespace, name):
+            live = self.kube.get_llmservice(namespace, name)
+            if live is None:
+                return
+            status = live.get("status") or {}
+            patch: dict[str, Any] = {}
+            conds = [
+                _cond(SCALING_ACTIVE, d.scaling_active),
+                _cond(ABLE_TO_SCALE, able),
+                _cond(SLO_MET, d.slo_met),
+            ]
+            merged = merge_conditions(status.get("conditions"), conds, now_iso())
+            if _essence(merged) != _essence(status.get("conditions") or []):
+                patch["conditions"] = merged
+            figures = {
+                "ttftP95Ms": _ms(slo.ttft_p95),
+                "tpotP95Ms": _ms(slo.tpot_p95),
+                "sloMet": d.slo_met[0],
+            }
+            patch.update({k: v for k, v in figures.items() if status.get(k) != v})
+            if record:
+                entry = {
+                    "time": now_iso(),
+                    "from": d.current,
+                    "to": d.desired,
+                    "reason": d.reason,
+                    "applied": applied,
+                }
+                patch["lastDecisions"] = [*(status.get("lastDecisions") or []), entry][
+                    -MAX_DECISIONS:
+                ]
+            if patch:
+                self.kube.patch_llmservice_status(namespace, name, patch)
+
+
+def _cond(kind: str, value: tuple[str, str, str]) -> dict[str, Any]:
+    status, reason, message = value
+    # Never an empty message: Kubernetes 1.20 reads "" in a CR as null and rejects it.
+    return {"type": kind, "status": status, "reason": reason, "message": message or reason}
+
+
+def _essence(conditions: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [{k: v for k, v in c.items() if k != "lastTransitionTime"} for c in conditions]
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds * 1000, 1)
+
+
+def _duration_seconds(text: str) -> float:
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    total, number = 0.0, ""
+    for ch in text:
+        if ch.isdigit() or ch == ".":
+            number += ch
+        else:
+            total += float(number) * units[ch]
+            number = ""
+    return total or 300.0
+
+
+def forget_metrics(namespace: str, name: str) -> None:
+    for gauge in (DESIRED, CURRENT, READY, CAPACITY, REQUIRED):
+        with contextlib.suppress(KeyError):
+            gauge.remove(namespace, name)
+    for slo_name in ("ttft", "tpot"):
+        with contextlib.suppress(KeyError):
+            SLO_RATIO.remove(namespace, name, slo_name)

@@ -1,0 +1,317 @@
+"""The SLO autoscaler end to end: a real Prometheus (Debian's) scraping real metrics endpoints, the
+real API server, and `kvpilot operator --prometheus-url`.
+
+The metrics endpoints serve the engine's own metric families (`kvpilot_engine.server.metrics`,
+same names and buckets) from a load generator whose request rate and latency distribution the
+test sets: a stand-in for engine pods, since there is no kubelet here to run them. Pods are
+marked ready as a kubelet would (see act_as_kubelet).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+from kvpilot_engine.server.metrics import ServerMetrics
+from kvpilot_operator.localcluster import LocalCluster
+from kvpilot_operator.localprom import LocalPrometheus
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from tests.operator.test_operator import (
+    ROOT,
+    Operator,
+    apply,
+    condition,
+    get,
+    service_doc,
+    wait_for,
+)
+
+pytestmark = pytest.mark.slow
+LABEL = "kvpilot_io_llmservice"
+
+
+class EngineMetrics:
+    """An endpoint with the engine's metrics, fed `rate` requests/s of the given latencies."""
+
+    def __init__(self) -> None:
+        self.metrics = ServerMetrics("smollm2")
+        registry = self.metrics.registry
+
+        class Handler(BaseHTTPRequestHandler):
+            # What the engine's /metrics sends: the classic text format whatever the Accept
+            # header (prometheus_client's own server would negotiate OpenMetrics, whose names
+            # escape the colons of vLLM's metric names).
+            def do_GET(self) -> None:
+                body = generate_latest(registry)
+                self.send_response(200)
+                self.send_header("Content-Type", CONTENT_TYPE_LATEST)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.rate, self.ttft, self.tpot = 2.0, 0.1, 0.02
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def set(self, rate: float, ttft: float, tpot: float) -> None:
+        self.rate, self.ttft, self.tpot = rate, ttft, tpot
+
+    def _run(self) -> None:
+        m, owed = self.metrics, 0.0
+        while not self._stop.wait(0.1):
+            owed += self.rate * 0.1
+            while owed >= 1:
+                owed -= 1
+                m.received.inc()
+                m.ttft.observe(self.ttft)
+                for _ in range(4):
+                    m.itl.observe(self.tpot)
+                m.prompt_tokens.inc(200)
+                m.generation_tokens.inc(100)
+                m._success.labels("smollm2", "stop").inc()
+            for _ in range(5):  # engine steps: 15 ms for 50 tokens
+                m.step_time.observe(0.015)
+                m.step_decode.observe(50)
+                m.step_prefill.observe(0)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+class Kubelet:
+    """Marks every engine pod of the namespace Running and Ready, as a kubelet would report."""
+
+    def __init__(self, cluster: LocalCluster, ns: str) -> None:
+        from kubernetes import client, config
+
+        self.api = client.CoreV1Api(config.new_client_from_config(str(cluster.kubeconfig)))
+        self.ns = ns
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.5):
+            now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+            conds = [
+                {"type": t, "status": "True", "lastTransitionTime": now}
+                for t in ("Initialized", "Ready", "ContainersReady", "PodScheduled")
+            ]
+            try:
+                pods = self.api.list_namespaced_pod(self.ns).items
+                for pod in pods:
+                    if pod.status.phase != "Running" and not pod.metadata.deletion_timestamp:
+                        self.api.patch_namespaced_pod_status(
+                            pod.metadata.name,
+                            self.ns,
+                            {"status": {"phase": "Running", "conditions": conds, "startTime": now}},
+                        )
+            except Exception:  # a pod deleted under us: next round
+                continue
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+@pytest.fixture(scope="module")
+def prometheus() -> Iterator[LocalPrometheus]:
+    with LocalPrometheus(scrape_interval=1.0) as prom:
+        yield prom
+
+
+@pytest.fixture(scope="module")
+def autoscaling_operator(
+    cluster: LocalCluster, prometheus: LocalPrometheus, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Operator]:
+    cluster.kubectl("apply", "-f", str(ROOT / "crds"))
+    cluster.kubectl(
+        "wait", "--for=condition=Established", "--timeout=60s", "crd/llmservices.kvpilot.io"
+    )
+    log = tmp_path_factory.mktemp("autoscaler") / "operator.log"
+    op = Operator(
+        cluster,
+        log,
+        ("--prometheus-url", prometheus.url, "--autoscale-interval", "1"),
+    )
+    op.start()
+    try:
+        yield op
+    finally:
+        code = op.stop()
+        print(op.log_text()[-6000:])
+        assert code in (0, -15), f"operator exited {code}"
+
+
+SCALING = {
+    "minReplicas": 1,
+    "maxReplicas": 4,
+    "stableWindowSeconds": 10,
+    "panicWindowSeconds": 5,
+    "scaleUpCooldownSeconds": 0,
+    "scaleDownCooldownSeconds": 0,
+    "tolerance": 0.1,
+    "maxScaleUpRate": 4.0,
+    "maxScaleDownRate": 4.0,
+}
+SLO = {
+    "ttft": {"percentile": 95, "targetMs": 500},
+    "tpot": {"percentile": 95, "targetMs": 50},
+    "window": "30s",
+}
+
+
+def spec_replicas(cluster: LocalCluster, name: str, ns: str) -> int | None:
+    svc = get(cluster, "llmservice", name, ns) or {}
+    return svc.get("spec", {}).get("replicas")
+
+
+def deployment_replicas(cluster: LocalCluster, name: str, ns: str) -> int | None:
+    dep = get(cluster, "deployment", f"{name}-engine", ns) or {}
+    return dep.get("spec", {}).get("replicas")
+
+
+def events(cluster: LocalCluster, ns: str, name: str) -> list[dict[str, Any]]:
+    out = cluster.kubectl(
+        "get", "events", "-n", ns, "--field-selector", f"involvedObject.name={name}", "-o", "json"
+    )
+    return json.loads(out.stdout)["items"]
+
+
+def test_slo_breach_scales_up_recovery_scales_down_and_no_data_holds(
+    cluster: LocalCluster,
+    prometheus: LocalPrometheus,
+    autoscaling_operator: Operator,
+    ns: str,
+    tmp_path: Path,
+) -> None:
+    engine = EngineMetrics()
+    kubelet = Kubelet(cluster, ns)
+    try:
+        prometheus.set_targets([(f"127.0.0.1:{engine.port}", {"namespace": ns, LABEL: "chat"})])
+        apply(cluster, service_doc("chat", slo=SLO, scaling=SCALING), ns)
+        prometheus.wait_for_series(f'up{{{LABEL}="chat"}} == 1', timeout=30)
+
+        # Healthy at 2 req/s: the SLO is met and one replica stays.
+        def slo_met() -> dict | None:
+            svc = get(cluster, "llmservice", "chat", ns)
+            ok = condition(svc, "SLOMet").get("status") == "True"
+            active = condition(svc, "ScalingActive").get("status") == "True"
+            return svc if ok and active else None
+
+        svc = wait_for("SLOMet True", slo_met, timeout=60)
+        assert svc["status"]["sloMet"] == "True" and 50 < svc["status"]["ttftP95Ms"] < 500
+        assert deployment_replicas(cluster, "chat", ns) == 1
+
+        # TTFT four times its target under 10x the load: more replicas, through spec.replicas.
+        engine.set(rate=20, ttft=2.0, tpot=0.02)
+        up = wait_for(
+            "scale-up", lambda: (spec_replicas(cluster, "chat", ns) or 0) > 1 or None, timeout=60
+        )
+        assert up
+        wait_for(
+            "the Deployment to follow",
+            lambda: deployment_replicas(cluster, "chat", ns) == spec_replicas(cluster, "chat", ns),
+        )
+        svc = get(cluster, "llmservice", "chat", ns)
+        first = svc["status"]["lastDecisions"][0]
+        assert first["from"] == 1 and first["to"] > 1 and first["applied"] is True
+        assert condition(svc, "SLOMet")["status"] in ("False", "True")  # 30 s window
+        assert any(e["reason"] == "ScaledUp" for e in events(cluster, ns, "chat"))
+        peak = wait_for(
+            "max replicas under a sustained breach",
+            lambda: spec_replicas(cluster, "chat", ns) == 4 or None,
+            timeout=90,
+        )
+        assert peak
+
+        # Recovered: back to one replica once the stable window has passed.
+        engine.set(rate=2, ttft=0.1, tpot=0.02)
+        recovered_at = time.monotonic()
+        wait_for("scale-down", lambda: spec_replicas(cluster, "chat", ns) == 1, timeout=90)
+        assert time.monotonic() - recovered_at >= SCALING["stableWindowSeconds"]
+        wait_for("the Deployment to follow", lambda: deployment_replicas(cluster, "chat", ns) == 1)
+        svc = get(cluster, "llmservice", "chat", ns)
+        assert any(d["to"] < d["from"] for d in svc["status"]["lastDecisions"])
+        assert any(e["reason"] == "ScaledDown" for e in events(cluster, ns, "chat"))
+
+        # Prometheus down: the load it can no longer see would breach, but replicas hold.
+        engine.set(rate=20, ttft=2.0, tpot=0.02)
+        prometheus.stop_process()
+        try:
+
+            def unreachable() -> dict | None:
+                svc = get(cluster, "llmservice", "chat", ns)
+                cond = condition(svc, "ScalingActive")
+                return cond if cond.get("reason") == "PrometheusUnreachable" else None
+
+            cond = wait_for("ScalingActive False", unreachable, timeout=30)
+            assert cond["status"] == "False" and prometheus.url.split("//")[1] in cond["message"]
+            time.sleep(5)
+            assert spec_replicas(cluster, "chat", ns) == 1
+            assert deployment_replicas(cluster, "chat", ns) == 1
+            svc = get(cluster, "llmservice", "chat", ns)
+            assert svc["status"]["sloMet"] == "Unknown"
+            assert any(e["reason"] == "PrometheusUnreachable" for e in events(cluster, ns, "chat"))
+        finally:
+            prometheus.start_process()
+        wait_for(
+            "ScalingActive True again",
+            lambda: (
+                condition(get(cluster, "llmservice", "chat", ns), "ScalingActive").get("status")
+                == "True"
+            ),
+            timeout=60,
+        )
+        # The operator's own conditions survived the autoscaler's status writes, and vice versa.
+        svc = get(cluster, "llmservice", "chat", ns)
+        kinds = {c["type"] for c in svc["status"]["conditions"]}
+        assert {"Ready", "Progressing", "Degraded"} <= kinds
+        assert {"ScalingActive", "AbleToScale", "SLOMet"} <= kinds
+    finally:
+        kubelet.close()
+        engine.close()
+
+
+def test_advisory_mode_records_but_writes_nothing(
+    cluster: LocalCluster,
+    prometheus: LocalPrometheus,
+    autoscaling_operator: Operator,
+    ns: str,
+) -> None:
+    engine = EngineMetrics()
+    engine.set(rate=20, ttft=2.0, tpot=0.2)
+    try:
+        prometheus.set_targets([(f"127.0.0.1:{engine.port}", {"namespace": ns, LABEL: "advisor"})])
+        scaling = {**SCALING, "mode": "advisory"}
+        apply(cluster, service_doc("advisor", slo=SLO, scaling=scaling), ns)
+
+        def recommended() -> list | None:
+            svc = get(cluster, "llmservice", "advisor", ns) or {}
+            return (svc.get("status") or {}).get("lastDecisions")
+
+        decisions = wait_for("an advisory decision", recommended, timeout=60)
+        assert decisions[0]["applied"] is False and decisions[0]["to"] > 1
+        time.sleep(3)
+        assert spec_replicas(cluster, "advisor", ns) is None
+        assert deployment_replicas(cluster, "advisor", ns) == 1
+        assert any(e["reason"] == "ScaleRecommended" for e in events(cluster, ns, "advisor"))
+    finally:
+        engine.close()
