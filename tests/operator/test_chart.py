@@ -566,6 +566,24 @@ def test_custom_images_and_namespaces(helm: str) -> None:
     assert cli.kubeconfig == "/etc/kvpilot/kubeconfig"
 
 
+def test_autoscaler_values_become_operator_flags(helm: str) -> None:
+    off = parse_operator_args(operator_container(template(helm)))
+    assert off.prometheus_url == ""  # no Prometheus, no autoscaling
+    docs = template(
+        helm,
+        "--set",
+        "autoscaler.prometheusUrl=http://prometheus.monitoring:9090",
+        "--set",
+        "autoscaler.interval=30",
+        "--set-string",
+        "autoscaler.selector=namespace=\"{namespace}\"\\,app=\"{name}\"",
+    )
+    cli = parse_operator_args(operator_container(docs))
+    assert cli.prometheus_url == "http://prometheus.monitoring:9090"
+    assert cli.autoscale_interval == 30
+    assert cli.prometheus_selector == 'namespace="{namespace}",app="{name}"'
+
+
 def test_scheduling_values_pass_through(helm: str) -> None:
     values = {
         "nodeSelector": {"kubernetes.io/os": "linux"},

@@ -6,6 +6,9 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from kvpilot_operator.policy import load_presets, resolve_spec
@@ -21,6 +24,7 @@ from kvpilot_operator.scaling import (
 )
 from kvpilot_operator.simulate import EngineModel, LoadPoint, simulate
 
+ROOT = Path(__file__).resolve().parents[2]
 ENGINE = EngineModel(overhead=0.010, per_token=0.0001, max_tokens_per_step=2048, cold_start=60)
 PARAMS = ScalingParams(
     min_replicas=1,
@@ -208,3 +212,23 @@ def test_params_from_a_resolved_spec() -> None:
     p = ScalingParams.from_spec(spec)
     assert (p.max_replicas, p.ttft_target, p.tpot_target) == (7, 0.5, 0.05)
     assert p.target_utilization == 0.7 and p.max_tokens_per_step == 2048 and not p.advisory
+
+
+def test_simulate_cli_on_the_bundled_trace(tmp_path: Path) -> None:
+    out = tmp_path / "plot.png"
+    proc = subprocess.run(
+        [sys.executable, "-m", "kvpilot_engine.cli", "autoscale", "simulate",
+         str(ROOT / "docs/examples/load-trace.csv"), "--out", str(out)],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    for key in ("SLO attainment", "replica-minutes", "decisions"):
+        assert key in proc.stdout
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    bad = tmp_path / "bad.csv"
+    bad.write_text("time,request_rate,input_len,output_len\n0,5,100,100\n0,6,100,100\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "kvpilot_engine.cli", "autoscale", "simulate", str(bad)],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 2 and "time must increase" in proc.stderr
