@@ -195,6 +195,20 @@ def cmd_autoscale_simulate(ns: argparse.Namespace) -> int:
     for line in sim.decision_lines(result.events):
         print(line)
     print(sim.summary(result))
+    for n in ns.compare_fixed or []:
+        fixed = sim.simulate(
+            trace,
+            params,
+            engine,
+            interval=ns.interval,
+            seed=None if ns.no_noise else ns.seed,
+            initial_replicas=n,
+            observe=False,
+        )
+        print(
+            f"fixed {n:<3} replicas   replica-minutes {fixed.replica_minutes:.1f}, "
+            f"SLO attainment {fixed.attainment() * 100:.1f}%"
+        )
     if ns.out:
         title = f"{Path(ns.trace).name}: {ns.file or ns.policy}"
         print(f"plot               {sim.plot(result, Path(ns.out), title)}")
@@ -262,6 +276,13 @@ def add_commands(sub: Any, bench: Any) -> None:
     s.add_argument("--cold-start", type=float, default=60.0, help="seconds until a replica serves")
     s.add_argument("--seed", type=int, default=0, help="Poisson arrivals seed")
     s.add_argument("--no-noise", action="store_true", help="exact rates instead of Poisson")
+    s.add_argument(
+        "--compare-fixed",
+        type=int,
+        action="append",
+        metavar="N",
+        help="also run a fixed fleet of N replicas on the same trace (repeat)",
+    )
     s.set_defaults(func=cmd_autoscale_simulate)
 
     k = sub.add_parser("cluster", help="a local control plane (etcd + kube-apiserver + ...)")

@@ -81,12 +81,17 @@ def on_llmservice(body: kopf.Body, **_: Any) -> None:
     _reconcile_body(dict(body))
 
 
-@kopf.daemon(GROUP, VERSION, "llmservices", cancellation_timeout=10.0)
+def _autoscaling(**_: Any) -> bool:
+    return State.autoscaler is not None
+
+
+# Not spawned without a Prometheus: a daemon that ends at once would still be recorded by kopf on
+# the object (a write per service at every operator start).
+@kopf.daemon(GROUP, VERSION, "llmservices", cancellation_timeout=10.0, when=_autoscaling)
 def autoscale(
     body: kopf.Body, namespace: str, name: str, stopped: kopf.DaemonStopped, **_: Any
 ) -> None:
-    if State.autoscaler is None:
-        return
+    assert State.autoscaler is not None
 
     def emit(kind: str, reason: str, message: str) -> None:
         kopf.event(body, type=kind, reason=reason, message=message)

@@ -718,29 +718,40 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.command == "up":
         ensure_binaries(progress=True)
-        stop = threading.Event()
+        with LocalCluster(workdir=args.workdir, keep=args.keep) as c:
+            print(f"server:     {c.server}")
+            print(f"kubeconfig: {c.kubeconfig}")
+            print(f"workdir:    {c.workdir}")
+            print(f"started in {c.startup_s:.1f}s; Ctrl-C to stop", flush=True)
+            print(f"export KUBECONFIG={c.kubeconfig}", flush=True)
 
-        def on_signal(signum: int, _frame: object) -> None:
-            stop.set()
+            def died() -> str | None:
+                dead = c.exited()
+                return f"{', '.join(dead)} exited:\n{c.log_tails()}" if dead else None
 
-        previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            with LocalCluster(workdir=args.workdir, keep=args.keep) as c:
-                print(f"server:     {c.server}")
-                print(f"kubeconfig: {c.kubeconfig}")
-                print(f"workdir:    {c.workdir}")
-                print(f"started in {c.startup_s:.1f}s; Ctrl-C to stop", flush=True)
-                print(f"export KUBECONFIG={c.kubeconfig}", flush=True)
-                while not stop.wait(1.0):
-                    dead = c.exited()
-                    if dead:
-                        print(f"{', '.join(dead)} exited:\n{c.log_tails()}", file=sys.stderr)
-                        return 1
-        finally:
-            for s, h in previous.items():
-                signal.signal(s, h)
-        return 0
+            return run_until_signalled(died)
     return 2
+
+
+def run_until_signalled(died: Callable[[], str | None]) -> int:
+    """For `... up` commands: 0 on SIGINT/SIGTERM, or 1 (saying why) as soon as `died`, polled
+    every second, reports that a component exited."""
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: object) -> None:
+        stop.set()
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        while not stop.wait(1.0):
+            why = died()
+            if why:
+                print(why, file=sys.stderr)
+                return 1
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+    return 0
 
 
 if __name__ == "__main__":

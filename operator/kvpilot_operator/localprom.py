@@ -38,6 +38,7 @@ from kvpilot_operator.localcluster import (
     _signal_group,
     cache_dir,
     free_ports,
+    run_until_signalled,
 )
 
 PROMETHEUS_VERSION = "2.42.0"
@@ -574,32 +575,20 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.command == "up":
         ensure_prometheus(progress=True)
-        stop = threading.Event()
-
-        def on_signal(signum: int, _frame: object) -> None:
-            stop.set()
-
-        previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            prom = LocalPrometheus(
-                scrape_interval=args.scrape_interval,
-                rule_files=args.rule_file,
-                workdir=args.workdir,
+        prom = LocalPrometheus(
+            scrape_interval=args.scrape_interval,
+            rule_files=args.rule_file,
+            workdir=args.workdir,
+        )
+        prom.set_targets([(t, {}) for t in args.target])
+        with prom:
+            print(f"url:      {prom.url}")
+            print(f"targets:  {prom.targets_path}")
+            print(f"workdir:  {prom.workdir}")
+            print("Ctrl-C to stop", flush=True)
+            return run_until_signalled(
+                lambda: None if prom.running else f"prometheus exited:\n{prom.log_tail()}"
             )
-            prom.set_targets([(t, {}) for t in args.target])
-            with prom:
-                print(f"url:      {prom.url}")
-                print(f"targets:  {prom.targets_path}")
-                print(f"workdir:  {prom.workdir}")
-                print("Ctrl-C to stop", flush=True)
-                while not stop.wait(1.0):
-                    if not prom.running:
-                        print(f"prometheus exited:\n{prom.log_tail()}", file=sys.stderr)
-                        return 1
-        finally:
-            for s, h in previous.items():
-                signal.signal(s, h)
-        return 0
     return 2
 
 

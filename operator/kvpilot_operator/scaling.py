@@ -320,7 +320,8 @@ def decide(
     model = fit_step_model(points)
     capacity = model.capacity(params.tpot_target, params.max_tokens_per_step) if model else None
     in_flight = obs.ready < current  # replicas still starting: not capacity yet
-    settled_since = None if in_flight else (state.settled_since or now)
+    settled_since = state.settled_since if state.settled_since is not None else now
+    settled_since = None if in_flight else settled_since
     state = dataclasses.replace(state, settled_since=settled_since)
     # Latency and queues from before the last replicas came up say little about the replicas now
     # serving: SLO feedback and the backlog term wait until one short window has passed with all
@@ -370,7 +371,12 @@ def decide(
 
     # --- down: the highest recommendation of the stable window, and only inside the SLO ---------
     ratios_long = slo_ratios(params, long)
-    comfortable = all(r <= 1.0 - params.tolerance for r in ratios_long.values()) and not breach
+    # Traffic without a single latency sample (every request stuck before its first token) is
+    # not comfort: only measured latency inside the band, or no traffic at all, allows a step down.
+    measured = bool(ratios_long) or long.request_rate <= IDLE_RATE
+    comfortable = (
+        measured and all(r <= 1.0 - params.tolerance for r in ratios_long.values()) and not breach
+    )
     if req_short is not None and comfortable:
         # The short window's need; the max over the stable window below is the smoothing.
         rec = max(math.ceil(req_short), params.min_replicas, 1)
@@ -434,7 +440,7 @@ def decide(
         if down < current:
             reason = f"load inside the SLO has needed at most {stable_rec} over the stable window"
             if down > stable_rec:
-                reason += f" (at most 1/{params.max_down_rate:g} fewer per move)"
+                reason += f" (maxScaleDownRate {params.max_down_rate:g} per move)"
             return decision(down, reason, ready_for_new), dataclasses.replace(state, last_down=now)
 
     if in_flight:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -19,7 +20,7 @@ from typing import Any
 
 import pytest
 from kvpilot_engine.server.metrics import ServerMetrics
-from kvpilot_operator.localcluster import LocalCluster
+from kvpilot_operator.localcluster import LocalCluster, free_ports
 from kvpilot_operator.localprom import LocalPrometheus
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -146,11 +147,14 @@ def autoscaling_operator(
         "wait", "--for=condition=Established", "--timeout=60s", "crd/llmservices.kvpilot.io"
     )
     log = tmp_path_factory.mktemp("autoscaler") / "operator.log"
+    port = free_ports(1)[0]
     op = Operator(
         cluster,
         log,
-        ("--prometheus-url", prometheus.url, "--autoscale-interval", "1"),
-    )
+        ("--prometheus-url", prometheus.url, "--autoscale-interval", "1", "--metrics-port",
+         str(port)),
+    )  # fmt: skip
+    op.metrics_url = f"http://127.0.0.1:{port}/metrics"  # type: ignore[attr-defined]
     op.start()
     try:
         yield op
@@ -241,6 +245,15 @@ def test_slo_breach_scales_up_recovery_scales_down_and_no_data_holds(
             timeout=90,
         )
         assert peak
+
+        # The operator's own metrics tell the same story.
+        scraped = urllib.request.urlopen(autoscaling_operator.metrics_url).read().decode()
+        labels = f'llmservice="chat",namespace="{ns}"'
+        assert f"kvpilot_autoscaler_desired_replicas{{{labels}}} 4.0" in scraped
+        assert f'kvpilot_autoscaler_decisions_total{{applied="true",direction="up",{labels}}}' in (
+            scraped
+        )
+        assert f"kvpilot_autoscaler_capacity_tokens_per_second{{{labels}}}" in scraped
 
         # Recovered: back to one replica once the stable window has passed.
         engine.set(rate=2, ttft=0.1, tpot=0.02)

@@ -576,7 +576,7 @@ def test_autoscaler_values_become_operator_flags(helm: str) -> None:
         "--set",
         "autoscaler.interval=30",
         "--set-string",
-        "autoscaler.selector=namespace=\"{namespace}\"\\,app=\"{name}\"",
+        'autoscaler.selector=namespace="{namespace}"\\,app="{name}"',
     )
     cli = parse_operator_args(operator_container(docs))
     assert cli.prometheus_url == "http://prometheus.monitoring:9090"

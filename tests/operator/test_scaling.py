@@ -159,6 +159,16 @@ def test_missing_data_holds_and_says_why() -> None:
     assert d.desired == 5
 
 
+def test_traffic_without_latency_samples_never_scales_down() -> None:
+    params = dataclasses.replace(PARAMS, stable_window=30, down_cooldown=0)
+    stuck = window(request_rate=5.0, ttft=None, tpot=None)
+    state, d = ScalerState(), None
+    for t in range(0, 300, 15):
+        d, state = decide(params, state, Observation(t, 3, 3, stuck, stuck))
+        assert d.desired >= 3, d.reason
+    assert d is not None and d.slo_met[0] == "Unknown"
+
+
 def test_feedback_does_not_stack_on_a_scale_up_in_flight() -> None:
     params = dataclasses.replace(PARAMS, up_cooldown=0)
     slow = window(ttft=2.0, tpot=0.2)  # far past the SLO, the model has nothing to go on
