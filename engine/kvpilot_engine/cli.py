@@ -46,8 +46,19 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--scheduling-policy", default=d.scheduling_policy, choices=["fcfs", "priority"])
     p.add_argument("--seed", type=int, default=d.seed)
-    # Accepted now so the operator's pod args are stable; a later issue implements them.
-    p.add_argument("--quantization", default="none", help="weight quantization (only: none)")
+    p.add_argument(
+        "--quantization",
+        default=d.quantization,
+        choices=["none", "int8", "int4", "fp8", "gguf"],
+        help="weight storage: int8/int4 weight-only, fp8 (e4m3), gguf (keep the file's grids)",
+    )
+    p.add_argument(
+        "--quantization-group-size",
+        type=int,
+        default=d.quantization_group_size,
+        help="int4 group size along the input dimension (default 128)",
+    )
+    # Accepted now so the operator's pod args are stable; a later issue implements it.
     p.add_argument(
         "--tensor-parallel-size", type=int, default=1, help="GPUs to shard over (only: 1)"
     )
@@ -56,8 +67,6 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
 def engine_args_from(ns: argparse.Namespace):
     from kvpilot_engine.config import EngineArgs
 
-    if getattr(ns, "quantization", "none") not in ("none", None):
-        raise ValueError(f"--quantization {ns.quantization!r} is not supported yet; only 'none' is")
     if getattr(ns, "tensor_parallel_size", 1) != 1:
         raise ValueError(
             f"--tensor-parallel-size {ns.tensor_parallel_size} is not supported yet; only 1 is"
@@ -136,6 +145,37 @@ def cmd_export(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval_perplexity(ns: argparse.Namespace) -> int:
+    from kvpilot_engine.eval import load_text, perplexity
+    from kvpilot_engine.llm_engine import LLMEngine
+
+    methods = ns.compare.split(",") if ns.compare else [ns.quantization]
+    rows = []
+    for method in methods:
+        ns.quantization = method.strip()
+        engine = LLMEngine(engine_args_from(ns))
+        ids = engine.tokenizer.encode(load_text(ns.text))[: ns.max_tokens]
+        result = perplexity(engine, ids, ns.context)
+        rows.append((ns.quantization, result, engine.weight_bytes))
+        mib = engine.weight_bytes / 2**20
+        print(
+            f"{ns.quantization}: perplexity {result.perplexity:.4f} over {result.tokens} tokens "
+            f"({result.windows} windows of {ns.context}), weights {mib:.1f} MiB",
+            flush=True,
+        )
+        del engine
+    if len(rows) > 1:
+        base_ppl, base_bytes = rows[0][1].perplexity, rows[0][2]
+        print(f"\n| quantization | perplexity | vs {rows[0][0]} | weight MiB | vs {rows[0][0]} |")
+        print("| --- | ---: | ---: | ---: | ---: |")
+        for method, r, nbytes in rows:
+            print(
+                f"| {method} | {r.perplexity:.3f} | {100 * (r.perplexity / base_ppl - 1):+.2f}% "
+                f"| {nbytes / 2**20:.1f} | {100 * nbytes / base_bytes:.0f}% |"
+            )
+    return 0
+
+
 def cmd_bench_serve(ns: argparse.Namespace) -> int:
     from kvpilot_engine.bench.serve import run_serve_bench
 
@@ -193,6 +233,17 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("out", help="folder to write")
     e.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     e.set_defaults(func=cmd_export)
+
+    ev = sub.add_parser("eval", help="model quality").add_subparsers(dest="eval", required=True)
+    pp = ev.add_parser("perplexity", help="perplexity on a fixed English text (CPython's docs)")
+    add_engine_args(pp)
+    pp.add_argument("--text", default=None, help="a UTF-8 file (default: pydoc_data.topics)")
+    pp.add_argument("--max-tokens", type=int, default=16384, help="tokens of the text to score")
+    pp.add_argument("--context", type=int, default=1024, help="tokens per scored window")
+    pp.add_argument(
+        "--compare", default=None, help="comma list of quantizations, e.g. none,int8,int4"
+    )
+    pp.set_defaults(func=cmd_eval_perplexity)
 
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
     t = bench.add_parser("throughput", help="offline generation throughput, vs transformers")

@@ -208,6 +208,9 @@ class EngineArgs:
     enable_chunked_prefill: bool = True
     scheduling_policy: str = "fcfs"  # fcfs | priority
     seed: int = 0
+    # Weight storage: none | int8 | int4 | fp8 | gguf (keep a GGUF file's Q8_0/Q4_0/Q4_1 grids).
+    quantization: str = "none"
+    quantization_group_size: int = 128  # int4 groups (shrunk to divide a row if needed)
 
     def __post_init__(self) -> None:
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):
@@ -220,6 +223,14 @@ class EngineArgs:
             raise ValueError(
                 f"scheduling_policy must be 'fcfs' or 'priority', got {self.scheduling_policy!r}"
             )
+        methods = ("none", "int8", "int4", "fp8", "gguf")
+        if self.quantization not in methods:
+            raise ValueError(
+                f"quantization must be one of {', '.join(methods)}, got {self.quantization!r}"
+            )
+        g = self.quantization_group_size
+        if g < 2 or g & (g - 1):
+            raise ValueError(f"quantization_group_size must be a power of two >= 2, got {g}")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             raise ValueError("num_kv_blocks must be at least 1")
 

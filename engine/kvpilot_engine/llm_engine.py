@@ -20,6 +20,12 @@ from kvpilot_engine.loader import Checkpoint, load_checkpoint
 from kvpilot_engine.model_runner import ModelRunner, kv_bytes_per_block
 from kvpilot_engine.models.llama import LlamaForCausalLM
 from kvpilot_engine.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
+from kvpilot_engine.quantization import (
+    QuantizationError,
+    check_supported,
+    quantize_model,
+    weight_bytes,
+)
 from kvpilot_engine.sampler import SampleResult
 from kvpilot_engine.sampling_params import RequestOutputKind, SamplingParams
 from kvpilot_engine.scheduler import ScheduledSeq, Scheduler, SchedulerOutput
@@ -107,7 +113,7 @@ class LLMEngine:
         t0 = time.perf_counter()
         self.model = self._load_model(ckpt)
         self.load_time = time.perf_counter() - t0
-        self.weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        self.weight_bytes = weight_bytes(self.model)
 
         block_bytes = kv_bytes_per_block(cfg, args.block_size, self.dtype)
         if args.num_kv_blocks is not None:
@@ -146,11 +152,13 @@ class LLMEngine:
         self._pending_outputs: list[RequestOutput] = []
         self.stats = EngineStats()
         logger.info(
-            "engine ready: model=%s dtype=%s device=%s weights=%.1f MiB kv_blocks=%d "
-            "(%d tokens, %.1f MiB) max_model_len=%d load=%.1fs",
+            "engine ready: model=%s dtype=%s device=%s quantization=%s %s weights=%.1f MiB "
+            "kv_blocks=%d (%d tokens, %.1f MiB) max_model_len=%d load=%.1fs",
             ckpt.name,
             self.dtype,
             self.device,
+            args.quantization,
+            self.quantized_layers or "",
             self.weight_bytes / 2**20,
             num_blocks,
             num_blocks * args.block_size,
@@ -170,6 +178,16 @@ class LLMEngine:
         if ckpt.config.tie_word_embeddings:
             model.lm_head.weight = model.model.embed_tokens.weight
         model.load_weights(ckpt.weights())
+        method = self.args.quantization
+        check_supported(method, self.device)
+        if method == "gguf" and not ckpt.quant_types():
+            raise QuantizationError(
+                "quantization 'gguf' keeps a GGUF file's quantized tensors; "
+                f"{ckpt.path} is not a GGUF file (use int8, int4 or fp8)"
+            )
+        self.quantized_layers = quantize_model(
+            model, method, self.args.quantization_group_size, ckpt.quant_types()
+        )
         return model.eval()
 
     # ---- requests ----------------------------------------------------------------------------

@@ -63,6 +63,10 @@ class Checkpoint:
     def weights(self) -> Iterator[tuple[str, torch.Tensor]]:
         raise NotImplementedError
 
+    def quant_types(self) -> dict[str, int]:
+        """HF tensor name -> GGUF tensor type id (empty for float checkpoints)."""
+        return {}
+
 
 def load_checkpoint(model: str) -> Checkpoint:
     path = resolve_model_path(model)
@@ -199,6 +203,15 @@ class GGUFCheckpoint(Checkpoint):
         return cls(
             config=config, tokenizer=tokenizer, path=path, name=name, reader=reader, gguf_arch=arch
         )
+
+    def quant_types(self) -> dict[str, int]:
+        assert self.reader is not None
+        out = {}
+        for t in self.reader.tensors:
+            name = _hf_name(t.name)
+            if name is not None:
+                out[name] = int(t.ggml_type)
+        return out
 
     def weights(self) -> Iterator[tuple[str, torch.Tensor]]:
         c = self.config

@@ -127,14 +127,18 @@ def test_ttft_histogram_agrees_with_client(base_url: str) -> None:
 
 
 def test_unsupported_engine_flags_fail_fast() -> None:
-    for flag in (["--quantization", "awq"], ["--tensor-parallel-size", "2"]):
+    for flag, message in (
+        (["--quantization", "awq"], "invalid choice: 'awq'"),
+        (["--quantization-group-size", "100"], "power of two"),
+        (["--tensor-parallel-size", "2"], "not supported yet"),
+    ):
         r = subprocess.run(
             [sys.executable, "-m", "kvpilot_engine.cli", "serve", *flag],
             capture_output=True,
             text=True,
             timeout=60,
         )
-        assert r.returncode == 2 and "not supported yet" in r.stderr, r.stderr
+        assert r.returncode == 2 and message in r.stderr, r.stderr
 
 
 class _Reader(threading.Thread):

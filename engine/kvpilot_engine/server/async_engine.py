@@ -253,6 +253,12 @@ class AsyncLLMEngine:
                 engine.args.enable_prefix_caching,
                 str(engine.dtype).removeprefix("torch."),
             )
+            self.metrics.set_engine_info(
+                engine.args.quantization,
+                1,
+                str(engine.dtype).removeprefix("torch."),
+                engine.weight_bytes,
+            )
             self.metrics.baseline(engine.stats)  # the warmup is not traffic
         self._ready.set()
         logger.info("engine ready")

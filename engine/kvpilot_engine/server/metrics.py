@@ -121,6 +121,23 @@ class ServerMetrics:
             self.model_name, str(block_size), str(num_blocks), str(prefix_caching), dtype
         ).set(1)
 
+    def set_engine_info(
+        self, quantization: str, tensor_parallel_size: int, dtype: str, weight_bytes: int
+    ) -> None:
+        """The effective settings, so dashboards and the operator can see what a pod runs."""
+        Gauge(
+            "kvpilot_engine_info",
+            "Effective engine settings (value 1).",
+            ["model_name", "quantization", "tensor_parallel_size", "dtype"],
+            registry=self.registry,
+        ).labels(self.model_name, quantization, str(tensor_parallel_size), dtype).set(1)
+        Gauge(
+            "kvpilot_engine_weight_bytes",
+            "Bytes of model weights held by the engine (quantized storage included).",
+            ["model_name"],
+            registry=self.registry,
+        ).labels(self.model_name).set(weight_bytes)
+
     def baseline(self, stats: EngineStats) -> None:
         """Count the engine's cumulative counters from here on."""
         self._last = dataclasses.replace(stats)
