@@ -23,7 +23,9 @@ PROMETHEUS_SELECTOR = 'namespace="{namespace}",kvpilot_io_llmservice="{name}"'
 MANAGED_BY = "kvpilot-operator"
 NON_ROOT_UID = 65532
 # What `kvpilot serve` of the same release implements (the operator and engine ship together).
-ENGINE_QUANTIZATIONS = frozenset({"none"})
+ENGINE_QUANTIZATIONS = frozenset({"none", "int8", "int4", "fp8", "gguf"})
+# Bundled models that are GGUF files (engine/kvpilot_engine/loader.py BUNDLED_MODELS).
+BUNDLED_GGUF = frozenset({"smollm2", "smollm2-135m-instruct", "huggingfacetb/smollm2-135m-instruct"})
 
 
 class SpecError(ValueError):
@@ -90,6 +92,11 @@ def check_servable(spec: LLMServiceSpec) -> None:
         )
     if spec.quantization == "fp8" and not gpus:
         problems.append("spec.quantization fp8 needs a Hopper GPU: set spec.resources.gpu.count")
+    elif spec.quantization == "gguf" and not _is_gguf(model_path(spec)):
+        problems.append(
+            f"spec.quantization gguf keeps a GGUF file's quantized tensors, but the model "
+            f"{model_path(spec)!r} is not a .gguf file; use int8 or int4 for other checkpoints"
+        )
     elif spec.quantization not in ENGINE_QUANTIZATIONS:
         # The engine would refuse the flag at start-up and the pod would crash-loop.
         problems.append(
@@ -117,6 +124,10 @@ def model_path(spec: LLMServiceSpec) -> str:
         assert source.path is not None
         return source.path
     return f"{MODELS_MOUNT}/{(source.path or '').lstrip('/')}".rstrip("/")
+
+
+def _is_gguf(path: str) -> bool:
+    return path.lower().endswith(".gguf") or path.lower() in BUNDLED_GGUF
 
 
 def serve_args(svc: LLMService, spec: LLMServiceSpec) -> list[str]:

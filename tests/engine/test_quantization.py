@@ -137,3 +137,18 @@ def test_fp8_reference_on_cpu_and_gguf_needs_a_gguf(tmp_path) -> None:  # type: 
     folder = export_hf("smollm2", tmp_path / "hf")
     with pytest.raises(QuantizationError, match="not a GGUF file"):
         LLMEngine(EngineArgs(model=str(folder), quantization="gguf", **ARGS))
+
+
+def test_eval_perplexity_cli() -> None:
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "kvpilot_engine.cli", "eval", "perplexity", "--compare",
+         "none,int8", "--max-tokens", "96", "--context", "48", "--max-model-len", "256",
+         "--kv-cache-memory", "64MiB"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "none: perplexity" in proc.stdout and "| int8 |" in proc.stdout
+    assert "over 94 tokens (2 windows of 48)" in proc.stdout

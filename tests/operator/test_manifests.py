@@ -294,7 +294,7 @@ def test_replicas_follow_spec_within_bounds() -> None:
         ({"parallelism": {"pipeline": 2}}, "pipeline parallelism"),
         ({"parallelism": {"tensor": 4}, "resources": {"gpu": {"count": 2}}}, "must equal"),
         ({"quantization": "fp8"}, "fp8 needs a Hopper GPU"),
-        ({"quantization": "int4"}, "int4 .* not implemented by this engine version"),
+        ({"quantization": "gguf", "model": {"source": {"path": "/m/llama"}}}, "not a .gguf"),
     ],
 )
 def test_specs_the_schema_admits_but_cannot_be_served(spec: dict, message: str) -> None:
@@ -335,3 +335,13 @@ def test_control_plane_commands_never_import_torch() -> None:
         "assert 'torch' not in sys.modules, 'torch imported'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+def test_quantization_reaches_the_engine_args() -> None:
+    for method in ("int8", "int4", "gguf"):
+        dep = rendered(make_service(quantization=method))["Deployment"]
+        args = dep["spec"]["template"]["spec"]["containers"][0]["args"]
+        assert args[args.index("--quantization") + 1] == method
+    # A policy's int4 applies when the service says nothing.
+    dep = rendered(make_service(), "interactive-chat")["Deployment"]
+    assert "int4" in dep["spec"]["template"]["spec"]["containers"][0]["args"]

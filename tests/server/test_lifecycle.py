@@ -34,6 +34,8 @@ VLLM_NAMES = [
     "vllm:num_preemptions_total",
     "vllm:request_success_total",
     "kvpilot_engine_requests_received_total",
+    "kvpilot_engine_info",
+    "kvpilot_engine_weight_bytes",
     "kvpilot_engine_step_seconds_bucket",
     "kvpilot_engine_step_prefill_tokens_bucket",
     "kvpilot_engine_step_decode_tokens_bucket",
