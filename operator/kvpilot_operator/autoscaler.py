@@ -188,7 +188,10 @@ class Autoscaler:
             HOLDS.labels(*labels, missing[0]).inc()
         # Advisory mode recommends the same change every interval; record it once.
         record = d.changed and (applied or d.desired != loop.last_advice)
-        loop.last_advice = d.desired if d.changed and not applied else None
+        if d.changed and not applied:
+            loop.last_advice = d.desired
+        elif able[1] == "ReadyForNewScale":  # steady, not merely cooling down: a fresh start
+            loop.last_advice = None
         if record:
             direction = "up" if d.desired > d.current else "down"
             DECISIONS.labels(*labels, direction, str(applied).lower()).inc()

@@ -25,7 +25,9 @@ NON_ROOT_UID = 65532
 # What `kvpilot serve` of the same release implements (the operator and engine ship together).
 ENGINE_QUANTIZATIONS = frozenset({"none", "int8", "int4", "fp8", "gguf"})
 # Bundled models that are GGUF files (engine/kvpilot_engine/loader.py BUNDLED_MODELS).
-BUNDLED_GGUF = frozenset({"smollm2", "smollm2-135m-instruct", "huggingfacetb/smollm2-135m-instruct"})
+BUNDLED_GGUF = frozenset(
+    {"smollm2", "smollm2-135m-instruct", "huggingfacetb/smollm2-135m-instruct"}
+)
 
 
 class SpecError(ValueError):
