@@ -58,19 +58,17 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         default=d.quantization_group_size,
         help="int4 group size along the input dimension (default 128)",
     )
-    # Accepted now so the operator's pod args are stable; a later issue implements it.
     p.add_argument(
-        "--tensor-parallel-size", type=int, default=1, help="GPUs to shard over (only: 1)"
+        "--tensor-parallel-size",
+        type=int,
+        default=d.tensor_parallel_size,
+        help="processes (GPUs on CUDA) to shard the model over",
     )
 
 
 def engine_args_from(ns: argparse.Namespace):
     from kvpilot_engine.config import EngineArgs
 
-    if getattr(ns, "tensor_parallel_size", 1) != 1:
-        raise ValueError(
-            f"--tensor-parallel-size {ns.tensor_parallel_size} is not supported yet; only 1 is"
-        )
     names = {f.name for f in dataclasses.fields(EngineArgs)}
     return EngineArgs(**{k: v for k, v in vars(ns).items() if k in names})
 

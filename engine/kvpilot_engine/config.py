@@ -211,6 +211,8 @@ class EngineArgs:
     # Weight storage: none | int8 | int4 | fp8 | gguf (keep a GGUF file's Q8_0/Q4_0/Q4_1 grids).
     quantization: str = "none"
     quantization_group_size: int = 128  # int4 groups (shrunk to divide a row if needed)
+    # Ranks (processes; one GPU each on CUDA) the model is sharded over.
+    tensor_parallel_size: int = 1
 
     def __post_init__(self) -> None:
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):
@@ -231,6 +233,10 @@ class EngineArgs:
         g = self.quantization_group_size
         if g < 2 or g & (g - 1):
             raise ValueError(f"quantization_group_size must be a power of two >= 2, got {g}")
+        if self.tensor_parallel_size < 1:
+            raise ValueError(
+                f"tensor_parallel_size must be at least 1, got {self.tensor_parallel_size}"
+            )
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             raise ValueError("num_kv_blocks must be at least 1")
 

@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import time
+import weakref
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -20,6 +23,7 @@ from kvpilot_engine.loader import Checkpoint, load_checkpoint
 from kvpilot_engine.model_runner import ModelRunner, kv_bytes_per_block
 from kvpilot_engine.models.llama import LlamaForCausalLM
 from kvpilot_engine.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
+from kvpilot_engine.parallel import Parallel, WorkerGroup, free_port, init_distributed
 from kvpilot_engine.quantization import (
     QuantizationError,
     check_supported,
@@ -90,10 +94,82 @@ class _RequestState:
         return all(s.seq.is_finished for s in self.seqs)
 
 
+def rank_device(args: EngineArgs, rank: int) -> torch.device:
+    device = args.resolve_device()
+    if device.type == "cuda" and args.tensor_parallel_size > 1:
+        return torch.device("cuda", rank)  # one GPU per rank
+    return device
+
+
+def load_model(
+    ckpt: Checkpoint,
+    args: EngineArgs,
+    dtype: torch.dtype,
+    device: torch.device,
+    parallel: Parallel,
+) -> tuple[LlamaForCausalLM, dict[str, int]]:
+    """This rank's shard of the model, in `dtype` on `device`, then quantized as asked."""
+    with torch.device("meta"):
+        model = LlamaForCausalLM(parallel.local_config(ckpt.config), parallel)
+    model = model.to(dtype).to_empty(device=device)
+    if ckpt.config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model.load_weights(parallel.shard_weights(ckpt.weights(), ckpt.config))
+    method = args.quantization
+    check_supported(method, device)
+    if method == "gguf" and not ckpt.quant_types():
+        raise QuantizationError(
+            "quantization 'gguf' keeps a GGUF file's quantized tensors; "
+            f"{ckpt.path} is not a GGUF file (use int8, int4 or fp8)"
+        )
+    # After sharding: each rank quantizes only its own slice.
+    quantized = quantize_model(model, method, args.quantization_group_size, ckpt.quant_types())
+    return model.eval(), quantized
+
+
+def _tensor_parallel_worker(
+    rank: int, size: int, port: int, conn: Any, args: EngineArgs, model_path: str
+) -> None:
+    """Ranks 1..size-1: load the shard, then run every step rank 0 sends, until told to stop or
+    until rank 0's end of the pipe closes."""
+    if os.environ.get("OMP_NUM_THREADS") is None:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // size))
+    try:
+        device = rank_device(args, rank)
+        ckpt = load_checkpoint(model_path)
+        dtype = resolve_dtype(args.dtype, ckpt.config.torch_dtype, device)
+        model, _ = load_model(ckpt, args, dtype, device, Parallel.for_rank(ckpt.config, rank, size))
+    except Exception as e:
+        conn.send(("error", f"{type(e).__name__}: {e}"))
+        return
+    conn.send(("ready",))
+    init_distributed(rank, size, port, device)
+    try:
+        msg = conn.recv()
+        if msg[0] != "init":
+            return
+        runner = ModelRunner(model, model.config, msg[1], args.block_size, device, dtype, args.seed)
+        while True:
+            msg = conn.recv()
+            if msg[0] != "step":
+                return
+            runner.run(msg[1])
+    except (EOFError, OSError, KeyboardInterrupt):  # rank 0 is gone
+        return
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def _stop_tensor_parallel(workers: WorkerGroup) -> None:
+    workers.shutdown()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 class LLMEngine:
     def __init__(self, args: EngineArgs, checkpoint: Checkpoint | None = None):
         self.args = args
-        self.device = args.resolve_device()
+        self.device = rank_device(args, 0)
         ckpt = checkpoint or load_checkpoint(args.model)
         self.checkpoint = ckpt
         self.model_config: ModelConfig = ckpt.config
@@ -110,12 +186,35 @@ class LLMEngine:
             max_len = cfg.sliding_window
         self.max_model_len = max_len
 
+        tp = args.tensor_parallel_size
+        parallel = Parallel.for_rank(cfg, 0, tp)  # fails on an impossible split, before spawning
+        self._workers: WorkerGroup | None = None
+        self._finalizer: weakref.finalize | None = None
         t0 = time.perf_counter()
-        self.model = self._load_model(ckpt)
+        if tp > 1 and torch.distributed.is_initialized():
+            raise RuntimeError(
+                "torch.distributed is already initialised in this process: only one "
+                "tensor-parallel engine runs per process (shut the other one down first)"
+            )
+        if tp > 1:
+            port = free_port()
+            self._workers = WorkerGroup(_tensor_parallel_worker, tp, port, (args, str(ckpt.path)))
+            self._finalizer = weakref.finalize(self, _stop_tensor_parallel, self._workers)
+        try:
+            self.model, self.quantized_layers = load_model(
+                ckpt, args, self.dtype, self.device, parallel
+            )
+            if self._workers is not None:
+                self._workers.wait_ready()
+                init_distributed(0, tp, port, self.device)
+        except BaseException:
+            self.shutdown()
+            raise
         self.load_time = time.perf_counter() - t0
         self.weight_bytes = weight_bytes(self.model)
 
-        block_bytes = kv_bytes_per_block(cfg, args.block_size, self.dtype)
+        # This rank's share of a block; rank 0 holds the most KV heads, so it bounds the others.
+        block_bytes = kv_bytes_per_block(self.model.config, args.block_size, self.dtype)
         if args.num_kv_blocks is not None:
             num_blocks = args.num_kv_blocks
         else:
@@ -128,6 +227,7 @@ class LLMEngine:
                 budget = DEFAULT_CPU_KV_CACHE_MEMORY
             num_blocks = budget // block_bytes
         if num_blocks * args.block_size < self.max_model_len:
+            self.shutdown()
             raise ValueError(
                 f"the KV cache holds {num_blocks * args.block_size} tokens ({num_blocks} blocks of "
                 f"{args.block_size}), fewer than max_model_len={self.max_model_len}; raise "
@@ -144,19 +244,30 @@ class LLMEngine:
             enable_chunked_prefill=args.enable_chunked_prefill,
         )
         self.model_runner = ModelRunner(
-            self.model, cfg, num_blocks, args.block_size, self.device, self.dtype, args.seed
+            self.model,
+            self.model.config,
+            num_blocks,
+            args.block_size,
+            self.device,
+            self.dtype,
+            args.seed,
         )
+        if self._workers is not None:
+            self._workers.send(("init", num_blocks))
+            self.model_runner.workers = self._workers
         self.requests: dict[str, _RequestState] = {}
         self._seq_ids = itertools.count()
         self._seqs: dict[int, _RequestState] = {}
         self._pending_outputs: list[RequestOutput] = []
         self.stats = EngineStats()
         logger.info(
-            "engine ready: model=%s dtype=%s device=%s quantization=%s %s weights=%.1f MiB "
+            "engine ready: model=%s dtype=%s device=%s tensor_parallel_size=%d quantization=%s %s "
+            "weights=%.1f MiB (rank 0) "
             "kv_blocks=%d (%d tokens, %.1f MiB) max_model_len=%d load=%.1fs",
             ckpt.name,
             self.dtype,
             self.device,
+            tp,
             args.quantization,
             self.quantized_layers or "",
             self.weight_bytes / 2**20,
@@ -171,24 +282,11 @@ class LLMEngine:
     def from_engine_args(cls, args: EngineArgs) -> LLMEngine:
         return cls(args)
 
-    def _load_model(self, ckpt: Checkpoint) -> LlamaForCausalLM:
-        with torch.device("meta"):
-            model = LlamaForCausalLM(ckpt.config)
-        model = model.to(self.dtype).to_empty(device=self.device)
-        if ckpt.config.tie_word_embeddings:
-            model.lm_head.weight = model.model.embed_tokens.weight
-        model.load_weights(ckpt.weights())
-        method = self.args.quantization
-        check_supported(method, self.device)
-        if method == "gguf" and not ckpt.quant_types():
-            raise QuantizationError(
-                "quantization 'gguf' keeps a GGUF file's quantized tensors; "
-                f"{ckpt.path} is not a GGUF file (use int8, int4 or fp8)"
-            )
-        self.quantized_layers = quantize_model(
-            model, method, self.args.quantization_group_size, ckpt.quant_types()
-        )
-        return model.eval()
+    def shutdown(self) -> None:
+        """Stop the tensor-parallel worker processes (a no-op with one rank). Idempotent; also
+        runs when the engine is collected or the interpreter exits."""
+        if self._finalizer is not None:
+            self._finalizer()
 
     # ---- requests ----------------------------------------------------------------------------
     def add_request(

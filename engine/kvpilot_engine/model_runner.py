@@ -6,6 +6,9 @@ prefill chunks alike, with a slot per token and a block table per sequence.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
 import torch
 
 from kvpilot_engine.attention import AttentionMetadata, Workspace, build_decode_groups
@@ -14,6 +17,9 @@ from kvpilot_engine.models.llama import LlamaForCausalLM
 from kvpilot_engine.sampler import Sampler, SampleResult
 from kvpilot_engine.scheduler import SchedulerOutput
 from kvpilot_engine.sequence import Sequence
+
+if TYPE_CHECKING:
+    from kvpilot_engine.parallel import WorkerGroup
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 
@@ -36,6 +42,23 @@ def tune_cpu_allocator() -> bool:
         return ok and libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1) == 1
     except (OSError, AttributeError):  # not glibc
         return False
+
+
+@dataclass
+class StepInput:
+    """One step's inputs as plain lists: built once on rank 0 from the SchedulerOutput, and sent
+    as they are to the other tensor-parallel ranks, which build their own tensors from them."""
+
+    input_ids: list[int] = field(default_factory=list)
+    positions: list[int] = field(default_factory=list)
+    slots: list[int] = field(default_factory=list)
+    query_start_loc: list[int] = field(default_factory=lambda: [0])
+    context_lens: list[int] = field(default_factory=list)
+    block_tables: list[list[int]] = field(default_factory=list)
+    decode_seqs: list[int] = field(default_factory=list)
+    prefill_seqs: list[int] = field(default_factory=list)
+    sample_rows: list[int] = field(default_factory=list)  # last token of each finished chunk
+    all_rows: bool = False
 
 
 def kv_bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
@@ -81,6 +104,8 @@ class ModelRunner:
         self.default_generator = torch.Generator(device=device)
         self.default_generator.manual_seed(seed)
         self._generators: dict[int, torch.Generator] = {}
+        # Set on rank 0 of a tensor-parallel engine: each step's inputs go to the other ranks.
+        self.workers: WorkerGroup | None = None
 
     def generator_for(self, seq: Sequence) -> torch.Generator | None:
         seed = seq.sampling_params.seed
@@ -97,75 +122,86 @@ class ModelRunner:
     def release(self, seq: Sequence) -> None:
         self._generators.pop(seq.seq_id, None)
 
-    def prepare(
-        self, out: SchedulerOutput
-    ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int]]:
+    def build_step(self, out: SchedulerOutput, all_rows: bool = False) -> StepInput:
+        """`all_rows`: logits of every token (scoring), else of the rows to sample."""
         bs = self.block_size
-        input_ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        query_start_loc = [0]
-        context_lens: list[int] = []
-        decode_seqs: list[int] = []
-        prefill_seqs: list[int] = []
-        sample_rows: list[int] = []
-        max_blocks = max(len(s.seq.block_table) for s in out.scheduled)
-        tables = torch.zeros(len(out.scheduled), max_blocks, dtype=torch.long)
+        step = StepInput()
         for i, s in enumerate(out.scheduled):
             seq = s.seq
             start = seq.num_computed_tokens
             end = start + s.num_tokens
-            input_ids.extend(seq.token_ids[start:end])
-            positions.extend(range(start, end))
+            step.input_ids.extend(seq.token_ids[start:end])
+            step.positions.extend(range(start, end))
             table = seq.block_table
-            slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
-            query_start_loc.append(query_start_loc[-1] + s.num_tokens)
-            context_lens.append(end)
-            tables[i, : len(table)] = torch.tensor(table, dtype=torch.long)
-            (decode_seqs if s.num_tokens == 1 else prefill_seqs).append(i)
+            step.slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
+            step.query_start_loc.append(step.query_start_loc[-1] + s.num_tokens)
+            step.context_lens.append(end)
+            step.block_tables.append(list(table))
+            (step.decode_seqs if s.num_tokens == 1 else step.prefill_seqs).append(i)
             if end == len(seq):
-                sample_rows.append(query_start_loc[-1] - 1)
+                step.sample_rows.append(step.query_start_loc[-1] - 1)
+        step.all_rows = all_rows
+        return step
+
+    def prepare(self, step: StepInput) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         dev = self.device
-        meta = AttentionMetadata(
-            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
-            query_start_loc=query_start_loc,
-            context_lens=context_lens,
-            block_tables=tables.to(dev),
-            decode_seqs=decode_seqs,
-            prefill_seqs=prefill_seqs,
-            max_context_len=max(context_lens),
+        max_blocks = max(len(t) for t in step.block_tables)
+        tables = torch.tensor(
+            [t + [0] * (max_blocks - len(t)) for t in step.block_tables], dtype=torch.long
         )
-        if decode_seqs:
-            meta.decode_groups = build_decode_groups(meta, bs, self.workspace)
+        meta = AttentionMetadata(
+            slot_mapping=torch.tensor(step.slots, dtype=torch.long, device=dev),
+            query_start_loc=step.query_start_loc,
+            context_lens=step.context_lens,
+            block_tables=tables.to(dev),
+            decode_seqs=step.decode_seqs,
+            prefill_seqs=step.prefill_seqs,
+            max_context_len=max(step.context_lens),
+        )
+        if step.decode_seqs:
+            meta.decode_groups = build_decode_groups(meta, self.block_size, self.workspace)
         return (
-            torch.tensor(input_ids, dtype=torch.long, device=dev),
-            torch.tensor(positions, dtype=torch.long, device=dev),
+            torch.tensor(step.input_ids, dtype=torch.long, device=dev),
+            torch.tensor(step.positions, dtype=torch.long, device=dev),
             meta,
-            sample_rows,
         )
 
     @torch.inference_mode()
+    def run(self, step: StepInput) -> torch.Tensor | None:
+        """The forward pass of one step, and the logits it asks for (None when there are none).
+        Under tensor parallelism every rank runs it on the same StepInput."""
+        input_ids, positions, meta = self.prepare(step)
+        hidden = self.model(input_ids, positions, self.kv_caches, meta)
+        if step.all_rows:
+            return self.model.compute_logits(hidden)
+        if not step.sample_rows:
+            return None
+        return self.model.compute_logits(hidden[step.sample_rows])
+
+    def _run_everywhere(self, step: StepInput) -> torch.Tensor | None:
+        if self.workers is not None:
+            self.workers.send(("step", step))
+        return self.run(step)
+
     def execute(self, out: SchedulerOutput) -> dict[int, SampleResult]:
         """Run one step; return the sampled token of every sequence whose chunk reached its end."""
-        input_ids, positions, meta, sample_rows = self.prepare(out)
-        hidden = self.model(input_ids, positions, self.kv_caches, meta)
+        logits = self._run_everywhere(self.build_step(out))
+        if logits is None:
+            return {}
         sampling = [
             s.seq for s in out.scheduled if s.seq.num_computed_tokens + s.num_tokens == len(s.seq)
         ]
-        if not sampling:
-            return {}
-        logits = self.model.compute_logits(hidden[sample_rows])
-        results = self.sampler(
-            logits,
-            [seq.sampling_params for seq in sampling],
-            [self.generator_for(seq) for seq in sampling],
-            self.default_generator,
-        )
+        with torch.inference_mode():
+            results = self.sampler(
+                logits,
+                [seq.sampling_params for seq in sampling],
+                [self.generator_for(seq) for seq in sampling],
+                self.default_generator,
+            )
         return {seq.seq_id: r for seq, r in zip(sampling, results, strict=True)}
 
-    @torch.inference_mode()
     def all_logits(self, out: SchedulerOutput) -> torch.Tensor:
         """Logits of every scheduled token, [num_tokens, vocab] (scoring and the oracle tests)."""
-        input_ids, positions, meta, _ = self.prepare(out)
-        hidden = self.model(input_ids, positions, self.kv_caches, meta)
-        return self.model.compute_logits(hidden)
+        logits = self._run_everywhere(self.build_step(out, all_rows=True))
+        assert logits is not None
+        return logits

@@ -132,7 +132,7 @@ def test_unsupported_engine_flags_fail_fast() -> None:
     for flag, message in (
         (["--quantization", "awq"], "invalid choice: 'awq'"),
         (["--quantization-group-size", "100"], "power of two"),
-        (["--tensor-parallel-size", "2"], "not supported yet"),
+        (["--tensor-parallel-size", "0"], "tensor_parallel_size must be at least 1, got 0"),
     ):
         r = subprocess.run(
             [sys.executable, "-m", "kvpilot_engine.cli", "serve", *flag],

@@ -3,6 +3,10 @@
 Works on a flattened batch: `input_ids` and `positions` hold the scheduled tokens of every
 sequence back to back; attention finds each sequence's context through AttentionMetadata.
 q/k/v and gate/up projections are fused into one matmul each, as in vLLM.
+
+Under tensor parallelism the model is built from the rank's local config (its heads, its slice of
+the intermediate size and the vocabulary; see parallel.py) and all-reduces after the row-parallel
+o_proj and down_proj, so the residual stream is whole on every rank.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from torch import nn
 
 from kvpilot_engine.attention import AttentionMetadata, paged_attention, write_kv_cache
 from kvpilot_engine.config import ModelConfig
+from kvpilot_engine.parallel import Parallel
 
 
 class RMSNorm(nn.Module):
@@ -85,8 +90,9 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 class Attention(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, parallel: Parallel):
         super().__init__()
+        self.parallel = parallel
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
@@ -121,26 +127,27 @@ class Attention(nn.Module):
         key_cache, value_cache = kv_cache
         write_kv_cache(k, v, key_cache, value_cache, meta.slot_mapping)
         o = paged_attention(q, key_cache, value_cache, meta, self.scale)
-        return self.o_proj(o.flatten(1))
+        return self.parallel.all_reduce(self.o_proj(o.flatten(1)))
 
 
 class MLP(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, parallel: Parallel):
         super().__init__()
+        self.parallel = parallel
         self.intermediate_size = config.intermediate_size
         self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.parallel.all_reduce(self.down_proj(F.silu(gate) * up))
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, parallel: Parallel):
         super().__init__()
-        self.self_attn = Attention(config)
-        self.mlp = MLP(config)
+        self.self_attn = Attention(config, parallel)
+        self.mlp = MLP(config, parallel)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -152,10 +159,12 @@ class DecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, parallel: Parallel):
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(
+            DecoderLayer(config, parallel) for _ in range(config.num_hidden_layers)
+        )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary = RotaryEmbedding(config)
 
@@ -171,10 +180,12 @@ _STACKED = {
 
 
 class LlamaForCausalLM(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, parallel: Parallel | None = None):
+        """`config`: this rank's shard's shape (Parallel.local_config) under tensor parallelism."""
         super().__init__()
         self.config = config
-        self.model = LlamaModel(config)
+        self.parallel = parallel or Parallel()
+        self.model = LlamaModel(config, self.parallel)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
@@ -188,13 +199,15 @@ class LlamaForCausalLM(nn.Module):
     ) -> torch.Tensor:
         """Hidden states of every token, [num_tokens, hidden_size]."""
         m = self.model
-        hidden = m.embed_tokens(input_ids)
+        # Done here rather than in the embedding module: quantization replaces that module.
+        hidden = self.parallel.embed(m.embed_tokens, input_ids)
         for layer, kv_cache in zip(m.layers, kv_caches, strict=True):
             hidden = layer(positions, hidden, kv_cache, meta, m.rotary)
         return m.norm(hidden)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden)
+        """Logits over the whole vocabulary; under tensor parallelism every rank must call it."""
+        return self.parallel.gather_vocab(self.lm_head(hidden))
 
     def _shard(self, fused: str, index: int) -> tuple[int, int]:
         c = self.config

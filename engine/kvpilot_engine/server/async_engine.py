@@ -255,7 +255,7 @@ class AsyncLLMEngine:
             )
             self.metrics.set_engine_info(
                 engine.args.quantization,
-                1,
+                engine.args.tensor_parallel_size,
                 str(engine.dtype).removeprefix("torch."),
                 engine.weight_bytes,
             )
@@ -281,6 +281,8 @@ class AsyncLLMEngine:
             for s in streams.values():
                 s.put(e)
             self._fail(e)
+        finally:
+            engine.shutdown()  # tensor-parallel workers exit with the engine thread
 
     def _take_commands(
         self,
