@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
     """Flags for every EngineArgs field: the same names `kvpilot serve` will accept."""
-    from kvpilot_engine.config import EngineArgs
+    from kvpilot_engine.config import QUANTIZATIONS, EngineArgs
 
     d = EngineArgs()
     p.add_argument(
@@ -49,7 +49,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--quantization",
         default=d.quantization,
-        choices=["none", "int8", "int4", "fp8", "gguf"],
+        choices=QUANTIZATIONS,
         help="weight storage: int8/int4 weight-only, fp8 (e4m3), gguf (keep the file's grids)",
     )
     p.add_argument(

@@ -190,6 +190,10 @@ def resolve_dtype(
     return names[dtype]
 
 
+# Weight storage methods (`--quantization`); the operator's CRD offers the same names.
+QUANTIZATIONS = ("none", "int8", "int4", "fp8", "gguf")
+
+
 @dataclass
 class EngineArgs:
     """Everything `LLM(...)` and `kvpilot serve` accept besides the model. vLLM's names."""
@@ -225,10 +229,9 @@ class EngineArgs:
             raise ValueError(
                 f"scheduling_policy must be 'fcfs' or 'priority', got {self.scheduling_policy!r}"
             )
-        methods = ("none", "int8", "int4", "fp8", "gguf")
-        if self.quantization not in methods:
+        if self.quantization not in QUANTIZATIONS:
             raise ValueError(
-                f"quantization must be one of {', '.join(methods)}, got {self.quantization!r}"
+                f"quantization must be one of {', '.join(QUANTIZATIONS)}, got {self.quantization!r}"
             )
         g = self.quantization_group_size
         if g < 2 or g & (g - 1):

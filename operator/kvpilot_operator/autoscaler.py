@@ -34,7 +34,7 @@ from kvpilot_operator.scaling import (
     decide,
     slo_condition,
 )
-from kvpilot_operator.status import merge_conditions, now_iso
+from kvpilot_operator.status import condition, merge_conditions, now_iso, strip_times
 
 log = logging.getLogger("kvpilot.autoscaler")
 
@@ -213,12 +213,12 @@ class Autoscaler:
             status = live.get("status") or {}
             patch: dict[str, Any] = {}
             conds = [
-                _cond(SCALING_ACTIVE, d.scaling_active),
-                _cond(ABLE_TO_SCALE, able),
-                _cond(SLO_MET, d.slo_met),
+                condition(SCALING_ACTIVE, d.scaling_active),
+                condition(ABLE_TO_SCALE, able),
+                condition(SLO_MET, d.slo_met),
             ]
             merged = merge_conditions(status.get("conditions"), conds, now_iso())
-            if _essence(merged) != _essence(status.get("conditions") or []):
+            if strip_times(merged) != strip_times(status.get("conditions") or []):
                 patch["conditions"] = merged
             figures = {
                 "ttftP95Ms": _ms(slo.ttft_p95),
@@ -241,30 +241,13 @@ class Autoscaler:
                 self.kube.patch_llmservice_status(namespace, name, patch)
 
 
-def _cond(kind: str, value: tuple[str, str, str]) -> dict[str, Any]:
-    status, reason, message = value
-    # Never an empty message: Kubernetes 1.20 reads "" in a CR as null and rejects it.
-    return {"type": kind, "status": status, "reason": reason, "message": message or reason}
-
-
-def _essence(conditions: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return [{k: v for k, v in c.items() if k != "lastTransitionTime"} for c in conditions]
-
-
 def _ms(seconds: float | None) -> float | None:
     return None if seconds is None else round(seconds * 1000, 1)
 
 
 def _duration_seconds(text: str) -> float:
-    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-    total, number = 0.0, ""
-    for ch in text:
-        if ch.isdigit() or ch == ".":
-            number += ch
-        else:
-            total += float(number) * units[ch]
-            number = ""
-    return total or 300.0
+    """An `slo.window` (the schema allows `^[0-9]+(s|m|h)$`)."""
+    return float(text[:-1]) * {"s": 1, "m": 60, "h": 3600}[text[-1]]
 
 
 def forget_metrics(namespace: str, name: str) -> None:

@@ -62,8 +62,16 @@ def kube_bin_dir() -> Path:
     return cache_dir() / f"kube-{KUBE_VERSION}" / "bin"
 
 
-def _missing_binaries(bin_dir: Path) -> list[str]:
-    return [b for b in BINARIES if not os.access(bin_dir / b, os.X_OK)]
+def missing_binaries(bin_dir: Path, names: Sequence[str] = BINARIES) -> list[str]:
+    return [b for b in names if not os.access(bin_dir / b, os.X_OK)]
+
+
+def scratch_dir(prefix: str) -> Path:
+    """A fresh directory on tmpfs when there is one (etcd fsyncs every write, and nothing in it
+    needs to outlive the machine)."""
+    shm = Path("/dev/shm")
+    base = shm if shm.is_dir() and os.access(shm, os.W_OK) else None
+    return Path(tempfile.mkdtemp(prefix=prefix, dir=base))
 
 
 def ensure_binaries(progress: bool = True) -> Path:
@@ -71,7 +79,7 @@ def ensure_binaries(progress: bool = True) -> Path:
     (minutes, once); return the bin dir. A KVPILOT_KUBE_BIN override is only checked."""
     if os.environ.get("KVPILOT_KUBE_BIN"):
         bin_dir = kube_bin_dir()
-        missing = _missing_binaries(bin_dir)
+        missing = missing_binaries(bin_dir)
         if missing:
             raise RuntimeError(f"KVPILOT_KUBE_BIN={bin_dir} lacks {', '.join(missing)}")
         return bin_dir
@@ -95,7 +103,7 @@ def ensure_binaries(progress: bool = True) -> Path:
         tail = "" if progress else "\n" + "\n".join(proc.stdout.splitlines()[-40:])
         raise RuntimeError(f"{script} failed with exit status {proc.returncode}{tail}")
     bin_dir = kube_bin_dir()
-    missing = _missing_binaries(bin_dir)
+    missing = missing_binaries(bin_dir)
     if missing:
         raise RuntimeError(f"{bin_dir} lacks {', '.join(missing)} after running {script}")
     return bin_dir
@@ -446,18 +454,14 @@ class LocalCluster:
         if self._components or self._stopped:
             raise RuntimeError("a LocalCluster starts only once; make a new one")
         bin_dir = self.bin_dir or kube_bin_dir()
-        missing = _missing_binaries(bin_dir)
+        missing = missing_binaries(bin_dir)
         if missing:
             raise ClusterStartError(
                 f"{bin_dir} lacks {', '.join(missing)}; call ensure_binaries() first"
             )
         self.bin_dir = bin_dir
         if self.workdir is None:
-            # tmpfs when there is one: etcd fsyncs every write, and the apiserver's bootstrap
-            # writes a few hundred objects.
-            shm = Path("/dev/shm")
-            base = shm if shm.is_dir() and os.access(shm, os.W_OK) else None
-            self.workdir = Path(tempfile.mkdtemp(prefix="kvpilot-cluster-", dir=base))
+            self.workdir = scratch_dir("kvpilot-cluster-")
             self._owns_workdir = True
         else:
             self.workdir = Path(self.workdir).resolve()

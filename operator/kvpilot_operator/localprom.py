@@ -38,7 +38,9 @@ from kvpilot_operator.localcluster import (
     _signal_group,
     cache_dir,
     free_ports,
+    missing_binaries,
     run_until_signalled,
+    scratch_dir,
 )
 
 PROMETHEUS_VERSION = "2.42.0"
@@ -56,10 +58,6 @@ def prometheus_home() -> Path:
     """The cache entry ensure_prometheus() fills: bin/ (the binaries) and web/ (the classic UI's
     templates, which Debian's build reads from disk instead of embedding)."""
     return cache_dir() / f"prometheus-{PROMETHEUS_VERSION}"
-
-
-def _missing_binaries(bin_dir: Path) -> list[str]:
-    return [b for b in PROMETHEUS_BINARIES if not os.access(bin_dir / b, os.X_OK)]
 
 
 def _major_minor(text: str) -> tuple[int, int] | None:
@@ -87,7 +85,10 @@ def _system_bin_dir() -> Path | None:
     if not found:
         return None
     bin_dir = Path(found).parent
-    if _missing_binaries(bin_dir) or _binary_major_minor(bin_dir / "prometheus") != _WANTED:
+    if (
+        missing_binaries(bin_dir, PROMETHEUS_BINARIES)
+        or _binary_major_minor(bin_dir / "prometheus") != _WANTED
+    ):
         return None
     return bin_dir
 
@@ -183,13 +184,13 @@ def ensure_prometheus(progress: bool = True) -> Path:
     override = os.environ.get("KVPILOT_PROMETHEUS_BIN")
     if override:
         bin_dir = Path(override)
-        missing = _missing_binaries(bin_dir)
+        missing = missing_binaries(bin_dir, PROMETHEUS_BINARIES)
         if missing:
             raise RuntimeError(f"KVPILOT_PROMETHEUS_BIN={bin_dir} lacks {', '.join(missing)}")
         return bin_dir
     home = prometheus_home()
     bin_dir = home / "bin"
-    if not _missing_binaries(bin_dir):
+    if not missing_binaries(bin_dir, PROMETHEUS_BINARIES):
         return bin_dir
     system = _system_bin_dir()
     if system is not None:
@@ -200,9 +201,9 @@ def ensure_prometheus(progress: bool = True) -> Path:
     # finds the entry filled.
     with lock_path.open("w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if _missing_binaries(bin_dir):
+        if missing_binaries(bin_dir, PROMETHEUS_BINARIES):
             _fill_cache(home, progress)
-    missing = _missing_binaries(bin_dir)
+    missing = missing_binaries(bin_dir, PROMETHEUS_BINARIES)
     if missing:
         raise RuntimeError(f"{bin_dir} lacks {', '.join(missing)} after filling the cache")
     return bin_dir
@@ -315,14 +316,11 @@ class LocalPrometheus:
             self._started = True
         if self.bin_dir is None:
             self.bin_dir = ensure_prometheus()
-        missing = _missing_binaries(self.bin_dir)
+        missing = missing_binaries(self.bin_dir, PROMETHEUS_BINARIES)
         if missing:
             raise PrometheusStartError(f"{self.bin_dir} lacks {', '.join(missing)}")
         if self.workdir is None:
-            # tmpfs when there is one: nothing here needs to outlive the machine.
-            shm = Path("/dev/shm")
-            base = shm if shm.is_dir() and os.access(shm, os.W_OK) else None
-            self.workdir = Path(tempfile.mkdtemp(prefix="kvpilot-prom-", dir=base))
+            self.workdir = scratch_dir("kvpilot-prom-")
             self._owns_workdir = True
         else:
             self.workdir = Path(self.workdir).resolve()

@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from kvpilot_engine.config import QUANTIZATIONS
+
 from kvpilot_operator import __version__
 from kvpilot_operator.api import API_VERSION, LLMService, LLMServiceSpec
 
@@ -23,7 +25,8 @@ PROMETHEUS_SELECTOR = 'namespace="{namespace}",kvpilot_io_llmservice="{name}"'
 MANAGED_BY = "kvpilot-operator"
 NON_ROOT_UID = 65532
 # What `kvpilot serve` of the same release implements (the operator and engine ship together).
-ENGINE_QUANTIZATIONS = frozenset({"none", "int8", "int4", "fp8", "gguf"})
+# What this release's engine implements (a policy may name a method an older engine lacks).
+ENGINE_QUANTIZATIONS = frozenset(QUANTIZATIONS)
 # Bundled models that are GGUF files (engine/kvpilot_engine/loader.py BUNDLED_MODELS).
 BUNDLED_GGUF = frozenset(
     {"smollm2", "smollm2-135m-instruct", "huggingfacetb/smollm2-135m-instruct"}

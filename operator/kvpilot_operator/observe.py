@@ -37,6 +37,10 @@ def _seconds(s: float) -> str:
     return f"{max(1, round(s))}s"
 
 
+def _quantile(metric: str, q: float, sel: str, window: str) -> str:
+    return f"histogram_quantile({q}, sum by (le) (rate({metric}_bucket{{{sel}}}[{window}])))"
+
+
 class PrometheusSource:
     def __init__(self, url: str, selector: str = DEFAULT_SELECTOR, timeout: float = 5.0):
         self.url = url
@@ -57,9 +61,6 @@ class PrometheusSource:
         def rate(metric: str) -> str:
             return f"sum(rate({metric}{{{sel}}}[{w}]))"
 
-        def quantile(metric: str, q: float) -> str:
-            return f"histogram_quantile({q}, sum by (le) (rate({metric}_bucket{{{sel}}}[{w}])))"
-
         tokens = f"({rate('vllm:prompt_tokens_total')} + {rate('vllm:generation_tokens_total')})"
         steps = rate("kvpilot_engine_step_seconds_count")
         step_tokens = (
@@ -73,8 +74,8 @@ class PrometheusSource:
             tokens_per_request=v(f"{tokens} / {rate('vllm:request_success_total')}"),
             waiting=v(f"sum(vllm:num_requests_waiting{{{sel}}})") or 0.0,
             running=v(f"sum(vllm:num_requests_running{{{sel}}})") or 0.0,
-            ttft=v(quantile("vllm:time_to_first_token_seconds", ttft_q)),
-            tpot=v(quantile("vllm:inter_token_latency_seconds", tpot_q)),
+            ttft=v(_quantile("vllm:time_to_first_token_seconds", ttft_q, sel, w)),
+            tpot=v(_quantile("vllm:inter_token_latency_seconds", tpot_q, sel, w)),
             step_time=v(f"{rate('kvpilot_engine_step_seconds_sum')} / {steps}"),
             step_tokens=v(f"{step_tokens} / {steps}"),
             kv_usage=v(f"avg(vllm:kv_cache_usage_perc{{{sel}}})"),
@@ -123,9 +124,7 @@ class PrometheusSource:
         w = _seconds(seconds)
 
         def quantile(metric: str, q: float) -> float | None:
-            return self._value(
-                f"histogram_quantile({q}, sum by (le) (rate({metric}_bucket{{{sel}}}[{w}])))"
-            )
+            return self._value(_quantile(metric, q, sel, w))
 
         ttft, tpot = "vllm:time_to_first_token_seconds", "vllm:inter_token_latency_seconds"
         ttft95, tpot95 = quantile(ttft, 0.95), quantile(tpot, 0.95)

@@ -92,17 +92,18 @@ def engine_conditions(
         (PROGRESSING, progressing),
         (DEGRADED, degraded),
     ):
-        # Never an empty message: Kubernetes 1.20 reads "" in a CR as null and rejects it.
-        cond: dict[str, Any] = {
-            "type": kind,
-            "status": status,
-            "reason": reason,
-            "message": message or reason,
-        }
+        cond = condition(kind, (status, reason, message))
         if generation is not None:
             cond["observedGeneration"] = generation
         out.append(cond)
     return out
+
+
+def condition(kind: str, value: tuple[str, str, str]) -> dict[str, Any]:
+    """A condition from (status, reason, message)."""
+    status, reason, message = value
+    # Never an empty message: Kubernetes 1.20 reads "" in a CR as null and rejects it.
+    return {"type": kind, "status": status, "reason": reason, "message": message or reason}
 
 
 def merge_conditions(
@@ -147,10 +148,10 @@ def status_patch(
     conditions = engine_conditions(deployment, generation, problem)
     merged = merge_conditions(current.get("conditions"), conditions, now_iso())
     changed = {k: v for k, v in wanted.items() if current.get(k) != v}
-    if _strip_times(merged) != _strip_times(current.get("conditions") or []):
+    if strip_times(merged) != strip_times(current.get("conditions") or []):
         changed["conditions"] = merged
     return changed or None
 
 
-def _strip_times(conditions: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def strip_times(conditions: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [{k: v for k, v in c.items() if k != "lastTransitionTime"} for c in conditions]

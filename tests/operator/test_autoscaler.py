@@ -30,6 +30,7 @@ from tests.operator.test_operator import (
     apply,
     condition,
     get,
+    running_and_ready,
     service_doc,
     wait_for,
 )
@@ -110,19 +111,12 @@ class Kubelet:
 
     def _run(self) -> None:
         while not self._stop.wait(0.5):
-            now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-            conds = [
-                {"type": t, "status": "True", "lastTransitionTime": now}
-                for t in ("Initialized", "Ready", "ContainersReady", "PodScheduled")
-            ]
             try:
                 pods = self.api.list_namespaced_pod(self.ns).items
                 for pod in pods:
                     if pod.status.phase != "Running" and not pod.metadata.deletion_timestamp:
                         self.api.patch_namespaced_pod_status(
-                            pod.metadata.name,
-                            self.ns,
-                            {"status": {"phase": "Running", "conditions": conds, "startTime": now}},
+                            pod.metadata.name, self.ns, running_and_ready()
                         )
             except Exception:  # a pod deleted under us: next round
                 continue

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 import yaml
 from kvpilot_engine.cli import build_parser, engine_args_from
+from kvpilot_engine.config import QUANTIZATIONS
 from kvpilot_operator.api import LLMService, ServingPolicy
 from kvpilot_operator.crds import (
     CRD_DIRS,
@@ -92,6 +93,7 @@ def test_crd_schema_is_structural_with_enums_ranges_defaults() -> None:
     spec = schema["properties"]["spec"]
     assert spec["required"] == ["model"]
     assert spec["properties"]["quantization"]["enum"] == ["none", "int8", "int4", "fp8", "gguf"]
+    assert tuple(spec["properties"]["quantization"]["enum"]) == QUANTIZATIONS  # the engine's
     assert spec["properties"]["parallelism"]["properties"]["tensor"] == {
         **spec["properties"]["parallelism"]["properties"]["tensor"],
         "minimum": 1,

@@ -161,17 +161,18 @@ def act_as_kubelet(cluster: LocalCluster, ns: str, selector: str, ready: int) ->
     from kubernetes import client, config
 
     api = client.CoreV1Api(config.new_client_from_config(str(cluster.kubeconfig)))
-    now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     for pod in pods[:ready]:
-        conds = [
-            {"type": t, "status": "True", "lastTransitionTime": now}
-            for t in ("Initialized", "Ready", "ContainersReady", "PodScheduled")
-        ]
-        api.patch_namespaced_pod_status(
-            pod["metadata"]["name"],
-            ns,
-            {"status": {"phase": "Running", "conditions": conds, "startTime": now}},
-        )
+        api.patch_namespaced_pod_status(pod["metadata"]["name"], ns, running_and_ready())
+
+
+def running_and_ready() -> dict[str, Any]:
+    """The pod status patch a kubelet sends once the containers are up and ready."""
+    now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    conds = [
+        {"type": t, "status": "True", "lastTransitionTime": now}
+        for t in ("Initialized", "Ready", "ContainersReady", "PodScheduled")
+    ]
+    return {"status": {"phase": "Running", "conditions": conds, "startTime": now}}
 
 
 # --- 1. apply, update, delete ----------------------------------------------------------------
