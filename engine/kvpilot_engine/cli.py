@@ -123,6 +123,7 @@ def cmd_serve(ns: argparse.Namespace) -> int:
         max_waiting=ns.max_waiting,
         drain_timeout=ns.drain_timeout,
         log_level=ns.log_level,
+        inject_step_delay=ns.inject_step_delay,
     )
 
 
@@ -224,6 +225,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="on SIGTERM, seconds to let in-flight requests finish before aborting them",
     )
     s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    s.add_argument(
+        "--inject-step-delay",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="fault injection: sleep this long before every engine step (tests, canary drills)",
+    )
     s.set_defaults(func=cmd_serve)
 
     e = sub.add_parser("export", help="write a model (e.g. a GGUF) as a Hugging Face folder")

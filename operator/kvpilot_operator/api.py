@@ -204,13 +204,39 @@ class ShadowSpec(_Model):
     model: ModelSpec | None = Field(None, description="Model of the shadow (default: primary's).")
     image: str | None = None
     engine: EngineSpec | None = None
+    quantization: Literal["none", "int8", "int4", "fp8", "gguf"] | None = Field(
+        None, description="Quantization of the shadow (default: primary's)."
+    )
+    replicas: int = Field(1, ge=1, le=100, description="Shadow engine replicas (not autoscaled).")
     mirror_percent: float = Field(10.0, ge=0.0, le=100.0)
     max_rps: float | None = Field(None, ge=0.0, description="Cap on mirrored requests per second.")
 
 
 class RolloutSpec(_Model):
-    canary: CanarySpec | None = None
-    shadow: ShadowSpec | None = None
+    canary: CanarySpec | None = Field(
+        None,
+        description=(
+            "Set: a change of model or engine settings starts a canary revision beside the "
+            "stable one, stepped through `steps` and promoted or rolled back on SLO metrics. "
+            "Unset: the engines are updated in place (rolling update)."
+        ),
+    )
+    shadow: ShadowSpec | None = Field(
+        None, description="A shadow revision that gets a sampled copy of the traffic."
+    )
+
+
+class RouterSpec(_Model):
+    replicas: int = Field(1, ge=1, le=100, description="Router replicas.")
+    api_key_secret: str | None = Field(
+        None,
+        pattern=DNS_LABEL,
+        max_length=253,
+        description="Secret whose `api-key` entry clients must send as a Bearer token.",
+    )
+    prefix_chars: int | None = Field(
+        None, ge=0, le=100_000, description="Prompt prefix (characters) hashed for KV affinity."
+    )
 
 
 class LLMServiceSpec(_Model):
@@ -244,6 +270,11 @@ class LLMServiceSpec(_Model):
     )
     scaling: ScalingSpec | None = Field(None, description="Replica bounds and autoscaler tuning.")
     rollout: RolloutSpec | None = Field(None, description="Canary and shadow rollouts.")
+    router: RouterSpec = Field(
+        default_factory=RouterSpec,
+        json_schema_extra={"default": {}},
+        description="The OpenAI-compatible router in front of the engines.",
+    )
     image: str | None = Field(None, min_length=1, description="Engine image (default: operator's).")
 
 
@@ -267,6 +298,43 @@ class ScalingDecision(_Model):
     applied: bool = True
 
 
+class CanaryAnalysis(_Model):
+    """One step's comparison, from the routers' client-side metrics."""
+
+    canary_requests: int = 0
+    stable_requests: int = 0
+    canary_ttft_p95_ms: float | None = None
+    stable_ttft_p95_ms: float | None = None
+    canary_tpot_p95_ms: float | None = None
+    stable_tpot_p95_ms: float | None = None
+    canary_error_rate: float | None = None
+    stable_error_rate: float | None = None
+
+
+class CanaryStatus(_Model):
+    revision: str = Field(description="The canary's revision (hash of its engine settings).")
+    stable_revision: str
+    phase: Literal["Progressing", "Promoting", "Promoted", "RolledBack"]
+    step: int = Field(description="Index into spec.rollout.canary.steps.")
+    weight: int = Field(description="Percent of traffic the canary gets now.")
+    step_started_at: str
+    verdict: Literal["Pending", "Pass", "Fail", "Inconclusive"] = "Pending"
+    reasons: list[str] | None = None
+    analysis: CanaryAnalysis | None = None
+
+
+class ShadowStatus(_Model):
+    revision: str
+    mirrored: int = Field(0, description="Requests copied to the shadow (status window).")
+    errors: int = 0
+    compared: int = 0
+    greedy_compared: int = 0
+    greedy_agreement: float | None = Field(None, description="Share of identical greedy outputs.")
+    mean_overlap: float | None = Field(None, description="Mean token-overlap F1, sampled requests.")
+    e2e_delta_p50_ms: float | None = Field(None, description="Shadow minus primary latency, p50.")
+    ttft_delta_p50_ms: float | None = None
+
+
 class LLMServiceStatus(_Model):
     observed_generation: int | None = None
     conditions: list[Condition] = Field(default_factory=list)
@@ -279,6 +347,9 @@ class LLMServiceStatus(_Model):
     tpot_p95_ms: float | None = None
     slo_met: str | None = Field(None, description="`True`, `False` or `Unknown`.")
     last_decisions: list[ScalingDecision] | None = None
+    stable_revision: str | None = Field(None, description="Revision serving the stable traffic.")
+    canary: CanaryStatus | None = None
+    shadow: ShadowStatus | None = None
 
 
 class ObjectMeta(BaseModel):

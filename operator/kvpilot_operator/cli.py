@@ -28,18 +28,32 @@ def cmd_operator(ns: argparse.Namespace) -> int:
     kube = Kube.connect(ns.kubeconfig)
     handlers.State.kube = kube
     handlers.State.opts = RenderOptions(
-        engine_image=ns.engine_image, pdb_api_version=kube.pdb_api_version()
+        engine_image=ns.engine_image,
+        router_image=ns.router_image,
+        pdb_api_version=kube.pdb_api_version(),
     )
+    from kvpilot_operator.observe import PrometheusSource
+    from kvpilot_operator.rollout import RolloutController
+
+    source = None
     if ns.prometheus_url:
         from kvpilot_operator.autoscaler import Autoscaler
-        from kvpilot_operator.observe import PrometheusSource
 
+        source = PrometheusSource(ns.prometheus_url, ns.prometheus_selector)
         handlers.State.autoscaler = Autoscaler(
             kube=kube,
-            source=PrometheusSource(ns.prometheus_url, ns.prometheus_selector),
+            source=source,
             interval=ns.autoscale_interval,
             lock=handlers.service_lock,
         )
+    # Without a Prometheus a canary cannot be judged: it waits at its first step and says why.
+    handlers.State.rollouts = RolloutController(
+        kube=kube,
+        source=source,
+        interval=ns.rollout_interval,
+        lock=handlers.service_lock,
+        reconcile=handlers.reconcile_now,
+    )
     if ns.metrics_port:
         start_http_server(ns.metrics_port)
     kopf.run(
@@ -107,7 +121,11 @@ def cmd_render(ns: argparse.Namespace) -> int:
     if not services:
         print("error: no LLMService in the input", file=sys.stderr)
         return 2
-    opts = RenderOptions(engine_image=ns.engine_image, pdb_api_version=ns.pdb_api_version)
+    opts = RenderOptions(
+        engine_image=ns.engine_image,
+        router_image=ns.router_image,
+        pdb_api_version=ns.pdb_api_version,
+    )
     out = []
     for svc in services:
         if svc.metadata.namespace is None:
@@ -216,13 +234,22 @@ def cmd_autoscale_simulate(ns: argparse.Namespace) -> int:
 
 
 def add_commands(sub: Any, bench: Any) -> None:
-    from kvpilot_operator.manifests import DEFAULT_ENGINE_IMAGE, PROMETHEUS_SELECTOR
+    from kvpilot_operator.manifests import (
+        DEFAULT_ENGINE_IMAGE,
+        DEFAULT_ROUTER_IMAGE,
+        PROMETHEUS_SELECTOR,
+    )
 
     o = sub.add_parser("operator", help="run the kopf operator (LLMService -> engine pods)")
     o.add_argument("--namespace", action="append", help="watch only this namespace (repeat)")
     o.add_argument("--kubeconfig", help="default: in-cluster, then KUBECONFIG, ~/.kube/config")
     o.add_argument(
         "--engine-image", default=os.environ.get("KVPILOT_ENGINE_IMAGE", DEFAULT_ENGINE_IMAGE)
+    )
+    o.add_argument(
+        "--router-image",
+        default=os.environ.get("KVPILOT_ROUTER_IMAGE", DEFAULT_ROUTER_IMAGE),
+        help="image of the routers (`kvpilot router`); the chart passes the operator's own",
     )
     o.add_argument("--health-port", type=int, default=8080, help="kopf /healthz; 0 disables")
     o.add_argument("--metrics-port", type=int, default=9090, help="Prometheus; 0 disables")
@@ -239,6 +266,12 @@ def add_commands(sub: Any, bench: Any) -> None:
     o.add_argument(
         "--autoscale-interval", type=float, default=15.0, help="seconds between evaluations"
     )
+    o.add_argument(
+        "--rollout-interval",
+        type=float,
+        default=5.0,
+        help="seconds between canary/shadow evaluations",
+    )
     o.add_argument("--log-level", default="info", choices=["debug", "info"])
     o.add_argument("--log-format", default="json", choices=["json", "plain"])
     o.set_defaults(func=cmd_operator)
@@ -253,6 +286,7 @@ def add_commands(sub: Any, bench: Any) -> None:
     r.add_argument("--policy-file", action="append", help="extra ServingPolicy YAML (repeat)")
     r.add_argument("--namespace", default="default")
     r.add_argument("--engine-image", default=DEFAULT_ENGINE_IMAGE)
+    r.add_argument("--router-image", default=DEFAULT_ROUTER_IMAGE)
     r.add_argument(
         "--pdb-api-version", default="policy/v1", choices=["policy/v1", "policy/v1beta1"]
     )
@@ -294,3 +328,85 @@ def add_commands(sub: Any, bench: Any) -> None:
     b.add_argument("--timeout", type=float, default=900.0)
     b.add_argument("--json", default=None, help="also write the figures to this file")
     b.set_defaults(func=cmd_bench_operator)
+
+    add_router_commands(sub, bench)
+
+
+def cmd_router(ns: argparse.Namespace) -> int:
+    from kvpilot_operator.router.server import run_router
+
+    return run_router(ns)
+
+
+def cmd_bench_router(ns: argparse.Namespace) -> int:
+    from kvpilot_operator.router.bench import run_router_bench
+
+    return run_router_bench(ns)
+
+
+def add_router_commands(sub: Any, bench: Any) -> None:
+    """`kvpilot router` and `kvpilot bench router` (flags only: nothing heavy at parse time)."""
+    r = sub.add_parser(
+        "router", help="the OpenAI-compatible streaming proxy in front of an LLMService's engines"
+    )
+    r.add_argument("--host", default="0.0.0.0")
+    r.add_argument("--port", type=int, default=8000)
+    r.add_argument("--config", help="route JSON file, re-read when it changes (no Kubernetes)")
+    r.add_argument("--namespace", help="read routes and pods of --service in this namespace")
+    r.add_argument(
+        "--service", help="the LLMService whose ConfigMap <service>-router and pods to use"
+    )
+    r.add_argument("--kubeconfig", help="default: in-cluster, then KUBECONFIG, ~/.kube/config")
+    r.add_argument(
+        "--refresh-interval", type=float, default=1.0, help="seconds between reads of the routes"
+    )
+    r.add_argument(
+        "--scrape-interval", type=float, default=2.0, help="seconds between engine /metrics scrapes"
+    )
+    r.add_argument(
+        "--prefix-chars",
+        type=int,
+        default=256,
+        help="prompts at least this long go by prefix affinity (their first N characters)",
+    )
+    r.add_argument("--load-factor", type=float, default=1.25, help="prefix affinity's load bound")
+    r.add_argument("--eject-seconds", type=float, default=5.0, help="after a refused connection")
+    r.add_argument(
+        "--retries", type=int, default=2, help="other endpoints tried before the first byte"
+    )
+    r.add_argument("--connect-timeout", type=float, default=2.0)
+    r.add_argument("--request-timeout", type=float, default=600.0, help="total, seconds")
+    r.add_argument("--max-in-flight", type=int, default=1024, help="requests proxied at once")
+    r.add_argument(
+        "--max-queue", type=int, default=1024, help="requests waiting beyond; more get 503"
+    )
+    r.add_argument("--queue-timeout", type=float, default=60.0, help="seconds a request may wait")
+    r.add_argument(
+        "--api-key",
+        action="append",
+        help="require Authorization: Bearer KEY on /v1/* (repeat; also KVPILOT_API_KEY=k1,k2)",
+    )
+    r.add_argument("--shadow-timeout", type=float, default=120.0, help="per mirrored request")
+    r.add_argument("--shadow-max-concurrency", type=int, default=64, help="beyond: dropped_busy")
+    r.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    r.set_defaults(func=cmd_router)
+
+    b = bench.add_parser(
+        "router", help="latency the router adds to an engine's streams, and its max requests/s"
+    )
+    b.add_argument("model", nargs="?", default="smollm2", help="for the engine started here")
+    b.add_argument("--engine-url", help="use this running engine instead of starting one")
+    b.add_argument(
+        "--engine-arg",
+        action="append",
+        default=[],
+        help="extra `kvpilot serve` argument (repeat), e.g. --engine-arg=--dtype=bfloat16",
+    )
+    b.add_argument("--num-requests", type=int, default=100, help="request pairs (direct, router)")
+    b.add_argument("--concurrency", type=int, default=1, help="pairs in flight at once")
+    b.add_argument("--max-tokens", type=int, default=16)
+    b.add_argument("--prompt-words", type=int, default=32)
+    b.add_argument("--trivial-requests", type=int, default=3000, help="for the max requests/s run")
+    b.add_argument("--trivial-concurrency", type=int, default=64)
+    b.add_argument("--json", default=None, help="also write the figures to this file")
+    b.set_defaults(func=cmd_bench_router)

@@ -6,6 +6,8 @@
 - A ServingPolicy created/changed/deleted -> reconcile every LLMService that names it.
 - Each LLMService has an autoscaler daemon (when the operator knows a Prometheus): it writes
   replicas through the scale subresource, which comes back here as an update.
+- Each LLMService with spec.rollout has a rollout daemon: it steps status.canary and asks for a
+  reconcile, which renders the weights and Deployments that status implies.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from kvpilot_operator.autoscaler import Autoscaler
 from kvpilot_operator.kube import Kube
 from kvpilot_operator.manifests import MANAGED_BY, SERVICE_LABEL, RenderOptions
 from kvpilot_operator.reconcile import Outcome, reconcile
+from kvpilot_operator.rollout import RolloutController
 
 OWNED = {"app.kubernetes.io/managed-by": MANAGED_BY}
 
@@ -32,6 +35,7 @@ class State:
     kube: Kube
     opts: RenderOptions
     autoscaler: Autoscaler | None = None
+    rollouts: RolloutController | None = None
 
 
 def _report(body: Any, out: Outcome) -> None:
@@ -74,6 +78,11 @@ def _reconcile_body(body: dict[str, Any], **kwargs: Any) -> Outcome:
     return out
 
 
+def reconcile_now(body: dict[str, Any]) -> None:
+    """For the rollout controller: carry a status.canary change to the objects now."""
+    _reconcile_body(body)
+
+
 @kopf.on.resume(GROUP, VERSION, "llmservices")
 @kopf.on.create(GROUP, VERSION, "llmservices")
 @kopf.on.update(GROUP, VERSION, "llmservices")
@@ -97,6 +106,23 @@ def autoscale(
         kopf.event(body, type=kind, reason=reason, message=message)
 
     State.autoscaler.run(namespace, name, stopped, emit)
+
+
+def _has_rollout(spec: kopf.Spec, **_: Any) -> bool:
+    return State.rollouts is not None and bool(spec.get("rollout"))
+
+
+@kopf.daemon(GROUP, VERSION, "llmservices", cancellation_timeout=10.0, when=_has_rollout)
+def rollout(
+    body: kopf.Body, namespace: str, name: str, stopped: kopf.DaemonStopped, **_: Any
+) -> None:
+    """Steps a canary through its weights on the routers' metrics; summarises the shadow."""
+    assert State.rollouts is not None
+
+    def emit(kind: str, reason: str, message: str) -> None:
+        kopf.event(body, type=kind, reason=reason, message=message)
+
+    State.rollouts.run(namespace, name, stopped, emit)
 
 
 def _owner(body: kopf.Body) -> dict[str, Any] | None:
@@ -127,6 +153,7 @@ def on_deployment_event(body: kopf.Body, type: str | None, **_: Any) -> None:
 
 
 @kopf.on.event("", "v1", "services", labels=OWNED)
+@kopf.on.event("", "v1", "configmaps", labels=OWNED)
 @kopf.on.event("policy", "poddisruptionbudgets", labels=OWNED)
 def on_owned_event(body: kopf.Body, type: str | None, **_: Any) -> None:
     if type not in ("MODIFIED", "DELETED"):

@@ -70,6 +70,14 @@ class Kube:
         except NotFoundError:
             return None
 
+    def delete(self, api_version: str, kind: str, name: str, namespace: str | None = None) -> bool:
+        """Delete (foreground for Deployments' pods is the GC's job); False if it was absent."""
+        try:
+            self.resource(api_version, kind).delete(name=name, namespace=namespace)
+            return True
+        except NotFoundError:
+            return False
+
     def get_llmservice(self, namespace: str, name: str) -> dict[str, Any] | None:
         return self.get(API_VERSION, "LLMService", name, namespace)
 

@@ -6,6 +6,9 @@ tests check it field by field. `serve_args` is the operator's side of the `kvpil
 
 from __future__ import annotations
 
+import hashlib
+import json
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,13 +18,31 @@ from kvpilot_operator import __version__
 from kvpilot_operator.api import API_VERSION, LLMService, LLMServiceSpec
 
 ENGINE_PORT = 8000
+ROUTER_PORT = 8000
 MODELS_MOUNT = "/models"
 DEFAULT_ENGINE_IMAGE = f"kvpilot/engine:{__version__}"
+# The router ships in the operator's image (no torch in it).
+DEFAULT_ROUTER_IMAGE = f"kvpilot/operator:{__version__}"
 DEFAULT_DRAIN_SECONDS = 30  # `kvpilot serve --drain-timeout` default
 SERVICE_LABEL = "kvpilot.io/llmservice"
-# How the autoscaler finds one service's engine series: the labels a standard `kubernetes-pods`
-# scrape job (labelmap of pod labels, plus `namespace`) gives them.
+COMPONENT_LABEL = "app.kubernetes.io/component"
+# Revision: a hash of everything that makes an engine pod serve differently (model, engine
+# flags, quantization, image, resources). The router weighs traffic by it.
+REVISION_LABEL = "kvpilot.io/revision"
+# Track: which engine Deployment a pod belongs to (stable, canary); in the Deployment selectors,
+# so that two Deployments of one service never select each other's pods.
+TRACK_LABEL = "kvpilot.io/track"
+# The resolved spec a Deployment's pods run, so that the stable revision can be rendered again
+# while the LLMService's spec already describes the canary.
+SPEC_ANNOTATION = "kvpilot.io/serving-spec"
+ROUTES_KEY = "routes.json"  # the router's ConfigMap entry
+# How Prometheus queries find one service's series: the labels a standard `kubernetes-pods`
+# scrape job (labelmap of pod labels, plus `namespace`) gives them. Engines, routers and shadows
+# all match it; queries add ENGINE_SERIES or ROUTER_SERIES.
 PROMETHEUS_SELECTOR = 'namespace="{namespace}",kvpilot_io_llmservice="{name}"'
+# Series of the engines that serve users: the shadow's never count in the autoscaler's signals.
+ENGINE_SERIES = 'app_kubernetes_io_component!~"shadow|router"'
+ROUTER_SERIES = 'app_kubernetes_io_component="router"'
 MANAGED_BY = "kvpilot-operator"
 NON_ROOT_UID = 65532
 # What `kvpilot serve` of the same release implements (the operator and engine ship together).
@@ -40,31 +61,82 @@ class SpecError(ValueError):
 @dataclass(frozen=True)
 class RenderOptions:
     engine_image: str = DEFAULT_ENGINE_IMAGE
+    router_image: str = DEFAULT_ROUTER_IMAGE
     pdb_api_version: str = "policy/v1"  # policy/v1beta1 on clusters older than 1.21
     cluster_domain: str = "cluster.local"
 
 
-def engine_name(service: str) -> str:
-    return f"{service}-engine"
+def engine_name(service: str, track: str = "stable") -> str:
+    """`<service>-engine` (stable), `<service>-engine-canary`, `<service>-engine-shadow`."""
+    return f"{service}-engine" if track == "stable" else f"{service}-engine-{track}"
 
 
-def selector_labels(service: str) -> dict[str, str]:
-    return {SERVICE_LABEL: service, "app.kubernetes.io/component": "engine"}
+def router_name(service: str) -> str:
+    return f"{service}-router"
+
+
+def selector_labels(service: str, component: str = "engine") -> dict[str, str]:
+    return {SERVICE_LABEL: service, COMPONENT_LABEL: component}
 
 
 def selector_string(service: str) -> str:
+    """The scale subresource's selector: every engine that serves users (stable and canary)."""
     return ",".join(f"{k}={v}" for k, v in selector_labels(service).items())
 
 
-def common_labels(service: str) -> dict[str, str]:
+def common_labels(service: str, component: str = "engine") -> dict[str, str]:
     return {
-        "app.kubernetes.io/name": "kvpilot-engine",
+        "app.kubernetes.io/name": "kvpilot-router" if component == "router" else "kvpilot-engine",
         "app.kubernetes.io/instance": service,
-        "app.kubernetes.io/component": "engine",
+        COMPONENT_LABEL: component,
         "app.kubernetes.io/part-of": "kvpilot",
         "app.kubernetes.io/managed-by": MANAGED_BY,
         SERVICE_LABEL: service,
     }
+
+
+def revision_of(svc: LLMService, spec: LLMServiceSpec, salt: str = "") -> str:
+    """10 hex digits that change exactly when an engine pod would serve differently."""
+    serving = {
+        "args": serve_args(svc, spec),
+        "image": spec.image,
+        "resources": spec.resources.model_dump(mode="json", by_alias=True, exclude_none=True),
+        "pvc": spec.model.source.pvc.claim_name if spec.model.source.pvc else None,
+        "salt": salt,
+    }
+    return hashlib.sha256(json.dumps(serving, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def shadow_spec(spec: LLMServiceSpec) -> LLMServiceSpec | None:
+    """The shadow's resolved spec: the primary's, with what spec.rollout.shadow sets replaced."""
+    shadow = spec.rollout.shadow if spec.rollout else None
+    if shadow is None:
+        return None
+    update: dict[str, Any] = {"replicas": shadow.replicas, "scaling": None}
+    for field in ("model", "image", "engine", "quantization"):
+        if getattr(shadow, field) is not None:
+            update[field] = getattr(shadow, field)
+    return spec.model_copy(update=update)
+
+
+def shadow_revision(svc: LLMService, spec: LLMServiceSpec) -> str:
+    # Salted: a shadow identical to the primary is still told apart from it by the router.
+    return revision_of(svc, spec, salt="shadow")
+
+
+def spec_annotation(spec: LLMServiceSpec) -> str:
+    return json.dumps(spec.model_dump(mode="json", by_alias=True, exclude_none=True))
+
+
+def spec_from_annotation(deployment: dict[str, Any] | None) -> LLMServiceSpec | None:
+    """The resolved spec a live engine Deployment runs, or None (absent, or unreadable)."""
+    raw = ((deployment or {}).get("metadata", {}).get("annotations") or {}).get(SPEC_ANNOTATION)
+    if not raw:
+        return None
+    try:
+        return LLMServiceSpec.model_validate_json(raw)
+    except ValueError:
+        return None
 
 
 def served_name(svc: LLMService) -> str:
@@ -192,11 +264,11 @@ def _owner_references(svc: LLMService) -> list[dict[str, Any]]:
     ]
 
 
-def _metadata(svc: LLMService, name: str) -> dict[str, Any]:
+def _metadata(svc: LLMService, name: str, component: str = "engine") -> dict[str, Any]:
     meta: dict[str, Any] = {
         "name": name,
         "namespace": svc.metadata.namespace or "default",
-        "labels": common_labels(svc.metadata.name),
+        "labels": common_labels(svc.metadata.name, component),
     }
     owners = _owner_references(svc)
     if owners:
@@ -224,8 +296,60 @@ def _container_resources(spec: LLMServiceSpec) -> dict[str, Any]:
     return out
 
 
-def deployment(svc: LLMService, spec: LLMServiceSpec, opts: RenderOptions) -> dict[str, Any]:
+CONTAINER_SECURITY: dict[str, Any] = {
+    "allowPrivilegeEscalation": False,
+    "readOnlyRootFilesystem": True,
+    "runAsNonRoot": True,
+    "capabilities": {"drop": ["ALL"]},
+}
+POD_SECURITY: dict[str, Any] = {
+    "runAsNonRoot": True,
+    "runAsUser": NON_ROOT_UID,
+    "runAsGroup": NON_ROOT_UID,
+    "fsGroup": NON_ROOT_UID,
+    "seccompProfile": {"type": "RuntimeDefault"},
+}
+
+
+def _probes() -> dict[str, Any]:
+    http_get = {"port": "http"}
+    return {
+        "livenessProbe": {
+            "httpGet": {**http_get, "path": "/health"},
+            "periodSeconds": 10,
+            "timeoutSeconds": 5,
+            "failureThreshold": 3,
+        },
+        "readinessProbe": {
+            "httpGet": {**http_get, "path": "/ready"},
+            "periodSeconds": 5,
+            "timeoutSeconds": 3,
+            "failureThreshold": 2,
+        },
+    }
+
+
+def _scrape_annotations(port: int) -> dict[str, str]:
+    return {
+        "prometheus.io/scrape": "true",
+        "prometheus.io/port": str(port),
+        "prometheus.io/path": "/metrics",
+    }
+
+
+def deployment(
+    svc: LLMService,
+    spec: LLMServiceSpec,
+    opts: RenderOptions,
+    *,
+    track: str = "stable",
+    replicas: int | None = None,
+) -> dict[str, Any]:
+    """An engine Deployment: `track` stable (the service's own), canary, or shadow."""
     name = svc.metadata.name
+    component = "shadow" if track == "shadow" else "engine"
+    revision = shadow_revision(svc, spec) if track == "shadow" else revision_of(svc, spec)
+    pod_labels = {**common_labels(name, component), TRACK_LABEL: track, REVISION_LABEL: revision}
     drain = (spec.engine.drain_timeout_seconds if spec.engine else None) or DEFAULT_DRAIN_SECONDS
     volumes: list[dict[str, Any]] = [{"name": "tmp", "emptyDir": {}}]
     mounts: list[dict[str, Any]] = [{"name": "tmp", "mountPath": "/tmp"}]
@@ -260,35 +384,13 @@ def deployment(svc: LLMService, spec: LLMServiceSpec, opts: RenderOptions) -> di
             "periodSeconds": 5,
             "failureThreshold": 180,
         },
-        "livenessProbe": {
-            "httpGet": {**http_get, "path": "/health"},
-            "periodSeconds": 10,
-            "timeoutSeconds": 5,
-            "failureThreshold": 3,
-        },
-        "readinessProbe": {
-            "httpGet": {**http_get, "path": "/ready"},
-            "periodSeconds": 5,
-            "timeoutSeconds": 3,
-            "failureThreshold": 2,
-        },
-        "securityContext": {
-            "allowPrivilegeEscalation": False,
-            "readOnlyRootFilesystem": True,
-            "runAsNonRoot": True,
-            "capabilities": {"drop": ["ALL"]},
-        },
+        **_probes(),
+        "securityContext": CONTAINER_SECURITY,
     }
     pod_spec: dict[str, Any] = {
         "containers": [container],
         "volumes": volumes,
-        "securityContext": {
-            "runAsNonRoot": True,
-            "runAsUser": NON_ROOT_UID,
-            "runAsGroup": NON_ROOT_UID,
-            "fsGroup": NON_ROOT_UID,
-            "seccompProfile": {"type": "RuntimeDefault"},
-        },
+        "securityContext": POD_SECURITY,
         "automountServiceAccountToken": False,
         # The engine drains in-flight requests on SIGTERM; give it that long, plus margin.
         "terminationGracePeriodSeconds": drain + 15,
@@ -308,13 +410,16 @@ def deployment(svc: LLMService, spec: LLMServiceSpec, opts: RenderOptions) -> di
         )
     if tolerations:
         pod_spec["tolerations"] = tolerations
+    metadata = _metadata(svc, engine_name(name, track), component)
+    metadata["labels"][TRACK_LABEL] = track
+    metadata["annotations"] = {SPEC_ANNOTATION: spec_annotation(spec)}
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
-        "metadata": _metadata(svc, engine_name(name)),
+        "metadata": metadata,
         "spec": {
-            "replicas": desired_replicas(spec),
-            "selector": {"matchLabels": selector_labels(name)},
+            "replicas": desired_replicas(spec) if replicas is None else replicas,
+            "selector": {"matchLabels": {**selector_labels(name, component), TRACK_LABEL: track}},
             # Never drop below the serving replicas during a rollout: surge first.
             "strategy": {
                 "type": "RollingUpdate",
@@ -324,12 +429,8 @@ def deployment(svc: LLMService, spec: LLMServiceSpec, opts: RenderOptions) -> di
             "progressDeadlineSeconds": 1200,
             "template": {
                 "metadata": {
-                    "labels": common_labels(name),
-                    "annotations": {
-                        "prometheus.io/scrape": "true",
-                        "prometheus.io/port": str(ENGINE_PORT),
-                        "prometheus.io/path": "/metrics",
-                    },
+                    "labels": pod_labels,
+                    "annotations": _scrape_annotations(ENGINE_PORT),
                 },
                 "spec": pod_spec,
             },
@@ -343,11 +444,12 @@ def service(svc: LLMService, spec: LLMServiceSpec, opts: RenderOptions) -> dict[
         "apiVersion": "v1",
         "kind": "Service",
         "metadata": _metadata(svc, name),
+        # Clients reach the routers; the routers pick engines (weights, load, prefix affinity).
         "spec": {
             "type": "ClusterIP",
-            "selector": selector_labels(name),
+            "selector": selector_labels(name, "router"),
             "ports": [
-                {"name": "http", "port": ENGINE_PORT, "targetPort": "http", "protocol": "TCP"}
+                {"name": "http", "port": ROUTER_PORT, "targetPort": "http", "protocol": "TCP"}
             ],
         },
     }
@@ -366,13 +468,199 @@ def pod_disruption_budget(
     }
 
 
-def render(
-    svc: LLMService, spec: LLMServiceSpec, opts: RenderOptions = RenderOptions()
+@dataclass(frozen=True)
+class Plan:
+    """Which revisions serve now. Decided by reconcile from the spec, the live stable Deployment
+    and status.canary; without a rollout in flight, the stable revision is the spec itself."""
+
+    stable: LLMServiceSpec
+    canary: LLMServiceSpec | None = None
+    canary_weight: int = 0  # percent of the primary traffic
+
+
+def canary_replicas(replicas: int, weight: int) -> int:
+    """Enough canary engines for its share, never none while it takes traffic."""
+    return 0 if replicas == 0 else max(1, math.ceil(replicas * weight / 100))
+
+
+def routes(svc: LLMService, spec: LLMServiceSpec, plan: Plan) -> dict[str, Any]:
+    """The router's table (ConfigMap `<service>-router`, entry routes.json)."""
+    stable = revision_of(svc, plan.stable)
+    revisions = [{"name": stable, "weight": 100, "role": "stable"}]
+    if plan.canary is not None:
+        canary = revision_of(svc, plan.canary)
+        if canary != stable:  # while promoting, both Deployments run the new revision
+            revisions = [
+                {"name": stable, "weight": 100 - plan.canary_weight, "role": "stable"},
+                {"name": canary, "weight": plan.canary_weight, "role": "canary"},
+            ]
+    shadow = spec.rollout.shadow if spec.rollout else None
+    shadow_of = shadow_spec(spec)
+    return {
+        "service": svc.metadata.name,
+        "revisions": revisions,
+        "shadow": None
+        if shadow is None or shadow_of is None
+        else {
+            "revision": shadow_revision(svc, shadow_of),
+            "mirrorPercent": shadow.mirror_percent,
+            "maxRps": shadow.max_rps,
+        },
+    }
+
+
+def router_objects(
+    svc: LLMService, spec: LLMServiceSpec, plan: Plan, opts: RenderOptions
 ) -> list[dict[str, Any]]:
-    """Every object an LLMService becomes, given its resolved spec. Raises SpecError."""
+    """The router: its routes ConfigMap, a ServiceAccount allowed to read exactly that and the
+    service's pods, and its Deployment."""
+    name = svc.metadata.name
+    rname = router_name(name)
+    table = routes(svc, spec, plan)
+    config_map = {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": _metadata(svc, rname, "router"),
+        "data": {ROUTES_KEY: json.dumps(table, indent=2, sort_keys=True)},
+    }
+    account = {
+        "apiVersion": "v1",
+        "kind": "ServiceAccount",
+        "metadata": _metadata(svc, rname, "router"),
+        "automountServiceAccountToken": False,
+    }
+    role = {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "Role",
+        "metadata": _metadata(svc, rname, "router"),
+        "rules": [
+            {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]},
+            {
+                "apiGroups": [""],
+                "resources": ["configmaps"],
+                "resourceNames": [rname],
+                "verbs": ["get"],
+            },
+        ],
+    }
+    binding = {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "RoleBinding",
+        "metadata": _metadata(svc, rname, "router"),
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": rname},
+        "subjects": [
+            {
+                "kind": "ServiceAccount",
+                "name": rname,
+                "namespace": svc.metadata.namespace or "default",
+            }
+        ],
+    }
+    args = [
+        "router",
+        "--host",
+        "0.0.0.0",
+        "--port",
+        str(ROUTER_PORT),
+        "--namespace",
+        svc.metadata.namespace or "default",
+        "--service",
+        name,
+    ]
+    if spec.router.prefix_chars is not None:
+        args += ["--prefix-chars", str(spec.router.prefix_chars)]
+    env: list[dict[str, Any]] = [{"name": "PYTHONUNBUFFERED", "value": "1"}]
+    if spec.router.api_key_secret:
+        env.append(
+            {
+                "name": "KVPILOT_API_KEY",
+                "valueFrom": {
+                    "secretKeyRef": {"name": spec.router.api_key_secret, "key": "api-key"}
+                },
+            }
+        )
+    container = {
+        "name": "router",
+        "image": opts.router_image,
+        "command": ["kvpilot"],
+        "args": args,
+        "ports": [{"name": "http", "containerPort": ROUTER_PORT, "protocol": "TCP"}],
+        "env": env,
+        "resources": {"requests": {"cpu": "250m", "memory": "256Mi"}, "limits": {"memory": "1Gi"}},
+        **_probes(),
+        "securityContext": CONTAINER_SECURITY,
+    }
+    labels = common_labels(name, "router")
+    router = {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": _metadata(svc, rname, "router"),
+        "spec": {
+            "replicas": spec.router.replicas,
+            "selector": {"matchLabels": selector_labels(name, "router")},
+            "strategy": {
+                "type": "RollingUpdate",
+                "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0},
+            },
+            "revisionHistoryLimit": 3,
+            "template": {
+                "metadata": {"labels": labels, "annotations": _scrape_annotations(ROUTER_PORT)},
+                "spec": {
+                    "containers": [container],
+                    "serviceAccountName": rname,
+                    # The router reads its routes and the engine pods from the API server.
+                    "automountServiceAccountToken": True,
+                    "securityContext": POD_SECURITY,
+                    # Streams in flight finish (or time out) before the router goes.
+                    "terminationGracePeriodSeconds": 60,
+                    "enableServiceLinks": False,
+                },
+            },
+        },
+    }
+    return [config_map, account, role, binding, router]
+
+
+def render(
+    svc: LLMService,
+    spec: LLMServiceSpec,
+    opts: RenderOptions = RenderOptions(),
+    plan: Plan | None = None,
+) -> list[dict[str, Any]]:
+    """Every object an LLMService becomes, given its resolved spec and the rollout plan (default:
+    the spec serves alone). Raises SpecError."""
     check_servable(spec)
+    plan = plan or Plan(stable=spec)
+    replicas = desired_replicas(spec)
+    objects = [deployment(svc, plan.stable, opts, replicas=replicas)]
+    if plan.canary is not None:
+        check_servable(plan.canary)
+        objects.append(
+            deployment(
+                svc,
+                plan.canary,
+                opts,
+                track="canary",
+                replicas=canary_replicas(replicas, plan.canary_weight),
+            )
+        )
+    shadow = shadow_spec(spec)
+    if shadow is not None:
+        check_servable(shadow)
+        objects.append(deployment(svc, shadow, opts, track="shadow", replicas=shadow.replicas))
     return [
-        deployment(svc, spec, opts),
+        *objects,
+        *router_objects(svc, spec, plan, opts),
         service(svc, spec, opts),
         pod_disruption_budget(svc, spec, opts),
+    ]
+
+
+def optional_objects(svc: LLMService) -> list[tuple[str, str, str]]:
+    """(apiVersion, kind, name) of what a service owns only some of the time: deleted by
+    reconcile when the plan no longer renders it."""
+    name = svc.metadata.name
+    return [
+        ("apps/v1", "Deployment", engine_name(name, "canary")),
+        ("apps/v1", "Deployment", engine_name(name, "shadow")),
     ]

@@ -16,7 +16,8 @@ from typing import Any
 import requests
 from prometheus_api_client import PrometheusApiClientException, PrometheusConnect
 
-from kvpilot_operator.manifests import PROMETHEUS_SELECTOR
+from kvpilot_operator.api import CanaryAnalysis, ShadowStatus
+from kvpilot_operator.manifests import ENGINE_SERIES, PROMETHEUS_SELECTOR, ROUTER_SERIES
 from kvpilot_operator.scaling import Observation, ScalingParams, Window
 
 DEFAULT_SELECTOR = PROMETHEUS_SELECTOR
@@ -92,14 +93,15 @@ class PrometheusSource:
         ready: int,
         slo_window: float,
     ) -> tuple[Observation, SLOFigures]:
-        sel = self.selector.format(namespace=namespace, name=name)
+        service_sel = self.selector.format(namespace=namespace, name=name)
+        sel = f"{service_sel},{ENGINE_SERIES}"
         obs = Observation(time=now, replicas=replicas, ready=ready)
         ttft_q, tpot_q = params.ttft_percentile / 100, params.tpot_percentile / 100
         try:
             targets = self._value(f"count(up{{{sel}}} == 1)") or 0
             if replicas == 0:
                 # No engines to scrape: only the router's queue can wake the service.
-                queued = self._value(f"sum({ROUTER_WAITING}{{{sel}}})") or 0.0
+                queued = self._value(f"sum({ROUTER_WAITING}{{{service_sel}}})") or 0.0
                 return replace(obs, short=Window(request_rate=0.0, waiting=queued)), SLOFigures()
             if targets == 0:
                 return replace(
@@ -134,6 +136,106 @@ class PrometheusSource:
             tpot=tpot95 if tpot_q == 0.95 else quantile(tpot, tpot_q),
         )
         return SLOFigures(ttft_p95=ttft95, tpot_p95=tpot95, window=at_slo)
+
+    # ---- rollouts: the routers' client-side figures, by revision ------------------------------
+
+    def _by_revision(self, query: str) -> dict[str, float]:
+        out = {}
+        for sample in self.prom.custom_query(query):
+            value = float(sample["value"][1])
+            if not (math.isnan(value) or math.isinf(value)):
+                out[sample["metric"].get("revision", "")] = value
+        return out
+
+    def canary_analysis(
+        self, namespace: str, name: str, stable: str, canary: str, seconds: float
+    ) -> tuple[CanaryAnalysis | None, str | None]:
+        """Canary against stable over the last `seconds`, from `kvpilot_router_*`; or None and
+        why it could not be taken."""
+        w = _seconds(seconds)
+        sel = (
+            f"{self.selector.format(namespace=namespace, name=name)},{ROUTER_SERIES},"
+            f'revision=~"{stable}|{canary}"'
+        )
+        requests_ = f"kvpilot_router_requests_total{{{sel}}}"
+        errors = f'kvpilot_router_requests_total{{{sel},code=~"5.."}}'
+
+        def p95(metric: str) -> dict[str, float]:
+            return self._by_revision(
+                f"histogram_quantile(0.95, sum by (le, revision) "
+                f"(rate({metric}_bucket{{{sel}}}[{w}])))"
+            )
+
+        try:
+            counts = self._by_revision(f"sum by (revision) (increase({requests_}[{w}]))")
+            failed = self._by_revision(f"sum by (revision) (increase({errors}[{w}]))")
+            ttft, tpot = p95("kvpilot_router_ttft_seconds"), p95("kvpilot_router_tpot_seconds")
+        except requests.exceptions.RequestException as err:
+            return None, f"Prometheus unreachable: {_brief(err)}"
+        except PrometheusApiClientException as err:
+            return None, f"Prometheus error: {_brief(err)}"
+
+        def ms(values: dict[str, float], rev: str) -> float | None:
+            return None if rev not in values else round(values[rev] * 1000, 1)
+
+        def rate(rev: str) -> float | None:
+            total = counts.get(rev, 0.0)
+            return None if total <= 0 else round(failed.get(rev, 0.0) / total, 4)
+
+        return CanaryAnalysis(
+            canary_requests=round(counts.get(canary, 0.0)),
+            stable_requests=round(counts.get(stable, 0.0)),
+            canary_ttft_p95_ms=ms(ttft, canary),
+            stable_ttft_p95_ms=ms(ttft, stable),
+            canary_tpot_p95_ms=ms(tpot, canary),
+            stable_tpot_p95_ms=ms(tpot, stable),
+            canary_error_rate=rate(canary),
+            stable_error_rate=rate(stable),
+        ), None
+
+    def shadow_summary(
+        self, namespace: str, name: str, revision: str, seconds: float
+    ) -> tuple[ShadowStatus | None, str | None]:
+        """What the routers saw of the shadow over the last `seconds`."""
+        w = _seconds(seconds)
+        sel = f"{self.selector.format(namespace=namespace, name=name)},{ROUTER_SERIES}"
+        rsel = f'{sel},revision="{revision}"'
+
+        def total(metric: str, extra: str = "") -> float:
+            return self._value(f"sum(increase({metric}{{{rsel}{extra}}}[{w}]))") or 0.0
+
+        def p50_ms(metric: str) -> float | None:
+            q = f"histogram_quantile(0.5, sum by (le) (rate({metric}_bucket{{{sel}}}[{w}])))"
+            value = self._value(q)
+            return None if value is None else round(value * 1000, 1)
+
+        try:
+            mirrored = total("kvpilot_router_shadow_requests_total", ',result=~"ok|error|timeout"')
+            errors = total("kvpilot_router_shadow_requests_total", ',result=~"error|timeout"')
+            greedy = total("kvpilot_router_shadow_compared_total", ',kind="greedy"')
+            sampled = total("kvpilot_router_shadow_compared_total", ',kind="sampled"')
+            exact = total("kvpilot_router_shadow_exact_match_total")
+            overlap = self._value(
+                f"sum(increase(kvpilot_router_shadow_overlap_sum{{{sel}}}[{w}])) / "
+                f"sum(increase(kvpilot_router_shadow_overlap_count{{{sel}}}[{w}]))"
+            )
+            e2e = p50_ms("kvpilot_router_shadow_latency_delta_seconds")
+            ttft = p50_ms("kvpilot_router_shadow_ttft_delta_seconds")
+        except requests.exceptions.RequestException as err:
+            return None, f"Prometheus unreachable: {_brief(err)}"
+        except PrometheusApiClientException as err:
+            return None, f"Prometheus error: {_brief(err)}"
+        return ShadowStatus(
+            revision=revision,
+            mirrored=round(mirrored),
+            errors=round(errors),
+            compared=round(greedy + sampled),
+            greedy_compared=round(greedy),
+            greedy_agreement=None if greedy < 0.5 else round(min(1.0, exact / greedy), 4),
+            mean_overlap=None if overlap is None else round(overlap, 4),
+            e2e_delta_p50_ms=e2e,
+            ttft_delta_p50_ms=ttft,
+        ), None
 
 
 def _brief(err: BaseException) -> str:

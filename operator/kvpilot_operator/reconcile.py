@@ -12,19 +12,27 @@ from typing import Any
 from kubernetes.client.exceptions import ApiException
 from pydantic import ValidationError
 
-from kvpilot_operator.api import LLMService, ServingPolicy
+from kvpilot_operator.api import CanaryStatus, LLMService, LLMServiceSpec, ServingPolicy
 from kvpilot_operator.kube import Kube
 from kvpilot_operator.manifests import (
+    Plan,
     RenderOptions,
     SpecError,
     endpoint_url,
     engine_name,
+    optional_objects,
     render,
+    revision_of,
     selector_string,
     served_name,
+    spec_from_annotation,
 )
 from kvpilot_operator.policy import resolve_spec
-from kvpilot_operator.status import Problem, status_patch
+from kvpilot_operator.status import Problem, now_iso, status_patch
+
+# Fields of a resolved spec that say how a service scales and rolls out, not what its engines
+# run: the stable revision takes them from the current spec.
+_POLICY_FIELDS = ("replicas", "scaling", "slo", "rollout", "router")
 
 
 @dataclass
@@ -45,38 +53,88 @@ def parse(body: dict[str, Any]) -> LLMService:
     return LLMService.model_validate({k: v for k, v in body.items() if k != "status"})
 
 
+def plan_rollout(
+    svc: LLMService,
+    spec: LLMServiceSpec,
+    stable_live: dict[str, Any] | None,
+    canary_status: dict[str, Any] | None,
+    now: str,
+) -> tuple[Plan, dict[str, Any] | None]:
+    """Which revisions serve, and a status.canary to record when a canary starts.
+
+    The stable revision is what the live stable Deployment runs (its annotation); a spec whose
+    revision differs starts a canary when spec.rollout.canary is set, and is rolled out in place
+    otherwise. status.canary (advanced by the rollout controller) says how far the canary got."""
+    canary_cfg = spec.rollout.canary if spec.rollout else None
+    stored = spec_from_annotation(stable_live)
+    if stored is None or canary_cfg is None:
+        return Plan(stable=spec), None
+    stable = stored.model_copy(update={f: getattr(spec, f) for f in _POLICY_FIELDS})
+    current, stable_rev = revision_of(svc, spec), revision_of(svc, stable)
+    try:
+        cs = CanaryStatus.model_validate(canary_status) if canary_status else None
+    except ValidationError:
+        cs = None
+    if cs is not None and cs.revision == current and cs.phase == "Promoting":
+        # The stable Deployment takes the canary's revision; the canary serves until it has.
+        return Plan(stable=spec, canary=spec, canary_weight=100), None
+    if stable_rev == current:
+        return Plan(stable=spec), None
+    if cs is not None and cs.revision == current:
+        if cs.phase == "Progressing":
+            return Plan(stable=stable, canary=spec, canary_weight=cs.weight), None
+        if cs.phase == "RolledBack":  # until the spec changes again
+            return Plan(stable=stable), None
+        return Plan(stable=spec), None  # promoted, but the stable Deployment was lost
+    start = CanaryStatus(
+        revision=current,
+        stable_revision=stable_rev,
+        phase="Progressing",
+        step=0,
+        weight=canary_cfg.steps[0],
+        step_started_at=now,
+        reasons=[f"canary {current} started beside stable {stable_rev}"],
+    )
+    plan = Plan(stable=stable, canary=spec, canary_weight=start.weight)
+    return plan, start.model_dump(mode="json", by_alias=True, exclude_none=True)
+
+
 def desired_objects(
     kube: Kube, body: dict[str, Any], opts: RenderOptions
-) -> tuple[LLMService | None, list[dict[str, Any]], Problem | None]:
+) -> tuple[LLMService | None, list[dict[str, Any]], Problem | None, dict[str, Any]]:
+    """(service, objects, problem, status fields the plan adds: stableRevision, canary)."""
     try:
         svc = parse(body)
     except ValidationError as err:
-        return None, [], Problem("InvalidSpec", validation_message(err, "LLMService"))
+        return None, [], Problem("InvalidSpec", validation_message(err, "LLMService")), {}
     policy = None
     if svc.spec.policy:
         policy_body = kube.get_policy(svc.spec.policy)
         if policy_body is None:
-            return (
-                svc,
-                [],
-                Problem("PolicyNotFound", f"ServingPolicy {svc.spec.policy!r} does not exist"),
-            )
+            problem = Problem("PolicyNotFound", f"ServingPolicy {svc.spec.policy!r} does not exist")
+            return svc, [], problem, {}
         try:
             policy = ServingPolicy.model_validate(
                 {k: v for k, v in policy_body.items() if k != "status"}
             ).spec
         except ValidationError as err:
-            return (
-                svc,
-                [],
-                Problem(
-                    "InvalidPolicy", validation_message(err, f"ServingPolicy {svc.spec.policy}")
-                ),
-            )
+            where = f"ServingPolicy {svc.spec.policy}"
+            return svc, [], Problem("InvalidPolicy", validation_message(err, where)), {}
     try:
-        return svc, render(svc, resolve_spec(svc.spec, policy), opts), None
+        spec = resolve_spec(svc.spec, policy)
+        meta = body["metadata"]
+        stable_live = kube.get(
+            "apps/v1", "Deployment", engine_name(meta["name"]), meta["namespace"]
+        )
+        plan, started = plan_rollout(
+            svc, spec, stable_live, (body.get("status") or {}).get("canary"), now_iso()
+        )
+        extra: dict[str, Any] = {"stableRevision": revision_of(svc, plan.stable)}
+        if started is not None:
+            extra["canary"] = started
+        return svc, render(svc, spec, opts, plan), None, extra
     except (SpecError, ValidationError) as err:
-        return svc, [], Problem("InvalidSpec", str(err))
+        return svc, [], Problem("InvalidSpec", str(err)), {}
 
 
 def reconcile(
@@ -92,7 +150,7 @@ def reconcile(
     meta = body["metadata"]
     namespace, name = meta["namespace"], meta["name"]
     out = Outcome()
-    svc, objects, out.problem = desired_objects(kube, body, opts)
+    svc, objects, out.problem, extra = desired_objects(kube, body, opts)
     for obj in objects if apply else []:
         kind, obj_name = obj["kind"], obj["metadata"]["name"]
         before = kube.get(obj["apiVersion"], kind, obj_name, namespace)
@@ -101,12 +159,19 @@ def reconcile(
         except ApiException as err:
             out.problem = Problem("ApplyFailed", f"apply {kind} {obj_name}: {err.reason}")
             break
-        if kind == "Deployment":
-            deployment = after
+        if kind == "Deployment" and obj_name == engine_name(name):
+            deployment = after  # status follows the stable engines
         if before is None:
             out.actions.append(f"created {kind} {namespace}/{obj_name}")
         elif before["metadata"]["resourceVersion"] != after["metadata"]["resourceVersion"]:
             out.actions.append(f"updated {kind} {namespace}/{obj_name}")
+    if apply and svc is not None and objects and out.problem is None:
+        wanted = {(o["apiVersion"], o["kind"], o["metadata"]["name"]) for o in objects}
+        for api_version, kind, obj_name in optional_objects(svc):
+            if (api_version, kind, obj_name) not in wanted and kube.delete(
+                api_version, kind, obj_name, namespace
+            ):
+                out.actions.append(f"deleted {kind} {namespace}/{obj_name}")
     if deployment is None:
         deployment = kube.get("apps/v1", "Deployment", engine_name(name), namespace)
     model = served_name(svc) if svc is not None else name
@@ -119,6 +184,7 @@ def reconcile(
         selector=selector_string(name),
         endpoint=endpoint,
         model=model,
+        extra=extra if apply else {},
     )
     if out.status is not None:
         kube.patch_llmservice_status(namespace, name, out.status)

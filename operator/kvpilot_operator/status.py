@@ -133,6 +133,7 @@ def status_patch(
     selector: str,
     endpoint: str,
     model: str,
+    extra: dict[str, Any] | None = None,
 ) -> dict[str, Any] | None:
     """The status fields to patch, or None when nothing would change (no churn, no event)."""
     current = current or {}
@@ -144,6 +145,7 @@ def status_patch(
         "selector": selector,
         "endpoint": endpoint,
         "model": model,
+        **(extra or {}),
     }
     conditions = engine_conditions(deployment, generation, problem)
     merged = merge_conditions(current.get("conditions"), conditions, now_iso())

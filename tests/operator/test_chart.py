@@ -478,6 +478,13 @@ CLUSTER_GRANTS = set().union(
     _expand("apps", "deployments", "get list watch create patch update delete"),
     _expand("", "services", "get list watch create patch update delete"),
     _expand("policy", "poddisruptionbudgets", "get list watch create patch update delete"),
+    # the router of each LLMService: routes ConfigMap, ServiceAccount, Role, RoleBinding
+    _expand("", "configmaps serviceaccounts", "get list watch create patch update delete"),
+    _expand(
+        "rbac.authorization.k8s.io",
+        "roles rolebindings",
+        "get list watch create patch update delete",
+    ),
     _expand("", "events", "create patch"),
     _expand("events.k8s.io", "events", "create patch"),
     _expand("", "pods endpoints", "get list watch"),
@@ -501,7 +508,7 @@ def test_rbac_is_least_privilege(helm: str) -> None:
     # The Lease is namespaced to the release, never cluster-wide.
     assert _grants(one(docs, "Role")) == LEASE_GRANTS
     cluster_resources = {r for _, r, _ in CLUSTER_GRANTS}
-    assert not cluster_resources & {"secrets", "configmaps", "leases", "roles", "clusterroles"}
+    assert not cluster_resources & {"secrets", "leases", "clusterroles", "clusterrolebindings"}
 
 
 def test_toggles_drop_their_objects(helm: str) -> None:
@@ -723,6 +730,10 @@ def test_helm_install_into_local_cluster(helm: str, cluster: LocalCluster) -> No
         assert not can("delete", "llmservices.kvpilot.io", "-n", "default")
         assert not can("create", "llmservices.kvpilot.io", "-n", "default")
         assert not can("get", "secrets", "-n", ns)
+        # The router's Role: granted by the operator, which holds what it grants.
+        assert can("create", "roles.rbac.authorization.k8s.io", "-n", "default")
+        assert can("create", "configmaps", "-n", "default")
+        assert not can("escalate", "roles.rbac.authorization.k8s.io", "-n", "default")
         assert not can("delete", "pods", "-n", "default")
         assert not can("create", "clusterrolebindings.rbac.authorization.k8s.io")
     finally:

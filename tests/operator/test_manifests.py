@@ -46,7 +46,10 @@ def make_service(**spec: Any) -> LLMService:
 def rendered(svc: LLMService, policy: str | None = None, **opts: Any) -> dict[str, dict]:
     presets = load_presets()
     spec = resolve_spec(svc.spec, presets[policy].spec if policy else None)
-    return {o["kind"]: o for o in render(svc, spec, RenderOptions(**opts))}
+    out: dict[str, dict] = {}
+    for obj in render(svc, spec, RenderOptions(**opts)):
+        out.setdefault(obj["kind"], obj)  # the first Deployment is the stable engine one
+    return out
 
 
 # --- CRDs ------------------------------------------------------------------------------------
@@ -204,7 +207,16 @@ def test_examples_render(example: Path) -> None:
         check=True,
     ).stdout
     kinds = [d["kind"] for d in yaml.safe_load_all(out)]
-    assert kinds == ["Deployment", "Service", "PodDisruptionBudget"]
+    assert kinds[0] == "Deployment"  # the stable engines; canary/shadow only with a rollout
+    assert kinds[-7:] == [
+        "ConfigMap",
+        "ServiceAccount",
+        "Role",
+        "RoleBinding",
+        "Deployment",
+        "Service",
+        "PodDisruptionBudget",
+    ]
 
 
 def test_deployment_security_probes_labels_and_owner() -> None:
@@ -242,9 +254,22 @@ def test_deployment_security_probes_labels_and_owner() -> None:
     # copilot keeps two warm replicas.
     assert dep["spec"]["replicas"] == 2
     sel = dep["spec"]["selector"]["matchLabels"]
-    assert svc["spec"]["selector"] == sel == pdb["spec"]["selector"]["matchLabels"]
-    assert selector_string("chat") == ",".join(f"{k}={v}" for k, v in sel.items())
+    assert sel == {
+        "kvpilot.io/llmservice": "chat",
+        "app.kubernetes.io/component": "engine",
+        "kvpilot.io/track": "stable",
+    }
+    # The PDB and the scale subresource's selector cover every engine serving users (stable and
+    # canary); the Service sends clients to the routers.
+    engines = pdb["spec"]["selector"]["matchLabels"]
+    assert engines.items() <= sel.items()
+    assert selector_string("chat") == ",".join(f"{k}={v}" for k, v in engines.items())
+    assert svc["spec"]["selector"] == {
+        "kvpilot.io/llmservice": "chat",
+        "app.kubernetes.io/component": "router",
+    }
     assert sel.items() <= pod["metadata"]["labels"].items()
+    assert len(pod["metadata"]["labels"]["kvpilot.io/revision"]) == 10
     assert (
         rendered(make_service(), pdb_api_version="policy/v1beta1")["PodDisruptionBudget"][
             "apiVersion"

@@ -153,11 +153,14 @@ def engine_args(deployment: dict) -> list[str]:
     return deployment["spec"]["template"]["spec"]["containers"][0]["args"]
 
 
+def engine_pods(cluster: LocalCluster, ns: str, selector: str) -> list[dict[str, Any]]:
+    out = cluster.kubectl("get", "pods", "-n", ns, "-l", selector, "-o", "json").stdout
+    return json.loads(out)["items"]
+
+
 def act_as_kubelet(cluster: LocalCluster, ns: str, selector: str, ready: int) -> None:
     """Mark `ready` of the engine pods Running and Ready, as a kubelet would report them."""
-    pods = json.loads(
-        cluster.kubectl("get", "pods", "-n", ns, "-l", selector, "-o", "json").stdout
-    )["items"]
+    pods = engine_pods(cluster, ns, selector)
     from kubernetes import client, config
 
     api = client.CoreV1Api(config.new_client_from_config(str(cluster.kubeconfig)))
@@ -457,10 +460,7 @@ def test_printer_columns_and_conditions_follow_the_deployment(
         "DeploymentNotFound",
     }
     # The ReplicaSet controller makes the pod; no kubelet runs it, so report it ready ourselves.
-    wait_for(
-        "engine pod",
-        lambda: json.loads(cluster.kubectl("get", "pods", "-n", ns, "-o", "json").stdout)["items"],
-    )
+    wait_for("engine pod", lambda: engine_pods(cluster, ns, status["selector"]))
     act_as_kubelet(cluster, ns, status["selector"], ready=1)
     svc = wait_for(
         "Ready=True",
@@ -485,13 +485,7 @@ def test_printer_columns_and_conditions_follow_the_deployment(
             == "True"
         ),
     )
-    wait_for(
-        "second pod",
-        lambda: (
-            len(json.loads(cluster.kubectl("get", "pods", "-n", ns, "-o", "json").stdout)["items"])
-            == 2
-        ),
-    )
+    wait_for("second pod", lambda: len(engine_pods(cluster, ns, status["selector"])) == 2)
     act_as_kubelet(cluster, ns, status["selector"], ready=2)
     wait_for(
         "2 ready",

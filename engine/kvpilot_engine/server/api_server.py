@@ -708,10 +708,13 @@ def run_server(
     max_waiting: int,
     drain_timeout: float,
     log_level: str = "info",
+    inject_step_delay: float = 0.0,
 ) -> int:
     configure_logging(log_level)
     metrics = ServerMetrics(served_model_name)
-    engine = AsyncLLMEngine(lambda: LLMEngine(engine_args), metrics, max_waiting)
+    engine = AsyncLLMEngine(
+        lambda: LLMEngine(engine_args), metrics, max_waiting, inject_step_delay
+    )
     app = build_app(engine, served_model_name, metrics)
     config = uvicorn.Config(
         app,
@@ -725,6 +728,8 @@ def run_server(
     server = _DrainingServer(config, engine, drain_timeout)
     engine.on_fatal = server.stop
     log.info("starting", model=engine_args.model, served_model_name=served_model_name, port=port)
+    if inject_step_delay:
+        log.warning("fault injection: every engine step is delayed", seconds=inject_step_delay)
     server.run()
     if engine.error is not None:
         log.error("exiting: the engine failed", error=str(engine.error))

@@ -121,10 +121,16 @@ class AsyncLLMEngine:
         factory: Callable[[], LLMEngine],
         metrics: ServerMetrics | None = None,
         max_waiting: int = 256,
+        inject_step_delay: float = 0.0,
     ):
         if max_waiting < 1:
             raise ValueError("max_waiting must be at least 1")
+        if inject_step_delay < 0:
+            raise ValueError("inject_step_delay must not be negative")
         self._factory = factory
+        # Fault injection (`kvpilot serve --inject-step-delay`): a slow engine on demand, so that
+        # canary analysis and the router's timeouts can be tested against a real engine.
+        self.inject_step_delay = inject_step_delay
         self.metrics = metrics
         self.max_waiting = max_waiting
         self.engine: LLMEngine | None = None  # read-only from the event loop (config, tokenizer)
@@ -270,6 +276,8 @@ class AsyncLLMEngine:
                     return
                 stepped = engine.has_unfinished_requests()
                 if stepped:
+                    if self.inject_step_delay:
+                        time.sleep(self.inject_step_delay)
                     self._dispatch(engine.step(), streams, last_token_time)
                 with self._lock:
                     self._engine_waiting = engine.stats.num_waiting

@@ -1,0 +1,237 @@
+"""Canary rollouts end to end, on loopback: the real API server and `kvpilot operator`, real
+SmolLM2 engines and a real router run as pods by the node agent (this machine's kubelet
+stand-in), a real Prometheus scraping the router, and the official `openai` client as the
+users.
+
+A canary made slow with the engine's fault-injection flag is rolled back on its own; a healthy
+one walks its steps and is promoted; status.canary and the events tell the story, and the users
+see no errors through either.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from kvpilot_operator.localcluster import LocalCluster
+from kvpilot_operator.localprom import LocalPrometheus
+from kvpilot_operator.nodeagent import NodeAgent
+
+from tests.operator.test_autoscaler import events
+from tests.operator.test_operator import ROOT, Operator, apply, get, service_doc, wait_for
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def prometheus() -> Iterator[LocalPrometheus]:
+    with LocalPrometheus(scrape_interval=1.0) as prom:
+        yield prom
+
+
+@pytest.fixture(scope="module")
+def rollout_operator(
+    cluster: LocalCluster, prometheus: LocalPrometheus, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Operator]:
+    cluster.kubectl("apply", "-f", str(ROOT / "crds"))
+    cluster.kubectl(
+        "wait", "--for=condition=Established", "--timeout=60s", "crd/llmservices.kvpilot.io"
+    )
+    op = Operator(
+        cluster,
+        tmp_path_factory.mktemp("canary") / "operator.log",
+        ("--prometheus-url", prometheus.url, "--rollout-interval", "1",
+         "--autoscale-interval", "5"),
+    )  # fmt: skip
+    op.start()
+    try:
+        yield op
+    finally:
+        code = op.stop()
+        print(op.log_text()[-6000:])
+        assert code in (0, -15), f"operator exited {code}"
+
+
+class Users:
+    """Streaming chat completions through the router, a few at a time, until stopped."""
+
+    def __init__(self, base_url: str, workers: int = 4) -> None:
+        from openai import OpenAI
+
+        self.client = OpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=60)
+        self.ok = 0
+        self.errors: list[str] = []
+        self._stop = threading.Event()
+        self._threads = [
+            threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(workers)
+        ]
+        for t in self._threads:
+            t.start()
+
+    def _run(self, i: int) -> None:
+        n = 0
+        while not self._stop.is_set():
+            n += 1
+            try:
+                stream = self.client.chat.completions.create(
+                    model="chat",
+                    messages=[{"role": "user", "content": f"Count to three. ({i}.{n})"}],
+                    max_tokens=6,
+                    temperature=0,
+                    stream=True,
+                )
+                text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+                assert text
+                self.ok += 1
+            except Exception as err:  # recorded: the test asserts there are none
+                self.errors.append(repr(err))
+                time.sleep(0.2)
+
+    def stop(self) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(timeout=90)
+
+
+def canary(cluster: LocalCluster, ns: str) -> dict[str, Any]:
+    return ((get(cluster, "llmservice", "chat", ns) or {}).get("status") or {}).get("canary") or {}
+
+
+def test_slow_canary_rolls_back_healthy_canary_is_promoted(
+    cluster: LocalCluster,
+    prometheus: LocalPrometheus,
+    rollout_operator: Operator,
+    ns: str,
+    tmp_path: Path,
+) -> None:
+    agent = NodeAgent(
+        cluster.kubeconfig, ns, tmp_path / "pods", env={"KUBECONFIG": str(cluster.kubeconfig)}
+    ).start()
+    users = None
+    try:
+        engine = {"kvCacheMemory": "64MiB", "maxNumSeqs": 8, "drainTimeoutSeconds": 5}
+        doc = service_doc(
+            "chat",
+            quantization="none",
+            model={"source": {"path": "smollm2"}, "dtype": "float32", "maxContext": 512},
+            engine=engine,
+            scaling={"minReplicas": 1, "maxReplicas": 1},
+            rollout={
+                "canary": {
+                    "steps": [50, 100],
+                    "stepSeconds": 10,
+                    # Two engines share two cores here: only a gross regression should fail.
+                    "maxTtftRegression": 1.0,
+                    "maxTpotRegression": 1.0,
+                }
+            },
+        )
+        apply(cluster, doc, ns)
+
+        def router_ip() -> str | None:
+            pods = cluster.kubectl(
+                "get", "pods", "-n", ns, "-l", "app.kubernetes.io/component=router",
+                "-o", "jsonpath={.items[*].status.podIP}",
+            ).stdout.split()  # fmt: skip
+            return pods[0] if len(pods) == 1 else None
+
+        ip = wait_for("the router pod", router_ip, timeout=60)
+        wait_for(
+            "Ready",
+            lambda: (
+                (get(cluster, "llmservice", "chat", ns) or {})
+                .get("status", {})
+                .get("readyReplicas")
+            ),
+            timeout=240,
+        )
+        stable = get(cluster, "llmservice", "chat", ns)["status"]["stableRevision"]
+        prometheus.set_targets(
+            [
+                (
+                    f"{ip}:8000",
+                    {
+                        "namespace": ns,
+                        "kvpilot_io_llmservice": "chat",
+                        "app_kubernetes_io_component": "router",
+                    },
+                )
+            ]
+        )
+        users = Users(f"http://{ip}:8000/v1")
+        wait_for("users served", lambda: users.ok >= 5, timeout=120)
+
+        # 1. A canary whose engine is slow (fault injection: 150 ms per step) is rolled back.
+        slow = {**engine, "extraArgs": ["--inject-step-delay", "0.15"]}
+        apply(cluster, {**doc, "spec": {**doc["spec"], "engine": slow}}, ns)
+        started = wait_for("a canary", lambda: canary(cluster, ns).get("phase"), timeout=30)
+        assert started == "Progressing" and canary(cluster, ns)["weight"] == 50
+        assert canary(cluster, ns)["stableRevision"] == stable
+        wait_for("the canary engine", lambda: get(cluster, "deployment", "chat-engine-canary", ns))
+        rolled_back = wait_for(
+            "rollback",
+            lambda: (
+                canary(cluster, ns) if canary(cluster, ns).get("phase") == "RolledBack" else None
+            ),
+            timeout=180,
+        )
+        assert rolled_back["verdict"] == "Fail" and rolled_back["weight"] == 0
+        assert any("TPOT" in r for r in rolled_back["reasons"]), rolled_back
+        analysis = rolled_back["analysis"]
+        assert analysis["canaryTpotP95Ms"] > 2 * analysis["stableTpotP95Ms"]
+        wait_for(
+            "the canary Deployment to go",
+            lambda: get(cluster, "deployment", "chat-engine-canary", ns) is None,
+        )
+        reasons = [e["reason"] for e in events(cluster, ns, "chat")]
+        assert "CanaryRolledBack" in reasons
+        svc = get(cluster, "llmservice", "chat", ns)
+        assert svc["status"]["stableRevision"] == stable  # the stable engines never changed
+
+        # 2. A healthy change walks 50% -> 100% and is promoted.
+        healthy = {**engine, "maxWaiting": 128}
+        apply(cluster, {**doc, "spec": {**doc["spec"], "engine": healthy}}, ns)
+        wait_for(
+            "a new canary",
+            lambda: (
+                canary(cluster, ns).get("phase") == "Progressing"
+                and canary(cluster, ns)["revision"] != rolled_back["revision"]
+            ),
+        )
+        new_revision = canary(cluster, ns)["revision"]
+        done = wait_for(
+            "promotion",
+            lambda: canary(cluster, ns) if canary(cluster, ns).get("phase") == "Promoted" else None,
+            timeout=300,
+        )
+        assert done["revision"] == new_revision and done["verdict"] == "Pass"
+        wait_for(
+            "the stable revision to be the canary's",
+            lambda: (
+                get(cluster, "llmservice", "chat", ns)["status"]["stableRevision"] == new_revision
+            ),
+        )
+        wait_for(
+            "the canary Deployment to go",
+            lambda: get(cluster, "deployment", "chat-engine-canary", ns) is None,
+        )
+        dep = get(cluster, "deployment", "chat-engine", ns)
+        args = dep["spec"]["template"]["spec"]["containers"][0]["args"]
+        assert args[args.index("--max-waiting") + 1] == "128"
+        reasons = [e["reason"] for e in events(cluster, ns, "chat")]
+        for reason in ("CanaryStep", "CanaryPromoting", "CanaryPromoted"):
+            assert reason in reasons, reasons
+        served_before = users.ok
+        wait_for("users served after promotion", lambda: users.ok >= served_before + 3)
+        users.stop()
+        assert users.errors == [], users.errors[:5]
+    finally:
+        if users is not None:
+            users.stop()
+        cluster.kubectl("delete", "llmservice", "chat", "-n", ns, "--wait=true", check=False)
+        agent.stop()
+    assert agent.pods == {}
