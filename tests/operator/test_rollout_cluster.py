@@ -1,11 +1,12 @@
-"""Canary rollouts end to end, on loopback: the real API server and `kvpilot operator`, real
-SmolLM2 engines and a real router run as pods by the node agent (this machine's kubelet
-stand-in), a real Prometheus scraping the router, and the official `openai` client as the
-users.
+"""Canary and shadow rollouts end to end, on loopback: the real API server and `kvpilot
+operator`, real SmolLM2 engines and a real router run as pods by the node agent (this machine's
+kubelet stand-in), a real Prometheus scraping the router, and the official `openai` client as
+the users.
 
 A canary made slow with the engine's fault-injection flag is rolled back on its own; a healthy
 one walks its steps and is promoted; status.canary and the events tell the story, and the users
-see no errors through either.
+see no errors through either. A shadow with the primary's settings agrees on every greedy
+request, and status.shadow and ShadowHealthy say so.
 """
 
 from __future__ import annotations
@@ -22,7 +23,15 @@ from kvpilot_operator.localprom import LocalPrometheus
 from kvpilot_operator.nodeagent import NodeAgent
 
 from tests.operator.test_autoscaler import events
-from tests.operator.test_operator import ROOT, Operator, apply, get, service_doc, wait_for
+from tests.operator.test_operator import (
+    ROOT,
+    Operator,
+    apply,
+    condition,
+    get,
+    service_doc,
+    wait_for,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -97,6 +106,40 @@ class Users:
             t.join(timeout=90)
 
 
+def start_service(
+    cluster: LocalCluster, prometheus: LocalPrometheus, ns: str, doc: dict[str, Any]
+) -> str:
+    """Apply `doc`, wait for its router and a ready engine, point Prometheus at the router;
+    returns the router's address."""
+    apply(cluster, doc, ns)
+    name = doc["metadata"]["name"]
+
+    def router_ip() -> str | None:
+        pods = cluster.kubectl(
+            "get", "pods", "-n", ns, "-l", "app.kubernetes.io/component=router",
+            "-o", "jsonpath={.items[*].status.podIP}",
+        ).stdout.split()  # fmt: skip
+        return pods[0] if len(pods) == 1 else None
+
+    ip = wait_for("the router pod", router_ip, timeout=60)
+    wait_for(
+        "Ready",
+        lambda: (get(cluster, "llmservice", name, ns) or {}).get("status", {}).get("readyReplicas"),
+        timeout=240,
+    )
+    labels = {
+        "namespace": ns,
+        "kvpilot_io_llmservice": name,
+        "app_kubernetes_io_component": "router",
+    }
+    prometheus.set_targets([(f"{ip}:8000", labels)])
+    return ip
+
+
+ENGINE = {"kvCacheMemory": "64MiB", "maxNumSeqs": 8, "drainTimeoutSeconds": 5}
+MODEL = {"source": {"path": "smollm2"}, "dtype": "float32", "maxContext": 512}
+
+
 def canary(cluster: LocalCluster, ns: str) -> dict[str, Any]:
     return ((get(cluster, "llmservice", "chat", ns) or {}).get("status") or {}).get("canary") or {}
 
@@ -113,11 +156,11 @@ def test_slow_canary_rolls_back_healthy_canary_is_promoted(
     ).start()
     users = None
     try:
-        engine = {"kvCacheMemory": "64MiB", "maxNumSeqs": 8, "drainTimeoutSeconds": 5}
+        engine = ENGINE
         doc = service_doc(
             "chat",
             quantization="none",
-            model={"source": {"path": "smollm2"}, "dtype": "float32", "maxContext": 512},
+            model=MODEL,
             engine=engine,
             scaling={"minReplicas": 1, "maxReplicas": 1},
             rollout={
@@ -130,38 +173,8 @@ def test_slow_canary_rolls_back_healthy_canary_is_promoted(
                 }
             },
         )
-        apply(cluster, doc, ns)
-
-        def router_ip() -> str | None:
-            pods = cluster.kubectl(
-                "get", "pods", "-n", ns, "-l", "app.kubernetes.io/component=router",
-                "-o", "jsonpath={.items[*].status.podIP}",
-            ).stdout.split()  # fmt: skip
-            return pods[0] if len(pods) == 1 else None
-
-        ip = wait_for("the router pod", router_ip, timeout=60)
-        wait_for(
-            "Ready",
-            lambda: (
-                (get(cluster, "llmservice", "chat", ns) or {})
-                .get("status", {})
-                .get("readyReplicas")
-            ),
-            timeout=240,
-        )
+        ip = start_service(cluster, prometheus, ns, doc)
         stable = get(cluster, "llmservice", "chat", ns)["status"]["stableRevision"]
-        prometheus.set_targets(
-            [
-                (
-                    f"{ip}:8000",
-                    {
-                        "namespace": ns,
-                        "kvpilot_io_llmservice": "chat",
-                        "app_kubernetes_io_component": "router",
-                    },
-                )
-            ]
-        )
         users = Users(f"http://{ip}:8000/v1")
         wait_for("users served", lambda: users.ok >= 5, timeout=120)
 
@@ -229,6 +242,88 @@ def test_slow_canary_rolls_back_healthy_canary_is_promoted(
         wait_for("users served after promotion", lambda: users.ok >= served_before + 3)
         users.stop()
         assert users.errors == [], users.errors[:5]
+    finally:
+        if users is not None:
+            users.stop()
+        cluster.kubectl("delete", "llmservice", "chat", "-n", ns, "--wait=true", check=False)
+        agent.stop()
+    assert agent.pods == {}
+
+
+def test_identical_shadow_agrees_and_never_counts_as_an_engine(
+    cluster: LocalCluster,
+    prometheus: LocalPrometheus,
+    rollout_operator: Operator,
+    ns: str,
+    tmp_path: Path,
+) -> None:
+    agent = NodeAgent(
+        cluster.kubeconfig, ns, tmp_path / "pods", env={"KUBECONFIG": str(cluster.kubeconfig)}
+    ).start()
+    users = None
+    try:
+        doc = service_doc(
+            "chat",
+            quantization="none",
+            model=MODEL,
+            engine=ENGINE,
+            scaling={"minReplicas": 1, "maxReplicas": 1},
+            rollout={"shadow": {"mirrorPercent": 100}},
+        )
+        ip = start_service(cluster, prometheus, ns, doc)
+        wait_for(
+            "the shadow engine ready",
+            lambda: (
+                (get(cluster, "deployment", "chat-engine-shadow", ns) or {})
+                .get("status", {})
+                .get("readyReplicas")
+            ),
+            timeout=240,
+        )
+        users = Users(f"http://{ip}:8000/v1", workers=2)
+
+        def agreed() -> dict[str, Any] | None:
+            shadow = get(cluster, "llmservice", "chat", ns)["status"].get("shadow") or {}
+            return shadow if shadow.get("greedyCompared", 0) >= 5 else None
+
+        shadow = wait_for("shadow comparisons in status", agreed, timeout=180)
+        users.stop()
+        assert users.errors == [], users.errors[:5]
+        assert shadow["greedyAgreement"] == 1.0, shadow
+        assert shadow["errors"] == 0 and shadow["mirrored"] >= shadow["greedyCompared"]
+        svc = get(cluster, "llmservice", "chat", ns)
+        healthy = condition(svc, "ShadowHealthy")
+        assert healthy["status"] == "True" and "100.0%" in healthy["message"], healthy
+        # The shadow is no engine of the service: not in the scale selector...
+        selected = cluster.kubectl(
+            "get", "pods", "-n", ns, "-l", svc["status"]["selector"], "-o", "name"
+        ).stdout.split()  # fmt: skip
+        assert len(selected) == 1 and "shadow" not in selected[0]
+        # ...and not in the series the autoscaler reads, with every pod scraped as the
+        # kubernetes-pods job would (pod labels mapped to Prometheus labels).
+        from kvpilot_operator.manifests import ENGINE_SERIES, PROMETHEUS_SELECTOR
+
+        targets = []
+        for component in ("router", "engine", "shadow"):
+            (pod_ip,) = cluster.kubectl(
+                "get", "pods", "-n", ns, "-l", f"app.kubernetes.io/component={component}",
+                "-o", "jsonpath={.items[*].status.podIP}",
+            ).stdout.split()  # fmt: skip
+            labels = {
+                "namespace": ns,
+                "kvpilot_io_llmservice": "chat",
+                "app_kubernetes_io_component": component,
+            }
+            targets.append((f"{pod_ip}:8000", labels))
+        prometheus.set_targets(targets)
+        sel = PROMETHEUS_SELECTOR.format(namespace=ns, name="chat")
+        prometheus.wait_for_series(f"vllm:num_requests_running{{{sel}}}", timeout=60)
+        wait_for(
+            "both engines scraped",
+            lambda: len(prometheus.query(f"vllm:num_requests_running{{{sel}}}")) == 2,
+        )
+        serving = prometheus.query(f"vllm:num_requests_running{{{sel},{ENGINE_SERIES}}}")
+        assert [s["metric"]["app_kubernetes_io_component"] for s in serving] == ["engine"]
     finally:
         if users is not None:
             users.stop()
