@@ -65,6 +65,18 @@ def cmd_operator(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_observability(ns: argparse.Namespace) -> int:
+    from kvpilot_operator.observability import write
+
+    stale = write(check=ns.check)
+    for path in stale:
+        if ns.check:
+            print(f"out of date: {path} (run `kvpilot observability`)", file=sys.stderr)
+        else:
+            print(path)
+    return 1 if ns.check and stale else 0
+
+
 def cmd_crds(ns: argparse.Namespace) -> int:
     from kvpilot_operator.crds import (
         CRD_DIRS,
@@ -280,6 +292,12 @@ def add_commands(sub: Any, bench: Any) -> None:
     c.add_argument("--out", action="append", help="directory (repeat; default: crds/ and chart)")
     c.add_argument("--check", action="store_true", help="exit 1 if the files are out of date")
     c.set_defaults(func=cmd_crds)
+
+    ob = sub.add_parser(
+        "observability", help="write the chart's recording rules, alerts and Grafana dashboard"
+    )
+    ob.add_argument("--check", action="store_true", help="exit 1 if the files are out of date")
+    ob.set_defaults(func=cmd_observability)
 
     r = sub.add_parser("render", help="print the manifests an LLMService becomes (no cluster)")
     r.add_argument("-f", "--file", required=True, help="YAML with LLMService(s); - for stdin")

@@ -19,6 +19,7 @@ from typing import Any
 
 import kopf
 
+from kvpilot_operator import slometrics
 from kvpilot_operator.api import GROUP, VERSION
 from kvpilot_operator.autoscaler import Autoscaler
 from kvpilot_operator.kube import Kube
@@ -71,6 +72,7 @@ def _reconcile_body(body: dict[str, Any], **kwargs: Any) -> Outcome:
         if live is not None:
             body = {**body, "status": live.get("status")}
         out = reconcile(State.kube, body, State.opts, **kwargs)
+    slometrics.export(meta["namespace"], meta["name"], out.spec)
     _report(body, out)
     if out.problem is not None and out.problem.reason == "ApplyFailed":
         # Transient (API server, admission, quota): retry with back-off, never crash.
@@ -88,6 +90,11 @@ def reconcile_now(body: dict[str, Any]) -> None:
 @kopf.on.update(GROUP, VERSION, "llmservices")
 def on_llmservice(body: kopf.Body, **_: Any) -> None:
     _reconcile_body(dict(body))
+
+
+@kopf.on.delete(GROUP, VERSION, "llmservices", optional=True)
+def on_llmservice_deleted(namespace: str, name: str, **_: Any) -> None:
+    slometrics.forget(namespace, name)  # the owned objects go with it (garbage collector)
 
 
 def _autoscaling(**_: Any) -> bool:

@@ -40,6 +40,7 @@ class Outcome:
     actions: list[str] = field(default_factory=list)  # "created Deployment ns/name", ...
     problem: Problem | None = None
     status: dict[str, Any] | None = None  # the status patch sent, if any
+    spec: LLMServiceSpec | None = None  # the resolved spec, when it could be resolved
 
 
 def validation_message(err: ValidationError, prefix: str) -> str:
@@ -99,27 +100,34 @@ def plan_rollout(
     return plan, start.model_dump(mode="json", by_alias=True, exclude_none=True)
 
 
-def desired_objects(
-    kube: Kube, body: dict[str, Any], opts: RenderOptions
-) -> tuple[LLMService | None, list[dict[str, Any]], Problem | None, dict[str, Any]]:
-    """(service, objects, problem, status fields the plan adds: stableRevision, canary)."""
+@dataclass
+class Desired:
+    svc: LLMService | None = None
+    spec: LLMServiceSpec | None = None  # resolved
+    objects: list[dict[str, Any]] = field(default_factory=list)
+    problem: Problem | None = None
+    status: dict[str, Any] = field(default_factory=dict)  # what the plan adds: stableRevision...
+
+
+def desired_objects(kube: Kube, body: dict[str, Any], opts: RenderOptions) -> Desired:
     try:
         svc = parse(body)
     except ValidationError as err:
-        return None, [], Problem("InvalidSpec", validation_message(err, "LLMService")), {}
+        return Desired(problem=Problem("InvalidSpec", validation_message(err, "LLMService")))
     policy = None
     if svc.spec.policy:
         policy_body = kube.get_policy(svc.spec.policy)
         if policy_body is None:
             problem = Problem("PolicyNotFound", f"ServingPolicy {svc.spec.policy!r} does not exist")
-            return svc, [], problem, {}
+            return Desired(svc, problem=problem)
         try:
             policy = ServingPolicy.model_validate(
                 {k: v for k, v in policy_body.items() if k != "status"}
             ).spec
         except ValidationError as err:
             where = f"ServingPolicy {svc.spec.policy}"
-            return svc, [], Problem("InvalidPolicy", validation_message(err, where)), {}
+            return Desired(svc, problem=Problem("InvalidPolicy", validation_message(err, where)))
+    spec = None
     try:
         spec = resolve_spec(svc.spec, policy)
         meta = body["metadata"]
@@ -132,9 +140,9 @@ def desired_objects(
         extra: dict[str, Any] = {"stableRevision": revision_of(svc, plan.stable)}
         if started is not None:
             extra["canary"] = started
-        return svc, render(svc, spec, opts, plan), None, extra
+        return Desired(svc, spec, render(svc, spec, opts, plan), status=extra)
     except (SpecError, ValidationError) as err:
-        return svc, [], Problem("InvalidSpec", str(err)), {}
+        return Desired(svc, spec, problem=Problem("InvalidSpec", str(err)))
 
 
 def reconcile(
@@ -150,7 +158,9 @@ def reconcile(
     meta = body["metadata"]
     namespace, name = meta["namespace"], meta["name"]
     out = Outcome()
-    svc, objects, out.problem, extra = desired_objects(kube, body, opts)
+    desired = desired_objects(kube, body, opts)
+    svc, objects, extra = desired.svc, desired.objects, desired.status
+    out.problem, out.spec = desired.problem, desired.spec
     for obj in objects if apply else []:
         kind, obj_name = obj["kind"], obj["metadata"]["name"]
         before = kube.get(obj["apiVersion"], kind, obj_name, namespace)
