@@ -65,6 +65,22 @@ def cmd_operator(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_up(ns: argparse.Namespace) -> int:
+    from kvpilot_operator import stack
+
+    workdir = Path(ns.workdir) if ns.workdir else stack.default_workdir()
+    sample = None if ns.no_sample else (Path(ns.file) if ns.file else stack.SAMPLE)
+    if ns.foreground:
+        return stack.run_foreground(workdir, sample)
+    return stack.up(workdir, sample)
+
+
+def cmd_down(ns: argparse.Namespace) -> int:
+    from kvpilot_operator import stack
+
+    return stack.down(Path(ns.workdir) if ns.workdir else stack.default_workdir())
+
+
 def cmd_observability(ns: argparse.Namespace) -> int:
     from kvpilot_operator.observability import write
 
@@ -292,6 +308,22 @@ def add_commands(sub: Any, bench: Any) -> None:
     c.add_argument("--out", action="append", help="directory (repeat; default: crds/ and chart)")
     c.add_argument("--check", action="store_true", help="exit 1 if the files are out of date")
     c.set_defaults(func=cmd_crds)
+
+    up = sub.add_parser(
+        "up",
+        help="the whole system on this machine: control plane, operator, router, Prometheus, "
+        "and a SmolLM2 LLMService; prints the OpenAI base URL",
+    )
+    up.add_argument(
+        "-f", "--file", help="LLMService to apply (default docs/examples/quickstart.yaml)"
+    )
+    up.add_argument("--no-sample", action="store_true", help="apply no LLMService")
+    up.add_argument("--workdir", help="state, logs and data (default ~/.cache/kvpilot/stack)")
+    up.add_argument("--foreground", action="store_true", help="run in this terminal until Ctrl-C")
+    up.set_defaults(func=cmd_up)
+    down = sub.add_parser("down", help="stop what `kvpilot up` started")
+    down.add_argument("--workdir", help="as given to `kvpilot up`")
+    down.set_defaults(func=cmd_down)
 
     ob = sub.add_parser(
         "observability", help="write the chart's recording rules, alerts and Grafana dashboard"

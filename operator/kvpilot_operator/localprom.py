@@ -228,6 +228,117 @@ def _duration(seconds: float) -> str:
     return f"{ms}ms"
 
 
+def kubernetes_pods_job(sd_url: str) -> dict[str, Any]:
+    """The usual `kubernetes-pods` scrape job: pods annotated prometheus.io/scrape, at their
+    prometheus.io/port and /path, with `namespace`, `pod` and every pod label (sanitised:
+    kvpilot.io/llmservice -> kvpilot_io_llmservice) as target labels. These are the labels the
+    autoscaler, the rollout controller, the chart's rules and the dashboard select on.
+
+    Debian builds Prometheus without kubernetes_sd_configs, so the pods come from
+    `KubernetesPodSD` over http_sd with kubernetes_sd's own `__meta_kubernetes_pod_*` labels:
+    the relabelling below is the one a cluster's Prometheus uses."""
+    meta = "__meta_kubernetes_pod_"
+    return {
+        "job_name": "kubernetes-pods",
+        "http_sd_configs": [{"url": sd_url, "refresh_interval": "2s"}],
+        "relabel_configs": [
+            {
+                "source_labels": [f"{meta}annotation_prometheus_io_scrape"],
+                "action": "keep",
+                "regex": "true",
+            },
+            {
+                "source_labels": [f"{meta}phase"],
+                "action": "drop",
+                "regex": "Pending|Succeeded|Failed",
+            },
+            {
+                "source_labels": [f"{meta}annotation_prometheus_io_path"],
+                "target_label": "__metrics_path__",
+                "regex": "(.+)",
+            },
+            {
+                "source_labels": [f"{meta}ip", f"{meta}annotation_prometheus_io_port"],
+                "regex": "(.+);(.+)",
+                "replacement": "$1:$2",
+                "target_label": "__address__",
+            },
+            {"action": "labelmap", "regex": f"{meta}label_(.+)"},
+            {"source_labels": ["__meta_kubernetes_namespace"], "target_label": "namespace"},
+            {"source_labels": [f"{meta}name"], "target_label": "pod"},
+        ],
+    }
+
+
+def _sanitize(name: str) -> str:
+    return re.sub(r"[^a-zA-Z0-9_]", "_", name)
+
+
+def pod_sd_groups(pods: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """http_sd target groups carrying what kubernetes_sd (role: pod) says of each pod."""
+    groups = []
+    for pod in pods:
+        meta, status = pod["metadata"], pod.get("status") or {}
+        ip = status.get("podIP")
+        if not ip:
+            continue
+        ready = any(
+            c.get("type") == "Ready" and c.get("status") == "True"
+            for c in status.get("conditions") or []
+        )
+        labels = {
+            "__meta_kubernetes_namespace": meta["namespace"],
+            "__meta_kubernetes_pod_name": meta["name"],
+            "__meta_kubernetes_pod_ip": ip,
+            "__meta_kubernetes_pod_phase": status.get("phase") or "",
+            "__meta_kubernetes_pod_ready": "true" if ready else "false",
+        }
+        for key, value in (meta.get("labels") or {}).items():
+            labels[f"__meta_kubernetes_pod_label_{_sanitize(key)}"] = value
+        for key, value in (meta.get("annotations") or {}).items():
+            labels[f"__meta_kubernetes_pod_annotation_{_sanitize(key)}"] = value
+        groups.append({"targets": [ip], "labels": labels})
+    return groups
+
+
+class KubernetesPodSD:
+    """An http_sd endpoint on loopback listing a cluster's pods (see kubernetes_pods_job)."""
+
+    def __init__(self, kubeconfig: Path) -> None:
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        from kubernetes import client, config
+
+        api = client.CoreV1Api(config.new_client_from_config(str(kubeconfig)))
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                try:
+                    listing = api.list_pod_for_all_namespaces()
+                    pods = api.api_client.sanitize_for_serialization(listing)["items"]
+                    body = json.dumps(pod_sd_groups(pods)).encode()
+                    code = 200
+                except Exception as err:  # Prometheus keeps its last good targets on errors
+                    body, code = str(err).encode(), 503
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/sd"
+        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
 class LocalPrometheus:
     """A Prometheus on loopback scraping the targets given to set_targets() as job "kvpilot".
     `start()`/`stop()`, or use it as a context manager; each instance starts once. To simulate
@@ -248,7 +359,12 @@ class LocalPrometheus:
         bin_dir: Path | None = None,
         start_timeout_s: float = DEFAULT_START_TIMEOUT_S,
         extra_args: Sequence[str] = (),
+        kubeconfig: Path | None = None,
     ) -> None:
+        # With a kubeconfig, a second job discovers the cluster's pods as a standard
+        # kubernetes-pods job does (prometheus.io/* annotations, pod labels as labels).
+        self.kubeconfig = Path(kubeconfig).resolve() if kubeconfig else None
+        self._pod_sd: KubernetesPodSD | None = None
         self.scrape_interval = scrape_interval
         self.evaluation_interval = evaluation_interval
         self.rule_files = [Path(p).resolve() for p in rule_files or []]
@@ -328,6 +444,8 @@ class LocalPrometheus:
         atexit.register(self.stop)
         try:
             self.port = free_ports(1)[0]
+            if self.kubeconfig is not None:
+                self._pod_sd = KubernetesPodSD(self.kubeconfig)
             self._write_targets()
             self.config_path.write_text(json.dumps(self._config(), indent=2) + "\n")
             self.start_process()
@@ -345,6 +463,8 @@ class LocalPrometheus:
             self._stopped = True
         atexit.unregister(self.stop)
         self.stop_process()
+        if self._pod_sd is not None:
+            self._pod_sd.close()
         if self._owns_workdir and self.workdir is not None:
             shutil.rmtree(self.workdir, ignore_errors=True)
 
@@ -488,7 +608,8 @@ class LocalPrometheus:
                     "file_sd_configs": [
                         {"files": [str(self.targets_path)], "refresh_interval": "1s"}
                     ],
-                }
+                },
+                *([kubernetes_pods_job(self._pod_sd.url)] if self._pod_sd else []),
             ],
         }
 

@@ -38,6 +38,7 @@ DEFAULT_COMMANDS = {"kvpilot": [sys.executable, "-m", "kvpilot_engine.cli"]}
 
 @dataclass
 class PodProcess:
+    namespace: str
     name: str
     uid: str
     ip: str
@@ -45,6 +46,8 @@ class PodProcess:
     log_path: Path
     probe: tuple[str, int] | None  # (path, port) of the readiness probe
     grace_s: float
+    container: str = "main"
+    image: str = ""
     ready: bool = False
     failed: bool = False
 
@@ -96,7 +99,7 @@ def probe_ok(ip: str, probe: tuple[str, int]) -> bool:
 @dataclass
 class NodeAgent:
     kubeconfig: Path
-    namespace: str
+    namespace: str | None  # None: every namespace
     log_dir: Path
     # Pods to run (a label selector); None runs every pod of the namespace.
     label_selector: str | None = None
@@ -136,11 +139,6 @@ class NodeAgent:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
-    def ip_of(self, pod_name: str) -> str | None:
-        with self._lock:
-            p = self.pods.get(pod_name)
-            return p.ip if p else None
-
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
@@ -151,25 +149,29 @@ class NodeAgent:
 
     def sync(self) -> None:
         kwargs = {"label_selector": self.label_selector} if self.label_selector else {}
-        listing = self.api.list_namespaced_pod(self.namespace, **kwargs)
+        if self.namespace is None:
+            listing = self.api.list_pod_for_all_namespaces(**kwargs)
+        else:
+            listing = self.api.list_namespaced_pod(self.namespace, **kwargs)
         # As on the wire (camelCase), as a kubelet reads it.
         items = self.api.api_client.sanitize_for_serialization(listing)["items"]
         live = {
-            p["metadata"]["name"]: p for p in items if not p["metadata"].get("deletionTimestamp")
+            f"{p['metadata']['namespace']}/{p['metadata']['name']}": p
+            for p in items
+            if not p["metadata"].get("deletionTimestamp")
         }
         with self._lock:
             gone = [
-                p
-                for name, p in self.pods.items()
-                if name not in live or live[name]["metadata"]["uid"] != p.uid
+                key
+                for key, p in self.pods.items()
+                if key not in live or live[key]["metadata"]["uid"] != p.uid
             ]
-            for p in gone:
-                del self.pods[p.name]
-        for p in gone:  # in the background: a draining engine may take its grace period
+            stopping = [self.pods.pop(key) for key in gone]
+        for p in stopping:  # in the background: a draining engine may take its grace period
             threading.Thread(target=self._terminate, args=(p,), daemon=True).start()
-        for name, pod in live.items():
+        for key, pod in live.items():
             with self._lock:
-                running = self.pods.get(name)
+                running = self.pods.get(key)
             if running is None:
                 if (pod.get("status") or {}).get("phase") in ("Failed", "Succeeded"):
                     continue
@@ -177,7 +179,7 @@ class NodeAgent:
             self._report(running)
 
     def _launch(self, pod: dict[str, Any]) -> PodProcess:
-        name = pod["metadata"]["name"]
+        namespace, name = pod["metadata"]["namespace"], pod["metadata"]["name"]
         n = next(self._ips)
         ip = f"{self.subnet}.{n // 250}.{n % 250 + 1}"
         env = {**os.environ, "OMP_NUM_THREADS": "1", **self.env}
@@ -186,7 +188,7 @@ class NodeAgent:
                 env[var["name"]] = var["value"]
         env["HOME"] = os.environ.get("HOME", "/tmp")  # the pod's emptyDir /tmp is ours to share
         cmd = pod_command(pod, ip, self.commands)
-        log_path = self.log_dir / f"{name}.log"
+        log_path = self.log_dir / f"{namespace}_{name}.log"
         with log_path.open("ab") as out:
             proc = subprocess.Popen(
                 cmd,
@@ -196,7 +198,9 @@ class NodeAgent:
                 preexec_fn=_child_setup_factory(),
             )
         grace = pod["spec"].get("terminationGracePeriodSeconds")
+        container = pod["spec"]["containers"][0]
         running = PodProcess(
+            namespace=namespace,
             name=name,
             uid=pod["metadata"]["uid"],
             ip=ip,
@@ -204,10 +208,12 @@ class NodeAgent:
             log_path=log_path,
             probe=readiness_probe(pod),
             grace_s=30.0 if grace is None else float(grace),
+            container=container.get("name", "main"),
+            image=container.get("image", ""),
         )
         with self._lock:
-            self.pods[name] = running
-        log.info("started pod %s on %s: %s", name, ip, " ".join(cmd))
+            self.pods[f"{namespace}/{name}"] = running
+        log.info("started pod %s/%s on %s: %s", namespace, name, ip, " ".join(cmd))
         self._patch(running, phase="Running", ready=False)
         return running
 
@@ -233,6 +239,12 @@ class NodeAgent:
             {"type": "ContainersReady", "status": flag, "lastTransitionTime": now},
             {"type": "Ready", "status": flag, "lastTransitionTime": now},
         ]
+        running = phase == "Running"
+        state = (
+            {"running": {"startedAt": now}}
+            if running
+            else {"terminated": {"exitCode": p.proc.returncode or 0, "finishedAt": now}}
+        )
         status = {
             "phase": phase,
             "podIP": p.ip,
@@ -240,9 +252,21 @@ class NodeAgent:
             "hostIP": "127.0.0.1",
             "startTime": now,
             "conditions": conditions,
+            # What `kubectl get pods` shows in READY and RESTARTS.
+            "containerStatuses": [
+                {
+                    "name": p.container,
+                    "ready": ready,
+                    "started": running,
+                    "restartCount": 0,
+                    "image": p.image,
+                    "imageID": "",
+                    "state": state,
+                }
+            ],
         }
         with contextlib.suppress(Exception):  # the pod may be gone already
-            self.api.patch_namespaced_pod_status(p.name, self.namespace, {"status": status})
+            self.api.patch_namespaced_pod_status(p.name, p.namespace, {"status": status})
 
     def _terminate(self, p: PodProcess) -> None:
         if p.proc.poll() is None:

@@ -1,0 +1,250 @@
+"""The whole system on one machine, as `kvpilot up` runs it: the local control plane, the
+operator (autoscaler and rollouts), Prometheus discovering the pods through the API server and
+evaluating the chart's rules, the node agent running engines and routers as local processes,
+and the official `openai` client as the user.
+
+One scenario: apply an LLMService -> Ready; chat through the router; a load ramp adds a replica
+and its end removes it; a canary revision is promoted; a shadow reports agreement; every query of
+the shipped dashboard returns data; deleting the LLMService leaves no object and no process.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+import yaml
+from kvpilot_operator.observability import dashboard_queries
+from kvpilot_operator.stack import Stack
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+T = TypeVar("T")
+NAME = "chat"
+
+SERVICE = {
+    "apiVersion": "kvpilot.io/v1alpha1",
+    "kind": "LLMService",
+    "metadata": {"name": NAME},
+    "spec": {
+        "model": {
+            "source": {"path": "smollm2"},
+            "servedName": "smollm2",
+            "dtype": "float32",
+            "maxContext": 512,
+        },
+        "quantization": "none",
+        "engine": {"kvCacheMemory": "64MiB", "maxNumSeqs": 16, "drainTimeoutSeconds": 5},
+        # Tight enough that eight streams on two shared cores breach it.
+        "slo": {
+            "ttft": {"percentile": 95, "targetMs": 300},
+            "tpot": {"percentile": 95, "targetMs": 40},
+            "window": "1m",
+        },
+        "scaling": {
+            "minReplicas": 1,
+            "maxReplicas": 2,
+            "stableWindowSeconds": 20,
+            "panicWindowSeconds": 10,
+            "scaleUpCooldownSeconds": 0,
+            "scaleDownCooldownSeconds": 0,
+        },
+        "rollout": {
+            "canary": {
+                "steps": [50, 100],
+                "stepSeconds": 10,
+                "maxTtftRegression": 1.0,
+                "maxTpotRegression": 1.0,
+            }
+        },
+    },
+}
+
+
+def wait_for(what: str, fn: Callable[[], T | None], timeout: float = 60.0) -> T:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = fn()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(0.5)
+
+
+class Load:
+    """`workers` users streaming greedy chat completions until stopped."""
+
+    def __init__(self, base_url: str, workers: int, max_tokens: int = 24) -> None:
+        from openai import OpenAI
+
+        self.client = OpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=120)
+        self.ok, self.errors = 0, []  # type: ignore[var-annotated]
+        self._stop = threading.Event()
+        self._threads = [
+            threading.Thread(target=self._run, args=(i, max_tokens), daemon=True)
+            for i in range(workers)
+        ]
+        for t in self._threads:
+            t.start()
+
+    def _run(self, i: int, max_tokens: int) -> None:
+        n = 0
+        while not self._stop.is_set():
+            n += 1
+            try:
+                stream = self.client.chat.completions.create(
+                    model="smollm2",
+                    messages=[
+                        {"role": "user", "content": f"Tell me about the number {i * 97 + n}."}
+                    ],
+                    max_tokens=max_tokens,
+                    temperature=0,
+                    stream=True,
+                )
+                assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+                self.ok += 1
+            except Exception as err:
+                self.errors.append(repr(err))
+                time.sleep(0.5)
+
+    def stop(self) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(timeout=120)
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    workdir = tmp_path_factory.mktemp("stack")
+    sample = workdir / "chat.yaml"
+    sample.write_text(yaml.safe_dump(SERVICE))
+    s = Stack(workdir=workdir, sample=sample, autoscale_interval=2.0, scrape_interval=1.0)
+    s.start()
+    try:
+        yield s
+    finally:
+        s.stop()
+
+
+def status(stack: Stack) -> dict[str, Any]:
+    return (stack.get("llmservice", NAME) or {}).get("status") or {}
+
+
+def spec_replicas(stack: Stack) -> int | None:
+    return ((stack.get("llmservice", NAME) or {}).get("spec") or {}).get("replicas")
+
+
+def test_whole_system(stack: Stack) -> None:
+    from openai import OpenAI
+
+    # 1. Ready, and the openai client chats through the router.
+    assert status(stack)["readyReplicas"] == 1
+    url = stack.router_url(NAME)
+    assert url is not None
+    client = OpenAI(base_url=url, api_key="unused", max_retries=0)
+    assert [m.id for m in client.models.list().data] == ["smollm2"]
+    reply = client.chat.completions.create(
+        model="smollm2",
+        messages=[{"role": "user", "content": "What is the capital of France?"}],
+        max_tokens=16,
+        temperature=0,
+    )
+    assert reply.choices[0].message.content and reply.usage.completion_tokens > 0
+
+    # 2. A load ramp breaches the SLO: the autoscaler adds a replica; its end removes it.
+    load = Load(url, workers=8)
+    try:
+        wait_for("a scale-up", lambda: (spec_replicas(stack) or 1) >= 2, timeout=180)
+        wait_for("two ready engines", lambda: status(stack).get("readyReplicas") == 2, 180)
+    finally:
+        load.stop()
+    assert load.errors == [], load.errors[:3]
+    decisions = status(stack)["lastDecisions"]
+    assert decisions[0]["from"] == 1 and decisions[0]["to"] == 2
+    wait_for("the scale-down", lambda: spec_replicas(stack) == 1, timeout=180)
+    wait_for("one engine", lambda: status(stack).get("replicas") == 1, timeout=120)
+
+    # 3. A canary revision is promoted (users keep streaming through it).
+    load = Load(url, workers=3, max_tokens=8)
+    try:
+        doc = {**SERVICE, "spec": {**SERVICE["spec"]}}
+        doc["spec"]["engine"] = {**SERVICE["spec"]["engine"], "maxWaiting": 200}
+        stack.kubectl("apply", "-n", stack.namespace, "-f", "-", input=yaml.safe_dump(doc))
+        wait_for("a canary", lambda: (status(stack).get("canary") or {}).get("phase"))
+        revision = status(stack)["canary"]["revision"]
+        wait_for(
+            "the promotion",
+            lambda: (status(stack).get("canary") or {}).get("phase") == "Promoted",
+            timeout=300,
+        )
+        wait_for("the new stable revision", lambda: status(stack)["stableRevision"] == revision)
+
+        # 4. A shadow with the same settings agrees on every greedy request.
+        doc["spec"]["rollout"] = {**doc["spec"]["rollout"], "shadow": {"mirrorPercent": 100}}
+        stack.kubectl("apply", "-n", stack.namespace, "-f", "-", input=yaml.safe_dump(doc))
+        shadow = wait_for(
+            "shadow comparisons",
+            lambda: (lambda s: s if s.get("greedyCompared", 0) >= 5 else None)(
+                status(stack).get("shadow") or {}
+            ),
+            timeout=240,
+        )
+        assert shadow["greedyAgreement"] == 1.0, shadow
+        healthy = next(c for c in status(stack)["conditions"] if c["type"] == "ShadowHealthy")
+        assert healthy["status"] == "True"
+
+        # 5. Every query of the shipped dashboard returns data from this Prometheus.
+        prom = stack.prometheus
+        assert prom is not None
+
+        def empty_queries() -> list[str] | None:
+            missing = []
+            for q in dashboard_queries():
+                expr = q.replace("$namespace", stack.namespace).replace("$llmservice", NAME)
+                if not prom.query(expr.replace("$__rate_interval", "1m")):
+                    missing.append(expr)
+            return missing or None
+
+        deadline = time.monotonic() + 120
+        while (missing := empty_queries()) and time.monotonic() < deadline:
+            time.sleep(3)
+        assert not missing, missing
+    finally:
+        load.stop()
+    assert load.errors == [], load.errors[:3]
+
+    # 6. Deleting the LLMService leaves no object and no process behind.
+    assert stack.agent is not None
+    pids = [p.proc.pid for p in stack.agent.pods.values()]
+    assert len(pids) >= 3  # engine, shadow, router
+    stack.kubectl("delete", "llmservice", NAME, "-n", stack.namespace, "--wait=true")
+
+    def leftovers() -> str:
+        kinds = (
+            "deployments,replicasets,pods,services,configmaps,serviceaccounts,roles,"
+            "rolebindings,pdb"
+        )
+        out = stack.kubectl(
+            "get", kinds, "-n", stack.namespace, "-l", f"kvpilot.io/llmservice={NAME}", "-o", "name"
+        )
+        return out.strip()
+
+    wait_for("no objects left", lambda: leftovers() == "", timeout=120)
+    wait_for("no pod processes", lambda: stack.agent.pods == {}, timeout=60)  # type: ignore[union-attr]
+
+    def alive(pid: int) -> bool:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        return (
+            Path(f"/proc/{pid}").exists()
+            and "Z" not in Path(f"/proc/{pid}/stat").read_text().split()[2]
+        )
+
+    wait_for("the pods' processes to exit", lambda: not any(alive(p) for p in pids), timeout=60)
