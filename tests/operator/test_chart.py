@@ -387,6 +387,7 @@ def test_operator_deployment(helm: str) -> None:
     assert c["args"][0] == "operator"
     assert c["args"][1:] == [
         "--engine-image=kvpilot/engine:0.1.0",
+        "--router-image=kvpilot/operator:0.1.0",
         "--log-level=info",
         "--log-format=json",
         "--health-port=8080",
@@ -396,6 +397,7 @@ def test_operator_deployment(helm: str) -> None:
     cli = parse_operator_args(c)
     assert cli.namespace is None
     assert cli.engine_image == "kvpilot/engine:0.1.0"
+    assert cli.router_image == "kvpilot/operator:0.1.0"  # the router ships in the operator image
     assert (cli.health_port, cli.metrics_port) == (8080, 9090)
     env = {e["name"]: e for e in c["env"]}
     assert env["KVPILOT_ENGINE_IMAGE"]["value"] == "kvpilot/engine:0.1.0"
