@@ -382,6 +382,12 @@ class LLMEngine:
             raise InvalidRequestError(
                 f"stop token id {bad} is out of range", param="stop_token_ids"
             )
+        bad = next((t for t in params.logit_bias or {} if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise InvalidRequestError(
+                f"logit_bias token id {bad} is out of range for a vocabulary of {vocab}",
+                param="logit_bias",
+            )
 
     def abort_request(self, request_ids: str | list[str]) -> None:
         """Stop requests wherever they are and free their KV blocks at once."""

@@ -197,6 +197,8 @@ class ModelRunner:
                 [seq.sampling_params for seq in sampling],
                 [self.generator_for(seq) for seq in sampling],
                 self.default_generator,
+                token_ids=[seq.token_ids for seq in sampling],
+                num_prompt_tokens=[seq.num_prompt_tokens for seq in sampling],
             )
         return {seq.seq_id: r for seq, r in zip(sampling, results, strict=True)}
 

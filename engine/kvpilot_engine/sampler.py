@@ -2,11 +2,18 @@
 
 Sampling uses the exponential race (argmax of p / E with E ~ Exp(1)), which draws exactly from p
 and lets every row use its own generator: a seeded request gets the same tokens whatever else is
-in the batch. Logprobs are those of the raw model distribution, before temperature and filters.
+in the batch. Logprobs are those of the raw model distribution, before logit_bias, penalties,
+temperature and filters (vLLM's default, `raw_logprobs`).
+
+Before choosing, logit_bias is added, then the penalties are applied, in vLLM's order
+(repetition, frequency, presence). Both work on the batched logits with index ops, and only on
+the rows that ask for them: a batch without them pays nothing.
 """
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -29,8 +36,13 @@ class Sampler:
         params: list[SamplingParams],
         generators: list[torch.Generator | None],
         default_generator: torch.Generator,
+        token_ids: Sequence[list[int]] | None = None,
+        num_prompt_tokens: Sequence[int] | None = None,
     ) -> list[SampleResult]:
-        logits = logits.float()
+        """`token_ids[i]` is row i's prompt followed by its generated tokens so far, and
+        `num_prompt_tokens[i]` where the prompt ends; only rows with penalties read them."""
+        raw = logits.float()
+        logits = process_logits(raw, params, token_ids, num_prompt_tokens)
         greedy = [p.greedy for p in params]
         tokens = torch.empty(len(params), dtype=torch.long, device=logits.device)
         if any(greedy):
@@ -49,7 +61,7 @@ class Sampler:
 
         want = [i for i, p in enumerate(params) if p.logprobs is not None]
         if want:
-            logprobs = torch.log_softmax(logits[want], dim=-1)
+            logprobs = torch.log_softmax(raw[want], dim=-1)
             k = max(params[i].logprobs or 0 for i in want)
             top_v, top_i = logprobs.topk(max(k, 1), dim=-1)
             for row, i in enumerate(want):
@@ -105,3 +117,95 @@ class Sampler:
             if g is not None:
                 noise[i].exponential_(generator=g)
         return (probs / noise).argmax(dim=-1)
+
+
+def process_logits(
+    logits: torch.Tensor,
+    params: list[SamplingParams],
+    token_ids: Sequence[list[int]] | None,
+    num_prompt_tokens: Sequence[int] | None,
+) -> torch.Tensor:
+    """logit_bias, then the penalties; a new tensor when any row has them, else `logits` itself
+    (which the logprobs still read raw)."""
+    bias_rows = [i for i, p in enumerate(params) if p.logit_bias]
+    penalty_rows = [i for i, p in enumerate(params) if p.has_penalties]
+    if not bias_rows and not penalty_rows:
+        return logits
+    logits = logits.clone()
+    if bias_rows:
+        apply_logit_bias(logits, [params[i] for i in bias_rows], bias_rows)
+    if penalty_rows:
+        if token_ids is None or num_prompt_tokens is None:
+            raise ValueError("penalties need each row's token ids and prompt length")
+        apply_penalties(
+            logits,
+            [params[i] for i in penalty_rows],
+            penalty_rows,
+            [token_ids[i] for i in penalty_rows],
+            [num_prompt_tokens[i] for i in penalty_rows],
+        )
+    return logits
+
+
+def apply_logit_bias(logits: torch.Tensor, params: list[SamplingParams], rows: list[int]) -> None:
+    """Add each row's logit_bias in place: one index_add over the flattened [rows, vocab]."""
+    vocab = logits.shape[-1]
+    flat: list[int] = []
+    values: list[float] = []
+    for row, p in zip(rows, params, strict=True):
+        bias = p.logit_bias or {}
+        flat.extend(row * vocab + t for t in bias)
+        values.extend(bias.values())
+    dev = logits.device
+    idx = torch.tensor(flat, dtype=torch.long, device=dev)
+    logits.view(-1).index_add_(0, idx, torch.tensor(values, dtype=logits.dtype, device=dev))
+
+
+def _flat_index(seqs: list[list[int]], vocab: int, device: torch.device) -> torch.Tensor:
+    """Position (row * vocab + token) of every token of every row, for the [rows, vocab] view."""
+    lengths = torch.tensor([len(s) for s in seqs], dtype=torch.long)
+    row = torch.repeat_interleave(torch.arange(len(seqs)), lengths)
+    tokens = torch.tensor(list(itertools.chain.from_iterable(seqs)), dtype=torch.long)
+    return (row * vocab + tokens).to(device)
+
+
+def token_counts(seqs: list[list[int]], vocab: int, device: torch.device) -> torch.Tensor:
+    """[len(seqs), vocab] float: how often each token occurs in each row's list (a scatter_add
+    of ones, no loop over the vocabulary)."""
+    counts = torch.zeros(len(seqs), vocab, dtype=torch.float32, device=device)
+    idx = _flat_index(seqs, vocab, device)
+    counts.view(-1).scatter_add_(0, idx, torch.ones(idx.shape, dtype=counts.dtype, device=device))
+    return counts
+
+
+def apply_penalties(
+    logits: torch.Tensor,
+    params: list[SamplingParams],
+    rows: list[int],
+    token_ids: list[list[int]],
+    num_prompt_tokens: list[int],
+) -> None:
+    """Repetition, frequency and presence penalties on `rows` of `logits`, in place.
+
+    Frequency and presence count the generated tokens only (OpenAI); repetition looks at the
+    prompt too (vLLM, transformers)."""
+    dev, vocab = logits.device, logits.shape[-1]
+    outputs = [ids[n:] for ids, n in zip(token_ids, num_prompt_tokens, strict=True)]
+    counts = token_counts(outputs, vocab, dev)
+    rows_t = torch.tensor(rows, dtype=torch.long, device=dev)
+    sub = logits.index_select(0, rows_t)
+    rep = [p.repetition_penalty for p in params]
+    if any(r != 1.0 for r in rep):
+        # The prompt only matters where the penalty is on; elsewhere its row is left empty.
+        prompts = [
+            ids[:n] if r != 1.0 else []
+            for ids, n, r in zip(token_ids, num_prompt_tokens, rep, strict=True)
+        ]
+        seen = counts > 0
+        seen.view(-1)[_flat_index(prompts, vocab, dev)] = True
+        r_t = torch.tensor(rep, device=dev)[:, None]
+        sub = torch.where(seen, torch.where(sub > 0, sub / r_t, sub * r_t), sub)
+    freq = torch.tensor([p.frequency_penalty for p in params], device=dev)[:, None]
+    pres = torch.tensor([p.presence_penalty for p in params], device=dev)[:, None]
+    sub = sub - freq * counts - pres * (counts > 0)
+    logits.index_copy_(0, rows_t, sub)

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from enum import Enum
+
+MAX_LOGIT_BIAS = 100.0  # OpenAI's bound on |logit_bias| values
 
 
 class RequestOutputKind(Enum):
@@ -19,6 +22,15 @@ class SamplingParams:
     top_p: float = 1.0
     top_k: int = -1  # -1 or 0: off
     min_p: float = 0.0
+    # OpenAI's penalties, over the generated tokens: logit -= frequency_penalty * count +
+    # presence_penalty * (count > 0).
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    # vLLM's (and transformers') multiplicative penalty, over the prompt and the generated tokens:
+    # a seen token's logit is divided by it when positive and multiplied by it when negative.
+    repetition_penalty: float = 1.0
+    # token id -> added to that token's logit before any penalty (OpenAI's logit_bias).
+    logit_bias: dict[int, float] | None = None
     seed: int | None = None
     max_tokens: int | None = 16  # None: up to the model's context
     min_tokens: int = 0
@@ -40,6 +52,9 @@ class SamplingParams:
         self.stop_token_ids = list(self.stop_token_ids or [])
         if self.top_k == 0:
             self.top_k = -1
+        if self.logit_bias is not None:
+            # JSON object keys are strings; the sampler wants token ids. Empty means none.
+            self.logit_bias = {int(t): float(b) for t, b in self.logit_bias.items()} or None
         self._verify()
 
     def _verify(self) -> None:
@@ -54,6 +69,20 @@ class SamplingParams:
             raise ValueError(f"top_k must be -1 (disable) or at least 1, got {self.top_k}")
         if not 0.0 <= self.min_p <= 1.0:
             raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
+        if not -2.0 <= self.presence_penalty <= 2.0:
+            raise ValueError(f"presence_penalty must be in [-2, 2], got {self.presence_penalty}")
+        if not -2.0 <= self.frequency_penalty <= 2.0:
+            raise ValueError(f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}")
+        # Infinity would turn a zero logit into 0 * inf = NaN.
+        if not (self.repetition_penalty > 0.0 and math.isfinite(self.repetition_penalty)):
+            raise ValueError(
+                f"repetition_penalty must be a finite number above 0, got {self.repetition_penalty}"
+            )
+        for token, bias in (self.logit_bias or {}).items():
+            if token < 0:
+                raise ValueError(f"logit_bias token ids must be non-negative, got {token}")
+            if not -MAX_LOGIT_BIAS <= bias <= MAX_LOGIT_BIAS:
+                raise ValueError(f"logit_bias values must be in [-100, 100], got {bias}")
         if self.max_tokens is not None and self.max_tokens < 1:
             raise ValueError(f"max_tokens must be at least 1, got {self.max_tokens}")
         if self.min_tokens < 0:
@@ -64,6 +93,15 @@ class SamplingParams:
             raise ValueError(f"logprobs must be in [0, 20], got {self.logprobs}")
         if any(not s for s in self.stop):
             raise ValueError("stop strings must not be empty")
+
+    @property
+    def has_penalties(self) -> bool:
+        """Whether the sampler needs this request's token history (the rest never pay for it)."""
+        return (
+            self.presence_penalty != 0.0
+            or self.frequency_penalty != 0.0
+            or self.repetition_penalty != 1.0
+        )
 
     @property
     def greedy(self) -> bool:

@@ -7,6 +7,7 @@ import json
 
 import httpx
 import pytest
+from kvpilot_engine.server.protocol import MAX_N
 
 from tests.server.conftest import MAX_MODEL_LEN, MODEL, wait_idle
 
@@ -64,7 +65,15 @@ CASES: list[tuple[str, str, bytes | dict[str, object], int, str | None]] = [
     ("empty-token-prompt", C, completion(prompt=[]), 400, "prompt"),
     ("token-id-out-of-vocab", C, completion(prompt=[1, 10**9]), 400, "prompt"),
     ("negative-token-id", C, completion(prompt=[-1]), 400, "prompt"),
-    ("several-prompts", C, completion(prompt=["a", "b"]), 400, "prompt"),
+    ("one-of-several-prompts-empty", C, completion(prompt=["a", ""]), 400, "prompt"),
+    ("prompts-mixed-types", C, completion(prompt=["a", [1, 2]]), 400, "prompt"),
+    ("one-of-several-prompts-past-context", C, completion(prompt=["Hello", LONG_PROMPT]), 400,
+     "prompt"),
+    ("one-of-several-token-prompts-out-of-vocab", C, completion(prompt=[[1, 2], [10**9]]), 400,
+     "prompt"),
+    ("too-many-prompts", C, completion(prompt=["a"] * (MAX_N + 1)), 400, "prompt"),
+    ("too-many-prompts-times-n", C, completion(prompt=["a", "b", "c"], n=MAX_N // 2), 400,
+     "prompt"),
     ("prompt-past-context", C, completion(prompt=LONG_PROMPT), 400, "prompt"),
     ("chat-past-context", CH, chat(messages=[{"role": "user", "content": LONG_PROMPT}]), 400,
      "messages"),
@@ -76,9 +85,29 @@ CASES: list[tuple[str, str, bytes | dict[str, object], int, str | None]] = [
     ("stop-wrong-type", C, completion(stop=5), 400, "stop"),
     ("stop-empty-string", C, completion(stop=[""]), 400, None),
     ("min-tokens-over-max", C, completion(min_tokens=10, max_tokens=2), 400, None),
-    ("echo-unsupported", C, completion(echo=True), 400, "echo"),
-    ("penalty-unsupported", C, completion(presence_penalty=1.0), 400, None),
+    ("echo-with-logprobs", C, completion(echo=True, logprobs=1), 400, "echo"),
+    ("suffix", C, completion(suffix="}"), 400, "suffix"),
+    ("best-of-below-n", C, completion(n=2, best_of=1), 400, "best_of"),
+    ("best-of-above-n", C, completion(best_of=3), 400, "best_of"),
+    ("best-of-zero", C, completion(best_of=0), 400, "best_of"),
     ("penalty-out-of-range", C, completion(frequency_penalty=9.0), 400, "frequency_penalty"),
+    ("presence-penalty-too-low", C, completion(presence_penalty=-2.5), 400, "presence_penalty"),
+    ("presence-penalty-string", C, completion(presence_penalty="1"), 400, "presence_penalty"),
+    ("frequency-penalty-chat", CH, chat(frequency_penalty=2.5), 400, "frequency_penalty"),
+    ("repetition-penalty-zero", C, completion(repetition_penalty=0), 400, "repetition_penalty"),
+    ("repetition-penalty-negative-chat", CH, chat(repetition_penalty=-1.0), 400,
+     "repetition_penalty"),
+    ("repetition-penalty-infinite", C, b'{"model": "smollm2", "prompt": "Hi", '
+     b'"repetition_penalty": Infinity}', 400, "repetition_penalty"),
+    ("logit-bias-key-not-id", C, completion(logit_bias={"apple": 5}), 400, "logit_bias"),
+    ("logit-bias-key-negative", C, completion(logit_bias={"-3": 5}), 400, "logit_bias"),
+    ("logit-bias-key-unicode-digit", C, completion(logit_bias={"\u00b2": 5}), 400, "logit_bias"),
+    ("logit-bias-key-out-of-vocab", C, completion(logit_bias={"99999999": 5}), 400, "logit_bias"),
+    ("logit-bias-value-too-big", C, completion(logit_bias={"5": 101}), 400, "logit_bias"),
+    ("logit-bias-value-too-small-chat", CH, chat(logit_bias={"5": -100.5}), 400, "logit_bias"),
+    ("logit-bias-value-string", C, completion(logit_bias={"5": "high"}), 400, "logit_bias"),
+    ("logit-bias-not-object", CH, chat(logit_bias=[1, 2]), 400, "logit_bias"),
+    ("logit-bias-out-of-vocab-chat", CH, chat(logit_bias={"49152": 1}), 400, "logit_bias"),
     ("stream-options-unknown", C, completion(stream=True, stream_options={"x": 1}), 400,
      "stream_options"),
 ]  # fmt: skip
@@ -100,6 +129,22 @@ def test_bad_request(
     assert err["type"] == "invalid_request_error"
     if param is not None:
         assert err["param"] == param, err
+
+
+@pytest.mark.parametrize(
+    ("body", "words"),
+    [
+        (completion(suffix="}"), "suffix is not supported"),
+        (completion(n=3, best_of=2), "best_of must be at least n"),
+        (completion(echo=True, logprobs=0), "echo with logprobs is not supported"),
+        (completion(prompt=["a"] * MAX_N, n=2), f"at most {MAX_N}"),
+        (completion(prompt=["a", ""]), "prompt 1 must not be empty"),
+    ],
+    ids=["suffix", "best-of", "echo-logprobs", "choices", "empty-prompt"],
+)
+def test_refusals_say_why(base_url: str, body: dict[str, object], words: str) -> None:
+    r = httpx.post(f"{base_url}/v1/completions", json=body, timeout=30)
+    assert r.status_code == 400 and words in r.json()["error"]["message"], r.text
 
 
 def test_unknown_route_and_method(base_url: str) -> None:

@@ -108,6 +108,139 @@ def test_completion_logprobs(client: OpenAI) -> None:
         assert len(top) >= 2 and top[tok] == pytest.approx(max(top.values()))  # greedy
 
 
+# ---- several prompts per request (choice index = prompt * n + sample, as vLLM numbers them) ----
+PROMPTS = ["The capital of France is", "Once upon a time"]
+BANANA = 21285  # " banana" in SmolLM2's vocabulary
+
+
+def _greedy(client: OpenAI, prompt: str | list[int], **kw: object) -> str:
+    r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=4, temperature=0, **kw)
+    return r.choices[0].text
+
+
+def test_several_prompts(client: OpenAI) -> None:
+    singles = [
+        client.completions.create(model=MODEL, prompt=p, max_tokens=4, temperature=0)
+        for p in PROMPTS
+    ]
+    r = client.completions.create(model=MODEL, prompt=PROMPTS, max_tokens=4, n=2, temperature=0)
+    assert [c.index for c in r.choices] == [0, 1, 2, 3]
+    for c in r.choices:  # greedy: both samples of a prompt are that prompt's own completion
+        assert c.text == singles[c.index // 2].choices[0].text
+        assert c.finish_reason == "length"
+    assert r.usage is not None
+    assert r.usage.prompt_tokens == sum(s.usage.prompt_tokens for s in singles if s.usage)
+    assert r.usage.completion_tokens == 4 * 4
+    assert r.usage.total_tokens == r.usage.prompt_tokens + 16
+
+
+def test_several_prompts_stream(client: OpenAI) -> None:
+    full = client.completions.create(model=MODEL, prompt=PROMPTS, max_tokens=4, n=2, temperature=0)
+    chunks = list(
+        client.completions.create(
+            model=MODEL,
+            prompt=PROMPTS,
+            max_tokens=4,
+            n=2,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    texts: dict[int, str] = {}
+    finish: dict[int, str | None] = {}
+    for chunk in chunks:
+        for c in chunk.choices:
+            texts[c.index] = texts.get(c.index, "") + c.text
+            finish[c.index] = c.finish_reason or finish.get(c.index)
+    assert texts == {c.index: c.text for c in full.choices}
+    assert finish == {0: "length", 1: "length", 2: "length", 3: "length"}
+    assert chunks[-1].choices == [] and chunks[-1].usage is not None and full.usage is not None
+    assert chunks[-1].usage.model_dump() == full.usage.model_dump()
+
+
+def test_several_token_id_prompts(client: OpenAI) -> None:
+    ids = [[504, 3575, 282, 4649, 314], [19556]]  # "The capital of France is", "Hello"
+    r = client.completions.create(model=MODEL, prompt=ids, max_tokens=4, temperature=0)
+    assert [c.index for c in r.choices] == [0, 1]
+    assert r.choices[0].text == _greedy(client, PROMPTS[0])
+    assert r.choices[1].text == _greedy(client, [19556])
+    assert r.usage is not None and r.usage.prompt_tokens == 6
+
+
+def test_echo(client: OpenAI) -> None:
+    plain = _greedy(client, PROMPTS[0])
+    assert _greedy(client, PROMPTS[0], echo=True) == PROMPTS[0] + plain
+    assert _greedy(client, [504, 3575, 282, 4649, 314], echo=True) == PROMPTS[0] + plain
+    streamed = client.completions.create(
+        model=MODEL, prompt=PROMPTS, max_tokens=4, n=2, temperature=0, echo=True, stream=True
+    )
+    texts: dict[int, str] = {}
+    for chunk in streamed:
+        for c in chunk.choices:
+            texts[c.index] = texts.get(c.index, "") + c.text
+    assert texts[0] == texts[1] == PROMPTS[0] + plain
+    assert texts[2] == texts[3] == PROMPTS[1] + _greedy(client, PROMPTS[1])
+
+
+# ---- penalties and logit_bias --------------------------------------------------------------
+LIST = "Here is a list of fruits: apple, banana,"  # greedy goes on " orange, lemon, grape,"
+
+
+@pytest.mark.parametrize(
+    "penalty",
+    [
+        {"frequency_penalty": 2.0},
+        {"presence_penalty": 2.0},
+        {"extra_body": {"repetition_penalty": 2.0}},  # vLLM's; the client has no argument for it
+    ],
+    ids=["frequency", "presence", "repetition"],
+)
+def test_penalties_change_greedy_output(client: OpenAI, penalty: dict[str, object]) -> None:
+    plain = client.completions.create(model=MODEL, prompt=LIST, max_tokens=6, temperature=0)
+    penalised = client.completions.create(
+        model=MODEL, prompt=LIST, max_tokens=6, temperature=0, **penalty
+    )
+    assert penalised.choices[0].text != plain.choices[0].text
+    chat = client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": LIST}],
+        max_tokens=6,
+        temperature=0,
+        **penalty,
+    )
+    assert chat.choices[0].message.content
+
+
+def test_logit_bias_forces_a_token(client: OpenAI) -> None:
+    r = client.completions.create(
+        model=MODEL,
+        prompt=PROMPTS[0],
+        max_tokens=3,
+        temperature=0,
+        logit_bias={str(BANANA): 100},
+        logprobs=0,
+    )
+    lp = r.choices[0].logprobs
+    assert r.choices[0].text == " banana" * 3
+    assert lp is not None and lp.tokens == [" banana"] * 3
+    stream = client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "Hi"}],
+        max_tokens=3,
+        temperature=1.0,
+        seed=5,
+        logit_bias={str(BANANA): 100},
+        stream=True,
+    )
+    text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+    assert text == " banana" * 3
+    banned = client.completions.create(
+        model=MODEL, prompt=PROMPTS[0], max_tokens=4, temperature=0, logit_bias={"7042": -100}
+    )
+    assert "Paris" not in banned.choices[0].text  # " Paris" was the greedy answer
+
+
 def test_chat(client: OpenAI) -> None:
     r = client.chat.completions.create(
         model=MODEL,

@@ -16,7 +16,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import FrameType
 from typing import Any, TypeVar
 
@@ -30,7 +30,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from kvpilot_engine.config import EngineArgs
 from kvpilot_engine.llm_engine import InvalidRequestError, LLMEngine
-from kvpilot_engine.outputs import Logprob, RequestOutput
+from kvpilot_engine.outputs import CompletionOutput, Logprob, RequestOutput
 from kvpilot_engine.sampling_params import SamplingParams
 from kvpilot_engine.server.async_engine import (
     AsyncLLMEngine,
@@ -40,6 +40,7 @@ from kvpilot_engine.server.async_engine import (
 )
 from kvpilot_engine.server.metrics import ServerMetrics
 from kvpilot_engine.server.protocol import (
+    MAX_N,
     ChatChoice,
     ChatCompletionChunk,
     ChatCompletionRequest,
@@ -168,12 +169,6 @@ async def _parse(request: Request, model: type[T]) -> T:
 def _sampling_params(
     req: CompletionRequest | ChatCompletionRequest, max_tokens: int | None, logprobs: int | None
 ) -> SamplingParams:
-    if req.presence_penalty or req.frequency_penalty:
-        raise APIError(
-            400, "presence_penalty and frequency_penalty are not supported", code="unsupported"
-        )
-    if req.logit_bias:
-        raise APIError(400, "logit_bias is not supported", param="logit_bias", code="unsupported")
     try:
         return SamplingParams(
             n=req.n,
@@ -181,6 +176,11 @@ def _sampling_params(
             top_p=1.0 if req.top_p is None else req.top_p,
             top_k=-1 if req.top_k is None else req.top_k,
             min_p=req.min_p or 0.0,
+            presence_penalty=req.presence_penalty,
+            frequency_penalty=req.frequency_penalty,
+            repetition_penalty=req.repetition_penalty,
+            # The keys were checked to be digits (protocol); out-of-vocabulary ids are the engine's.
+            logit_bias={int(t): b for t, b in (req.logit_bias or {}).items()} or None,
             seed=req.seed,
             max_tokens=max_tokens,
             min_tokens=req.min_tokens,
@@ -195,23 +195,55 @@ def _sampling_params(
         raise APIError(400, str(e), code="invalid_value") from None
 
 
-def _completion_prompt(req: CompletionRequest) -> str | list[int]:
-    prompt = req.prompt
-    if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
-        if len(prompt) != 1:
-            raise APIError(
-                400, "one prompt per request is supported; send several requests instead", "prompt"
-            )
-        prompt = prompt[0]
-    if not prompt:
-        raise APIError(400, "the prompt must not be empty", param="prompt", code="invalid_value")
-    if req.echo:
-        raise APIError(400, "echo is not supported", param="echo", code="unsupported")
-    if req.suffix:
+def _completion_prompts(req: CompletionRequest) -> list[str | list[int]]:
+    """The request's prompts, as OpenAI and vLLM accept them: a text, a token-id list, or a list
+    of either. Each becomes one engine request with n choices."""
+    p = req.prompt
+    several = isinstance(p, list) and bool(p) and isinstance(p[0], (str, list))
+    prompts: list[str | list[int]] = list(p) if several else [p]  # type: ignore[arg-type]
+    empty = next((i for i, x in enumerate(prompts) if not x), None)
+    if empty is not None:
+        which = f"prompt {empty}" if several else "the prompt"
+        raise APIError(400, f"{which} must not be empty", param="prompt", code="invalid_value")
+    # Counted like n: each choice is a sequence holding KV blocks, admitted with the request.
+    if len(prompts) * req.n > MAX_N:
+        raise APIError(
+            400,
+            f"{len(prompts)} prompts with n={req.n} make {len(prompts) * req.n} choices; at most "
+            f"{MAX_N} per request (split the prompts over several requests)",
+            param="prompt",
+            code="invalid_value",
+        )
+    return prompts
+
+
+def _check_completion_options(req: CompletionRequest) -> None:
+    if req.suffix:  # SmolLM2 and the other served models have no fill-in-the-middle tokens
         raise APIError(400, "suffix is not supported", param="suffix", code="unsupported")
-    if req.best_of is not None and req.best_of != req.n:
-        raise APIError(400, "best_of other than n is not supported", "best_of", "unsupported")
-    return prompt  # type: ignore[return-value]
+    if req.best_of is not None and req.best_of < req.n:
+        raise APIError(400, "best_of must be at least n", param="best_of", code="invalid_value")
+    if req.best_of is not None and req.best_of > req.n:
+        raise APIError(
+            400,
+            "best_of greater than n is not supported (choices are not ranked); leave it out",
+            param="best_of",
+            code="unsupported",
+        )
+    if req.echo and req.logprobs is not None:
+        # The echoed prompt would need prompt logprobs, which the engine does not compute.
+        raise APIError(
+            400,
+            "echo with logprobs is not supported (no prompt logprobs); drop one of them",
+            param="echo",
+            code="unsupported",
+        )
+
+
+def _echo_text(engine: LLMEngine, prompt: str | list[int]) -> str:
+    """The prompt as `echo` prepends it: the text as sent, or token ids decoded as they are."""
+    if isinstance(prompt, str):
+        return prompt
+    return engine.tokenizer.decode(prompt, skip_special_tokens=False)
 
 
 def _chat_prompt(engine: LLMEngine, req: ChatCompletionRequest) -> list[int]:
@@ -279,43 +311,64 @@ class _Choice:
     stop_reason: int | str | None = None
 
 
-async def _collect(stream: RequestStream, n: int) -> tuple[list[_Choice], RequestOutput | None]:
-    choices = [_Choice() for _ in range(n)]
-    last: RequestOutput | None = None
+@dataclass
+class _Usage:
+    """Token counts per engine request, summed into the response's usage; each request is logged
+    when it finishes."""
+
+    prompt_tokens: dict[str, int] = field(default_factory=dict)
+    completion_tokens: dict[str, int] = field(default_factory=dict)
+
+    def add(self, out: RequestOutput) -> None:
+        rid = out.request_id
+        self.prompt_tokens[rid] = len(out.prompt_token_ids)
+        n_out = self.completion_tokens.get(rid, 0) + sum(len(c.token_ids) for c in out.outputs)
+        self.completion_tokens[rid] = n_out
+        if out.finished:
+            _log_done(out, n_out)
+
+    def info(self) -> UsageInfo:
+        prompt, completion = sum(self.prompt_tokens.values()), sum(self.completion_tokens.values())
+        return UsageInfo(
+            prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion
+        )
+
+
+async def _choice_outputs(
+    stream: RequestStream, n: int, usage: _Usage
+) -> AsyncIterator[tuple[int, CompletionOutput]]:
+    """Each completion delta with its choice index: prompt i's sample j is choice i * n + j,
+    as vLLM numbers them (the stream's requests are the prompts, in order)."""
+    first = {rid: i * n for i, rid in enumerate(stream.request_ids)}
     async for out in stream.outputs():
-        last = out
+        usage.add(out)
         for c in out.outputs:
-            ch = choices[c.index]
-            ch.text += c.text
-            ch.token_ids += c.token_ids
-            ch.logprobs += c.logprobs or []
-            if c.finish_reason:
-                ch.finish_reason, ch.stop_reason = c.finish_reason, c.stop_reason
-    return choices, last
+            yield first[out.request_id] + c.index, c
+
+
+async def _collect(stream: RequestStream, n: int, usage: _Usage) -> list[_Choice]:
+    choices = [_Choice() for _ in range(len(stream.request_ids) * n)]
+    async for i, c in _choice_outputs(stream, n, usage):
+        ch = choices[i]
+        ch.text += c.text
+        ch.token_ids += c.token_ids
+        ch.logprobs += c.logprobs or []
+        if c.finish_reason:
+            ch.finish_reason, ch.stop_reason = c.finish_reason, c.stop_reason
+    return choices
 
 
 async def _full_response(
     stream: RequestStream, n: int, build: Callable[[list[_Choice], UsageInfo], BaseModel]
 ) -> Response:
-    """A non-streaming answer: collect the choices, log, and reply with the body `build` makes."""
-    choices, last = await _collect(stream, n)
-    n_out = sum(len(c.token_ids) for c in choices)
-    _log_done(last, n_out)
-    body = build(choices, _usage(len(last.prompt_token_ids) if last else 0, n_out))
+    """A non-streaming answer: collect the choices, and reply with the body `build` makes."""
+    usage = _Usage()
+    choices = await _collect(stream, n, usage)
+    body = build(choices, usage.info())
     return Response(body.model_dump_json(), media_type="application/json")
 
 
-def _usage(prompt_tokens: int, completion_tokens: int) -> UsageInfo:
-    return UsageInfo(
-        prompt_tokens=prompt_tokens,
-        completion_tokens=completion_tokens,
-        total_tokens=prompt_tokens + completion_tokens,
-    )
-
-
-def _log_done(last: RequestOutput | None, completion_tokens: int) -> None:
-    if last is None:
-        return
+def _log_done(last: RequestOutput, completion_tokens: int) -> None:
     m = last.metrics
     ttft = m.time_to_first_token
     log.info(
@@ -402,15 +455,20 @@ def build_app(engine: AsyncLLMEngine, served_model_name: str, metrics: ServerMet
         return engine.engine
 
     async def submit(
-        rid: str, prompt: str | list[int], params: SamplingParams, priority: int, arrival: float
+        rids: list[str],
+        prompts: list[str | list[int]],
+        params: list[SamplingParams],
+        priority: int,
+        arrival: float,
     ) -> RequestStream:
+        """One engine request per prompt, admitted together on one stream."""
         try:
-            stream = await engine.add_request(rid, prompt, params, priority, arrival)
+            stream = await engine.add_requests(rids, prompts, params, priority, arrival)
         except (ValueError, EngineOverloadedError, EngineUnavailableError) as e:
             if isinstance(e, EngineOverloadedError):
-                metrics.rejected.inc()
+                metrics.rejected.inc(len(rids))
             raise _from_engine_error(e) from None
-        metrics.received.inc()
+        metrics.received.inc(len(rids))
         return stream
 
     @app.get("/health")
@@ -446,18 +504,31 @@ def build_app(engine: AsyncLLMEngine, served_model_name: str, metrics: ServerMet
         arrival = time.monotonic()
         req = await _parse(request, CompletionRequest)
         check_model(req.model)
-        loaded_engine()
-        prompt = _completion_prompt(req)
+        llm = loaded_engine()
+        _check_completion_options(req)
+        prompts = _completion_prompts(req)
         params = _sampling_params(req, req.max_tokens, req.logprobs)
         rid = f"cmpl-{uuid.uuid4().hex}"
-        stream = await submit(rid, prompt, params, req.priority, arrival)
+        # Each prompt its own params: the engine fills in max_tokens per prompt.
+        stream = await submit(
+            [f"{rid}-{i}" for i in range(len(prompts))],
+            prompts,
+            [replace(params) for _ in prompts],
+            req.priority,
+            arrival,
+        )
         created = int(time.time())
         with_logprobs = req.logprobs is not None
+        # Per choice, the text before what it generated: the prompt when echoing.
+        prefixes = [_echo_text(llm, p) if req.echo else "" for p in prompts]
+        echo = [text for text in prefixes for _ in range(req.n)]
 
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return StreamingResponse(
-                _completion_events(stream, rid, created, req.model, with_logprobs, include_usage),
+                _completion_events(
+                    stream, rid, created, req.model, req.n, echo, with_logprobs, include_usage
+                ),
                 media_type="text/event-stream",
             )
 
@@ -469,7 +540,7 @@ def build_app(engine: AsyncLLMEngine, served_model_name: str, metrics: ServerMet
                 choices=[
                     CompletionChoice(
                         index=i,
-                        text=c.text,
+                        text=echo[i] + c.text,
                         logprobs=(
                             _completion_logprobs(c.token_ids, c.logprobs, 0)
                             if with_logprobs
@@ -499,7 +570,7 @@ def build_app(engine: AsyncLLMEngine, served_model_name: str, metrics: ServerMet
         prompt = _chat_prompt(llm, req)
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         try:
-            stream = await submit(rid, prompt, params, req.priority, arrival)
+            stream = await submit([rid], [prompt], [params], req.priority, arrival)
         except APIError as e:
             if e.param == "prompt":  # the prompt is the rendered messages
                 e.param = "messages"
@@ -544,39 +615,36 @@ async def _completion_events(
     rid: str,
     created: int,
     model: str,
+    n: int,
+    echo: list[str],
     with_logprobs: bool,
     include_usage: bool,
 ) -> AsyncIterator[str]:
+    """`echo[i]`: text that choice i's first chunk starts with (its prompt, or nothing)."""
     offsets: dict[int, int] = {}
-    n_out, last = 0, None
+    usage = _Usage()
     try:
-        async for out in stream.outputs():
-            last = out
-            for c in out.outputs:
-                n_out += len(c.token_ids)
-                if not (c.text or c.finish_reason or (with_logprobs and c.token_ids)):
-                    continue
-                lps = None
-                if with_logprobs:
-                    lps = _completion_logprobs(
-                        c.token_ids, c.logprobs or [], offsets.get(c.index, 0)
-                    )
-                offsets[c.index] = offsets.get(c.index, 0) + len(c.text)
-                choice = CompletionChoice(
-                    index=c.index,
-                    text=c.text,
-                    logprobs=lps,
-                    finish_reason=c.finish_reason,
-                    stop_reason=c.stop_reason,
-                )
-                yield _sse(
-                    CompletionResponse(id=rid, created=created, model=model, choices=[choice])
-                )
-        _log_done(last, n_out)
-        if include_usage and last is not None:
-            usage = _usage(len(last.prompt_token_ids), n_out)
+        async for i, c in _choice_outputs(stream, n, usage):
+            text = c.text if i in offsets else echo[i] + c.text
+            if not (text or c.finish_reason or (with_logprobs and c.token_ids)):
+                continue
+            lps = None
+            if with_logprobs:
+                lps = _completion_logprobs(c.token_ids, c.logprobs or [], offsets.get(i, 0))
+            offsets[i] = offsets.get(i, 0) + len(text)
+            choice = CompletionChoice(
+                index=i,
+                text=text,
+                logprobs=lps,
+                finish_reason=c.finish_reason,
+                stop_reason=c.stop_reason,
+            )
+            yield _sse(CompletionResponse(id=rid, created=created, model=model, choices=[choice]))
+        if include_usage and usage.prompt_tokens:
             yield _sse(
-                CompletionResponse(id=rid, created=created, model=model, choices=[], usage=usage)
+                CompletionResponse(
+                    id=rid, created=created, model=model, choices=[], usage=usage.info()
+                )
             )
         yield "data: [DONE]\n\n"
     except Exception as e:  # the engine failed mid-stream; the status line is long gone
@@ -599,30 +667,23 @@ async def _chat_events(
             ChatCompletionChunk(id=rid, created=created, model=model, choices=choices, usage=usage)
         )
 
-    n_out, last = 0, None
+    usage = _Usage()
     try:
         for i in range(n):  # OpenAI opens every choice with the role
             yield chunk(
                 [ChatStreamChoice(index=i, delta=DeltaMessage(role="assistant", content=""))]
             )
-        async for out in stream.outputs():
-            last = out
-            for c in out.outputs:
-                n_out += len(c.token_ids)
-                if not (c.text or c.finish_reason or (k is not None and c.token_ids)):
-                    continue
-                lps = _chat_logprobs(c.token_ids, c.logprobs or [], k) if k is not None else None
-                delta = DeltaMessage(content=c.text or None)
-                yield chunk(
-                    [
-                        ChatStreamChoice(
-                            index=c.index, delta=delta, logprobs=lps, finish_reason=c.finish_reason
-                        )
-                    ]
-                )
-        _log_done(last, n_out)
-        if include_usage and last is not None:
-            yield chunk([], _usage(len(last.prompt_token_ids), n_out))
+        async for i, c in _choice_outputs(stream, n, usage):
+            if not (c.text or c.finish_reason or (k is not None and c.token_ids)):
+                continue
+            lps = _chat_logprobs(c.token_ids, c.logprobs or [], k) if k is not None else None
+            delta = DeltaMessage(content=c.text or None)
+            choice = ChatStreamChoice(
+                index=i, delta=delta, logprobs=lps, finish_reason=c.finish_reason
+            )
+            yield chunk([choice])
+        if include_usage and usage.prompt_tokens:
+            yield chunk([], usage.info())
         yield "data: [DONE]\n\n"
     except Exception as e:
         yield _sse_error(e)
@@ -712,9 +773,7 @@ def run_server(
 ) -> int:
     configure_logging(log_level)
     metrics = ServerMetrics(served_model_name)
-    engine = AsyncLLMEngine(
-        lambda: LLMEngine(engine_args), metrics, max_waiting, inject_step_delay
-    )
+    engine = AsyncLLMEngine(lambda: LLMEngine(engine_args), metrics, max_waiting, inject_step_delay)
     app = build_app(engine, served_model_name, metrics)
     config = uvicorn.Config(
         app,

@@ -7,6 +7,8 @@ loop never blocks on the model, and a step never waits on a slow client.
 
 Admission is bounded: past `max_waiting` requests not yet running, `add_request` raises
 EngineOverloadedError at once (the server answers 503) instead of growing an unbounded queue.
+Several requests can be submitted as one (`add_requests`: a completion with several prompts):
+they are admitted or refused together, in one engine iteration, and share one stream.
 """
 
 from __future__ import annotations
@@ -43,9 +45,9 @@ class EngineUnavailableError(RuntimeError):
 
 @dataclass
 class _Add:
-    stream: RequestStream
-    prompt: str | list[int]
-    params: SamplingParams
+    stream: RequestStream  # its request_ids, one per prompt
+    prompts: list[str | list[int]]
+    params: list[SamplingParams]
     priority: int
     arrival_time: float
 
@@ -59,10 +61,14 @@ _STOP = object()
 
 
 class RequestStream:
-    """One request's outputs, in order; the last one has `finished` set."""
+    """The outputs of the requests submitted together (usually one), in the order the engine made
+    them; it ends after each request's final output (the one with `finished` set)."""
 
-    def __init__(self, engine: AsyncLLMEngine, request_id: str, loop: asyncio.AbstractEventLoop):
-        self.request_id = request_id
+    def __init__(
+        self, engine: AsyncLLMEngine, request_ids: list[str], loop: asyncio.AbstractEventLoop
+    ):
+        self.request_ids = request_ids
+        self._unfinished = set(request_ids)
         self._engine = engine
         self._loop = loop
         self._queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
@@ -79,7 +85,7 @@ class RequestStream:
     # -- event loop side
     def _settle(self, error: BaseException | None) -> None:
         if error is not None:
-            self._engine._inflight.discard(self.request_id)
+            self._engine._inflight.difference_update(self.request_ids)
         if self.accepted.done():  # the caller went away while waiting
             return
         if error is None:
@@ -88,15 +94,18 @@ class RequestStream:
             self.accepted.set_exception(error)
 
     def _put(self, item: RequestOutput | BaseException) -> None:
-        if isinstance(item, BaseException) or item.finished:
-            self._engine._inflight.discard(self.request_id)
+        if isinstance(item, BaseException):
+            self._engine._inflight.difference_update(self.request_ids)
+        elif item.finished:
+            self._engine._inflight.discard(item.request_id)
         self._queue.put_nowait(item)
 
     def cancel(self) -> None:
-        """Abort the request unless it already finished (safe to call more than once)."""
+        """Abort the requests not yet finished (safe to call more than once)."""
         if not self.finished:
             self.finished = True
-            self._engine.abort(self.request_id)
+            for rid in self._unfinished:
+                self._engine.abort(rid)
 
     async def outputs(self) -> AsyncIterator[RequestOutput]:
         """Iterate until the final output. Leaving early (the client disconnected, the task was
@@ -107,9 +116,11 @@ class RequestStream:
                 if isinstance(item, BaseException):
                     self.finished = True
                     raise item
-                self.finished = item.finished
-                yield item
                 if item.finished:
+                    self._unfinished.discard(item.request_id)
+                self.finished = not self._unfinished
+                yield item
+                if self.finished:
                     return
         finally:
             self.cancel()
@@ -199,6 +210,23 @@ class AsyncLLMEngine:
     ) -> RequestStream:
         """Queue a request; returns once the engine accepted it. Raises InvalidRequestError (the
         engine refused it), EngineOverloadedError or EngineUnavailableError."""
+        return await self.add_requests([request_id], [prompt], [params], priority, arrival_time)
+
+    async def add_requests(
+        self,
+        request_ids: list[str],
+        prompts: list[str | list[int]],
+        params: list[SamplingParams],
+        priority: int = 0,
+        arrival_time: float | None = None,
+    ) -> RequestStream:
+        """Queue several requests as one, like the `n` sequences of one request: admitted
+        together (one admission check, one engine iteration), or all refused if the engine
+        refuses any. Each needs its own SamplingParams (the engine fills in max_tokens)."""
+        if not len(request_ids) == len(prompts) == len(params) > 0:
+            raise ValueError("give one request id and one SamplingParams per prompt")
+        if len({id(p) for p in params}) < len(params):
+            raise ValueError("each request needs its own SamplingParams object")
         if self.error is not None:
             raise EngineUnavailableError("the engine has failed; see the server log")
         if not self.ready:
@@ -210,16 +238,18 @@ class AsyncLLMEngine:
                 raise EngineOverloadedError(
                     f"too many requests waiting ({self.max_waiting}); retry later"
                 )
-            self._pending += 1
-        params.output_kind = RequestOutputKind.DELTA
-        stream = RequestStream(self, request_id, asyncio.get_running_loop())
-        self._inflight.add(request_id)
+            self._pending += len(request_ids)
+        for p in params:
+            p.output_kind = RequestOutputKind.DELTA
+        stream = RequestStream(self, list(request_ids), asyncio.get_running_loop())
+        self._inflight.update(request_ids)
         arrival = arrival_time if arrival_time is not None else time.monotonic()
-        self._commands.put(_Add(stream, prompt, params, priority, arrival))
+        self._commands.put(_Add(stream, list(prompts), list(params), priority, arrival))
         try:
             await stream.accepted
         except asyncio.CancelledError:
-            self.abort(request_id)  # it may have been added meanwhile: the queue keeps order
+            for rid in request_ids:  # they may have been added meanwhile: the queue keeps order
+                self.abort(rid)
             raise
         return stream
 
@@ -315,16 +345,13 @@ class AsyncLLMEngine:
             if cmd is _STOP:
                 return False
             if isinstance(cmd, _Add):
-                added += 1
-                rid = cmd.stream.request_id
-                try:
-                    engine.add_request(rid, cmd.prompt, cmd.params, cmd.priority, cmd.arrival_time)
-                except Exception as e:  # InvalidRequestError / ValueError: the caller's 400
-                    cmd.stream.settle(e)
-                    continue
-                streams[rid] = cmd.stream
-                last_token_time[rid] = None
-                cmd.stream.settle(None)
+                added += len(cmd.stream.request_ids)
+                error = self._add_all(engine, cmd)
+                if error is None:
+                    for rid in cmd.stream.request_ids:
+                        streams[rid] = cmd.stream
+                        last_token_time[rid] = None
+                cmd.stream.settle(error)
             elif isinstance(cmd, _Abort):
                 engine.abort_request(cmd.request_id)
         if added:
@@ -333,6 +360,24 @@ class AsyncLLMEngine:
                 self._engine_waiting = engine.scheduler.num_waiting
                 self._pending -= added
         return True
+
+    @staticmethod
+    def _add_all(engine: LLMEngine, cmd: _Add) -> Exception | None:
+        """Add every request of the command, or none: when the engine refuses one
+        (InvalidRequestError / ValueError: the caller's 400), those already added are aborted
+        before any step runs them. Returns the refusal."""
+        added: list[str] = []
+        try:
+            for rid, prompt, params in zip(
+                cmd.stream.request_ids, cmd.prompts, cmd.params, strict=True
+            ):
+                engine.add_request(rid, prompt, params, cmd.priority, cmd.arrival_time)
+                added.append(rid)
+        except Exception as e:
+            if added:
+                engine.abort_request(added)  # their final outputs go to no stream
+            return e
+        return None
 
     def _dispatch(
         self,

@@ -10,9 +10,13 @@ from __future__ import annotations
 import time
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-MAX_N = 16  # choices per request; more is almost certainly a mistake and would hog the KV cache
+from kvpilot_engine.sampling_params import MAX_LOGIT_BIAS
+
+# Choices per request (prompts x n for completions); more is almost certainly a mistake and would
+# hog the KV cache. A request's sequences are admitted together, so this also bounds admission.
+MAX_N = 16
 MAX_LOGPROBS = 20  # the engine's top-k logprobs limit
 
 
@@ -37,10 +41,13 @@ class _SamplingRequest(_Request):
     stop: str | list[str] | None = None
     seed: int | None = None
     user: str | None = None
-    # Accepted for compatibility; only their neutral value is supported (checked in the server).
     presence_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] = 0.0
     frequency_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] = 0.0
+    # Token ids (as JSON object keys) -> bias in [-100, 100]; ids past the vocabulary are the
+    # engine's 400.
+    logit_bias: dict[str, float] | None = None
     # vLLM extensions.
+    repetition_penalty: Annotated[float, Field(gt=0.0, allow_inf_nan=False)] = 1.0
     top_k: Annotated[int, Field(ge=-1)] | None = None
     min_p: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
     min_tokens: Annotated[int, Field(ge=0)] = 0
@@ -50,16 +57,26 @@ class _SamplingRequest(_Request):
     skip_special_tokens: bool = True
     priority: int = 0
 
+    @field_validator("logit_bias")
+    @classmethod
+    def _check_logit_bias(cls, bias: dict[str, float] | None) -> dict[str, float] | None:
+        for token, value in (bias or {}).items():
+            # isascii: str.isdigit() also accepts digits like "²", which int() rejects.
+            if not (token.isascii() and token.isdigit()):
+                raise ValueError(f"keys must be token ids (non-negative integers), got {token!r}")
+            if not -MAX_LOGIT_BIAS <= value <= MAX_LOGIT_BIAS:
+                raise ValueError(f"values must be in [-100, 100], got {value} for token {token}")
+        return bias
+
 
 class CompletionRequest(_SamplingRequest):
-    # One prompt: text or token ids; a one-element list of either is accepted too.
+    # One prompt (text or token ids) or several (a list of texts or of token-id lists).
     prompt: str | list[int] | list[str] | list[list[int]]
     max_tokens: Annotated[int, Field(ge=1)] | None = 16  # OpenAI's default for completions
     logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
     echo: bool = False
-    suffix: str | None = None
-    best_of: Annotated[int, Field(ge=1)] | None = None
-    logit_bias: dict[str, float] | None = None
+    suffix: str | None = None  # no fill-in-the-middle: only empty is accepted (the server)
+    best_of: Annotated[int, Field(ge=1)] | None = None  # only equal to n (the server)
 
 
 class TextPart(_Request):
@@ -83,7 +100,6 @@ class ChatCompletionRequest(_SamplingRequest):
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
     logprobs: bool = False
     top_logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
-    logit_bias: dict[str, float] | None = None
 
 
 # ---- responses (plain models: we build them, nothing to validate) ------------------------------
