@@ -13,17 +13,18 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 import yaml
 from kvpilot_operator.observability import dashboard_queries
 from kvpilot_operator.stack import Stack
 
+from tests.operator.test_operator import wait_for
+
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
-T = TypeVar("T")
 NAME = "chat"
 
 SERVICE = {
@@ -63,17 +64,6 @@ SERVICE = {
         },
     },
 }
-
-
-def wait_for(what: str, fn: Callable[[], T | None], timeout: float = 60.0) -> T:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = fn()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(0.5)
 
 
 class Load:

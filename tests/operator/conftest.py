@@ -7,6 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 from kvpilot_operator.localcluster import LocalCluster, ensure_binaries
+from kvpilot_operator.localprom import LocalPrometheus
 
 
 @pytest.fixture(scope="session")
@@ -27,3 +28,10 @@ def ns(cluster: LocalCluster, request: pytest.FixtureRequest) -> Iterator[str]:
     cluster.kubectl("create", "namespace", name)
     yield name
     cluster.kubectl("delete", "namespace", name, "--wait=false")
+
+
+@pytest.fixture(scope="module")
+def prometheus() -> Iterator[LocalPrometheus]:
+    """A real Prometheus scraping what each test points it at (set_targets), 1 s scrapes."""
+    with LocalPrometheus(scrape_interval=1.0) as prom:
+        yield prom

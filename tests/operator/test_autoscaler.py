@@ -25,12 +25,12 @@ from kvpilot_operator.localprom import LocalPrometheus
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from tests.operator.test_operator import (
-    ROOT,
     Operator,
     apply,
     condition,
     get,
     running_and_ready,
+    running_operator,
     service_doc,
     wait_for,
 )
@@ -127,35 +127,18 @@ class Kubelet:
 
 
 @pytest.fixture(scope="module")
-def prometheus() -> Iterator[LocalPrometheus]:
-    with LocalPrometheus(scrape_interval=1.0) as prom:
-        yield prom
-
-
-@pytest.fixture(scope="module")
 def autoscaling_operator(
     cluster: LocalCluster, prometheus: LocalPrometheus, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Operator]:
-    cluster.kubectl("apply", "-f", str(ROOT / "crds"))
-    cluster.kubectl(
-        "wait", "--for=condition=Established", "--timeout=60s", "crd/llmservices.kvpilot.io"
-    )
-    log = tmp_path_factory.mktemp("autoscaler") / "operator.log"
     port = free_ports(1)[0]
-    op = Operator(
+    with running_operator(
         cluster,
-        log,
-        ("--prometheus-url", prometheus.url, "--autoscale-interval", "1", "--metrics-port",
-         str(port)),
-    )  # fmt: skip
-    op.metrics_url = f"http://127.0.0.1:{port}/metrics"  # type: ignore[attr-defined]
-    op.start()
-    try:
+        tmp_path_factory.mktemp("autoscaler") / "operator.log",
+        "--prometheus-url", prometheus.url, "--autoscale-interval", "1",
+        "--metrics-port", str(port),
+    ) as op:  # fmt: skip
+        op.metrics_url = f"http://127.0.0.1:{port}/metrics"  # type: ignore[attr-defined]
         yield op
-    finally:
-        code = op.stop()
-        print(op.log_text()[-6000:])
-        assert code in (0, -15), f"operator exited {code}"
 
 
 SCALING = {

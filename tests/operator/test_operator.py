@@ -7,6 +7,7 @@ Where a test needs a pod to be ready, it writes the pod's status as a kubelet wo
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -105,6 +106,23 @@ def operator(cluster: LocalCluster, tmp_path_factory: pytest.TempPathFactory) ->
         code = op.stop()
         print(op.log_text()[-4000:])
         assert code in (0, -signal.SIGTERM), f"operator exited {code}"
+
+
+@contextlib.contextmanager
+def running_operator(cluster: LocalCluster, log: Path, *args: str) -> Iterator[Operator]:
+    """The CRDs installed and `kvpilot operator ARGS` running; its exit code checked after."""
+    cluster.kubectl("apply", "-f", str(ROOT / "crds"))
+    cluster.kubectl(
+        "wait", "--for=condition=Established", "--timeout=60s", "crd/llmservices.kvpilot.io"
+    )
+    op = Operator(cluster, log, args)
+    op.start()
+    try:
+        yield op
+    finally:
+        code = op.stop()
+        print(op.log_text()[-6000:])
+        assert code in (0, -15), f"operator exited {code}"
 
 
 def get(cluster: LocalCluster, kind: str, name: str, ns: str | None = None) -> dict | None:

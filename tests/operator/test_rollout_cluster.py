@@ -24,11 +24,11 @@ from kvpilot_operator.nodeagent import NodeAgent
 
 from tests.operator.test_autoscaler import events
 from tests.operator.test_operator import (
-    ROOT,
     Operator,
     apply,
     condition,
     get,
+    running_operator,
     service_doc,
     wait_for,
 )
@@ -37,32 +37,30 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def prometheus() -> Iterator[LocalPrometheus]:
-    with LocalPrometheus(scrape_interval=1.0) as prom:
-        yield prom
-
-
-@pytest.fixture(scope="module")
 def rollout_operator(
     cluster: LocalCluster, prometheus: LocalPrometheus, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Operator]:
-    cluster.kubectl("apply", "-f", str(ROOT / "crds"))
-    cluster.kubectl(
-        "wait", "--for=condition=Established", "--timeout=60s", "crd/llmservices.kvpilot.io"
-    )
-    op = Operator(
+    with running_operator(
         cluster,
-        tmp_path_factory.mktemp("canary") / "operator.log",
-        ("--prometheus-url", prometheus.url, "--rollout-interval", "1",
-         "--autoscale-interval", "5"),
-    )  # fmt: skip
-    op.start()
-    try:
+        tmp_path_factory.mktemp("rollout") / "operator.log",
+        "--prometheus-url", prometheus.url, "--rollout-interval", "1",
+        "--autoscale-interval", "5",
+    ) as op:  # fmt: skip
         yield op
+
+
+@pytest.fixture
+def agent(cluster: LocalCluster, ns: str, tmp_path: Path) -> Iterator[NodeAgent]:
+    """Runs the test namespace's pods; at the end, the service is deleted and no pod is left."""
+    agent = NodeAgent(
+        cluster.kubeconfig, ns, tmp_path / "pods", env={"KUBECONFIG": str(cluster.kubeconfig)}
+    ).start()
+    try:
+        yield agent
     finally:
-        code = op.stop()
-        print(op.log_text()[-6000:])
-        assert code in (0, -15), f"operator exited {code}"
+        cluster.kubectl("delete", "llmservice", "chat", "-n", ns, "--wait=true", check=False)
+        agent.stop()
+    assert agent.pods == {}
 
 
 class Users:
@@ -148,12 +146,9 @@ def test_slow_canary_rolls_back_healthy_canary_is_promoted(
     cluster: LocalCluster,
     prometheus: LocalPrometheus,
     rollout_operator: Operator,
+    agent: NodeAgent,
     ns: str,
-    tmp_path: Path,
 ) -> None:
-    agent = NodeAgent(
-        cluster.kubeconfig, ns, tmp_path / "pods", env={"KUBECONFIG": str(cluster.kubeconfig)}
-    ).start()
     users = None
     try:
         engine = ENGINE
@@ -245,21 +240,15 @@ def test_slow_canary_rolls_back_healthy_canary_is_promoted(
     finally:
         if users is not None:
             users.stop()
-        cluster.kubectl("delete", "llmservice", "chat", "-n", ns, "--wait=true", check=False)
-        agent.stop()
-    assert agent.pods == {}
 
 
 def test_identical_shadow_agrees_and_never_counts_as_an_engine(
     cluster: LocalCluster,
     prometheus: LocalPrometheus,
     rollout_operator: Operator,
+    agent: NodeAgent,
     ns: str,
-    tmp_path: Path,
 ) -> None:
-    agent = NodeAgent(
-        cluster.kubeconfig, ns, tmp_path / "pods", env={"KUBECONFIG": str(cluster.kubeconfig)}
-    ).start()
     users = None
     try:
         doc = service_doc(
@@ -327,6 +316,3 @@ def test_identical_shadow_agrees_and_never_counts_as_an_engine(
     finally:
         if users is not None:
             users.stop()
-        cluster.kubectl("delete", "llmservice", "chat", "-n", ns, "--wait=true", check=False)
-        agent.stop()
-    assert agent.pods == {}
