@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import re
 import signal
 import time
@@ -38,6 +37,7 @@ from kvpilot_engine.server.async_engine import (
     EngineUnavailableError,
     RequestStream,
 )
+from kvpilot_engine.server.logs import configure_logging
 from kvpilot_engine.server.metrics import ServerMetrics
 from kvpilot_engine.server.protocol import (
     MAX_N,
@@ -692,35 +692,6 @@ async def _chat_events(
 
 
 # ---- logging and serving -----------------------------------------------------------------------
-def configure_logging(level: str = "INFO") -> None:
-    """JSON lines on stderr for our logs and every stdlib logger (engine, uvicorn) alike."""
-    shared: list[Any] = [
-        structlog.contextvars.merge_contextvars,
-        structlog.stdlib.add_logger_name,
-        structlog.stdlib.add_log_level,
-        structlog.processors.TimeStamper(fmt="iso", utc=True),
-    ]
-    structlog.configure(
-        processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
-        logger_factory=structlog.stdlib.LoggerFactory(),
-        wrapper_class=structlog.stdlib.BoundLogger,
-        cache_logger_on_first_use=True,
-    )
-    formatter = structlog.stdlib.ProcessorFormatter(
-        foreign_pre_chain=shared,
-        processors=[
-            structlog.stdlib.ProcessorFormatter.remove_processors_meta,
-            structlog.processors.format_exc_info,
-            structlog.processors.JSONRenderer(),
-        ],
-    )
-    handler = logging.StreamHandler()
-    handler.setFormatter(formatter)
-    root = logging.getLogger()
-    root.handlers = [handler]
-    root.setLevel(level.upper())
-
-
 class _DrainingServer(uvicorn.Server):
     """uvicorn, but SIGTERM/SIGINT first drains: new requests get 503 and /ready fails while
     in-flight requests finish (up to the drain timeout); only then does uvicorn shut down.

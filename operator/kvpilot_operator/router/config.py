@@ -1,0 +1,154 @@
+"""The route config: the JSON contract between the operator (ConfigMap `<service>-router`, key
+`routes.json`) and the router. Parsed strictly, so a bad write is reported with the field at
+fault and the router keeps its last good routes."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    url: str
+    revision: str
+    ready: bool = True
+
+
+@dataclass(frozen=True)
+class Revision:
+    name: str
+    weight: int
+    role: str = "stable"
+
+
+@dataclass(frozen=True)
+class Shadow:
+    revision: str
+    mirror_percent: float
+    max_rps: float | None = None
+
+
+@dataclass(frozen=True)
+class RouteConfig:
+    service: str
+    revisions: tuple[Revision, ...]
+    shadow: Shadow | None = None
+    endpoints: tuple[Endpoint, ...] = ()  # read in static (--config) mode only
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> RouteConfig:
+        try:
+            doc = json.loads(text)
+        except ValueError as e:
+            raise ValueError(f"route config: not valid JSON: {e}") from None
+        return cls.from_dict(doc)
+
+    @classmethod
+    def from_dict(cls, doc: Any) -> RouteConfig:
+        _check(isinstance(doc, dict), "must be a JSON object")
+        service = doc.get("service", "")
+        _check(isinstance(service, str), "service must be a string")
+        revisions = _revisions(doc.get("revisions"))
+        shadow = _shadow(doc.get("shadow"))
+        if shadow is not None:
+            weighted = {r.name for r in revisions if r.weight > 0}
+            _check(
+                shadow.revision not in weighted,
+                f"shadow.revision {shadow.revision!r} also takes user traffic (weight > 0)",
+            )
+        return cls(service, revisions, shadow, _endpoints(doc.get("endpoints", [])))
+
+    @classmethod
+    def implicit(cls, service: str, revisions: Iterable[str]) -> RouteConfig:
+        """No ConfigMap (yet): every revision that has ready pods gets the same weight. With no
+        pods there are no revisions, and requests wait for some (scale from zero)."""
+        return cls(service, tuple(Revision(n, 1) for n in sorted(set(revisions))))
+
+    def to_dict(self) -> dict[str, Any]:
+        shadow = None
+        if self.shadow is not None:
+            shadow = {
+                "revision": self.shadow.revision,
+                "mirrorPercent": self.shadow.mirror_percent,
+                "maxRps": self.shadow.max_rps,
+            }
+        return {
+            "service": self.service,
+            "revisions": [
+                {"name": r.name, "weight": r.weight, "role": r.role} for r in self.revisions
+            ],
+            "shadow": shadow,
+            "endpoints": [{"url": e.url, "revision": e.revision} for e in self.endpoints],
+        }
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(f"route config: {message}")
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _revisions(raw: Any) -> tuple[Revision, ...]:
+    _check(isinstance(raw, list) and len(raw) > 0, "revisions must be a non-empty list")
+    out: list[Revision] = []
+    for i, r in enumerate(raw):
+        where = f"revisions[{i}]"
+        _check(isinstance(r, dict), f"{where} must be an object")
+        name, weight, role = r.get("name"), r.get("weight"), r.get("role", "stable")
+        _check(isinstance(name, str) and name != "", f"{where}.name must be a non-empty string")
+        _check(
+            _is_int(weight) and weight >= 0,
+            f"{where}.weight must be a non-negative integer, got {weight!r}",
+        )
+        _check(isinstance(role, str), f"{where}.role must be a string")
+        out.append(Revision(name, weight, role))
+    names = [r.name for r in out]
+    dups = sorted({n for n in names if names.count(n) > 1})
+    _check(not dups, f"revision names must be unique, repeated: {', '.join(dups)}")
+    return tuple(out)
+
+
+def _shadow(raw: Any) -> Shadow | None:
+    if raw is None:
+        return None
+    _check(isinstance(raw, dict), "shadow must be an object or null")
+    revision, percent, max_rps = raw.get("revision"), raw.get("mirrorPercent"), raw.get("maxRps")
+    _check(isinstance(revision, str) and revision != "", "shadow.revision must be a string")
+    _check(
+        _is_number(percent) and 0 <= percent <= 100,
+        f"shadow.mirrorPercent must be a number in [0, 100], got {percent!r}",
+    )
+    _check(
+        max_rps is None or (_is_number(max_rps) and max_rps > 0),
+        f"shadow.maxRps must be a positive number or null, got {max_rps!r}",
+    )
+    return Shadow(revision, float(percent), None if max_rps is None else float(max_rps))
+
+
+def _endpoints(raw: Any) -> tuple[Endpoint, ...]:
+    _check(isinstance(raw, list), "endpoints must be a list")
+    out: list[Endpoint] = []
+    for i, e in enumerate(raw):
+        where = f"endpoints[{i}]"
+        _check(isinstance(e, dict), f"{where} must be an object")
+        url, revision = e.get("url"), e.get("revision")
+        _check(
+            isinstance(url, str) and url.startswith(("http://", "https://")),
+            f"{where}.url must be an http(s) URL, got {url!r}",
+        )
+        _check(isinstance(revision, str) and revision != "", f"{where}.revision must be a string")
+        out.append(Endpoint(url.rstrip("/"), revision))
+    urls = [e.url for e in out]
+    dups = sorted({u for u in urls if urls.count(u) > 1})
+    _check(not dups, f"endpoint URLs must be unique, repeated: {', '.join(dups)}")
+    return tuple(out)

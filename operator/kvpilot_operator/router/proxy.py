@@ -1,0 +1,591 @@
+"""The router's HTTP side: an ASGI app that proxies the OpenAI generation routes.
+
+The generation routes are raw ASGI rather than Starlette request/response handlers, so that
+upstream bytes go to the client as they arrive (no buffering; a slow client slows the upstream
+read, which is the backpressure we want), and so that one task watches for the client leaving
+from the moment the body is read: queued, connecting or streaming, the upstream request is then
+closed and the engine aborts it and frees its KV blocks.
+
+The body is parsed only for what routing needs (prompt prefix, stream, greedy) and is sent
+upstream byte for byte. A request is retried on another endpoint only while nothing has been
+sent to the client: on a refused or dropped connection, or a 503 before the first byte.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+import structlog
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from kvpilot_operator.router.admission import Admission, Rejected
+from kvpilot_operator.router.discovery import Snapshot, Source, follow, scrape_loop
+from kvpilot_operator.router.metrics import RouterMetrics
+from kvpilot_operator.router.shadow import (
+    DEFAULT_SHADOW_CONCURRENCY,
+    DEFAULT_SHADOW_TIMEOUT,
+    Mirror,
+    Outcome,
+)
+from kvpilot_operator.router.sse import ResponseReader
+from kvpilot_operator.router.table import EndpointState, RouteTable
+
+log = structlog.get_logger("kvpilot.router")
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+_REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")  # the engine's rule
+# Not forwarded upstream: hop-by-hop headers, and what the proxy sets itself. The client's key
+# is for the router; engines sit behind it on the pod network.
+_DROP_REQUEST_HEADERS = frozenset(
+    {
+        b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization", b"te",
+        b"trailer", b"trailers", b"transfer-encoding", b"upgrade", b"host", b"content-length",
+        b"authorization", b"x-request-id",
+    }
+)  # fmt: skip
+_FORWARD_RESPONSE_HEADERS = frozenset(
+    {b"content-type", b"content-length", b"content-encoding", b"retry-after"}
+)
+GENERATION_PATHS = ("/v1/completions", "/v1/chat/completions")
+
+
+@dataclass(frozen=True)
+class ProxySettings:
+    retries: int = 2
+    connect_timeout: float = 2.0
+    request_timeout: float = 600.0
+    max_in_flight: int = 1024
+    max_queue: int = 1024
+    queue_timeout: float = 60.0
+    api_keys: tuple[str, ...] = ()
+    refresh_interval: float = 1.0
+    scrape_interval: float = 2.0
+    shadow_timeout: float = DEFAULT_SHADOW_TIMEOUT
+    shadow_concurrency: int = DEFAULT_SHADOW_CONCURRENCY
+
+
+def error_body(status: int, message: str, code: str | None, param: str | None = None) -> bytes:
+    """OpenAI's error shape, typed as the engine types its own errors."""
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    error = {"message": message, "type": kind, "param": param, "code": code}
+    return json.dumps({"error": error}).encode()
+
+
+_UNAUTHORIZED = error_body(
+    401, "a valid API key is required (Authorization: Bearer <key>)", "invalid_api_key"
+)
+
+
+# ---- what routing needs from the body -----------------------------------------------------------
+@dataclass(frozen=True)
+class ParsedRequest:
+    prompt: str  # flattened: the affinity key is its first prefix_chars characters
+    stream: bool
+    greedy: bool
+
+
+def _text_of(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):  # content parts: keep the text ones
+        return "".join(p.get("text", "") for p in content if isinstance(p, dict))
+    return ""
+
+
+def parse_request(body: bytes) -> ParsedRequest:
+    """Raises ValueError for a body that is not a JSON object."""
+    try:
+        doc = json.loads(body)
+    except ValueError as e:
+        raise ValueError(f"the body is not valid JSON: {e}") from None
+    if not isinstance(doc, dict):
+        raise ValueError("the body must be a JSON object")
+    messages = doc.get("messages")
+    if isinstance(messages, list):
+        prompt = "".join(
+            f"{m.get('role', '')}:{_text_of(m.get('content'))}\n"
+            for m in messages
+            if isinstance(m, dict)
+        )
+    else:
+        raw = doc.get("prompt", "")
+        if isinstance(raw, list) and len(raw) == 1 and isinstance(raw[0], (str, list)):
+            raw = raw[0]
+        prompt = raw if isinstance(raw, str) else json.dumps(raw)  # token ids hash as well
+    temperature, top_k = doc.get("temperature"), doc.get("top_k")
+    greedy = temperature == 0 or top_k == 1
+    return ParsedRequest(prompt, doc.get("stream") is True, greedy)
+
+
+# ---- one request as it passes -------------------------------------------------------------------
+@dataclass
+class Exchange:
+    rid: str
+    path: str
+    t0: float  # receipt, perf_counter
+    body: bytes = b""
+    request: ParsedRequest | None = None
+    upstream_headers: list[tuple[bytes, bytes]] = field(default_factory=list)
+    status: int = 0  # what the client was sent; 0 until the response starts
+    revision: str = ""
+    endpoint: str = ""
+    sse: bool = False
+    retries: int = 0
+    sent_at: float = 0.0  # the successful upstream attempt's send
+    reader: ResponseReader | None = None
+    outcome: Outcome | None = None  # set once the answer was forwarded whole
+    mirror_decided: bool = False
+    mirrored: asyncio.Future[Outcome | None] | None = None  # gets `outcome` when mirrored
+
+
+async def _read_body(receive: Receive) -> bytes | None:
+    chunks: list[bytes] = []
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return None
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+async def _until_disconnect(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+class _RawEndpoint:
+    """A plain ASGI endpoint (Starlette wraps functions as request/response handlers)."""
+
+    def __init__(self, handler: Callable[[Scope, Receive, Send], Awaitable[None]]):
+        self.handler = handler
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.handler(scope, receive, send)
+
+
+class Router:
+    def __init__(
+        self,
+        table: RouteTable,
+        settings: ProxySettings,
+        source: Source | None = None,
+    ):
+        self.table = table
+        self.settings = settings
+        self.source = source
+        self.admission = Admission(settings.max_in_flight, settings.max_queue, table.has_primary)
+        self.metrics = RouterMetrics(lambda: self.admission.waiting)
+        self.client: httpx.AsyncClient | None = None
+        self.mirror: Mirror | None = None
+        self._keys = [k.encode() for k in settings.api_keys]
+        self._tasks: list[asyncio.Task[None]] = []
+        self._applied: Snapshot | None = None
+
+    # ---- routes and lifecycle -------------------------------------------------------------------
+    def apply(self, snap: Snapshot) -> None:
+        """A snapshot from discovery (the same one every second while nothing changes)."""
+        self.table.update(snap.config, snap.endpoints)
+        self.metrics.set_endpoints(self.table.ready_counts())
+        self.admission.wake()  # endpoints may have appeared for queued requests
+        if snap != self._applied:
+            self._applied = snap
+            log.info(
+                "routes",
+                revisions=[(r.name, r.weight) for r in snap.config.revisions],
+                shadow=snap.config.shadow.revision if snap.config.shadow else None,
+                endpoints=[(e.url, e.revision) for e in snap.endpoints],
+            )
+
+    @asynccontextmanager
+    async def lifespan(self, app: Starlette) -> AsyncIterator[None]:
+        s = self.settings
+        self.client = httpx.AsyncClient(
+            # No read timeout: a long generation is silent between tokens; the total request
+            # timeout bounds it. Idle upstream connections are dropped before the engine's
+            # 5 s keep-alive would, so we never write into a connection it is closing.
+            timeout=httpx.Timeout(connect=s.connect_timeout, read=None, write=None, pool=None),
+            # Admission bounds the connections; keep as many alive as may be in use at once.
+            limits=httpx.Limits(
+                max_connections=None,
+                max_keepalive_connections=s.max_in_flight + s.shadow_concurrency,
+                keepalive_expiry=4.0,
+            ),
+        )
+        self.mirror = Mirror(
+            self.table, self.client, self.metrics, s.shadow_timeout, s.shadow_concurrency
+        )
+        if self.source is not None:
+            self._tasks.append(
+                asyncio.create_task(follow(self.source, s.refresh_interval, self.apply))
+            )
+        self._tasks.append(
+            asyncio.create_task(scrape_loop(self.table, self.client, s.scrape_interval))
+        )
+        try:
+            yield
+        finally:
+            for task in self._tasks:
+                task.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+            await self.mirror.aclose()
+            await self.client.aclose()
+
+    def app(self) -> Starlette:
+        generate = _RawEndpoint(self.generate)
+        routes = [
+            *(Route(p, generate, methods=["POST"]) for p in GENERATION_PATHS),
+            Route("/v1/models", self.models, methods=["GET"]),
+            Route("/health", self.health, methods=["GET"]),
+            Route("/ready", self.ready, methods=["GET"]),
+            Route("/metrics", self.prometheus, methods=["GET"]),
+            Route("/router/state", self.state, methods=["GET"]),
+        ]
+        return Starlette(routes=routes, lifespan=self.lifespan)
+
+    # ---- small routes -------------------------------------------------------------------------
+    async def health(self, request: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    async def ready(self, request: Request) -> Response:
+        # Ready with zero endpoints too: a service scaled to zero still takes (and queues)
+        # requests, and its queue is what scales it up.
+        if not self.table.loaded:
+            body = error_body(503, "no routes loaded yet", "unavailable")
+            return Response(body, 503, media_type="application/json")
+        return JSONResponse({"status": "ready"})
+
+    async def prometheus(self, request: Request) -> Response:
+        return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    async def state(self, request: Request) -> Response:
+        shadow = self.mirror.summary.to_dict() if self.mirror else {}
+        return JSONResponse(
+            {
+                **self.table.snapshot(),
+                "admission": {
+                    "inFlight": self.admission.in_flight,
+                    "waiting": self.admission.waiting,
+                    "maxInFlight": self.admission.max_in_flight,
+                    "maxQueue": self.admission.max_queue,
+                },
+                "shadow": {**shadow, "active": self.mirror.active if self.mirror else 0},
+            }
+        )
+
+    async def models(self, request: Request) -> Response:
+        rid = self._request_id(request.scope)
+        if not self._authorized(request.scope):
+            self.metrics.rejected.labels("unauthorized").inc()
+            self.metrics.requests.labels("", "401").inc()
+            return Response(_UNAUTHORIZED, 401, {"x-request-id": rid}, "application/json")
+        assert self.client is not None
+        tried: set[str] = set()
+        for _ in range(self.settings.retries + 1):
+            st = self.table.pick_any(exclude=tried)
+            if st is None:
+                break
+            try:
+                resp = await self.client.get(
+                    st.url + "/v1/models", headers={"x-request-id": rid}, timeout=10.0
+                )
+            except httpx.TransportError:
+                self.table.eject(st.url)
+                tried.add(st.url)
+                continue
+            self.metrics.requests.labels(st.revision, str(resp.status_code)).inc()
+            headers = {"x-kvpilot-revision": st.revision, "x-request-id": rid}
+            ctype = resp.headers.get("content-type", "application/json")
+            return Response(resp.content, resp.status_code, headers, media_type=ctype)
+        self.metrics.requests.labels("", "503").inc()
+        body = error_body(503, "no ready endpoint", "unavailable")
+        return Response(body, 503, {"retry-after": "5", "x-request-id": rid}, "application/json")
+
+    # ---- auth and ids -------------------------------------------------------------------------
+    def _authorized(self, scope: Scope) -> bool:
+        if not self._keys:
+            return True
+        value = dict(scope["headers"]).get(b"authorization", b"")
+        scheme, _, token = value.partition(b" ")
+        if scheme.lower() != b"bearer":
+            return False
+        token = token.strip()
+        ok = False
+        for key in self._keys:  # no early exit: the time taken says nothing about which key
+            ok |= hmac.compare_digest(token, key)
+        return ok
+
+    @staticmethod
+    def _request_id(scope: Scope) -> str:
+        given = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
+        return given if _REQUEST_ID_RE.match(given) else uuid.uuid4().hex
+
+    # ---- the generation routes ----------------------------------------------------------------
+    async def generate(self, scope: Scope, receive: Receive, send: Send) -> None:
+        ex = Exchange(self._request_id(scope), scope["path"], time.perf_counter())
+        try:
+            await self._generate(ex, scope, receive, send)
+        finally:
+            self._record(ex)
+
+    async def _generate(self, ex: Exchange, scope: Scope, receive: Receive, send: Send) -> None:
+        if not self._authorized(scope):
+            self.metrics.rejected.labels("unauthorized").inc()
+            await self._reply(ex, send, 401, _UNAUTHORIZED)
+            return
+        body = await _read_body(receive)
+        if body is None:
+            ex.status = 499
+            return
+        try:
+            ex.request = parse_request(body)
+        except ValueError as e:
+            self.metrics.rejected.labels("bad_request").inc()
+            await self._reply(ex, send, 400, error_body(400, str(e), "invalid_json"))
+            return
+        ex.body = body
+        ex.upstream_headers = [
+            (k, v) for k, v in scope["headers"] if k.lower() not in _DROP_REQUEST_HEADERS
+        ]
+        ex.upstream_headers += [
+            (b"x-request-id", ex.rid.encode()),
+            (b"content-length", str(len(body)).encode()),  # else httpx would send it chunked
+        ]
+
+        work = asyncio.create_task(self._exchange(ex, send))
+        gone = asyncio.create_task(_until_disconnect(receive))
+        done: set[asyncio.Task[None]] = set()
+        try:
+            remaining = self.settings.request_timeout - (time.perf_counter() - ex.t0)
+            done, _ = await asyncio.wait(
+                (work, gone), timeout=remaining, return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            for task in (work, gone):
+                task.cancel()
+            await asyncio.gather(work, gone, return_exceptions=True)
+        if work in done:
+            error = work.exception()
+            if error is None:
+                return
+            log.error("proxy failure", exc_info=error, request_id=ex.rid)
+            if ex.status == 0:
+                await self._reply(ex, send, 500, error_body(500, "router error", "internal"))
+            return
+        if gone in done:
+            ex.status = 499  # nginx's "client closed request": nobody reads it
+            return
+        # The total timeout: a clean error if nothing was sent yet, else the stream ends here.
+        self.metrics.upstream_errors.labels(ex.revision, "timeout").inc()
+        message = f"no complete answer within {self.settings.request_timeout:g}s"
+        if ex.status == 0:
+            await self._reply(ex, send, 504, error_body(504, message, "timeout"))
+        else:
+            await self._abort_stream(ex, send, message)
+
+    async def _exchange(self, ex: Exchange, send: Send) -> None:
+        try:
+            await self.admission.admit(self.settings.queue_timeout)
+        except Rejected as r:
+            self.metrics.rejected.labels(r.reason).inc()
+            if r.reason == "queue_full":
+                message, code, retry = "the router's queue is full; retry later", "overloaded", 1
+            else:
+                message = f"no endpoint took the request within {self.settings.queue_timeout:g}s"
+                code, retry = "unavailable", 5
+            await self._reply(ex, send, 503, error_body(503, message, code), retry_after=retry)
+            return
+        try:
+            assert ex.request is not None
+            st = self.table.pick(ex.request.prompt)
+            if st is None:  # the last endpoint went between admission and now
+                body = error_body(503, "no ready endpoint", "unavailable")
+                await self._reply(ex, send, 503, body, retry_after=5)
+                return
+            connected = await self._connect(ex, st, send)
+            if connected is not None:
+                await self._relay(ex, *connected, send=send)
+        finally:
+            self.admission.release()
+            if ex.mirrored is not None and not ex.mirrored.done():
+                ex.mirrored.set_result(ex.outcome)
+
+    async def _body(self, ex: Exchange) -> AsyncIterator[bytes]:
+        """The request body for httpx, which asks for more only once the bytes before are written:
+        the shadow starts when the primary's request is on the wire, so its work fills the time
+        the primary waits for the engine instead of delaying the primary's send."""
+        yield ex.body
+        if not ex.mirror_decided and self.mirror is not None and ex.request is not None:
+            ex.mirror_decided = True
+            ex.mirrored = self.mirror.start(
+                ex.path, ex.body, _shadow_headers(ex.upstream_headers), ex.request.greedy
+            )
+
+    def _dispatch(self, st: EndpointState) -> None:
+        self.table.acquire(st)
+        self.metrics.in_flight.labels(st.revision).inc()
+
+    def _undispatch(self, st: EndpointState) -> None:
+        self.table.release(st)
+        self.metrics.in_flight.labels(st.revision).dec()
+
+    async def _connect(
+        self, ex: Exchange, st: EndpointState, send: Send
+    ) -> tuple[EndpointState, httpx.Response] | None:
+        """Send upstream, retrying elsewhere while nothing reached the client. Returns the
+        endpoint and its response (dispatched: _relay undispatches), or None once answered."""
+        assert self.client is not None and ex.request is not None
+        tried: set[str] = set()
+        while True:
+            self._dispatch(st)
+            resp: httpx.Response | None = None
+            request = self.client.build_request(
+                "POST", st.url + ex.path, content=self._body(ex), headers=ex.upstream_headers
+            )
+            ex.sent_at = time.perf_counter()
+            try:
+                resp = await self.client.send(request, stream=True)
+            except (httpx.ConnectError, httpx.ConnectTimeout):
+                self.table.eject(st.url)
+            except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError):
+                pass  # closed before answering (a dying pod, a stale connection): try elsewhere
+            except BaseException:
+                self._undispatch(st)
+                raise
+            if resp is not None and resp.status_code >= 500:
+                self.metrics.upstream_errors.labels(st.revision, "status_5xx").inc()
+            if resp is not None and resp.status_code != 503:
+                return st, resp
+            if resp is None:
+                self.metrics.upstream_errors.labels(st.revision, "connect").inc()
+            tried.add(st.url)
+            retry = None
+            if ex.retries < self.settings.retries:
+                retry = self.table.pick(ex.request.prompt, exclude=tried, prefer=st.revision)
+            if retry is None:
+                if resp is not None:
+                    return st, resp  # the last 503, as the engine said it (with Retry-After)
+                self._undispatch(st)
+                message = f"no endpoint answered ({len(tried)} tried)"
+                await self._reply(ex, send, 502, error_body(502, message, "upstream_unavailable"))
+                return None
+            self._undispatch(st)
+            if resp is not None:
+                self.table.eject(st.url)  # draining or overloaded: give it a few seconds
+                await resp.aclose()
+            self.metrics.retries.labels(st.revision).inc()
+            ex.retries += 1
+            st = retry
+
+    async def _relay(
+        self,
+        ex: Exchange,
+        st: EndpointState,
+        resp: httpx.Response,
+        send: Send,
+    ) -> None:
+        try:
+            ex.revision, ex.endpoint = st.revision, st.url
+            ex.sse = resp.headers.get("content-type", "").startswith("text/event-stream")
+            keep_text = ex.mirrored is not None and resp.status_code == 200
+            ex.reader = reader = ResponseReader(ex.sse, keep_text)
+            headers = [
+                (k, v) for k, v in resp.headers.raw if k.lower() in _FORWARD_RESPONSE_HEADERS
+            ]
+            headers += [
+                (b"x-kvpilot-revision", st.revision.encode()),
+                (b"x-request-id", ex.rid.encode()),
+            ]
+            ex.status = resp.status_code
+            await send({"type": "http.response.start", "status": ex.status, "headers": headers})
+            try:
+                async for chunk in resp.aiter_raw():
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                    reader.feed(chunk, time.perf_counter())
+            except httpx.HTTPError as e:
+                self.metrics.upstream_errors.labels(st.revision, "stream_broken").inc()
+                await self._abort_stream(ex, send, f"the upstream stream broke: {e!r}")
+                return
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            first = reader.first_text
+            ex.outcome = Outcome(
+                resp.status_code,
+                reader.texts(),
+                time.perf_counter() - ex.sent_at,
+                None if first is None else first - ex.sent_at,
+            )
+        finally:
+            await resp.aclose()  # also on cancellation: the engine sees the close and aborts
+            self._undispatch(st)
+
+    # ---- replies and bookkeeping ----------------------------------------------------------------
+    async def _reply(
+        self, ex: Exchange, send: Send, status: int, body: bytes, retry_after: int | None = None
+    ) -> None:
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+            (b"x-request-id", ex.rid.encode()),
+        ]
+        if retry_after is not None:
+            headers.append((b"retry-after", str(retry_after).encode()))
+        ex.status = status
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+    async def _abort_stream(self, ex: Exchange, send: Send, message: str) -> None:
+        """End a response whose status line is gone. An event stream gets an error event, as the
+        engine sends when it fails mid-stream; any other body is left short, so the server
+        drops the connection and the client cannot take a truncated body for a whole one."""
+        log.warning("stream cut", request_id=ex.rid, endpoint=ex.endpoint, reason=message)
+        if ex.sse:
+            event = b"data: " + error_body(502, message, "upstream_error") + b"\n\n"
+            with contextlib.suppress(Exception):
+                await send({"type": "http.response.body", "body": event, "more_body": False})
+
+    def _record(self, ex: Exchange) -> None:
+        m, code = self.metrics, str(ex.status or 499)
+        e2e = time.perf_counter() - ex.t0
+        m.requests.labels(ex.revision, code).inc()
+        m.e2e.labels(ex.revision).observe(e2e)
+        reader = ex.reader
+        if reader is not None and reader.sse and ex.status == 200:
+            if reader.first_text is not None:
+                m.ttft.labels(ex.revision).observe(reader.first_text - ex.t0)
+            if reader.text_events >= 2 and reader.first_text is not None:
+                assert reader.last_text is not None
+                gap = (reader.last_text - reader.first_text) / (reader.text_events - 1)
+                m.tpot.labels(ex.revision).observe(gap)
+        log.info(
+            "http_request",
+            request_id=ex.rid,
+            path=ex.path,
+            status=int(code),
+            revision=ex.revision or None,
+            endpoint=ex.endpoint or None,
+            retries=ex.retries,
+            duration_ms=round(e2e * 1000, 1),
+        )
+
+
+def _shadow_headers(headers: list[tuple[bytes, bytes]]) -> dict[str, str]:
+    return {k.decode("latin-1"): v.decode("latin-1") for k, v in headers}

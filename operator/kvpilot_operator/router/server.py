@@ -1,0 +1,83 @@
+"""`kvpilot router`: load the routes, then serve the proxy with uvicorn."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+import structlog
+import uvicorn
+from kvpilot_engine.server.logs import configure_logging
+
+from kvpilot_operator.router.discovery import KubernetesSource, Snapshot, Source, StaticSource
+from kvpilot_operator.router.proxy import ProxySettings, Router
+from kvpilot_operator.router.table import RouteTable
+
+log = structlog.get_logger("kvpilot.router")
+
+API_KEY_ENV = "KVPILOT_API_KEY"
+
+
+def api_keys(ns: argparse.Namespace) -> tuple[str, ...]:
+    keys = list(ns.api_key or [])
+    keys += [k.strip() for k in os.environ.get(API_KEY_ENV, "").split(",")]
+    return tuple(k for k in keys if k)
+
+
+def settings_from(ns: argparse.Namespace) -> ProxySettings:
+    return ProxySettings(
+        retries=ns.retries,
+        connect_timeout=ns.connect_timeout,
+        request_timeout=ns.request_timeout,
+        max_in_flight=ns.max_in_flight,
+        max_queue=ns.max_queue,
+        queue_timeout=ns.queue_timeout,
+        api_keys=api_keys(ns),
+        refresh_interval=ns.refresh_interval,
+        scrape_interval=ns.scrape_interval,
+        shadow_timeout=ns.shadow_timeout,
+        shadow_concurrency=ns.shadow_max_concurrency,
+    )
+
+
+def source_from(ns: argparse.Namespace) -> Source:
+    if ns.config and (ns.namespace or ns.service):
+        raise ValueError("--config and --namespace/--service exclude each other")
+    if ns.config:
+        return StaticSource(ns.config)
+    if not (ns.namespace and ns.service):
+        raise ValueError("give --config FILE, or --namespace and --service")
+    return KubernetesSource(ns.namespace, ns.service, ns.kubeconfig)
+
+
+def run_router(ns: argparse.Namespace) -> int:
+    configure_logging(ns.log_level, quiet=("httpx", "httpcore"))
+    source = source_from(ns)
+    table = RouteTable(
+        prefix_chars=ns.prefix_chars, load_factor=ns.load_factor, eject_seconds=ns.eject_seconds
+    )
+    router = Router(table, settings_from(ns), source)
+    if isinstance(source, StaticSource):
+        # A file that does not parse at start is an operator's typo: say so and stop. Later
+        # bad writes keep the last good routes (discovery.follow).
+        snap: Snapshot | None = source.poll()
+        assert snap is not None
+        router.apply(snap)
+    config = uvicorn.Config(
+        router.app(),
+        host=ns.host,
+        port=ns.port,
+        log_config=None,  # ours (JSON) stays in place
+        access_log=False,  # the proxy logs each request with its id, revision and endpoint
+        # SIGTERM: stop accepting, let streams in flight finish (the pod's grace period is 60 s).
+        timeout_graceful_shutdown=50,
+        timeout_keep_alive=30,
+    )
+    log.info(
+        "starting",
+        port=ns.port,
+        source="file" if isinstance(source, StaticSource) else "kubernetes",
+        auth=bool(router.settings.api_keys),
+    )
+    uvicorn.Server(config).run()
+    return 0

@@ -1,0 +1,123 @@
+"""The router's Kubernetes discovery against a real kube-apiserver (tests/operator/conftest.py):
+routes from the ConfigMap `<service>-router`, endpoints from the service's ready pods.
+
+No kubelet runs here, so each test writes pod status (IP, Ready) as a kubelet would.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import pytest
+from kubernetes import client, config
+from kvpilot_operator.localcluster import LocalCluster
+from kvpilot_operator.router.config import Endpoint, Revision, Shadow
+from kvpilot_operator.router.discovery import KubernetesSource
+
+pytestmark = pytest.mark.slow
+
+SERVICE = "chat"
+
+
+def pod(name: str, revision: str, component: str = "engine", service: str = SERVICE) -> dict:
+    labels = {
+        "kvpilot.io/llmservice": service,
+        "app.kubernetes.io/component": component,
+        "kvpilot.io/revision": revision,
+    }
+    if component == "shadow":
+        labels["kvpilot.io/role"] = "shadow"
+    ports = [{"name": "http", "containerPort": 8001}] if name == "engine-1" else []
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name, "labels": labels},
+        "spec": {"containers": [{"name": "engine", "image": "kvpilot/engine", "ports": ports}]},
+    }
+
+
+def kubelet_status(ip: str | None, ready: bool) -> dict[str, Any]:
+    """The status a kubelet reports for a running pod (Ready or not)."""
+    now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    status: dict[str, Any] = {
+        "phase": "Running",
+        "conditions": [
+            {"type": "Ready", "status": "True" if ready else "False", "lastTransitionTime": now}
+        ],
+    }
+    if ip is not None:
+        status["podIP"] = ip
+        status["podIPs"] = [{"ip": ip}]
+    return {"status": status}
+
+
+def routes_config_map(routes: str) -> dict:
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {"name": f"{SERVICE}-router"},
+        "data": {"routes.json": routes},
+    }
+
+
+def test_discovery_follows_the_config_map_and_ready_pods(cluster: LocalCluster, ns: str) -> None:
+    core = client.CoreV1Api(config.new_client_from_config(str(cluster.kubeconfig)))
+    pods = {
+        "engine-1": (pod("engine-1", "r1"), "127.0.0.11", True),  # named port 8001
+        "engine-2": (pod("engine-2", "r2"), "127.0.0.12", True),  # no named port: 8000
+        "engine-3": (pod("engine-3", "r1"), "127.0.0.14", False),  # not ready
+        "engine-4": (pod("engine-4", "r1"), None, True),  # no IP yet
+        "shadow-1": (pod("shadow-1", "rs", component="shadow"), "127.0.0.13", True),
+        "other-1": (pod("other-1", "r1", service="other"), "127.0.0.15", True),
+    }
+    for doc, ip, ready in pods.values():
+        core.create_namespaced_pod(ns, doc)
+        core.patch_namespaced_pod_status(doc["metadata"]["name"], ns, kubelet_status(ip, ready))
+    source = KubernetesSource(ns, SERVICE, str(cluster.kubeconfig))
+
+    # No ConfigMap yet: every revision with ready engine pods, evenly; no shadow.
+    snap = source.poll()
+    assert snap.config.revisions == (Revision("r1", 1), Revision("r2", 1))
+    assert snap.config.shadow is None
+    want = (
+        Endpoint("http://127.0.0.11:8001", "r1"),
+        Endpoint("http://127.0.0.12:8000", "r2"),
+        Endpoint("http://127.0.0.13:8000", "rs"),  # shadow pods are found by their own selector
+    )
+    assert snap.endpoints == want
+
+    # The operator's table.
+    routes = {
+        "service": SERVICE,
+        "revisions": [
+            {"name": "r1", "weight": 75, "role": "stable"},
+            {"name": "r2", "weight": 25, "role": "canary"},
+        ],
+        "shadow": {"revision": "rs", "mirrorPercent": 10.0, "maxRps": None},
+    }
+    core.create_namespaced_config_map(ns, routes_config_map(json.dumps(routes)))
+    snap = source.poll()
+    assert snap.config.revisions == (Revision("r1", 75, "stable"), Revision("r2", 25, "canary"))
+    assert snap.config.shadow == Shadow("rs", 10.0, None)
+    assert snap.endpoints == want
+
+    # A pod turning NotReady, and one being deleted (a finalizer holds it, still Ready, as a
+    # terminating pod is during its grace period), drop out; one turning Ready comes in.
+    core.patch_namespaced_pod_status("engine-1", ns, kubelet_status("127.0.0.11", False))
+    core.patch_namespaced_pod_status("engine-3", ns, kubelet_status("127.0.0.14", True))
+    core.patch_namespaced_pod("engine-2", ns, {"metadata": {"finalizers": ["kvpilot.io/test"]}})
+    core.delete_namespaced_pod("engine-2", ns)
+    assert core.read_namespaced_pod("engine-2", ns).metadata.deletion_timestamp is not None
+    snap = source.poll()
+    assert snap.endpoints == (
+        Endpoint("http://127.0.0.13:8000", "rs"),
+        Endpoint("http://127.0.0.14:8000", "r1"),
+    )
+    core.patch_namespaced_pod("engine-2", ns, {"metadata": {"finalizers": None}})
+
+    # A broken table is an error (the router keeps its last good routes), not empty routes.
+    core.patch_namespaced_config_map(f"{SERVICE}-router", ns, {"data": {"routes.json": "{"}})
+    with pytest.raises(ValueError, match="route config"):
+        source.poll()

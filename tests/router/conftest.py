@@ -1,0 +1,206 @@
+"""Real engines (`kvpilot serve` with SmolLM2) and real `kvpilot router` processes on loopback.
+
+Engines are shared by the router tests and stopped when they are done (package scope: each takes
+~1 GB, and no more than three may run at once): two fast ones and one slowed by
+`--inject-step-delay`. Routers are cheap and start per test, each with a static route file that
+a test may rewrite to move traffic live.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.server.conftest import Server, free_port, run_server
+
+SLOW_STEP_S = 0.3
+
+
+@pytest.fixture(scope="package")
+def engine_a(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    with run_server(tmp_path_factory.mktemp("engine_a") / "serve.log", "--max-num-seqs", "16") as s:
+        yield s
+
+
+@pytest.fixture(scope="package")
+def engine_b(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    with run_server(tmp_path_factory.mktemp("engine_b") / "serve.log", "--max-num-seqs", "16") as s:
+        yield s
+
+
+@pytest.fixture(scope="package")
+def slow_engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    log = tmp_path_factory.mktemp("engine_slow") / "serve.log"
+    with run_server(log, "--max-num-seqs", "8", "--inject-step-delay", str(SLOW_STEP_S)) as s:
+        yield s
+
+
+# ---- routers ------------------------------------------------------------------------------------
+def routes(
+    revisions: dict[str, tuple[int, list[str]]],
+    shadow: tuple[str, list[str]] | None = None,
+    mirror_percent: float = 100.0,
+    max_rps: float | None = None,
+) -> dict[str, Any]:
+    """{'stable': (75, [url, ...])} (and a shadow revision with its URLs) as routes.json."""
+    doc: dict[str, Any] = {
+        "service": "test",
+        "revisions": [{"name": n, "weight": w} for n, (w, _) in revisions.items()],
+        "endpoints": [
+            {"url": u, "revision": n} for n, (_, urls) in revisions.items() for u in urls
+        ],
+        "shadow": None,
+    }
+    if shadow is not None:
+        name, urls = shadow
+        doc["shadow"] = {"revision": name, "mirrorPercent": mirror_percent, "maxRps": max_rps}
+        doc["endpoints"] += [{"url": u, "revision": name} for u in urls]
+    return doc
+
+
+@dataclass
+class Router:
+    proc: subprocess.Popen[bytes]
+    port: int
+    config_path: Path
+    log_path: Path
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def log_tail(self, n: int = 40) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+
+    def state(self) -> dict[str, Any]:
+        return httpx.get(f"{self.url}/router/state", timeout=10).json()
+
+    def metrics(self) -> dict[str, float]:
+        return samples(httpx.get(f"{self.url}/metrics", timeout=10).text)
+
+    def set_routes(self, doc: dict[str, Any]) -> None:
+        """Rewrite the route file (atomically, as an operator should) and wait for the reload."""
+        write_json(self.config_path, doc)
+        want = {r["name"]: r["weight"] for r in doc["revisions"]}
+        urls = sorted(e["url"] for e in doc["endpoints"])
+
+        def applied() -> bool:
+            st = self.state()
+            have = {r["name"]: r["weight"] for r in st["config"]["revisions"]}
+            return have == want and sorted(e["url"] for e in st["endpoints"]) == urls
+
+        wait_for("the router to reload its routes", applied)
+
+
+def write_json(path: Path, doc: dict[str, Any]) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(doc))
+    os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def run_router(
+    tmp_path: Path, doc: dict[str, Any], *flags: str, env: dict[str, str] | None = None
+) -> Iterator[Router]:
+    port = free_port()
+    config_path = tmp_path / f"routes-{port}.json"
+    log_path = tmp_path / f"router-{port}.log"
+    write_json(config_path, doc)
+    cmd = [
+        sys.executable, "-m", "kvpilot_engine.cli", "router", "--config", str(config_path),
+        "--host", "127.0.0.1", "--port", str(port), "--scrape-interval", "0.5", *flags,
+    ]  # fmt: skip
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
+        )
+    router = Router(proc, port, config_path, log_path)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"kvpilot router exited {proc.returncode}:\n{router.log_tail()}")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{router.url}/ready", timeout=2).status_code == 200:
+                    break
+            if time.monotonic() > deadline:
+                pytest.fail(f"kvpilot router not ready:\n{router.log_tail()}")
+            time.sleep(0.1)
+        yield router
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)
+
+
+# ---- small helpers ------------------------------------------------------------------------------
+def samples(text: str) -> dict[str, float]:
+    """Prometheus text as {'name{k="v",...}': value}, labels sorted."""
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            labels = ",".join(f'{k}="{v}"' for k, v in sorted(s.labels.items()))
+            out[f"{s.name}{{{labels}}}"] = s.value
+    return out
+
+
+def value(samples_: dict[str, float], name: str, **labels: str) -> float:
+    """One sample (0 if absent: a counter never incremented has no labelled child)."""
+    key = name + "{" + ",".join(f'{k}="{v}"' for k, v in sorted(labels.items())) + "}"
+    return samples_.get(key, 0.0)
+
+
+def total(samples_: dict[str, float], name: str) -> float:
+    """The sum over every labelled sample of `name`."""
+    return sum(v for k, v in samples_.items() if k.split("{", 1)[0] == name)
+
+
+def wait_for(what: str, ok: Any, timeout: float = 30.0, interval: float = 0.1) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        result = ok()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(interval)
+
+
+@contextlib.contextmanager
+def erroring_server(status: int = 500) -> Iterator[str]:
+    """A loopback HTTP server (tests/router/failing_upstream.py) answering every POST with
+    `status` and an OpenAI-shaped error."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tests.router.failing_upstream", str(port), str(status)]
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+
+        def up() -> bool:
+            with contextlib.suppress(httpx.HTTPError):
+                return httpx.post(url, content=b"{}", timeout=1).status_code == status
+            return False
+
+        wait_for("the failing upstream to listen", up)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(10)
