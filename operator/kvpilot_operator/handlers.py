@@ -23,7 +23,7 @@ from kvpilot_operator import slometrics
 from kvpilot_operator.api import GROUP, VERSION
 from kvpilot_operator.autoscaler import Autoscaler
 from kvpilot_operator.kube import Kube
-from kvpilot_operator.manifests import MANAGED_BY, SERVICE_LABEL, RenderOptions
+from kvpilot_operator.manifests import MANAGED_BY, SERVICE_LABEL, RenderOptions, engine_name
 from kvpilot_operator.reconcile import Outcome, reconcile
 from kvpilot_operator.rollout import RolloutController
 
@@ -155,12 +155,17 @@ def on_deployment_event(body: kopf.Body, type: str | None, **_: Any) -> None:
     )
     if drifted:
         _reconcile_body(owner)
-    else:
+    elif meta["name"] == engine_name(owner["metadata"]["name"]):
         _reconcile_body(owner, apply=False, deployment=dict(body))
+    else:  # canary, shadow or router: status follows the stable engines, read afresh
+        _reconcile_body(owner, apply=False)
 
 
 @kopf.on.event("", "v1", "services", labels=OWNED)
 @kopf.on.event("", "v1", "configmaps", labels=OWNED)
+@kopf.on.event("", "v1", "serviceaccounts", labels=OWNED)
+@kopf.on.event("rbac.authorization.k8s.io", "v1", "roles", labels=OWNED)
+@kopf.on.event("rbac.authorization.k8s.io", "v1", "rolebindings", labels=OWNED)
 @kopf.on.event("policy", "poddisruptionbudgets", labels=OWNED)
 def on_owned_event(body: kopf.Body, type: str | None, **_: Any) -> None:
     if type not in ("MODIFIED", "DELETED"):

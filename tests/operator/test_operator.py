@@ -411,7 +411,14 @@ def test_unservable_specs_are_degraded(cluster: LocalCluster, operator: Operator
 
 
 def resource_versions(cluster: LocalCluster, name: str, ns: str) -> dict[str, str]:
-    objs = {**owned(cluster, name, ns), "LLMService": get(cluster, "llmservice", name, ns)}
+    objs = {
+        **owned(cluster, name, ns),
+        "LLMService": get(cluster, "llmservice", name, ns),
+        **{
+            kind: get(cluster, kind, f"{name}-router", ns)
+            for kind in ("deployment", "configmap", "serviceaccount", "role", "rolebinding")
+        },
+    }
     return {k: v["metadata"]["resourceVersion"] for k, v in objs.items() if v}
 
 
@@ -434,9 +441,12 @@ def test_drift_is_corrected_and_restart_changes_nothing(
             == 2
         ),
     )
-    # A PDB deleted by hand comes back too.
+    # A PDB deleted by hand comes back too, and so do the router's routes and RBAC.
     cluster.kubectl("delete", "pdb", "drift-engine", "-n", ns)
     wait_for("PDB restored", lambda: get(cluster, "pdb", "drift-engine", ns))
+    for kind in ("configmap", "role", "rolebinding", "serviceaccount"):
+        cluster.kubectl("delete", kind, "drift-router", "-n", ns)
+        wait_for(f"{kind} restored", lambda k=kind: get(cluster, k, "drift-router", ns))
 
     # Let the controllers settle, then restart the operator: nothing changes.
     def settled() -> dict[str, str] | None:
