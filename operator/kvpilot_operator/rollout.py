@@ -107,10 +107,12 @@ def advance_canary(
     *,
     stable_rolled_out: bool = False,
     unavailable: str | None = None,
+    canary_ready: bool = True,
 ) -> tuple[CanaryStatus, list[Event]]:
     """The next status.canary. `analysis` is this step's comparison (None when it could not be
     taken, `unavailable` saying why); `stable_rolled_out` whether the stable Deployment already
-    runs the canary's revision (ends a promotion)."""
+    runs the canary's revision (ends a promotion); `canary_ready` whether a canary engine is
+    available (until one is, the step's clock does not run: its load time is no evidence)."""
     stamp = now.strftime("%Y-%m-%dT%H:%M:%SZ")
     if cs.phase == "Promoting":
         if not stable_rolled_out:
@@ -121,6 +123,9 @@ def advance_canary(
         return cs, []
     if (now - parse_time(cs.step_started_at)).total_seconds() < cfg.step_seconds:
         return cs, []
+    if not canary_ready:
+        waiting = ["the canary's engines are not ready yet: the step starts when one is"]
+        return cs.model_copy(update={"step_started_at": stamp, "reasons": waiting}), []
     if analysis is None:
         verdict, reasons = "Inconclusive", [unavailable or "no analysis"]
     else:
@@ -241,19 +246,27 @@ class RolloutController:
         if cs.phase not in ("Progressing", "Promoting"):
             return
         now = dt.datetime.now(dt.timezone.utc)
-        analysis, unavailable, rolled_out = None, None, False
+        analysis, unavailable, rolled_out, ready = None, None, False, True
         if cs.phase == "Promoting":
             live = self.kube.get("apps/v1", "Deployment", engine_name(name), namespace)
             rolled_out = stable_runs(live, cs.revision)
         elif (now - parse_time(cs.step_started_at)).total_seconds() >= cfg.step_seconds:
-            if self.source is None:
+            canary = self.kube.get("apps/v1", "Deployment", engine_name(name, "canary"), namespace)
+            ready = bool(((canary or {}).get("status") or {}).get("availableReplicas"))
+            if ready and self.source is None:
                 unavailable = "no Prometheus: the operator runs without --prometheus-url"
-            else:
+            elif ready and self.source is not None:
                 analysis, unavailable = self.source.canary_analysis(
                     namespace, name, cs.stable_revision, cs.revision, cfg.step_seconds
                 )
         new, events = advance_canary(
-            cfg, cs, analysis, now, stable_rolled_out=rolled_out, unavailable=unavailable
+            cfg,
+            cs,
+            analysis,
+            now,
+            stable_rolled_out=rolled_out,
+            unavailable=unavailable,
+            canary_ready=ready,
         )
         if new == cs:
             return

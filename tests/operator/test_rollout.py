@@ -249,6 +249,13 @@ def test_canary_rolls_back_on_a_latency_or_error_regression() -> None:
     assert judge(CFG, analysis(canary_tpot_p95_ms=2.0, stable_tpot_p95_ms=1.0))[0] == "Pass"
 
 
+def test_the_step_clock_waits_for_a_ready_canary_engine() -> None:
+    cs, events = advance_canary(CFG, progressing(), None, LATER, canary_ready=False)
+    assert (cs.phase, cs.weight, cs.verdict, events) == ("Progressing", 10, "Pending", [])
+    assert cs.step_started_at == LATER.strftime("%Y-%m-%dT%H:%M:%SZ")
+    assert cs.reasons is not None and "not ready" in cs.reasons[0]
+
+
 def test_canary_without_enough_traffic_or_data_waits() -> None:
     cs, events = advance_canary(CFG, progressing(), analysis(canary_requests=3), LATER)
     assert (cs.phase, cs.weight, cs.verdict) == ("Progressing", 10, "Inconclusive")
