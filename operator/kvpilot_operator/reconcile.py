@@ -100,6 +100,13 @@ def plan_rollout(
     return plan, start.model_dump(mode="json", by_alias=True, exclude_none=True)
 
 
+def _abandoned(spec: LLMServiceSpec, status: dict[str, Any]) -> bool:
+    """A canary in flight whose spec.rollout.canary is gone (the change rolls out in place)."""
+    phase = (status.get("canary") or {}).get("phase")
+    has_cfg = spec.rollout is not None and spec.rollout.canary is not None
+    return phase in ("Progressing", "Promoting") and not has_cfg
+
+
 @dataclass
 class Desired:
     svc: LLMService | None = None
@@ -140,6 +147,8 @@ def desired_objects(kube: Kube, body: dict[str, Any], opts: RenderOptions) -> De
         extra: dict[str, Any] = {"stableRevision": revision_of(svc, plan.stable)}
         if started is not None:
             extra["canary"] = started
+        elif _abandoned(spec, body.get("status") or {}):
+            extra["canary"] = None  # spec.rollout.canary removed mid-canary: nothing to show
         return Desired(svc, spec, render(svc, spec, opts, plan), status=extra)
     except (SpecError, ValidationError) as err:
         return Desired(svc, spec, problem=Problem("InvalidSpec", str(err)))

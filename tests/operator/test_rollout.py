@@ -293,3 +293,26 @@ def test_shadow_condition() -> None:
     assert shadow_condition(None, "down")["status"] == "Unknown"
     idle = ShadowStatus(revision="x")
     assert shadow_condition(idle, None)["reason"] == "NoMirroredTraffic"
+
+
+def test_a_canary_whose_rollout_block_is_removed_leaves_no_stale_status() -> None:
+    from kvpilot_operator.reconcile import _abandoned
+    from kvpilot_operator.status import status_patch
+
+    in_flight = {"canary": progressing().model_dump(mode="json", by_alias=True)}
+    without = resolve_spec(service().spec, None)
+    assert _abandoned(without, in_flight)
+    assert not _abandoned(resolve_spec(service(rollout=CANARY).spec, None), in_flight)
+    done = {"canary": {**in_flight["canary"], "phase": "Promoted"}}
+    assert not _abandoned(without, done)  # history of a finished canary stays
+    patch = status_patch(
+        in_flight,
+        deployment=None,
+        generation=1,
+        problem=None,
+        selector="s",
+        endpoint="e",
+        model="m",
+        extra={"canary": None},
+    )
+    assert patch is not None and patch["canary"] is None  # merge patch: removes the field
