@@ -289,7 +289,7 @@ def add_commands(sub: Any, bench: Any) -> None:
     o.add_argument(
         "--prometheus-selector",
         default=PROMETHEUS_SELECTOR,
-        help="PromQL label matchers of one service's series: engines and routers ({namespace}, {name})",
+        help="PromQL label matchers of one service's series ({namespace}, {name})",
     )
     o.add_argument(
         "--autoscale-interval", type=float, default=15.0, help="seconds between evaluations"

@@ -71,7 +71,7 @@ class Kube:
             return None
 
     def delete(self, api_version: str, kind: str, name: str, namespace: str | None = None) -> bool:
-        """Delete (foreground for Deployments' pods is the GC's job); False if it was absent."""
+        """Delete (what it owns goes with it, by the garbage collector); False if absent."""
         try:
             self.resource(api_version, kind).delete(name=name, namespace=namespace)
             return True

@@ -114,6 +114,7 @@ class Desired:
     objects: list[dict[str, Any]] = field(default_factory=list)
     problem: Problem | None = None
     status: dict[str, Any] = field(default_factory=dict)  # what the plan adds: stableRevision...
+    stable_live: dict[str, Any] | None = None  # the stable engine Deployment, as read to plan
 
 
 def desired_objects(kube: Kube, body: dict[str, Any], opts: RenderOptions) -> Desired:
@@ -149,7 +150,9 @@ def desired_objects(kube: Kube, body: dict[str, Any], opts: RenderOptions) -> De
             extra["canary"] = started
         elif _abandoned(spec, body.get("status") or {}):
             extra["canary"] = None  # spec.rollout.canary removed mid-canary: nothing to show
-        return Desired(svc, spec, render(svc, spec, opts, plan), status=extra)
+        return Desired(
+            svc, spec, render(svc, spec, opts, plan), status=extra, stable_live=stable_live
+        )
     except (SpecError, ValidationError) as err:
         return Desired(svc, spec, problem=Problem("InvalidSpec", str(err)))
 
@@ -170,15 +173,19 @@ def reconcile(
     desired = desired_objects(kube, body, opts)
     svc, objects, extra = desired.svc, desired.objects, desired.status
     out.problem, out.spec = desired.problem, desired.spec
+    stable = ("Deployment", engine_name(name))
     for obj in objects if apply else []:
         kind, obj_name = obj["kind"], obj["metadata"]["name"]
-        before = kube.get(obj["apiVersion"], kind, obj_name, namespace)
+        if (kind, obj_name) == stable:
+            before = desired.stable_live  # read once, to plan the rollout
+        else:
+            before = kube.get(obj["apiVersion"], kind, obj_name, namespace)
         try:
             after = kube.apply(obj)
         except ApiException as err:
             out.problem = Problem("ApplyFailed", f"apply {kind} {obj_name}: {err.reason}")
             break
-        if kind == "Deployment" and obj_name == engine_name(name):
+        if (kind, obj_name) == stable:
             deployment = after  # status follows the stable engines
         if before is None:
             out.actions.append(f"created {kind} {namespace}/{obj_name}")
@@ -191,8 +198,10 @@ def reconcile(
                 api_version, kind, obj_name, namespace
             ):
                 out.actions.append(f"deleted {kind} {namespace}/{obj_name}")
-    if deployment is None:
-        deployment = kube.get("apps/v1", "Deployment", engine_name(name), namespace)
+    if deployment is None:  # a status refresh: the Deployment as read to plan, else afresh
+        deployment = desired.stable_live or kube.get(
+            "apps/v1", "Deployment", engine_name(name), namespace
+        )
     model = served_name(svc) if svc is not None else name
     endpoint = endpoint_url(svc, opts) if svc is not None else ""
     out.status = status_patch(

@@ -13,6 +13,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -42,6 +43,8 @@ NOISE_FLOOR_S = 0.005
 # The shadow is unhealthy when more than this share of mirrored requests fail.
 SHADOW_MAX_ERROR_RATIO = 0.05
 SHADOW_WINDOW_S = 300.0
+# The shadow summary is nine queries over five minutes: not worth repeating every canary tick.
+SHADOW_EVERY_S = 10.0
 
 Event = tuple[str, str, str]  # (Normal|Warning, reason, message)
 
@@ -209,14 +212,25 @@ class RolloutController:
         stopped: threading.Event,
         emit: Callable[[str, str, str], None],
     ) -> None:
+        next_shadow = 0.0
         while not stopped.is_set():
+            shadow = time.monotonic() >= next_shadow
+            if shadow:
+                next_shadow = time.monotonic() + SHADOW_EVERY_S
             try:
-                self.evaluate(namespace, name, emit)
+                self.evaluate(namespace, name, emit, shadow=shadow)
             except Exception:  # never let one bad evaluation end the daemon
                 log.exception("rollout evaluation failed", extra={"service": name})
             stopped.wait(self.interval)
 
-    def evaluate(self, namespace: str, name: str, emit: Callable[[str, str, str], None]) -> None:
+    def evaluate(
+        self,
+        namespace: str,
+        name: str,
+        emit: Callable[[str, str, str], None],
+        *,
+        shadow: bool = True,
+    ) -> None:
         body = self.kube.get_llmservice(namespace, name)
         if body is None or body["metadata"].get("deletionTimestamp"):
             return
@@ -228,7 +242,7 @@ class RolloutController:
         status = body.get("status") or {}
         if rollout is not None and rollout.canary is not None and status.get("canary"):
             self._canary(namespace, name, rollout.canary, status, emit)
-        if rollout is not None and rollout.shadow is not None:
+        if shadow and rollout is not None and rollout.shadow is not None:
             self._shadow(namespace, name)
 
     def _canary(

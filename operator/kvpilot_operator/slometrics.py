@@ -12,6 +12,7 @@ looser), and the series says which edge that is.
 from __future__ import annotations
 
 from bisect import bisect_right
+from typing import Any
 
 from kvpilot_engine.server.buckets import ITL_BUCKETS, TTFT_BUCKETS
 from prometheus_client import Gauge
@@ -42,7 +43,8 @@ TARGET = Gauge(
 )
 
 _BUCKETS = {"ttft": TTFT_BUCKETS, "tpot": ITL_BUCKETS}
-_exported: dict[tuple[str, str], list[tuple[Gauge, tuple[str, ...]]]] = {}
+# Per service: the points published, and the series they made (to withdraw them).
+_exported: dict[tuple[str, str], tuple[list[Any], list[tuple[Gauge, tuple[str, ...]]]]] = {}
 
 
 def bucket_edge(slo: str, target_s: float) -> float:
@@ -67,12 +69,16 @@ def slo_points(spec: LLMServiceSpec) -> list[tuple[str, str, float, float, int]]
 
 
 def export(namespace: str, name: str, spec: LLMServiceSpec | None) -> None:
-    """Publish (or, for None, withdraw) one service's SLO series."""
+    """Publish (or, for None, withdraw) one service's SLO series. Called on every reconcile:
+    unchanged points change nothing."""
+    points = slo_points(spec) if spec is not None else []
+    if (namespace, name) in _exported and _exported[(namespace, name)][0] == points:
+        return
     forget(namespace, name)
-    if spec is None:
+    if not points:
         return
     series: list[tuple[Gauge, tuple[str, ...]]] = []
-    for slo, le, objective, seconds, percentile in slo_points(spec):
+    for slo, le, objective, seconds, percentile in points:
         for gauge, labels, value in (
             (THRESHOLD, (namespace, name, slo, le), 1.0),
             (OBJECTIVE, (namespace, name, slo), objective),
@@ -80,9 +86,9 @@ def export(namespace: str, name: str, spec: LLMServiceSpec | None) -> None:
         ):
             gauge.labels(*labels).set(value)
             series.append((gauge, labels))
-    _exported[(namespace, name)] = series
+    _exported[(namespace, name)] = (points, series)
 
 
 def forget(namespace: str, name: str) -> None:
-    for gauge, labels in _exported.pop((namespace, name), []):
+    for gauge, labels in _exported.pop((namespace, name), ([], []))[1]:
         gauge.remove(*labels)

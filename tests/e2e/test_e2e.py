@@ -11,7 +11,6 @@ the shipped dashboard returns data; deleting the LLMService leaves no object and
 from __future__ import annotations
 
 import os
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,6 +22,7 @@ from kvpilot_operator.observability import dashboard_queries
 from kvpilot_operator.stack import Stack
 
 from tests.operator.test_operator import wait_for
+from tests.operator.test_rollout_cluster import Users
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 NAME = "chat"
@@ -66,48 +66,6 @@ SERVICE = {
 }
 
 
-class Load:
-    """`workers` users streaming greedy chat completions until stopped."""
-
-    def __init__(self, base_url: str, workers: int, max_tokens: int = 24) -> None:
-        from openai import OpenAI
-
-        self.client = OpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=120)
-        self.ok, self.errors = 0, []  # type: ignore[var-annotated]
-        self._stop = threading.Event()
-        self._threads = [
-            threading.Thread(target=self._run, args=(i, max_tokens), daemon=True)
-            for i in range(workers)
-        ]
-        for t in self._threads:
-            t.start()
-
-    def _run(self, i: int, max_tokens: int) -> None:
-        n = 0
-        while not self._stop.is_set():
-            n += 1
-            try:
-                stream = self.client.chat.completions.create(
-                    model="smollm2",
-                    messages=[
-                        {"role": "user", "content": f"Tell me about the number {i * 97 + n}."}
-                    ],
-                    max_tokens=max_tokens,
-                    temperature=0,
-                    stream=True,
-                )
-                assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
-                self.ok += 1
-            except Exception as err:
-                self.errors.append(repr(err))
-                time.sleep(0.5)
-
-    def stop(self) -> None:
-        self._stop.set()
-        for t in self._threads:
-            t.join(timeout=120)
-
-
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     workdir = tmp_path_factory.mktemp("stack")
@@ -147,7 +105,7 @@ def test_whole_system(stack: Stack) -> None:
     assert reply.choices[0].message.content and reply.usage.completion_tokens > 0
 
     # 2. A load ramp breaches the SLO: the autoscaler adds a replica; its end removes it.
-    load = Load(url, workers=8)
+    load = Users(url, workers=8, model="smollm2", max_tokens=24)
     try:
         wait_for("a scale-up", lambda: (spec_replicas(stack) or 1) >= 2, timeout=180)
         wait_for("two ready engines", lambda: status(stack).get("readyReplicas") == 2, 180)
@@ -160,7 +118,7 @@ def test_whole_system(stack: Stack) -> None:
     wait_for("one engine", lambda: status(stack).get("replicas") == 1, timeout=120)
 
     # 3. A canary revision is promoted (users keep streaming through it).
-    load = Load(url, workers=3, max_tokens=8)
+    load = Users(url, workers=3, model="smollm2", max_tokens=8)
     try:
         doc = {**SERVICE, "spec": {**SERVICE["spec"]}}
         doc["spec"]["engine"] = {**SERVICE["spec"]["engine"], "maxWaiting": 200}

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -64,12 +64,16 @@ def agent(cluster: LocalCluster, ns: str, tmp_path: Path) -> Iterator[NodeAgent]
 
 
 class Users:
-    """Streaming chat completions through the router, a few at a time, until stopped."""
+    """`workers` users streaming greedy chat completions through a router until stopped; every
+    failure is kept for the test to assert there is none."""
 
-    def __init__(self, base_url: str, workers: int = 4) -> None:
+    def __init__(
+        self, base_url: str, workers: int = 4, model: str = "chat", max_tokens: int = 6
+    ) -> None:
         from openai import OpenAI
 
-        self.client = OpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=60)
+        self.client = OpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=120)
+        self.model, self.max_tokens = model, max_tokens
         self.ok = 0
         self.errors: list[str] = []
         self._stop = threading.Event()
@@ -85,14 +89,15 @@ class Users:
             n += 1
             try:
                 stream = self.client.chat.completions.create(
-                    model="chat",
-                    messages=[{"role": "user", "content": f"Count to three. ({i}.{n})"}],
-                    max_tokens=6,
+                    model=self.model,
+                    messages=[
+                        {"role": "user", "content": f"Tell me about the number {i * 97 + n}."}
+                    ],
+                    max_tokens=self.max_tokens,
                     temperature=0,
                     stream=True,
                 )
-                text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
-                assert text
+                assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
                 self.ok += 1
             except Exception as err:  # recorded: the test asserts there are none
                 self.errors.append(repr(err))
@@ -101,7 +106,21 @@ class Users:
     def stop(self) -> None:
         self._stop.set()
         for t in self._threads:
-            t.join(timeout=90)
+            t.join(timeout=120)
+
+
+@pytest.fixture
+def users() -> Iterator[Callable[..., Users]]:
+    """Starts Users; whatever a test leaves running is stopped after it."""
+    started: list[Users] = []
+
+    def start(*args: Any, **kwargs: Any) -> Users:
+        started.append(Users(*args, **kwargs))
+        return started[-1]
+
+    yield start
+    for u in started:
+        u.stop()
 
 
 def start_service(
@@ -138,6 +157,18 @@ ENGINE = {"kvCacheMemory": "64MiB", "maxNumSeqs": 8, "drainTimeoutSeconds": 5}
 MODEL = {"source": {"path": "smollm2"}, "dtype": "float32", "maxContext": 512}
 
 
+def chat_doc(rollout: dict[str, Any]) -> dict[str, Any]:
+    """The LLMService both tests roll out: one small SmolLM2 engine, never autoscaled."""
+    return service_doc(
+        "chat",
+        quantization="none",
+        model=MODEL,
+        engine=ENGINE,
+        scaling={"minReplicas": 1, "maxReplicas": 1},
+        rollout=rollout,
+    )
+
+
 def canary(cluster: LocalCluster, ns: str) -> dict[str, Any]:
     return ((get(cluster, "llmservice", "chat", ns) or {}).get("status") or {}).get("canary") or {}
 
@@ -147,99 +178,85 @@ def test_slow_canary_rolls_back_healthy_canary_is_promoted(
     prometheus: LocalPrometheus,
     rollout_operator: Operator,
     agent: NodeAgent,
+    users: Callable[..., Users],
     ns: str,
 ) -> None:
-    users = None
-    try:
-        engine = ENGINE
-        doc = service_doc(
-            "chat",
-            quantization="none",
-            model=MODEL,
-            engine=engine,
-            scaling={"minReplicas": 1, "maxReplicas": 1},
-            rollout={
-                "canary": {
-                    "steps": [50, 100],
-                    "stepSeconds": 10,
-                    # Two engines share two cores here: only a gross regression should fail.
-                    "maxTtftRegression": 1.0,
-                    "maxTpotRegression": 1.0,
-                }
-            },
-        )
-        ip = start_service(cluster, prometheus, ns, doc)
-        stable = get(cluster, "llmservice", "chat", ns)["status"]["stableRevision"]
-        users = Users(f"http://{ip}:8000/v1")
-        wait_for("users served", lambda: users.ok >= 5, timeout=120)
+    doc = chat_doc(
+        {
+            "canary": {
+                "steps": [50, 100],
+                "stepSeconds": 10,
+                # Two engines share two cores here: only a gross regression should fail.
+                "maxTtftRegression": 1.0,
+                "maxTpotRegression": 1.0,
+            }
+        },
+    )
+    ip = start_service(cluster, prometheus, ns, doc)
+    stable = get(cluster, "llmservice", "chat", ns)["status"]["stableRevision"]
+    user = users(f"http://{ip}:8000/v1")
+    wait_for("users served", lambda: user.ok >= 5, timeout=120)
 
-        # 1. A canary whose engine is slow (fault injection: 150 ms per step) is rolled back.
-        slow = {**engine, "extraArgs": ["--inject-step-delay", "0.15"]}
-        apply(cluster, {**doc, "spec": {**doc["spec"], "engine": slow}}, ns)
-        started = wait_for("a canary", lambda: canary(cluster, ns).get("phase"), timeout=30)
-        assert started == "Progressing" and canary(cluster, ns)["weight"] == 50
-        assert canary(cluster, ns)["stableRevision"] == stable
-        wait_for("the canary engine", lambda: get(cluster, "deployment", "chat-engine-canary", ns))
-        rolled_back = wait_for(
-            "rollback",
-            lambda: (
-                canary(cluster, ns) if canary(cluster, ns).get("phase") == "RolledBack" else None
-            ),
-            timeout=180,
-        )
-        assert rolled_back["verdict"] == "Fail" and rolled_back["weight"] == 0
-        assert any("TPOT" in r for r in rolled_back["reasons"]), rolled_back
-        analysis = rolled_back["analysis"]
-        assert analysis["canaryTpotP95Ms"] > 2 * analysis["stableTpotP95Ms"]
-        wait_for(
-            "the canary Deployment to go",
-            lambda: get(cluster, "deployment", "chat-engine-canary", ns) is None,
-        )
-        reasons = [e["reason"] for e in events(cluster, ns, "chat")]
-        assert "CanaryRolledBack" in reasons
-        svc = get(cluster, "llmservice", "chat", ns)
-        assert svc["status"]["stableRevision"] == stable  # the stable engines never changed
+    # 1. A canary whose engine is slow (fault injection: 150 ms per step) is rolled back.
+    slow = {**ENGINE, "extraArgs": ["--inject-step-delay", "0.15"]}
+    apply(cluster, {**doc, "spec": {**doc["spec"], "engine": slow}}, ns)
+    started = wait_for("a canary", lambda: canary(cluster, ns).get("phase"), timeout=30)
+    assert started == "Progressing" and canary(cluster, ns)["weight"] == 50
+    assert canary(cluster, ns)["stableRevision"] == stable
+    wait_for("the canary engine", lambda: get(cluster, "deployment", "chat-engine-canary", ns))
+    rolled_back = wait_for(
+        "rollback",
+        lambda: canary(cluster, ns) if canary(cluster, ns).get("phase") == "RolledBack" else None,
+        timeout=180,
+    )
+    assert rolled_back["verdict"] == "Fail" and rolled_back["weight"] == 0
+    assert any("TPOT" in r for r in rolled_back["reasons"]), rolled_back
+    analysis = rolled_back["analysis"]
+    assert analysis["canaryTpotP95Ms"] > 2 * analysis["stableTpotP95Ms"]
+    wait_for(
+        "the canary Deployment to go",
+        lambda: get(cluster, "deployment", "chat-engine-canary", ns) is None,
+    )
+    reasons = [e["reason"] for e in events(cluster, ns, "chat")]
+    assert "CanaryRolledBack" in reasons
+    svc = get(cluster, "llmservice", "chat", ns)
+    assert svc["status"]["stableRevision"] == stable  # the stable engines never changed
 
-        # 2. A healthy change walks 50% -> 100% and is promoted.
-        healthy = {**engine, "maxWaiting": 128}
-        apply(cluster, {**doc, "spec": {**doc["spec"], "engine": healthy}}, ns)
-        wait_for(
-            "a new canary",
-            lambda: (
-                canary(cluster, ns).get("phase") == "Progressing"
-                and canary(cluster, ns)["revision"] != rolled_back["revision"]
-            ),
-        )
-        new_revision = canary(cluster, ns)["revision"]
-        done = wait_for(
-            "promotion",
-            lambda: canary(cluster, ns) if canary(cluster, ns).get("phase") == "Promoted" else None,
-            timeout=300,
-        )
-        assert done["revision"] == new_revision and done["verdict"] == "Pass"
-        wait_for(
-            "the stable revision to be the canary's",
-            lambda: (
-                get(cluster, "llmservice", "chat", ns)["status"]["stableRevision"] == new_revision
-            ),
-        )
-        wait_for(
-            "the canary Deployment to go",
-            lambda: get(cluster, "deployment", "chat-engine-canary", ns) is None,
-        )
-        dep = get(cluster, "deployment", "chat-engine", ns)
-        args = dep["spec"]["template"]["spec"]["containers"][0]["args"]
-        assert args[args.index("--max-waiting") + 1] == "128"
-        reasons = [e["reason"] for e in events(cluster, ns, "chat")]
-        for reason in ("CanaryStep", "CanaryPromoting", "CanaryPromoted"):
-            assert reason in reasons, reasons
-        served_before = users.ok
-        wait_for("users served after promotion", lambda: users.ok >= served_before + 3)
-        users.stop()
-        assert users.errors == [], users.errors[:5]
-    finally:
-        if users is not None:
-            users.stop()
+    # 2. A healthy change walks 50% -> 100% and is promoted.
+    healthy = {**ENGINE, "maxWaiting": 128}
+    apply(cluster, {**doc, "spec": {**doc["spec"], "engine": healthy}}, ns)
+    wait_for(
+        "a new canary",
+        lambda: (
+            canary(cluster, ns).get("phase") == "Progressing"
+            and canary(cluster, ns)["revision"] != rolled_back["revision"]
+        ),
+    )
+    new_revision = canary(cluster, ns)["revision"]
+    done = wait_for(
+        "promotion",
+        lambda: canary(cluster, ns) if canary(cluster, ns).get("phase") == "Promoted" else None,
+        timeout=300,
+    )
+    assert done["revision"] == new_revision and done["verdict"] == "Pass"
+    wait_for(
+        "the stable revision to be the canary's",
+        lambda: get(cluster, "llmservice", "chat", ns)["status"]["stableRevision"] == new_revision,
+    )
+    wait_for(
+        "the canary Deployment to go",
+        lambda: get(cluster, "deployment", "chat-engine-canary", ns) is None,
+    )
+    dep = get(cluster, "deployment", "chat-engine", ns)
+    args = dep["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert args[args.index("--max-waiting") + 1] == "128"
+    reasons = [e["reason"] for e in events(cluster, ns, "chat")]
+    for reason in ("CanaryStep", "CanaryPromoting", "CanaryPromoted"):
+        assert reason in reasons, reasons
+    served_before = user.ok
+    wait_for("users served after promotion", lambda: user.ok >= served_before + 3)
+    user.stop()
+    assert user.errors == [], user.errors[:5]
 
 
 def test_identical_shadow_agrees_and_never_counts_as_an_engine(
@@ -247,72 +264,61 @@ def test_identical_shadow_agrees_and_never_counts_as_an_engine(
     prometheus: LocalPrometheus,
     rollout_operator: Operator,
     agent: NodeAgent,
+    users: Callable[..., Users],
     ns: str,
 ) -> None:
-    users = None
-    try:
-        doc = service_doc(
-            "chat",
-            quantization="none",
-            model=MODEL,
-            engine=ENGINE,
-            scaling={"minReplicas": 1, "maxReplicas": 1},
-            rollout={"shadow": {"mirrorPercent": 100}},
-        )
-        ip = start_service(cluster, prometheus, ns, doc)
-        wait_for(
-            "the shadow engine ready",
-            lambda: (
-                (get(cluster, "deployment", "chat-engine-shadow", ns) or {})
-                .get("status", {})
-                .get("readyReplicas")
-            ),
-            timeout=240,
-        )
-        users = Users(f"http://{ip}:8000/v1", workers=2)
+    doc = chat_doc({"shadow": {"mirrorPercent": 100}})
+    ip = start_service(cluster, prometheus, ns, doc)
+    wait_for(
+        "the shadow engine ready",
+        lambda: (
+            (get(cluster, "deployment", "chat-engine-shadow", ns) or {})
+            .get("status", {})
+            .get("readyReplicas")
+        ),
+        timeout=240,
+    )
+    user = users(f"http://{ip}:8000/v1", workers=2)
 
-        def agreed() -> dict[str, Any] | None:
-            shadow = get(cluster, "llmservice", "chat", ns)["status"].get("shadow") or {}
-            return shadow if shadow.get("greedyCompared", 0) >= 5 else None
+    def agreed() -> dict[str, Any] | None:
+        shadow = get(cluster, "llmservice", "chat", ns)["status"].get("shadow") or {}
+        return shadow if shadow.get("greedyCompared", 0) >= 5 else None
 
-        shadow = wait_for("shadow comparisons in status", agreed, timeout=180)
-        users.stop()
-        assert users.errors == [], users.errors[:5]
-        assert shadow["greedyAgreement"] == 1.0, shadow
-        assert shadow["errors"] == 0 and shadow["mirrored"] >= shadow["greedyCompared"]
-        svc = get(cluster, "llmservice", "chat", ns)
-        healthy = condition(svc, "ShadowHealthy")
-        assert healthy["status"] == "True" and "100.0%" in healthy["message"], healthy
-        # The shadow is no engine of the service: not in the scale selector...
-        selected = cluster.kubectl(
-            "get", "pods", "-n", ns, "-l", svc["status"]["selector"], "-o", "name"
+    shadow = wait_for("shadow comparisons in status", agreed, timeout=180)
+    user.stop()
+    assert user.errors == [], user.errors[:5]
+    assert shadow["greedyAgreement"] == 1.0, shadow
+    assert shadow["errors"] == 0 and shadow["mirrored"] >= shadow["greedyCompared"]
+    svc = get(cluster, "llmservice", "chat", ns)
+    healthy = condition(svc, "ShadowHealthy")
+    assert healthy["status"] == "True" and "100.0%" in healthy["message"], healthy
+    # The shadow is no engine of the service: not in the scale selector...
+    selected = cluster.kubectl(
+        "get", "pods", "-n", ns, "-l", svc["status"]["selector"], "-o", "name"
+    ).stdout.split()  # fmt: skip
+    assert len(selected) == 1 and "shadow" not in selected[0]
+    # ...and not in the series the autoscaler reads, with every pod scraped as the
+    # kubernetes-pods job would (pod labels mapped to Prometheus labels).
+    from kvpilot_operator.manifests import ENGINE_SERIES, PROMETHEUS_SELECTOR
+
+    targets = []
+    for component in ("router", "engine", "shadow"):
+        (pod_ip,) = cluster.kubectl(
+            "get", "pods", "-n", ns, "-l", f"app.kubernetes.io/component={component}",
+            "-o", "jsonpath={.items[*].status.podIP}",
         ).stdout.split()  # fmt: skip
-        assert len(selected) == 1 and "shadow" not in selected[0]
-        # ...and not in the series the autoscaler reads, with every pod scraped as the
-        # kubernetes-pods job would (pod labels mapped to Prometheus labels).
-        from kvpilot_operator.manifests import ENGINE_SERIES, PROMETHEUS_SELECTOR
-
-        targets = []
-        for component in ("router", "engine", "shadow"):
-            (pod_ip,) = cluster.kubectl(
-                "get", "pods", "-n", ns, "-l", f"app.kubernetes.io/component={component}",
-                "-o", "jsonpath={.items[*].status.podIP}",
-            ).stdout.split()  # fmt: skip
-            labels = {
-                "namespace": ns,
-                "kvpilot_io_llmservice": "chat",
-                "app_kubernetes_io_component": component,
-            }
-            targets.append((f"{pod_ip}:8000", labels))
-        prometheus.set_targets(targets)
-        sel = PROMETHEUS_SELECTOR.format(namespace=ns, name="chat")
-        prometheus.wait_for_series(f"vllm:num_requests_running{{{sel}}}", timeout=60)
-        wait_for(
-            "both engines scraped",
-            lambda: len(prometheus.query(f"vllm:num_requests_running{{{sel}}}")) == 2,
-        )
-        serving = prometheus.query(f"vllm:num_requests_running{{{sel},{ENGINE_SERIES}}}")
-        assert [s["metric"]["app_kubernetes_io_component"] for s in serving] == ["engine"]
-    finally:
-        if users is not None:
-            users.stop()
+        labels = {
+            "namespace": ns,
+            "kvpilot_io_llmservice": "chat",
+            "app_kubernetes_io_component": component,
+        }
+        targets.append((f"{pod_ip}:8000", labels))
+    prometheus.set_targets(targets)
+    sel = PROMETHEUS_SELECTOR.format(namespace=ns, name="chat")
+    prometheus.wait_for_series(f"vllm:num_requests_running{{{sel}}}", timeout=60)
+    wait_for(
+        "both engines scraped",
+        lambda: len(prometheus.query(f"vllm:num_requests_running{{{sel}}}")) == 2,
+    )
+    serving = prometheus.query(f"vllm:num_requests_running{{{sel},{ENGINE_SERIES}}}")
+    assert [s["metric"]["app_kubernetes_io_component"] for s in serving] == ["engine"]

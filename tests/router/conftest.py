@@ -72,18 +72,10 @@ def routes(
 
 
 @dataclass
-class Router:
-    proc: subprocess.Popen[bytes]
-    port: int
-    config_path: Path
-    log_path: Path
+class Router(Server):
+    """A `kvpilot router` subprocess (url and log as the engine's `Server`) and its route file."""
 
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def log_tail(self, n: int = 40) -> str:
-        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+    config_path: Path = Path()
 
     def state(self) -> dict[str, Any]:
         return httpx.get(f"{self.url}/router/state", timeout=10).json()
@@ -127,7 +119,7 @@ def run_router(
         proc = subprocess.Popen(
             cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
         )
-    router = Router(proc, port, config_path, log_path)
+    router = Router(proc, port, log_path, config_path)
     try:
         deadline = time.monotonic() + 60
         while True:
