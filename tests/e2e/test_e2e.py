@@ -26,6 +26,7 @@ from tests.operator.test_rollout_cluster import Users
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 NAME = "chat"
+TOPIC = "Tell me about the number {i}{n}."
 
 SERVICE = {
     "apiVersion": "kvpilot.io/v1alpha1",
@@ -105,7 +106,7 @@ def test_whole_system(stack: Stack) -> None:
     assert reply.choices[0].message.content and reply.usage.completion_tokens > 0
 
     # 2. A load ramp breaches the SLO: the autoscaler adds a replica; its end removes it.
-    load = Users(url, workers=8, model="smollm2", max_tokens=24)
+    load = Users(url, workers=8, model="smollm2", max_tokens=24, prompt=TOPIC)
     try:
         wait_for("a scale-up", lambda: (spec_replicas(stack) or 1) >= 2, timeout=180)
         wait_for("two ready engines", lambda: status(stack).get("readyReplicas") == 2, 180)
@@ -118,7 +119,7 @@ def test_whole_system(stack: Stack) -> None:
     wait_for("one engine", lambda: status(stack).get("replicas") == 1, timeout=120)
 
     # 3. A canary revision is promoted (users keep streaming through it).
-    load = Users(url, workers=3, model="smollm2", max_tokens=8)
+    load = Users(url, workers=3, model="smollm2", max_tokens=8, prompt=TOPIC)
     try:
         doc = {**SERVICE, "spec": {**SERVICE["spec"]}}
         doc["spec"]["engine"] = {**SERVICE["spec"]["engine"], "maxWaiting": 200}

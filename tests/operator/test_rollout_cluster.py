@@ -68,12 +68,17 @@ class Users:
     failure is kept for the test to assert there is none."""
 
     def __init__(
-        self, base_url: str, workers: int = 4, model: str = "chat", max_tokens: int = 6
+        self,
+        base_url: str,
+        workers: int = 4,
+        model: str = "chat",
+        max_tokens: int = 6,
+        prompt: str = "Count to three. ({i}.{n})",
     ) -> None:
         from openai import OpenAI
 
         self.client = OpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=120)
-        self.model, self.max_tokens = model, max_tokens
+        self.model, self.max_tokens, self.prompt = model, max_tokens, prompt
         self.ok = 0
         self.errors: list[str] = []
         self._stop = threading.Event()
@@ -90,9 +95,7 @@ class Users:
             try:
                 stream = self.client.chat.completions.create(
                     model=self.model,
-                    messages=[
-                        {"role": "user", "content": f"Tell me about the number {i * 97 + n}."}
-                    ],
+                    messages=[{"role": "user", "content": self.prompt.format(i=i, n=n)}],
                     max_tokens=self.max_tokens,
                     temperature=0,
                     stream=True,
