@@ -9,6 +9,11 @@ import pytest
 # Tests run on 2 cores; more threads than cores only adds contention.
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
+# Without a GPU the Triton kernels run in Triton's interpreter on CPU tensors. triton.jit reads
+# this when a kernel module is imported, so it is set before any test module imports one.
+if not __import__("torch").cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 
 @pytest.fixture(scope="session")
 def smollm2_path() -> str:

@@ -8,10 +8,16 @@ tokens already in the cache (its own earlier chunks or prefix-cache hits).
 
 Cache layout per layer: key and value tensors of shape [num_blocks, block_size, num_kv_heads,
 head_dim]. A token at position p of a sequence lives in slot block_table[p // bs] * bs + p % bs.
+
+CUDA tensors go to the Triton kernels in kernels/attention.py instead: ModelRunner.prepare then
+fills the metadata's device tensors (query_start_loc_t, seq_lens_t, int32 block tables) and no
+decode groups. `KVPILOT_FORCE_TRITON=1` sends CPU tensors there too, for tests that run the whole
+model through the kernels under the Triton interpreter.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -44,6 +50,12 @@ class AttentionMetadata:
     prefill_seqs: list[int]  # the others
     max_context_len: int
     decode_groups: list[DecodeGroup] = field(default_factory=list)
+    # The Triton path's inputs (None on the reference path). Everything the kernels read is a
+    # device tensor or a Python int fixed per launch, so a decode step can be a CUDA graph.
+    query_start_loc_t: torch.Tensor | None = None  # int32 [num_seqs + 1]
+    seq_lens_t: torch.Tensor | None = None  # int32 [num_seqs]; 0 marks a graph's padding row
+    max_query_len: int = 0
+    num_splits: int | None = None  # split-K partitions for decode (None: the kernel's choice)
 
     @property
     def num_seqs(self) -> int:
@@ -51,6 +63,11 @@ class AttentionMetadata:
 
 
 DECODE_GROUP_SIZE = 16
+
+
+def use_triton(device: torch.device) -> bool:
+    """CUDA tensors run the Triton kernels; CPU tensors the PyTorch reference (unless forced)."""
+    return device.type == "cuda" or os.environ.get("KVPILOT_FORCE_TRITON") == "1"
 
 
 def build_decode_groups(
@@ -114,6 +131,11 @@ def write_kv_cache(
     slot_mapping: torch.Tensor,
 ) -> None:
     """Store each token's K/V ([num_tokens, num_kv_heads, head_dim]) at its slot."""
+    if use_triton(key.device):
+        from kvpilot_engine.kernels.attention import store_kv_cache
+
+        store_kv_cache(key, value, key_cache, value_cache, slot_mapping)
+        return
     num_kv_heads, head_dim = key.shape[1], key.shape[2]
     flat_k = key_cache.view(-1, num_kv_heads, head_dim)
     flat_v = value_cache.view(-1, num_kv_heads, head_dim)
@@ -143,6 +165,22 @@ def paged_attention(
 
     query: [num_tokens, num_heads, head_dim]; returns the same shape. The K/V of this step's
     tokens must already be in the cache (write_kv_cache first)."""
+    if meta.seq_lens_t is not None:
+        from kvpilot_engine.kernels import attention as kernels
+
+        assert meta.query_start_loc_t is not None
+        return kernels.paged_attention(
+            query,
+            key_cache,
+            value_cache,
+            meta.block_tables,
+            meta.query_start_loc_t,
+            meta.seq_lens_t,
+            max_query_len=meta.max_query_len,
+            max_seq_len=meta.max_context_len,
+            scale=scale,
+            num_splits=meta.num_splits,
+        )
     out = torch.empty_like(query)
     num_heads = query.shape[1]
     gqa = num_heads != key_cache.shape[2]

@@ -27,7 +27,20 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--kv-cache-memory",
         default=d.kv_cache_memory,
-        help="bytes for the KV pool, e.g. 2GiB (default: 2GiB on CPU, 85%% of free GPU)",
+        help="bytes for the KV pool, e.g. 2GiB (default: 2GiB on CPU; on a GPU what is left "
+        "under --gpu-memory-utilization after the weights and the largest step)",
+    )
+    p.add_argument(
+        "--gpu-memory-utilization",
+        type=float,
+        default=d.gpu_memory_utilization,
+        help="share of the GPU's memory this engine may use (default 0.9)",
+    )
+    p.add_argument(
+        "--enforce-eager",
+        action="store_true",
+        default=d.enforce_eager,
+        help="GPU: no CUDA graphs for decode steps",
     )
     p.add_argument("--num-kv-blocks", type=int, default=d.num_kv_blocks)
     p.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs)

@@ -205,6 +205,10 @@ class EngineArgs:
     max_model_len: int | None = None
     block_size: int = 16
     kv_cache_memory: int | str | None = None  # bytes for the KV pool; default by device
+    # GPU: the share of the whole GPU this engine may use (weights, activations, KV pool).
+    gpu_memory_utilization: float = 0.9
+    # GPU: run decode steps eagerly instead of replaying CUDA graphs.
+    enforce_eager: bool = False
     num_kv_blocks: int | None = None  # overrides kv_cache_memory (tests force tiny pools)
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 2048
@@ -239,6 +243,10 @@ class EngineArgs:
         if self.tensor_parallel_size < 1:
             raise ValueError(
                 f"tensor_parallel_size must be at least 1, got {self.tensor_parallel_size}"
+            )
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError(
+                f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}"
             )
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             raise ValueError("num_kv_blocks must be at least 1")

@@ -19,6 +19,7 @@ import torch
 
 from kvpilot_engine.block_manager import BlockManager
 from kvpilot_engine.config import EngineArgs, ModelConfig, parse_size, resolve_dtype
+from kvpilot_engine.cuda_graph import profile_peak_memory
 from kvpilot_engine.loader import Checkpoint, load_checkpoint
 from kvpilot_engine.model_runner import ModelRunner, kv_bytes_per_block
 from kvpilot_engine.models.llama import LlamaForCausalLM
@@ -39,7 +40,7 @@ from kvpilot_engine.tokenizer import IncrementalDetokenizer, Tokenizer
 logger = logging.getLogger("kvpilot.engine")
 
 DEFAULT_CPU_KV_CACHE_MEMORY = 2 * 2**30
-DEFAULT_GPU_KV_CACHE_FRACTION = 0.85  # of the free GPU memory after loading the weights
+MAX_GRAPH_BATCH = 512  # decode batches above this run eagerly (launch overhead is amortised)
 
 
 class InvalidRequestError(ValueError):
@@ -221,8 +222,7 @@ class LLMEngine:
             if args.kv_cache_memory is not None:
                 budget = parse_size(args.kv_cache_memory)
             elif self.device.type == "cuda":
-                free, _ = torch.cuda.mem_get_info(self.device)
-                budget = int(free * DEFAULT_GPU_KV_CACHE_FRACTION)
+                budget = self._gpu_kv_budget()
             else:
                 budget = DEFAULT_CPU_KV_CACHE_MEMORY
             num_blocks = budget // block_bytes
@@ -255,6 +255,12 @@ class LLMEngine:
         if self._workers is not None:
             self._workers.send(("init", num_blocks))
             self.model_runner.workers = self._workers
+        self.graph_capture_time: float | None = None
+        if self.device.type == "cuda" and not args.enforce_eager and tp == 1:
+            # (Tensor parallel runs eagerly: each rank would need its own graphs, NCCL in them.)
+            self.graph_capture_time = self.model_runner.capture_graphs(
+                min(args.max_num_seqs, MAX_GRAPH_BATCH), self.max_model_len
+            )
         self.requests: dict[str, _RequestState] = {}
         self._seq_ids = itertools.count()
         self._seqs: dict[int, _RequestState] = {}
@@ -263,7 +269,7 @@ class LLMEngine:
         logger.info(
             "engine ready: model=%s dtype=%s device=%s tensor_parallel_size=%d quantization=%s %s "
             "weights=%.1f MiB (rank 0) "
-            "kv_blocks=%d (%d tokens, %.1f MiB) max_model_len=%d load=%.1fs",
+            "kv_blocks=%d (%d tokens, %.1f MiB) max_model_len=%d load=%.1fs cuda_graphs=%s",
             ckpt.name,
             self.dtype,
             self.device,
@@ -276,7 +282,32 @@ class LLMEngine:
             self.kv_cache_bytes / 2**20,
             self.max_model_len,
             self.load_time,
+            "off" if self.graph_capture_time is None else f"{self.graph_capture_time:.1f}s",
         )
+
+    def _gpu_kv_budget(self) -> int:
+        """What is left of gpu_memory_utilization x the GPU after the weights, the CUDA context,
+        any other process, and the peak of the largest step (measured by running it)."""
+        args = self.args
+        peak = profile_peak_memory(
+            self.model,
+            args.max_num_batched_tokens,
+            args.max_num_seqs,
+            self.max_model_len,
+            args.block_size,
+            self.device,
+            self.dtype,
+        )
+        free, total = torch.cuda.mem_get_info(self.device)
+        budget = int(total * args.gpu_memory_utilization) - (total - free) - peak
+        if budget <= 0:
+            raise ValueError(
+                f"no GPU memory left for the KV cache: {(total - free) / 2**30:.1f} GiB in use, "
+                f"{peak / 2**30:.1f} GiB for the largest step, "
+                f"gpu_memory_utilization={args.gpu_memory_utilization} of "
+                f"{total / 2**30:.1f} GiB; raise it or lower max_num_batched_tokens"
+            )
+        return budget
 
     @classmethod
     def from_engine_args(cls, args: EngineArgs) -> LLMEngine:

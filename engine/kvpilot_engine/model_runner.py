@@ -6,13 +6,21 @@ prefill chunks alike, with a slot per token and a block table per sequence.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
 
-from kvpilot_engine.attention import AttentionMetadata, Workspace, build_decode_groups
+from kvpilot_engine.attention import (
+    AttentionMetadata,
+    Workspace,
+    build_decode_groups,
+    use_triton,
+)
 from kvpilot_engine.config import ModelConfig
+from kvpilot_engine.cuda_graph import DecodeGraphs
+from kvpilot_engine.device import to_device
 from kvpilot_engine.models.llama import LlamaForCausalLM
 from kvpilot_engine.sampler import Sampler, SampleResult
 from kvpilot_engine.scheduler import SchedulerOutput
@@ -106,6 +114,22 @@ class ModelRunner:
         self._generators: dict[int, torch.Generator] = {}
         # Set on rank 0 of a tensor-parallel engine: each step's inputs go to the other ranks.
         self.workers: WorkerGroup | None = None
+        self.graphs: DecodeGraphs | None = None
+
+    def capture_graphs(self, max_batch: int, max_model_len: int) -> float:
+        """CUDA graphs for decode batches up to `max_batch`; returns the seconds it took."""
+        t0 = time.perf_counter()
+        self.graphs = DecodeGraphs(
+            self.model,
+            self.kv_caches,
+            max_batch,
+            max_model_len,
+            self.block_size,
+            self.device,
+            self.dtype,
+        )
+        self.graphs.capture()
+        return time.perf_counter() - t0
 
     def generator_for(self, seq: Sequence) -> torch.Generator | None:
         seed = seq.sampling_params.seed
@@ -145,24 +169,32 @@ class ModelRunner:
 
     def prepare(self, step: StepInput) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         dev = self.device
+        triton = use_triton(dev)
         max_blocks = max(len(t) for t in step.block_tables)
-        tables = torch.tensor(
-            [t + [0] * (max_blocks - len(t)) for t in step.block_tables], dtype=torch.long
+        tables = to_device(
+            [t + [0] * (max_blocks - len(t)) for t in step.block_tables],
+            torch.int32 if triton else torch.long,
+            dev,
         )
         meta = AttentionMetadata(
-            slot_mapping=torch.tensor(step.slots, dtype=torch.long, device=dev),
+            slot_mapping=to_device(step.slots, torch.long, dev),
             query_start_loc=step.query_start_loc,
             context_lens=step.context_lens,
-            block_tables=tables.to(dev),
+            block_tables=tables,
             decode_seqs=step.decode_seqs,
             prefill_seqs=step.prefill_seqs,
             max_context_len=max(step.context_lens),
         )
-        if step.decode_seqs:
+        if triton:
+            meta.query_start_loc_t = to_device(step.query_start_loc, torch.int32, dev)
+            meta.seq_lens_t = to_device(step.context_lens, torch.int32, dev)
+            qsl = step.query_start_loc
+            meta.max_query_len = max(qsl[i + 1] - qsl[i] for i in range(len(qsl) - 1))
+        elif step.decode_seqs:
             meta.decode_groups = build_decode_groups(meta, self.block_size, self.workspace)
         return (
-            torch.tensor(step.input_ids, dtype=torch.long, device=dev),
-            torch.tensor(step.positions, dtype=torch.long, device=dev),
+            to_device(step.input_ids, torch.long, dev),
+            to_device(step.positions, torch.long, dev),
             meta,
         )
 
@@ -170,13 +202,18 @@ class ModelRunner:
     def run(self, step: StepInput) -> torch.Tensor | None:
         """The forward pass of one step, and the logits it asks for (None when there are none).
         Under tensor parallelism every rank runs it on the same StepInput."""
+        if self.graphs is not None and self.graphs.can_run(step):
+            # Every decode row is its sequence's last token: all rows are sampled.
+            return self.model.compute_logits(self.graphs.run(step))
         input_ids, positions, meta = self.prepare(step)
         hidden = self.model(input_ids, positions, self.kv_caches, meta)
         if step.all_rows:
             return self.model.compute_logits(hidden)
         if not step.sample_rows:
             return None
-        return self.model.compute_logits(hidden[step.sample_rows])
+        if len(step.sample_rows) < hidden.shape[0]:
+            hidden = hidden[to_device(step.sample_rows, torch.long, self.device)]
+        return self.model.compute_logits(hidden)
 
     def _run_everywhere(self, step: StepInput) -> torch.Tensor | None:
         if self.workers is not None:

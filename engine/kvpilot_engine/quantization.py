@@ -9,8 +9,9 @@ Formats (W is [out_features, in_features]; groups run along in_features):
 
 Each format has a PyTorch reference (`dequantize` + `F.linear`), the oracle of every fast path.
 Fast paths: on CPU, PyTorch's weight-only kernels `_weight_int8pack_mm` (per-channel int8) and
-`_weight_int4pack_mm_for_cpu` (group-wise int4); on Hopper/Ada GPUs `_scaled_mm` for fp8.
-Elsewhere the reference runs (correct, not fast).
+`_weight_int4pack_mm_for_cpu` (group-wise int4); on CUDA the Triton dequantize-in-the-matmul
+kernels of kernels/quant_matmul.py (int8, int4 with groups a multiple of 32), and `_scaled_mm`
+for fp8 on Hopper/Ada. Elsewhere the reference runs (correct, not fast).
 
 Quantization happens on load, after the float checkpoint is in place (peak memory is the float
 model). The token embedding is int8 per row in every mode: a row gather stays cheap, and a tied
@@ -25,6 +26,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from kvpilot_engine.attention import use_triton
 
 DEFAULT_INT4_GROUP = 128
 # GGUF tensor types kept on their own grid: type id -> (method, group size).
@@ -184,7 +187,9 @@ class Int8Linear(QuantLinear):
         q, scale = quantize_int8(w, group_size)
         self.register_buffer("qweight", q)
         self.register_buffer("scale", scale)
-        if scale.shape[1] == 1 and w.device.type == "cpu":
+        if w.device.type == "cuda":
+            self.kernel = "triton"
+        elif scale.shape[1] == 1:
             self.kernel = "int8pack"
             self.register_buffer("scale_flat", scale[:, 0].contiguous())
 
@@ -192,6 +197,10 @@ class Int8Linear(QuantLinear):
         return dequantize_int8(self.qweight, self.scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if use_triton(x.device):
+            from kvpilot_engine.kernels.quant_matmul import int8_matmul
+
+            return int8_matmul(x, self.qweight, self.scale, self._bias(x))
         if self.kernel == "int8pack" and _small_batch(x):
             y = torch._weight_int8pack_mm(x.reshape(-1, x.shape[-1]), self.qweight,
                                           self.scale_flat.to(x.dtype))  # fmt: skip
@@ -223,6 +232,8 @@ class Int4Linear(QuantLinear):
             self.register_buffer("qweight", pack_int4(q))
             self.register_buffer("scale", scale.to(torch.float16))
             self.register_buffer("lo", lo.to(torch.float16))
+            if group_size % 32 == 0 and use_triton(w.device):  # the Triton kernel's tiles
+                self.kernel = "triton"
 
     def dequantize(self) -> torch.Tensor:
         if self.kernel == "int4pack":
@@ -237,6 +248,10 @@ class Int4Linear(QuantLinear):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel == "triton" and use_triton(x.device):
+            from kvpilot_engine.kernels.quant_matmul import int4_matmul
+
+            return int4_matmul(x, self.qweight, self.scale, self.lo, self.group_size, self._bias(x))
         if self.kernel == "int4pack" and _small_batch(x):
             y = self._int4pack(x.reshape(-1, x.shape[-1]).contiguous())
             y = y.view(*x.shape[:-1], self.out_features)

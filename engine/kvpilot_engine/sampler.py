@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from kvpilot_engine.device import to_device
 from kvpilot_engine.sampling_params import SamplingParams
 
 
@@ -43,36 +44,40 @@ class Sampler:
         `num_prompt_tokens[i]` where the prompt ends; only rows with penalties read them."""
         raw = logits.float()
         logits = process_logits(raw, params, token_ids, num_prompt_tokens)
+        dev = logits.device
         greedy = [p.greedy for p in params]
-        tokens = torch.empty(len(params), dtype=torch.long, device=logits.device)
-        if any(greedy):
-            rows = [i for i, g in enumerate(greedy) if g]
-            tokens[rows] = logits[rows].argmax(dim=-1)
         random_rows = [i for i, g in enumerate(greedy) if not g]
+        # The one host sync of a step is reading the tokens out (tolist) at the end.
+        tokens = logits.argmax(dim=-1)
         if random_rows:
-            tokens[random_rows] = self._sample(
-                logits[random_rows],
+            all_random = len(random_rows) == len(params)
+            rows_t = None if all_random else to_device(random_rows, torch.long, dev)
+            sampled = self._sample(
+                logits if rows_t is None else logits.index_select(0, rows_t),
                 [params[i] for i in random_rows],
                 [generators[i] for i in random_rows],
                 default_generator,
             )
+            tokens = sampled if rows_t is None else tokens.index_copy(0, rows_t, sampled)
         token_list = tokens.tolist()
         results = [SampleResult(t) for t in token_list]
 
         want = [i for i, p in enumerate(params) if p.logprobs is not None]
         if want:
-            logprobs = torch.log_softmax(raw[want], dim=-1)
+            want_t = to_device(want, torch.long, dev)
+            logprobs = torch.log_softmax(raw.index_select(0, want_t), dim=-1)
             k = max(params[i].logprobs or 0 for i in want)
             top_v, top_i = logprobs.topk(max(k, 1), dim=-1)
+            lp = logprobs.gather(1, tokens.index_select(0, want_t)[:, None])
+            ranks = (logprobs > lp).sum(dim=-1) + 1
+            # One read-out for all rows, not a sync per value.
+            lp_l, ranks_l = lp[:, 0].tolist(), ranks.tolist()
+            top_v_l, top_i_l = top_v.tolist(), top_i.tolist()
             for row, i in enumerate(want):
-                tok = token_list[i]
-                lp = logprobs[row, tok]
-                results[i].logprob = float(lp)
-                results[i].sampled_rank = int((logprobs[row] > lp).sum()) + 1
                 n = params[i].logprobs or 0
-                results[i].top_logprobs = list(
-                    zip(top_i[row, :n].tolist(), top_v[row, :n].tolist(), strict=True)
-                )
+                results[i].logprob = lp_l[row]
+                results[i].sampled_rank = ranks_l[row]
+                results[i].top_logprobs = list(zip(top_i_l[row][:n], top_v_l[row][:n], strict=True))
         return results
 
     def _sample(
@@ -83,7 +88,7 @@ class Sampler:
         default_generator: torch.Generator,
     ) -> torch.Tensor:
         dev = logits.device
-        temps = torch.tensor([p.temperature for p in params], device=dev)
+        temps = to_device([p.temperature for p in params], torch.float32, dev)
         logits = logits / temps[:, None]
         vocab = logits.shape[-1]
         top_ks = [p.top_k if p.top_k > 0 else vocab for p in params]
@@ -91,28 +96,29 @@ class Sampler:
         if any(k < vocab for k in top_ks) or any(p < 1.0 for p in top_ps):
             sorted_logits, order = logits.sort(dim=-1, descending=True)
             if any(k < vocab for k in top_ks):
-                k_t = torch.tensor([min(k, vocab) for k in top_ks], device=dev)
+                k_t = to_device([min(k, vocab) for k in top_ks], torch.long, dev)
                 kth = sorted_logits.gather(1, (k_t - 1)[:, None])
                 sorted_logits = sorted_logits.masked_fill(sorted_logits < kth, float("-inf"))
             if any(p < 1.0 for p in top_ps):
                 probs = sorted_logits.softmax(dim=-1)
                 # Drop a token once the mass before it already reaches top_p (the first stays).
                 before = probs.cumsum(dim=-1) - probs
-                p_t = torch.tensor(top_ps, device=dev)
+                p_t = to_device(top_ps, torch.float32, dev)
                 sorted_logits = sorted_logits.masked_fill(before >= p_t[:, None], float("-inf"))
             logits = torch.full_like(logits, float("-inf")).scatter(1, order, sorted_logits)
         probs = logits.softmax(dim=-1)
         min_ps = [p.min_p for p in params]
         if any(m > 0.0 for m in min_ps):
-            m_t = torch.tensor(min_ps, device=dev)
+            m_t = to_device(min_ps, torch.float32, dev)
             keep = probs >= m_t[:, None] * probs.max(dim=-1, keepdim=True).values
             probs = (probs * keep).div_((probs * keep).sum(dim=-1, keepdim=True))
         noise = torch.empty_like(probs)
         unseeded = [i for i, g in enumerate(generators) if g is None]
         if unseeded:
-            noise[unseeded] = torch.empty(len(unseeded), probs.shape[1], device=dev).exponential_(
+            draws = torch.empty(len(unseeded), probs.shape[1], device=dev).exponential_(
                 generator=default_generator
             )
+            noise.index_copy_(0, to_device(unseeded, torch.long, dev), draws)
         for i, g in enumerate(generators):
             if g is not None:
                 noise[i].exponential_(generator=g)
@@ -157,8 +163,8 @@ def apply_logit_bias(logits: torch.Tensor, params: list[SamplingParams], rows: l
         flat.extend(row * vocab + t for t in bias)
         values.extend(bias.values())
     dev = logits.device
-    idx = torch.tensor(flat, dtype=torch.long, device=dev)
-    logits.view(-1).index_add_(0, idx, torch.tensor(values, dtype=logits.dtype, device=dev))
+    idx = to_device(flat, torch.long, dev)
+    logits.view(-1).index_add_(0, idx, to_device(values, logits.dtype, dev))
 
 
 def _flat_index(seqs: list[list[int]], vocab: int, device: torch.device) -> torch.Tensor:
@@ -166,7 +172,8 @@ def _flat_index(seqs: list[list[int]], vocab: int, device: torch.device) -> torc
     lengths = torch.tensor([len(s) for s in seqs], dtype=torch.long)
     row = torch.repeat_interleave(torch.arange(len(seqs)), lengths)
     tokens = torch.tensor(list(itertools.chain.from_iterable(seqs)), dtype=torch.long)
-    return (row * vocab + tokens).to(device)
+    flat = row * vocab + tokens
+    return flat.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else flat
 
 
 def token_counts(seqs: list[list[int]], vocab: int, device: torch.device) -> torch.Tensor:
@@ -192,7 +199,7 @@ def apply_penalties(
     dev, vocab = logits.device, logits.shape[-1]
     outputs = [ids[n:] for ids, n in zip(token_ids, num_prompt_tokens, strict=True)]
     counts = token_counts(outputs, vocab, dev)
-    rows_t = torch.tensor(rows, dtype=torch.long, device=dev)
+    rows_t = to_device(rows, torch.long, dev)
     sub = logits.index_select(0, rows_t)
     rep = [p.repetition_penalty for p in params]
     if any(r != 1.0 for r in rep):
@@ -203,9 +210,9 @@ def apply_penalties(
         ]
         seen = counts > 0
         seen.view(-1)[_flat_index(prompts, vocab, dev)] = True
-        r_t = torch.tensor(rep, device=dev)[:, None]
+        r_t = to_device(rep, torch.float32, dev)[:, None]
         sub = torch.where(seen, torch.where(sub > 0, sub / r_t, sub * r_t), sub)
-    freq = torch.tensor([p.frequency_penalty for p in params], device=dev)[:, None]
-    pres = torch.tensor([p.presence_penalty for p in params], device=dev)[:, None]
+    freq = to_device([p.frequency_penalty for p in params], torch.float32, dev)[:, None]
+    pres = to_device([p.presence_penalty for p in params], torch.float32, dev)[:, None]
     sub = sub - freq * counts - pres * (counts > 0)
     logits.index_copy_(0, rows_t, sub)

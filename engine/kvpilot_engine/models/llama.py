@@ -18,7 +18,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kvpilot_engine.attention import AttentionMetadata, paged_attention, write_kv_cache
+from kvpilot_engine.attention import (
+    AttentionMetadata,
+    paged_attention,
+    use_triton,
+    write_kv_cache,
+)
 from kvpilot_engine.config import ModelConfig
 from kvpilot_engine.parallel import Parallel
 
@@ -29,7 +34,25 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(size))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None = None
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """norm(x); with `residual`, (norm(x + residual), x + residual): the residual add fused
+        into the norm, as vLLM's decoder layers do it (one kernel on the GPU path)."""
+        if use_triton(x.device):
+            from kvpilot_engine.kernels.norm import rms_norm
+
+            shape = x.shape
+            if residual is None:
+                return rms_norm(x.reshape(-1, shape[-1]), self.weight, self.eps).view(shape)
+            out, res = rms_norm(x, self.weight, self.eps, residual)
+            return out, res
+        if residual is not None:
+            residual = residual + x
+            return self._norm(residual), residual
+        return self._norm(x)
+
+    def _norm(self, x: torch.Tensor) -> torch.Tensor:
         # Normalise in float32 and scale in the model dtype, exactly as transformers does.
         dtype = x.dtype
         x32 = x.float()
@@ -66,6 +89,16 @@ class RotaryEmbedding(nn.Module):
         # and survives building the model on the meta device.
         self.config = config
         self._inv_freq: torch.Tensor | None = None
+        self._cos_sin: torch.Tensor | None = None  # the Triton path's table, per position
+
+    def cos_sin_cache(self, device: torch.device) -> torch.Tensor:
+        if self._cos_sin is None or self._cos_sin.device != device:
+            from kvpilot_engine.kernels.rotary import build_cos_sin_cache
+
+            self._cos_sin = build_cos_sin_cache(
+                self.inv_freq(device), self.config.max_position_embeddings, torch.float32
+            )
+        return self._cos_sin
 
     def inv_freq(self, device: torch.device) -> torch.Tensor:
         if self._inv_freq is None or self._inv_freq.device != device:
@@ -77,6 +110,10 @@ class RotaryEmbedding(nn.Module):
     def forward(
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        if use_triton(q.device):
+            from kvpilot_engine.kernels.rotary import apply_rotary
+
+            return apply_rotary(positions, q, k, self.cos_sin_cache(q.device))
         freqs = positions.float()[:, None] * self.inv_freq(positions.device)[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
         cos = emb.cos().to(q.dtype)[:, None, :]
@@ -151,11 +188,23 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, positions, hidden, kv_cache, meta, rotary) -> torch.Tensor:
-        hidden = hidden + self.self_attn(
-            positions, self.input_layernorm(hidden), kv_cache, meta, rotary
-        )
-        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+    def forward(
+        self,
+        positions: torch.Tensor,
+        hidden: torch.Tensor,
+        residual: torch.Tensor | None,
+        kv_cache: tuple[torch.Tensor, torch.Tensor],
+        meta: AttentionMetadata,
+        rotary: RotaryEmbedding,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(this layer's MLP output, the residual stream before it): the next norm adds them."""
+        if residual is None:
+            residual, hidden = hidden, self.input_layernorm(hidden)
+        else:
+            hidden, residual = self.input_layernorm(hidden, residual)
+        hidden = self.self_attn(positions, hidden, kv_cache, meta, rotary)
+        hidden, residual = self.post_attention_layernorm(hidden, residual)
+        return self.mlp(hidden), residual
 
 
 class LlamaModel(nn.Module):
@@ -201,9 +250,11 @@ class LlamaForCausalLM(nn.Module):
         m = self.model
         # Done here rather than in the embedding module: quantization replaces that module.
         hidden = self.parallel.embed(m.embed_tokens, input_ids)
+        residual = None
         for layer, kv_cache in zip(m.layers, kv_caches, strict=True):
-            hidden = layer(positions, hidden, kv_cache, meta, m.rotary)
-        return m.norm(hidden)
+            hidden, residual = layer(positions, hidden, residual, kv_cache, meta, m.rotary)
+        hidden, _ = m.norm(hidden, residual)
+        return hidden
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits over the whole vocabulary; under tensor parallelism every rank must call it."""
