@@ -146,6 +146,12 @@ def cmd_bench_throughput(ns: argparse.Namespace) -> int:
     return run_throughput_bench(ns, engine_args_from(ns))
 
 
+def cmd_bench_latency(ns: argparse.Namespace) -> int:
+    from kvpilot_engine.bench.latency import run_latency_bench
+
+    return run_latency_bench(ns, engine_args_from(ns))
+
+
 def cmd_export(ns: argparse.Namespace) -> int:
     import torch
 
@@ -202,6 +208,8 @@ def _positive_int(value: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from kvpilot_engine.config import QUANTIZATIONS
+
     parser = argparse.ArgumentParser(prog="kvpilot", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -280,6 +288,29 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--no-baseline", action="store_true", help="skip transformers")
     t.add_argument("--json", default=None, help="also write the figures to this file")
     t.set_defaults(func=cmd_bench_throughput)
+
+    lat = bench.add_parser("latency", help="batch-1 decode: tokens/s and achieved bandwidth")
+    add_engine_args(lat)
+    lat.add_argument("--input-len", type=int, default=128)
+    lat.add_argument("--output-len", type=int, default=256)
+    lat.add_argument("--num-iters", type=int, default=3, help="timed runs after one warm-up")
+    lat.add_argument("--dataset-seed", type=int, default=0)
+    lat.add_argument(
+        "--compare-quantization",
+        dest="quantization_list",
+        nargs="+",
+        default=None,
+        choices=QUANTIZATIONS,
+        help="run each method in turn; speed-ups are over the first (e.g. none int8 int4 fp8)",
+    )
+    lat.add_argument(
+        "--peak-bandwidth",
+        type=float,
+        default=None,
+        help="the device's peak memory bandwidth in GB/s (default: known GPUs, e.g. H200 4800)",
+    )
+    lat.add_argument("--json", default=None, help="also write the figures to this file")
+    lat.set_defaults(func=cmd_bench_latency)
 
     b = bench.add_parser("serve", help="online load against any OpenAI-compatible server(s)")
     b.add_argument(

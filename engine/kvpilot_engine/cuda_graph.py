@@ -15,6 +15,7 @@ are long enough that launch overhead does not matter.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
@@ -61,7 +62,8 @@ class DecodeGraphs:
         # One query token per row, so the offsets never change.
         self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=device)
         self.outputs = torch.zeros(n, model.config.hidden_size, dtype=dtype, device=device)
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        # Captured size -> its graph's replay.
+        self.replays: dict[int, Callable[[], None]] = {}
 
     def _meta(self, bs: int) -> AttentionMetadata:
         return AttentionMetadata(
@@ -95,12 +97,12 @@ class DecodeGraphs:
                 self._forward(bs)
             if pool is None:
                 pool = graph.pool()
-            self.graphs[bs] = graph
+            self.replays[bs] = graph.replay
         torch.cuda.synchronize()
 
     def can_run(self, step: StepInput) -> bool:
         return (
-            bool(self.graphs)
+            bool(self.replays)
             and not step.prefill_seqs
             and 0 < len(step.decode_seqs) <= self.max_batch
             and max(step.context_lens) <= self.max_model_len
@@ -122,7 +124,7 @@ class DecodeGraphs:
         self.seq_lens[b:bs].zero_()
         tables = [t + [0] * (width - len(t)) for t in step.block_tables]
         self.block_tables[:b, :width].copy_(to_device(tables, torch.int32, dev))
-        self.graphs[bs].replay()
+        self.replays[bs]()
         return self.outputs[:b]
 
 

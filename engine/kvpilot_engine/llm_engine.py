@@ -20,7 +20,7 @@ import torch
 from kvpilot_engine.block_manager import BlockManager
 from kvpilot_engine.config import EngineArgs, ModelConfig, parse_size, resolve_dtype
 from kvpilot_engine.cuda_graph import profile_peak_memory
-from kvpilot_engine.loader import Checkpoint, load_checkpoint
+from kvpilot_engine.loader import Checkpoint, RandomCheckpoint, init_random, load_checkpoint
 from kvpilot_engine.model_runner import ModelRunner, kv_bytes_per_block
 from kvpilot_engine.models.llama import LlamaForCausalLM
 from kvpilot_engine.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
@@ -115,7 +115,10 @@ def load_model(
     model = model.to(dtype).to_empty(device=device)
     if ckpt.config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
-    model.load_weights(parallel.shard_weights(ckpt.weights(), ckpt.config))
+    if isinstance(ckpt, RandomCheckpoint):
+        init_random(model, args.seed)
+    else:
+        model.load_weights(parallel.shard_weights(ckpt.weights(), ckpt.config))
     method = args.quantization
     check_supported(method, device)
     if method == "gguf" and not ckpt.quant_types():

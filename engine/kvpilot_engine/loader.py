@@ -69,6 +69,8 @@ class Checkpoint:
 
 
 def load_checkpoint(model: str) -> Checkpoint:
+    if model.startswith(RANDOM_PREFIX):
+        return RandomCheckpoint.open(model)
     path = resolve_model_path(model)
     if path.is_file():
         if path.suffix != ".gguf":
@@ -227,3 +229,95 @@ class GGUFCheckpoint(Checkpoint):
                 elif t.name.endswith("attn_k.weight"):
                     w = _unpermute(w, c.num_key_value_heads)
             yield name, torch.from_numpy(np.require(w, np.float32, ["C", "W"]))
+
+
+# ---- random weights in a known shape (benchmarks) ----------------------------------------------
+RANDOM_PREFIX = "random:"
+# Hugging Face configs of the shapes the GPU benchmarks use; nothing can be downloaded here, and
+# a decode step's speed depends on the shape, not on the values. "tiny" is for tests.
+RANDOM_SHAPES: dict[str, dict] = {
+    "llama-3-8b": {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": 128256,
+        "hidden_size": 4096,
+        "intermediate_size": 14336,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "max_position_embeddings": 8192,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 500000.0,
+        "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16",
+    },
+    "qwen3-0.6b": {
+        "architectures": ["Qwen3ForCausalLM"],
+        "model_type": "qwen3",
+        "vocab_size": 151936,
+        "hidden_size": 1024,
+        "intermediate_size": 3072,
+        "num_hidden_layers": 28,
+        "num_attention_heads": 16,
+        "num_key_value_heads": 8,
+        "head_dim": 128,
+        "max_position_embeddings": 40960,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 1000000.0,
+        "tie_word_embeddings": True,
+        "torch_dtype": "bfloat16",
+    },
+    "tiny": {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": 49152,
+        "hidden_size": 128,
+        "intermediate_size": 256,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 2048,
+        "tie_word_embeddings": False,
+        "torch_dtype": "float32",
+    },
+}
+
+
+@dataclass
+class RandomCheckpoint(Checkpoint):
+    """`random:<shape>`: a model of a RANDOM_SHAPES shape whose weights are drawn on the device
+    it runs on (load_model calls `init_random` instead of loading), with the bundled SmolLM2
+    tokenizer for text (ids past its vocabulary decode to nothing)."""
+
+    hf_config: dict | None = None
+
+    @classmethod
+    def open(cls, model: str) -> RandomCheckpoint:
+        shape = model[len(RANDOM_PREFIX) :]
+        if shape not in RANDOM_SHAPES:
+            raise UnsupportedModelError(
+                f"unknown random model shape {shape!r}; choose one of "
+                f"{', '.join(RANDOM_PREFIX + s for s in RANDOM_SHAPES)}"
+            )
+        hf = RANDOM_SHAPES[shape]
+        tokenizer = load_checkpoint("smollm2").tokenizer
+        config = ModelConfig.from_hf_config(hf)
+        config.eos_token_ids = list(tokenizer.eos_token_ids)
+        return cls(config=config, tokenizer=tokenizer, path=Path(model), name=model, hf_config=hf)
+
+    def weights(self) -> Iterator[tuple[str, torch.Tensor]]:
+        raise UnsupportedModelError(f"{self.name} has no stored weights; use init_random")
+
+
+@torch.no_grad()
+def init_random(model: torch.nn.Module, seed: int = 0) -> None:
+    """Weights ~ N(0, 0.02), norms 1, drawn where the parameters live (an 8B model in seconds on
+    a GPU); the residual stream stays in range, so activations look like a trained model's."""
+    device = next(model.parameters()).device
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed)
+    for name, p in model.named_parameters():
+        if name.endswith("norm.weight"):
+            p.fill_(1.0)
+        else:
+            p.normal_(0.0, 0.02, generator=gen)

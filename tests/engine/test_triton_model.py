@@ -9,9 +9,12 @@ CUDA graphs included, against the CPU engine.
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
-from kvpilot_engine import SamplingParams
+from kvpilot_engine import LLM, SamplingParams
+from kvpilot_engine.cuda_graph import DecodeGraphs
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):\n    ", "List three colours:"]
 NEW_TOKENS = 6
@@ -102,3 +105,47 @@ def test_gpu_bfloat16_greedy_mostly_matches_cpu(smollm2_checkpoint, reference):
     llm = LLM.from_engine(LLMEngine(args, checkpoint=smollm2_checkpoint))
     got = _greedy(llm, prompts)
     assert all(g[:2] == e[:2] for g, e in zip(got, expected, strict=True)), (got, expected)
+
+
+class EagerReplays(DecodeGraphs):
+    """A stand-in for CUDA graph capture, which needs a GPU: each "replay" runs the same forward
+    eagerly over the static buffers. Everything else is the real DecodeGraphs: padded batch
+    sizes, buffer filling, padding rows (slot -1, length 0), the max_model_len-wide tables."""
+
+    def capture(self) -> None:
+        self.replays = {bs: functools.partial(self._counted, bs) for bs in self.sizes}
+        self.calls: list[int] = []
+
+    def _counted(self, bs: int) -> None:
+        self.calls.append(bs)
+        self._forward(bs)
+
+
+def test_decode_graph_buffers_match_eager_steps(monkeypatch):
+    """Decode steps through DecodeGraphs' static buffers (5 sequences in the size-8 buffers,
+    then fewer as they finish) give the eager path's tokens, on a random tiny Llama."""
+    monkeypatch.setenv("KVPILOT_FORCE_TRITON", "1")
+    prompts = [[7 + i] * n for i, n in enumerate((3, 17, 16, 33, 9))]
+    lens = [6, 9, 4, 8, 7]
+    params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in lens]
+
+    def run(graphs: bool) -> tuple[list[list[int]], list[int]]:
+        llm = LLM(model="random:tiny", max_model_len=64, num_kv_blocks=40, block_size=16)
+        runner = llm.llm_engine.model_runner
+        calls: list[int] = []
+        if graphs:
+            runner.graphs = EagerReplays(
+                runner.model, runner.kv_caches, 8, 64, 16, runner.device, runner.dtype
+            )
+            runner.graphs.capture()
+            calls = runner.graphs.calls
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        llm.llm_engine.check_no_leaks()
+        return [o.outputs[0].token_ids for o in outs], calls
+
+    eager, _ = run(graphs=False)
+    replayed, calls = run(graphs=True)
+    assert replayed == eager
+    assert [len(t) for t in replayed] == lens
+    # 5 running sequences used the size-8 buffers; the last one alone, size 1
+    assert 8 in calls and calls[-1] == 1 and 4 in calls

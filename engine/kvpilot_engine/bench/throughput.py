@@ -70,11 +70,20 @@ def bench_kvpilot(args: EngineArgs, work: Workload) -> tuple[float, object]:
 
 
 def bench_transformers(llm, work: Workload, batch_size: int) -> float:
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from kvpilot_engine.loader import RandomCheckpoint
 
     ckpt = llm.llm_engine.checkpoint
     dtype = llm.llm_engine.dtype
-    if ckpt.path.suffix == ".gguf":
+    if isinstance(ckpt, RandomCheckpoint):
+        # The same shape with its own random weights: EOS is ignored, values do not matter.
+        assert ckpt.hf_config is not None
+        hf = {k: v for k, v in ckpt.hf_config.items() if k not in ("architectures", "model_type")}
+        config = AutoConfig.for_model(ckpt.hf_config["model_type"], **hf)
+        with torch.device(llm.llm_engine.device):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    elif ckpt.path.suffix == ".gguf":
         model = AutoModelForCausalLM.from_pretrained(
             str(ckpt.path.parent), gguf_file=ckpt.path.name, dtype=dtype
         )

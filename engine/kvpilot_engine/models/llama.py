@@ -42,11 +42,8 @@ class RMSNorm(nn.Module):
         if use_triton(x.device):
             from kvpilot_engine.kernels.norm import rms_norm
 
-            shape = x.shape
-            if residual is None:
-                return rms_norm(x.reshape(-1, shape[-1]), self.weight, self.eps).view(shape)
-            out, res = rms_norm(x, self.weight, self.eps, residual)
-            return out, res
+            # Any leading dims and strides (Qwen3's per-head q/k norm reads a slice of qkv).
+            return rms_norm(x, self.weight, self.eps, residual)
         if residual is not None:
             residual = residual + x
             return self._norm(residual), residual
