@@ -182,6 +182,12 @@ class LLMEngine:
         cfg = self.model_config
 
         max_len = args.max_model_len or cfg.max_position_embeddings
+        if max_len > cfg.max_position_embeddings:
+            # vLLM refuses this too: rotary positions past the trained range are extrapolation.
+            raise ValueError(
+                f"max_model_len {max_len} is larger than the model's max_position_embeddings "
+                f"({cfg.max_position_embeddings})"
+            )
         if cfg.sliding_window and cfg.sliding_window < max_len:
             # Attention here is full causal: within the window it equals sliding-window attention.
             logger.warning(
