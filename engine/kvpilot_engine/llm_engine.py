@@ -115,6 +115,10 @@ def load_model(
     model = model.to(dtype).to_empty(device=device)
     if ckpt.config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
+    # The GPU path's rotary table must reach every position a sequence can have.
+    model.model.rotary.max_positions = max(
+        ckpt.config.max_position_embeddings, args.max_model_len or 0
+    )
     if isinstance(ckpt, RandomCheckpoint):
         init_random(model, args.seed)
     else:
@@ -182,12 +186,6 @@ class LLMEngine:
         cfg = self.model_config
 
         max_len = args.max_model_len or cfg.max_position_embeddings
-        if max_len > cfg.max_position_embeddings:
-            # vLLM refuses this too: rotary positions past the trained range are extrapolation.
-            raise ValueError(
-                f"max_model_len {max_len} is larger than the model's max_position_embeddings "
-                f"({cfg.max_position_embeddings})"
-            )
         if cfg.sliding_window and cfg.sliding_window < max_len:
             # Attention here is full causal: within the window it equals sliding-window attention.
             logger.warning(

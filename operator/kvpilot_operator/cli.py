@@ -432,6 +432,12 @@ def add_router_commands(sub: Any, bench: Any) -> None:
     )
     r.add_argument("--queue-timeout", type=float, default=60.0, help="seconds a request may wait")
     r.add_argument(
+        "--failover-wait",
+        type=float,
+        default=10.0,
+        help="seconds a request refused by a draining engine waits for another endpoint",
+    )
+    r.add_argument(
         "--api-key",
         action="append",
         help="require Authorization: Bearer KEY on /v1/* (repeat; also KVPILOT_API_KEY=k1,k2)",

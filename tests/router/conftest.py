@@ -176,13 +176,12 @@ def wait_for(what: str, ok: Any, timeout: float = 30.0, interval: float = 0.1) -
 
 
 @contextlib.contextmanager
-def erroring_server(status: int = 500) -> Iterator[str]:
+def erroring_server(status: int = 500, code: str | None = None) -> Iterator[str]:
     """A loopback HTTP server (tests/router/failing_upstream.py) answering every POST with
-    `status` and an OpenAI-shaped error."""
+    `status` and an OpenAI-shaped error (with `code`)."""
     port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "tests.router.failing_upstream", str(port), str(status)]
-    )
+    args = [sys.executable, "-m", "tests.router.failing_upstream", str(port), str(status)]
+    proc = subprocess.Popen(args + ([code] if code else []))
     url = f"http://127.0.0.1:{port}"
     try:
 

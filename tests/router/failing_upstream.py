@@ -1,16 +1,23 @@
-"""`python -m tests.router.failing_upstream PORT [STATUS]`: an HTTP server that answers every POST
-with an OpenAI-shaped error (500 unless told; 503 comes with Retry-After, as an engine's does). A
+"""`python -m tests.router.failing_upstream PORT [STATUS [CODE]]`: an HTTP server that answers every
+POST with an OpenAI-shaped error (500 unless told; 503 comes with Retry-After, as an engine's
+does; CODE is the error's code, e.g. "unavailable" as a draining engine says it). A
 process of its own, so that serving the router's requests takes no time from the test process
 that measures latency."""
 
 from __future__ import annotations
 
+import json
 import sys
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-BODY = b'{"error": {"message": "boom", "type": "server_error", "param": null, "code": null}}'
 STATUS = 500
+CODE: str | None = None
+
+
+def body() -> bytes:
+    error = {"message": "boom", "type": "server_error", "param": None, "code": CODE}
+    return json.dumps({"error": error}).encode()
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -22,9 +29,10 @@ class Handler(BaseHTTPRequestHandler):
         self.send_header("content-type", "application/json")
         if STATUS == 503:
             self.send_header("retry-after", "1")
-        self.send_header("content-length", str(len(BODY)))
+        payload = body()
+        self.send_header("content-length", str(len(payload)))
         self.end_headers()
-        self.wfile.write(BODY)
+        self.wfile.write(payload)
 
     def log_message(self, *args: Any) -> None:
         pass
@@ -32,4 +40,5 @@ class Handler(BaseHTTPRequestHandler):
 
 if __name__ == "__main__":
     STATUS = int(sys.argv[2]) if len(sys.argv) > 2 else 500
+    CODE = sys.argv[3] if len(sys.argv) > 3 else None
     ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), Handler).serve_forever()

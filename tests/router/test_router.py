@@ -414,6 +414,47 @@ def test_a_dead_endpoint_is_retried_around_and_ejected(engine_a: Server, tmp_pat
             assert r.status_code == 503 and r.headers["retry-after"] == "1"  # the engine's own
 
 
+def test_a_draining_last_endpoint_is_waited_out_until_its_replacement(
+    engine_a: Server, tmp_path: Path
+) -> None:
+    """A rolling update of one replica: the old engine says 503 "unavailable" (draining) and the
+    router does not know the new one yet. The request waits for discovery to bring it and
+    succeeds; with no replacement it gets the engine's 503 after --failover-wait, and a full
+    engine's 503 ("overloaded") is never waited on."""
+    with erroring_server(503, "unavailable") as draining, erroring_server(503) as full:
+        doc = routes({"stable": (100, [draining])})
+        with run_router(tmp_path, doc, "--failover-wait", "20") as router:
+
+            async def main() -> httpx.Response:
+                async with httpx.AsyncClient(timeout=60) as client:
+                    pending = asyncio.create_task(
+                        client.post(f"{router.url}/v1/completions", json=TINY)
+                    )
+                    await asyncio.sleep(1.0)
+                    assert not pending.done()
+                    new = routes({"stable": (100, [draining, engine_a.url])})
+                    await asyncio.to_thread(router.set_routes, new)
+                    return await pending
+
+            r = asyncio.run(main())
+            assert r.status_code == 200, r.text
+            assert r.headers["x-kvpilot-revision"] == "stable"
+
+        with run_router(tmp_path, doc, "--failover-wait", "0.5") as router:
+            t0 = time.perf_counter()
+            r = httpx.post(f"{router.url}/v1/completions", json=TINY, timeout=30)
+            assert r.status_code == 503 and r.json()["error"]["code"] == "unavailable"
+            assert 0.5 <= time.perf_counter() - t0 < 10
+            m = router.metrics()
+            assert value(m, "kvpilot_router_requests_total", revision="stable", code="503") == 1
+
+        with run_router(tmp_path, routes({"stable": (100, [full])})) as router:
+            t0 = time.perf_counter()
+            r = httpx.post(f"{router.url}/v1/completions", json=TINY, timeout=30)
+            assert r.status_code == 503 and r.headers["retry-after"] == "1"
+            assert time.perf_counter() - t0 < 5  # the default 10 s wait did not apply
+
+
 def test_api_keys_guard_the_openai_routes_only(engine_a: Server, tmp_path: Path) -> None:
     doc = routes({"stable": (100, [engine_a.url])})
     env = {"KVPILOT_API_KEY": "from-env-1, from-env-2"}

@@ -87,13 +87,16 @@ class RotaryEmbedding(nn.Module):
         self.config = config
         self._inv_freq: torch.Tensor | None = None
         self._cos_sin: torch.Tensor | None = None  # the Triton path's table, per position
+        self.max_positions = (
+            config.max_position_embeddings
+        )  # the engine raises it to its max_model_len
 
     def cos_sin_cache(self, device: torch.device) -> torch.Tensor:
         if self._cos_sin is None or self._cos_sin.device != device:
             from kvpilot_engine.kernels.rotary import build_cos_sin_cache
 
             self._cos_sin = build_cos_sin_cache(
-                self.inv_freq(device), self.config.max_position_embeddings, torch.float32
+                self.inv_freq(device), self.max_positions, torch.float32
             )
         return self._cos_sin
 

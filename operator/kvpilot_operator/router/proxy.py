@@ -8,7 +8,11 @@ closed and the engine aborts it and frees its KV blocks.
 
 The body is parsed only for what routing needs (prompt prefix, stream, greedy) and is sent
 upstream byte for byte. A request is retried on another endpoint only while nothing has been
-sent to the client: on a refused or dropped connection, or a 503 before the first byte.
+sent to the client: on a refused or dropped connection, or a 503 before the first byte. When an
+engine answers 503 "unavailable" (draining on SIGTERM, or still loading) and no other endpoint
+is left, the request waits up to `failover_wait` seconds for one to appear: during a rolling
+update with one replica the replacement is Ready moments before the router's next discovery
+poll sees it, and the user should not get the old pod's goodbye.
 """
 
 from __future__ import annotations
@@ -76,11 +80,20 @@ class ProxySettings:
     max_in_flight: int = 1024
     max_queue: int = 1024
     queue_timeout: float = 60.0
+    failover_wait: float = 10.0
     api_keys: tuple[str, ...] = ()
     refresh_interval: float = 1.0
     scrape_interval: float = 2.0
     shadow_timeout: float = DEFAULT_SHADOW_TIMEOUT
     shadow_concurrency: int = DEFAULT_SHADOW_CONCURRENCY
+
+
+def _unavailable(body: bytes) -> bool:
+    """An engine's 503 that says it is going away or not up yet (code "unavailable"), as opposed
+    to one that is full ("overloaded"): only the first is worth waiting out."""
+    with contextlib.suppress(ValueError, LookupError, TypeError):
+        return json.loads(body)["error"]["code"] == "unavailable"
+    return False
 
 
 def error_body(status: int, message: str, code: str | None, param: str | None = None) -> bytes:
@@ -455,6 +468,7 @@ class Router:
         endpoint and its response (dispatched: _relay undispatches), or None once answered."""
         assert self.client is not None and ex.request is not None
         tried: set[str] = set()
+        failover_deadline: float | None = None
         while True:
             self._dispatch(st)
             resp: httpx.Response | None = None
@@ -481,9 +495,24 @@ class Router:
             retry = None
             if ex.retries < self.settings.retries:
                 retry = self.table.pick(ex.request.prompt, exclude=tried, prefer=st.revision)
+            body = b""
+            if retry is None and resp is not None:
+                body = await resp.aread()
+                if _unavailable(body):
+                    if failover_deadline is None:
+                        failover_deadline = time.monotonic() + self.settings.failover_wait
+                    retry = await self._await_endpoint(ex, tried, failover_deadline)
             if retry is None:
                 if resp is not None:
-                    return st, resp  # the last 503, as the engine said it (with Retry-After)
+                    # The last 503, as the engine said it (with its Retry-After).
+                    ex.revision, ex.endpoint = st.revision, st.url
+                    self._undispatch(st)
+                    await resp.aclose()
+                    retry_after = resp.headers.get("retry-after", "5")
+                    await self._reply(
+                        ex, send, 503, body, int(retry_after) if retry_after.isdigit() else 5
+                    )
+                    return None
                 self._undispatch(st)
                 message = f"no endpoint answered ({len(tried)} tried)"
                 await self._reply(ex, send, 502, error_body(502, message, "upstream_unavailable"))
@@ -495,6 +524,18 @@ class Router:
             self.metrics.retries.labels(st.revision).inc()
             ex.retries += 1
             st = retry
+
+    async def _await_endpoint(
+        self, ex: Exchange, tried: set[str], deadline: float
+    ) -> EndpointState | None:
+        """An endpoint not yet tried, once discovery brings one, or None at the deadline."""
+        assert ex.request is not None
+        while time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+            st = self.table.pick(ex.request.prompt, exclude=tried)
+            if st is not None:
+                return st
+        return None
 
     async def _relay(
         self,

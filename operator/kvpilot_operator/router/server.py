@@ -32,6 +32,7 @@ def settings_from(ns: argparse.Namespace) -> ProxySettings:
         max_in_flight=ns.max_in_flight,
         max_queue=ns.max_queue,
         queue_timeout=ns.queue_timeout,
+        failover_wait=ns.failover_wait,
         api_keys=api_keys(ns),
         refresh_interval=ns.refresh_interval,
         scrape_interval=ns.scrape_interval,
