@@ -312,9 +312,11 @@ def dashboard() -> dict[str, Any]:
             [
                 (
                     "{{revision}}",
-                    "sum by (revision) (rate(kvpilot_router_requests_total"
-                    f'{{{routers},code=~"5.."}}[{RI}])) / sum by (revision) '
-                    f"(rate(kvpilot_router_requests_total{{{routers}}}[{RI}]))",
+                    # "or 0 * ...": a revision without a single 5xx shows 0, not a gap.
+                    "(sum by (revision) (rate(kvpilot_router_requests_total"
+                    f'{{{routers},code=~"5.."}}[{RI}])) or 0 * sum by (revision) '
+                    f"(rate(kvpilot_router_requests_total{{{routers}}}[{RI}]))) / sum by "
+                    f"(revision) (rate(kvpilot_router_requests_total{{{routers}}}[{RI}]))",
                 )
             ],
             "percentunit",

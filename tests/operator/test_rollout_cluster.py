@@ -290,11 +290,15 @@ def test_identical_shadow_agrees_and_never_counts_as_an_engine(
     shadow = wait_for("shadow comparisons in status", agreed, timeout=180)
     user.stop()
     assert user.errors == [], user.errors[:5]
-    assert shadow["greedyAgreement"] == 1.0, shadow
+    # Not exactly 1.0: the engines are not batch-invariant (as vLLM's are not by default). The
+    # stable engine batches two users' requests while the shadow gets the copies at other
+    # moments, and float32 CPU matmuls round differently at another batch size, which can flip
+    # a near-tie. Seen: 28 of 28 in most runs, 27 of 28 in one.
+    assert shadow["greedyAgreement"] >= 0.9, shadow
     assert shadow["errors"] == 0 and shadow["mirrored"] >= shadow["greedyCompared"]
     svc = get(cluster, "llmservice", "chat", ns)
     healthy = condition(svc, "ShadowHealthy")
-    assert healthy["status"] == "True" and "100.0%" in healthy["message"], healthy
+    assert healthy["status"] == "True" and "greedy agreement" in healthy["message"], healthy
     # The shadow is no engine of the service: not in the scale selector...
     selected = cluster.kubectl(
         "get", "pods", "-n", ns, "-l", svc["status"]["selector"], "-o", "name"
