@@ -308,7 +308,12 @@ def test_router_ttft_agrees_with_the_client(slow_engine: Server, slow_router: Ro
     )
     s = value(m, f"{name}_sum", revision="stable") - value(before, f"{name}_sum", revision="stable")
     assert n == 6
-    assert s / n == pytest.approx(statistics.fmean(client_ttfts), abs=0.03)
+    # The router's clock starts after the request reached it and stops when it sends the first
+    # token on, so it reads a little less than the client's: the loopback hops, which on a busy
+    # 2-core machine have been seen to take 36 ms (6 requests, mean).
+    router_ttft, client_ttft = s / n, statistics.fmean(client_ttfts)
+    assert router_ttft <= client_ttft + 0.005
+    assert client_ttft - router_ttft < 0.08, (router_ttft, client_ttft)
     assert statistics.fmean(client_ttfts) > SLOW_STEP_S  # the engine's step, not a no-op
     tpot = value(m, "kvpilot_router_tpot_seconds_sum", revision="stable") / value(
         m, "kvpilot_router_tpot_seconds_count", revision="stable"

@@ -87,9 +87,8 @@ class RotaryEmbedding(nn.Module):
         self.config = config
         self._inv_freq: torch.Tensor | None = None
         self._cos_sin: torch.Tensor | None = None  # the Triton path's table, per position
-        self.max_positions = (
-            config.max_position_embeddings
-        )  # the engine raises it to its max_model_len
+        # The engine raises it to its max_model_len when that is larger.
+        self.max_positions = config.max_position_embeddings
 
     def cos_sin_cache(self, device: torch.device) -> torch.Tensor:
         if self._cos_sin is None or self._cos_sin.device != device:
