@@ -1,21 +1,15 @@
 """The Triton paged-attention kernels against the PyTorch reference in kvpilot_engine.attention.
 
-Without a GPU the kernels run on CPU tensors in the Triton interpreter, which must be switched on
-before Triton is first imported; on a GPU machine the same tests run the compiled kernels.
+Without a GPU the kernels run on CPU tensors in the Triton interpreter (tests/conftest.py switches
+it on before anything imports Triton); on a GPU machine the same tests run the compiled kernels.
 """
 
 from __future__ import annotations
 
-import os
-
-import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
 from dataclasses import dataclass
 
 import pytest
+import torch
 from kvpilot_engine.attention import (
     AttentionMetadata,
     Workspace,

@@ -1,22 +1,16 @@
 """The Triton kernels (RMSNorm, rotary, int8/int4 weight-only matmuls) against their PyTorch
 references.
 
-Without a GPU they run in Triton's interpreter on CPU tensors. It must be switched on before
-triton is first imported, hence the environment line above the imports. The interpreter computes
+Without a GPU they run in Triton's interpreter on CPU tensors (tests/conftest.py switches it on
+before anything imports Triton). The interpreter computes
 bfloat16 dot products wrongly, so it tests float32 and float16 only; the bfloat16 test needs CUDA.
 Shapes are kept moderate: the interpreter executes every program of the grid in Python.
 """
 
 from __future__ import annotations
 
-import os
-
-import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
 import pytest
+import torch
 import torch.nn.functional as F
 from kvpilot_engine.config import ModelConfig
 from kvpilot_engine.kernels import norm
@@ -37,7 +31,7 @@ from kvpilot_engine.quantization import (
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 # triton.jit picks compiled or interpreted when a kernel module is first imported: one imported
-# earlier in the session (before the switch above) cannot run on CPU tensors. Say so plainly.
+# earlier in the session (before the switch) cannot run on CPU tensors. Say so plainly.
 if DEVICE == "cpu" and type(norm._rms_norm_kernel).__name__ != "InterpretedFunction":
     raise RuntimeError(
         "kvpilot_engine.kernels was imported before TRITON_INTERPRET=1 was set; set it earlier "

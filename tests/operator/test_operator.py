@@ -28,7 +28,9 @@ T = TypeVar("T")
 pytestmark = pytest.mark.slow
 
 
-def wait_for(what: str, fn: Callable[[], T | None], timeout: float = 30.0) -> T:
+def wait_for(
+    what: str, fn: Callable[[], T | None], timeout: float = 30.0, interval: float = 0.2
+) -> T:
     deadline = time.monotonic() + timeout
     while True:
         value = fn()
@@ -36,7 +38,7 @@ def wait_for(what: str, fn: Callable[[], T | None], timeout: float = 30.0) -> T:
             return value
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(0.2)
+        time.sleep(interval)
 
 
 class Operator:

@@ -11,10 +11,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,9 +20,9 @@ from typing import Any
 
 import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
-from tests.server.conftest import Server, free_port, run_server
+from tests.operator.test_operator import wait_for
+from tests.server.conftest import Server, free_port, run_server, scrape, stop, wait_ready
 
 SLOW_STEP_S = 0.3
 
@@ -81,7 +79,7 @@ class Router(Server):
         return httpx.get(f"{self.url}/router/state", timeout=10).json()
 
     def metrics(self) -> dict[str, float]:
-        return samples(httpx.get(f"{self.url}/metrics", timeout=10).text)
+        return scrape(self.url)
 
     def set_routes(self, doc: dict[str, Any]) -> None:
         """Rewrite the route file (atomically, as an operator should) and wait for the reload."""
@@ -121,38 +119,13 @@ def run_router(
         )
     router = Router(proc, port, log_path, config_path)
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"kvpilot router exited {proc.returncode}:\n{router.log_tail()}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{router.url}/ready", timeout=2).status_code == 200:
-                    break
-            if time.monotonic() > deadline:
-                pytest.fail(f"kvpilot router not ready:\n{router.log_tail()}")
-            time.sleep(0.1)
+        wait_ready(router, "kvpilot router", timeout=60)
         yield router
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(10)
+        stop(proc, grace=20)
 
 
 # ---- small helpers ------------------------------------------------------------------------------
-def samples(text: str) -> dict[str, float]:
-    """Prometheus text as {'name{k="v",...}': value}, labels sorted."""
-    out: dict[str, float] = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            labels = ",".join(f'{k}="{v}"' for k, v in sorted(s.labels.items()))
-            out[f"{s.name}{{{labels}}}"] = s.value
-    return out
-
-
 def value(samples_: dict[str, float], name: str, **labels: str) -> float:
     """One sample (0 if absent: a counter never incremented has no labelled child)."""
     key = name + "{" + ",".join(f'{k}="{v}"' for k, v in sorted(labels.items())) + "}"
@@ -162,17 +135,6 @@ def value(samples_: dict[str, float], name: str, **labels: str) -> float:
 def total(samples_: dict[str, float], name: str) -> float:
     """The sum over every labelled sample of `name`."""
     return sum(v for k, v in samples_.items() if k.split("{", 1)[0] == name)
-
-
-def wait_for(what: str, ok: Any, timeout: float = 30.0, interval: float = 0.1) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        result = ok()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(interval)
 
 
 @contextlib.contextmanager

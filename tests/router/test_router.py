@@ -26,12 +26,11 @@ from tests.router.conftest import (
     erroring_server,
     routes,
     run_router,
-    samples,
     total,
     value,
     wait_for,
 )
-from tests.server.conftest import Server, free_port, wait_idle
+from tests.server.conftest import Server, free_port, samples, scrape, wait_idle
 
 pytestmark = pytest.mark.slow
 
@@ -42,7 +41,7 @@ TINY = {"model": MODEL, "prompt": "Hello", "max_tokens": 1}
 
 def served(engine: Server) -> float:
     """Requests the engine finished (its own count: the oracle for where traffic went)."""
-    m = samples(httpx.get(f"{engine.url}/metrics", timeout=10).text)
+    m = scrape(engine.url)
     return sum(
         value(m, "vllm:request_success_total", finished_reason=r, model_name=MODEL)
         for r in ("stop", "length")
@@ -330,7 +329,7 @@ def test_a_client_that_hangs_up_frees_the_engine(slow_engine: Server, slow_route
         for line in r.iter_lines():
             if line.startswith("data: ") and choice_texts(json.loads(line[6:])):
                 break  # one token in, then leave
-        m = samples(httpx.get(f"{slow_engine.url}/metrics").text)
+        m = scrape(slow_engine.url)
         assert value(m, "vllm:num_requests_running", model_name=MODEL) == 1
     idle = wait_idle(slow_engine.url, timeout=10)  # closed upstream: aborted, KV blocks freed
     assert value(idle, "vllm:kv_cache_usage_perc", model_name=MODEL) == 0.0

@@ -60,25 +60,33 @@ def run_server(log_path: Path, *extra: str) -> Iterator[Server]:
         wait_ready(server)
         yield server
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(10)
+        stop(proc, grace=30)
 
 
-def wait_ready(server: Server) -> None:
-    deadline = time.monotonic() + READY_TIMEOUT_S
+def stop(proc: subprocess.Popen[bytes], grace: float) -> None:
+    """SIGTERM (the process drains and exits), SIGKILL after `grace` seconds."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+
+
+def wait_ready(
+    server: Server, what: str = "kvpilot serve", timeout: float = READY_TIMEOUT_S
+) -> None:
+    """Until /ready answers 200; fails with the log's tail if the process exits or times out."""
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if server.proc.poll() is not None:
-            pytest.fail(f"kvpilot serve exited with {server.proc.returncode}:\n{server.log_tail()}")
+            pytest.fail(f"{what} exited with {server.proc.returncode}:\n{server.log_tail()}")
         with contextlib.suppress(httpx.HTTPError):
             if httpx.get(f"{server.url}/ready", timeout=2).status_code == 200:
                 return
-        time.sleep(0.25)
-    pytest.fail(f"kvpilot serve not ready after {READY_TIMEOUT_S}s:\n{server.log_tail()}")
+        time.sleep(0.1)
+    pytest.fail(f"{what} not ready after {timeout:g}s:\n{server.log_tail()}")
 
 
 @pytest.fixture(scope="session")
@@ -93,15 +101,19 @@ def base_url(server: Server) -> str:
     return server.url
 
 
-def scrape(base_url: str) -> dict[str, float]:
-    """/metrics as {'name{label="v",...}': value}, labels in sorted order."""
-    text = httpx.get(f"{base_url}/metrics", timeout=10).text
+def samples(text: str) -> dict[str, float]:
+    """Prometheus text as {'name{label="v",...}': value}, labels in sorted order."""
     out: dict[str, float] = {}
     for family in text_string_to_metric_families(text):
         for s in family.samples:
             labels = ",".join(f'{k}="{v}"' for k, v in sorted(s.labels.items()))
             out[f"{s.name}{{{labels}}}"] = s.value
     return out
+
+
+def scrape(base_url: str) -> dict[str, float]:
+    """/metrics as samples()."""
+    return samples(httpx.get(f"{base_url}/metrics", timeout=10).text)
 
 
 def metric(samples: dict[str, float], name: str, **labels: str) -> float:

@@ -26,11 +26,11 @@ writes zeros.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
+
+from kvpilot_engine.device import sm_count
 
 _LOG2E = 1.4426950408889634
 
@@ -398,12 +398,5 @@ def _default_num_splits(
     """Enough partitions that the decode grid fills the SMs, none shorter than
     _MIN_SPLIT_TOKENS keys; depends only on Python ints, so it is stable under graph capture."""
     programs = num_seqs * num_kv_heads
-    wanted = triton.cdiv(_num_sms(device), programs)
+    wanted = triton.cdiv(sm_count(device) or _DEFAULT_NUM_SMS, programs)
     return max(1, min(wanted, max_seq_len // _MIN_SPLIT_TOKENS, _MAX_SPLITS))
-
-
-@functools.cache
-def _num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return _DEFAULT_NUM_SMS
