@@ -126,11 +126,14 @@ def test_whole_system(stack: Stack) -> None:
         stack.kubectl("apply", "-n", stack.namespace, "-f", "-", input=yaml.safe_dump(doc))
         wait_for("a canary", lambda: (status(stack).get("canary") or {}).get("phase"))
         revision = status(stack)["canary"]["revision"]
-        wait_for(
-            "the promotion",
-            lambda: (status(stack).get("canary") or {}).get("phase") == "Promoted",
-            timeout=300,
-        )
+        try:
+            wait_for(
+                "the promotion",
+                lambda: (status(stack).get("canary") or {}).get("phase") == "Promoted",
+                timeout=300,
+            )
+        except AssertionError as e:  # say where the rollout stood
+            raise AssertionError(f"{e}; status.canary: {status(stack).get('canary')}") from None
         wait_for("the new stable revision", lambda: status(stack)["stableRevision"] == revision)
 
         # 4. A shadow with the same settings agrees on every greedy request.
