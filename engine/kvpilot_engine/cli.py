@@ -11,7 +11,8 @@ from collections.abc import Sequence
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
     """Flags for every EngineArgs field: the same names `kvpilot serve` will accept."""
-    from kvpilot_engine.config import QUANTIZATIONS, EngineArgs
+    from kvpilot_engine.config import EngineArgs
+    from kvpilot_engine.contracts import QUANTIZATIONS
 
     d = EngineArgs()
     p.add_argument(
@@ -208,7 +209,7 @@ def _positive_int(value: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from kvpilot_engine.config import QUANTIZATIONS
+    from kvpilot_engine.contracts import QUANTIZATIONS
 
     parser = argparse.ArgumentParser(prog="kvpilot", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)

@@ -6,6 +6,8 @@ import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from kvpilot_engine.contracts import QUANTIZATIONS
+
 if TYPE_CHECKING:  # torch is imported where used: the CLI's parsers (and the operator) need
     import torch  # these dataclasses without it
 
@@ -190,8 +192,6 @@ def resolve_dtype(
     return names[dtype]
 
 
-# Weight storage methods (`--quantization`); the operator's CRD offers the same names.
-QUANTIZATIONS = ("none", "int8", "int4", "fp8", "gguf")
 
 
 @dataclass

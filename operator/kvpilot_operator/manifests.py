@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from kvpilot_engine.config import QUANTIZATIONS
+from kvpilot_engine.contracts import QUANTIZATIONS, is_bundled
 
 from kvpilot_operator import __version__
 from kvpilot_operator.api import API_VERSION, LLMService, LLMServiceSpec
@@ -45,13 +45,9 @@ ENGINE_SERIES = 'app_kubernetes_io_component!~"shadow|router"'
 ROUTER_SERIES = 'app_kubernetes_io_component="router"'
 MANAGED_BY = "kvpilot-operator"
 NON_ROOT_UID = 65532
-# What `kvpilot serve` of the same release implements (the operator and engine ship together).
-# What this release's engine implements (a policy may name a method an older engine lacks).
+# What this release's engine implements (a policy may name a method an older engine lacks; the
+# operator and engine ship together).
 ENGINE_QUANTIZATIONS = frozenset(QUANTIZATIONS)
-# Bundled models that are GGUF files (engine/kvpilot_engine/loader.py BUNDLED_MODELS).
-BUNDLED_GGUF = frozenset(
-    {"smollm2", "smollm2-135m-instruct", "huggingfacetb/smollm2-135m-instruct"}
-)
 
 
 class SpecError(ValueError):
@@ -204,7 +200,7 @@ def model_path(spec: LLMServiceSpec) -> str:
 
 
 def _is_gguf(path: str) -> bool:
-    return path.lower().endswith(".gguf") or path.lower() in BUNDLED_GGUF
+    return path.lower().endswith(".gguf") or is_bundled(path)  # every bundled model is a GGUF
 
 
 def serve_args(svc: LLMService, spec: LLMServiceSpec) -> list[str]:

@@ -14,7 +14,7 @@ from __future__ import annotations
 from bisect import bisect_right
 from typing import Any
 
-from kvpilot_engine.server.buckets import ITL_BUCKETS, TTFT_BUCKETS
+from kvpilot_engine.contracts import ITL_BUCKETS, TTFT_BUCKETS
 from prometheus_client import Gauge
 from prometheus_client.utils import floatToGoString
 

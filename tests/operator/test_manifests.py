@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import yaml
 from kvpilot_engine.cli import build_parser, engine_args_from
-from kvpilot_engine.config import QUANTIZATIONS
+from kvpilot_engine.contracts import QUANTIZATIONS
 from kvpilot_operator.api import LLMService, ServingPolicy
 from kvpilot_operator.crds import (
     CRD_DIRS,

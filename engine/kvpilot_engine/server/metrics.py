@@ -15,7 +15,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from kvpilot_engine.llm_engine import EngineStats
 from kvpilot_engine.outputs import RequestOutput
-from kvpilot_engine.server.buckets import (
+from kvpilot_engine.contracts import (
     ITL_BUCKETS,
     REQUEST_LATENCY_BUCKETS,
     STEP_BUCKETS,

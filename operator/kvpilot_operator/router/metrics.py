@@ -1,6 +1,6 @@
 """The router's Prometheus metrics, in a registry of its own.
 
-Latency buckets are the engine's (`kvpilot_engine.server.buckets`), so the router's client-side
+Latency buckets are the engine's (`kvpilot_engine.contracts`), so the router's client-side
 TTFT and the engine's TTFT can be read against the same SLO edges. Shadow traffic has metrics of
 its own and never touches the user-facing ones: the autoscaler scales the primary on those.
 """
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from kvpilot_engine.server.buckets import ITL_BUCKETS, REQUEST_LATENCY_BUCKETS, TTFT_BUCKETS
+from kvpilot_engine.contracts import ITL_BUCKETS, REQUEST_LATENCY_BUCKETS, TTFT_BUCKETS
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 OVERLAP_BUCKETS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
