@@ -16,8 +16,8 @@ def cmd_operator(ns: argparse.Namespace) -> int:
     from prometheus_client import start_http_server
 
     from kvpilot_operator import handlers
-    from kvpilot_operator.kube import Kube
-    from kvpilot_operator.manifests import RenderOptions
+    from kvpilot_operator.controller.kube import Kube
+    from kvpilot_operator.controller.manifests import RenderOptions
 
     if ns.kubeconfig:
         os.environ["KUBECONFIG"] = ns.kubeconfig
@@ -32,12 +32,12 @@ def cmd_operator(ns: argparse.Namespace) -> int:
         router_image=ns.router_image,
         pdb_api_version=kube.pdb_api_version(),
     )
-    from kvpilot_operator.observe import PrometheusSource
-    from kvpilot_operator.rollout import RolloutController
+    from kvpilot_operator.observability.prometheus import PrometheusSource
+    from kvpilot_operator.rollout.controller import RolloutController
 
     source = None
     if ns.prometheus_url:
-        from kvpilot_operator.autoscaler import Autoscaler
+        from kvpilot_operator.autoscaler.loop import Autoscaler
 
         source = PrometheusSource(ns.prometheus_url, ns.prometheus_selector)
         handlers.State.autoscaler = Autoscaler(
@@ -66,7 +66,7 @@ def cmd_operator(ns: argparse.Namespace) -> int:
 
 
 def cmd_up(ns: argparse.Namespace) -> int:
-    from kvpilot_operator import stack
+    from kvpilot_operator.local import stack
 
     workdir = Path(ns.workdir) if ns.workdir else stack.default_workdir()
     sample = None if ns.no_sample else (Path(ns.file) if ns.file else stack.SAMPLE)
@@ -76,13 +76,13 @@ def cmd_up(ns: argparse.Namespace) -> int:
 
 
 def cmd_down(ns: argparse.Namespace) -> int:
-    from kvpilot_operator import stack
+    from kvpilot_operator.local import stack
 
     return stack.down(Path(ns.workdir) if ns.workdir else stack.default_workdir())
 
 
 def cmd_observability(ns: argparse.Namespace) -> int:
-    from kvpilot_operator.observability import write
+    from kvpilot_operator.observability.files import write
 
     stale = write(check=ns.check)
     for path in stale:
@@ -94,7 +94,7 @@ def cmd_observability(ns: argparse.Namespace) -> int:
 
 
 def cmd_crds(ns: argparse.Namespace) -> int:
-    from kvpilot_operator.crds import (
+    from kvpilot_operator.api.crds import (
         CRD_DIRS,
         REFERENCE,
         reference_markdown,
@@ -104,6 +104,9 @@ def cmd_crds(ns: argparse.Namespace) -> int:
 
     dirs = tuple(Path(d) for d in ns.out) if ns.out else CRD_DIRS
     reference = None if ns.out else REFERENCE
+    if not ns.check and not ns.out and REFERENCE is None:
+        print("error: outside a checkout, pass --out DIR to write the CRDs", file=sys.stderr)
+        return 2
     if ns.check:
         stale = [
             str(d / name)
@@ -125,10 +128,9 @@ def cmd_render(ns: argparse.Namespace) -> int:
     import yaml
     from pydantic import ValidationError
 
-    from kvpilot_operator.api import ServingPolicy
-    from kvpilot_operator.manifests import RenderOptions, SpecError, render
-    from kvpilot_operator.policy import load_presets, resolve_spec
-    from kvpilot_operator.reconcile import parse, validation_message
+    from kvpilot_operator.api.policies import load_presets, parse, resolve_spec, validation_message
+    from kvpilot_operator.api.types import ServingPolicy
+    from kvpilot_operator.controller.manifests import RenderOptions, SpecError, render
 
     text = sys.stdin.read() if ns.file == "-" else Path(ns.file).read_text()
     docs: list[dict[str, Any]] = [d for d in yaml.safe_load_all(text) if d]
@@ -176,24 +178,23 @@ def cmd_render(ns: argparse.Namespace) -> int:
 
 
 def cmd_cluster(ns: argparse.Namespace) -> int:
-    from kvpilot_operator import localcluster
+    from kvpilot_operator.local import cluster
 
-    return localcluster.main([ns.action])
+    return cluster.main([ns.action])
 
 
 def cmd_bench_operator(ns: argparse.Namespace) -> int:
-    from kvpilot_operator import bench_operator
+    from kvpilot_operator.local import bench
 
-    return bench_operator.main(ns)
+    return bench.main(ns)
 
 
 def _simulation_params(ns: argparse.Namespace) -> Any:
     """The resolved scaling policy: an LLMService file (with its policy), else a preset."""
     import yaml
 
-    from kvpilot_operator.policy import load_presets, resolve_spec
-    from kvpilot_operator.reconcile import parse
-    from kvpilot_operator.scaling import ScalingParams
+    from kvpilot_operator.api.policies import load_presets, parse, resolve_spec
+    from kvpilot_operator.autoscaler.decision import ScalingParams
 
     presets = {name: p.spec for name, p in load_presets().items()}
     if ns.file:
@@ -221,7 +222,7 @@ def _simulation_params(ns: argparse.Namespace) -> Any:
 def cmd_autoscale_simulate(ns: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
-    from kvpilot_operator import simulate as sim
+    from kvpilot_operator.autoscaler import simulate as sim
 
     try:
         params = _simulation_params(ns)
@@ -262,11 +263,8 @@ def cmd_autoscale_simulate(ns: argparse.Namespace) -> int:
 
 
 def add_commands(sub: Any, bench: Any) -> None:
-    from kvpilot_operator.manifests import (
-        DEFAULT_ENGINE_IMAGE,
-        DEFAULT_ROUTER_IMAGE,
-        PROMETHEUS_SELECTOR,
-    )
+    from kvpilot_operator.api.names import PROMETHEUS_SELECTOR
+    from kvpilot_operator.controller.manifests import DEFAULT_ENGINE_IMAGE, DEFAULT_ROUTER_IMAGE
 
     o = sub.add_parser("operator", help="run the kopf operator (LLMService -> engine pods)")
     o.add_argument("--namespace", action="append", help="watch only this namespace (repeat)")

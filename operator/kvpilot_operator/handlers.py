@@ -19,13 +19,14 @@ from typing import Any
 
 import kopf
 
-from kvpilot_operator import slometrics
-from kvpilot_operator.api import GROUP, VERSION
-from kvpilot_operator.autoscaler import Autoscaler
-from kvpilot_operator.kube import Kube
-from kvpilot_operator.manifests import MANAGED_BY, SERVICE_LABEL, RenderOptions, engine_name
-from kvpilot_operator.reconcile import Outcome, reconcile
-from kvpilot_operator.rollout import RolloutController
+from kvpilot_operator.api.names import MANAGED_BY, SERVICE_LABEL, engine_name
+from kvpilot_operator.api.types import GROUP, VERSION
+from kvpilot_operator.autoscaler.loop import Autoscaler
+from kvpilot_operator.controller.kube import Kube
+from kvpilot_operator.controller.manifests import RenderOptions
+from kvpilot_operator.controller.reconcile import Outcome, reconcile
+from kvpilot_operator.observability import slo_series
+from kvpilot_operator.rollout.controller import RolloutController
 
 OWNED = {"app.kubernetes.io/managed-by": MANAGED_BY}
 
@@ -72,7 +73,7 @@ def _reconcile_body(body: dict[str, Any], **kwargs: Any) -> Outcome:
         if live is not None:
             body = {**body, "status": live.get("status")}
         out = reconcile(State.kube, body, State.opts, **kwargs)
-    slometrics.export(meta["namespace"], meta["name"], out.spec)
+    slo_series.export(meta["namespace"], meta["name"], out.spec)
     _report(body, out)
     if out.problem is not None and out.problem.reason == "ApplyFailed":
         # Transient (API server, admission, quota): retry with back-off, never crash.
@@ -94,7 +95,7 @@ def on_llmservice(body: kopf.Body, **_: Any) -> None:
 
 @kopf.on.delete(GROUP, VERSION, "llmservices", optional=True)
 def on_llmservice_deleted(namespace: str, name: str, **_: Any) -> None:
-    slometrics.forget(namespace, name)  # the owned objects go with it (garbage collector)
+    slo_series.forget(namespace, name)  # the owned objects go with it (garbage collector)
 
 
 def _autoscaling(**_: Any) -> bool:

@@ -18,8 +18,8 @@ from typing import Any
 
 import pytest
 import yaml
-from kvpilot_operator.observability import dashboard_queries
-from kvpilot_operator.stack import Stack
+from kvpilot_operator.local.stack import Stack
+from kvpilot_operator.observability.dashboard import dashboard_queries
 
 from tests.operator.test_operator import wait_for
 from tests.operator.test_rollout_cluster import Users

@@ -13,7 +13,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from kvpilot_operator.stack import STACK_ENV
+from kvpilot_operator.local.stack import STACK_ENV
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 

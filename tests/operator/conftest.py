@@ -6,8 +6,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-from kvpilot_operator.localcluster import LocalCluster, ensure_binaries
-from kvpilot_operator.localprom import LocalPrometheus
+from kvpilot_operator.local.cluster import LocalCluster, ensure_binaries
+from kvpilot_operator.local.prometheus import LocalPrometheus
 
 
 @pytest.fixture(scope="session")

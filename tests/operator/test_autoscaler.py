@@ -20,8 +20,9 @@ from typing import Any
 
 import pytest
 from kvpilot_engine.server.metrics import ServerMetrics
-from kvpilot_operator.localcluster import LocalCluster, free_ports
-from kvpilot_operator.localprom import LocalPrometheus
+from kvpilot_operator.local.cluster import LocalCluster
+from kvpilot_operator.local.procs import free_ports
+from kvpilot_operator.local.prometheus import LocalPrometheus
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from tests.operator.test_operator import (

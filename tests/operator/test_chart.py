@@ -29,7 +29,7 @@ import pytest
 import yaml
 
 if TYPE_CHECKING:
-    from kvpilot_operator.localcluster import LocalCluster
+    from kvpilot_operator.local.cluster import LocalCluster
 
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "charts" / "kvpilot"
@@ -52,7 +52,7 @@ Doc = dict[str, Any]
 
 
 def cache_dir() -> Path:
-    # Same cache as kvpilot_operator.localcluster, without importing it for a path.
+    # Same cache as kvpilot_operator.local.cluster, without importing it for a path.
     return Path(os.environ.get("KVPILOT_CACHE") or Path.home() / ".cache" / "kvpilot")
 
 

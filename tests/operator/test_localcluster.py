@@ -8,7 +8,7 @@ import os
 import time
 from collections.abc import Callable
 
-from kvpilot_operator.localcluster import LocalCluster
+from kvpilot_operator.local.cluster import LocalCluster
 
 
 def wait_for(what: str, cond: Callable[[], bool], timeout_s: float = 30.0) -> None:

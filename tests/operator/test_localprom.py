@@ -10,8 +10,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from kvpilot_operator.localcluster import free_ports
-from kvpilot_operator.localprom import (
+from kvpilot_operator.local.procs import free_ports
+from kvpilot_operator.local.prometheus import (
     PROMETHEUS_VERSION,
     LocalPrometheus,
     PrometheusQueryError,

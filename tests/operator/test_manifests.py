@@ -14,22 +14,17 @@ import pytest
 import yaml
 from kvpilot_engine.cli import build_parser, engine_args_from
 from kvpilot_engine.contracts import QUANTIZATIONS
-from kvpilot_operator.api import LLMService, ServingPolicy
-from kvpilot_operator.crds import (
+from kvpilot_operator.api.crds import (
     CRD_DIRS,
     REFERENCE,
     llmservice_crd,
     reference_markdown,
     render_crds,
 )
-from kvpilot_operator.manifests import (
-    RenderOptions,
-    SpecError,
-    desired_replicas,
-    render,
-    selector_string,
-)
-from kvpilot_operator.policy import BUILTIN_DEFAULTS, load_presets, resolve_spec
+from kvpilot_operator.api.names import selector_string
+from kvpilot_operator.api.policies import BUILTIN_DEFAULTS, load_presets, resolve_spec
+from kvpilot_operator.api.types import LLMService, ServingPolicy
+from kvpilot_operator.controller.manifests import RenderOptions, SpecError, desired_replicas, render
 from pydantic import ValidationError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -358,7 +353,8 @@ def test_control_plane_commands_never_import_torch() -> None:
         "import sys\n"
         "from kvpilot_engine.cli import build_parser\n"
         "build_parser().parse_args(['render', '-f', 'x'])\n"
-        "import kvpilot_operator.handlers, kvpilot_operator.reconcile, kvpilot_operator.crds\n"
+        "import kvpilot_operator.handlers, kvpilot_operator.controller.reconcile\n"
+        "import kvpilot_operator.api.crds\n"
         "assert 'torch' not in sys.modules, 'torch imported'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)

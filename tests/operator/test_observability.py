@@ -11,18 +11,13 @@ from pathlib import Path
 
 import pytest
 import yaml
-from kvpilot_operator.api import LLMService
-from kvpilot_operator.localprom import LocalPrometheus, ensure_prometheus
-from kvpilot_operator.observability import (
-    DASHBOARD_PATH,
-    RULES_PATH,
-    dashboard,
-    dashboard_queries,
-    rules,
-    write,
-)
-from kvpilot_operator.policy import resolve_spec
-from kvpilot_operator.slometrics import THRESHOLD, bucket_edge, export, slo_points
+from kvpilot_operator.api.policies import resolve_spec
+from kvpilot_operator.api.types import LLMService
+from kvpilot_operator.local.prometheus import LocalPrometheus, ensure_prometheus
+from kvpilot_operator.observability.dashboard import dashboard, dashboard_queries
+from kvpilot_operator.observability.files import DASHBOARD_PATH, RULES_PATH, write
+from kvpilot_operator.observability.rules import rules
+from kvpilot_operator.observability.slo_series import THRESHOLD, bucket_edge, export, slo_points
 from prometheus_client import REGISTRY
 
 from tests.operator.test_chart import helm, one, template  # noqa: F401 (fixture)

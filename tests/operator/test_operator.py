@@ -20,8 +20,8 @@ from typing import Any, TypeVar
 
 import pytest
 import yaml
-from kvpilot_operator.localcluster import LocalCluster
-from kvpilot_operator.status import find_condition
+from kvpilot_operator.controller.status import find_condition
+from kvpilot_operator.local.cluster import LocalCluster
 
 ROOT = Path(__file__).resolve().parents[2]
 T = TypeVar("T")

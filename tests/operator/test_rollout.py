@@ -6,20 +6,12 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
-from kvpilot_operator.api import CanaryAnalysis, CanarySpec, CanaryStatus, LLMService
-from kvpilot_operator.manifests import (
-    ENGINE_SERIES,
-    REVISION_LABEL,
-    ROUTES_KEY,
-    Plan,
-    RenderOptions,
-    render,
-    revision_of,
-    routes,
-)
-from kvpilot_operator.policy import resolve_spec
-from kvpilot_operator.reconcile import plan_rollout
-from kvpilot_operator.rollout import advance_canary, judge, shadow_condition, stable_runs
+from kvpilot_operator.api.names import ENGINE_SERIES, REVISION_LABEL, ROUTES_KEY
+from kvpilot_operator.api.policies import resolve_spec
+from kvpilot_operator.api.types import CanaryAnalysis, CanarySpec, CanaryStatus, LLMService
+from kvpilot_operator.controller.manifests import Plan, RenderOptions, render, revision_of, routes
+from kvpilot_operator.rollout.canary import advance_canary, judge, shadow_condition, stable_runs
+from kvpilot_operator.rollout.plan import plan_rollout
 
 T0 = dt.datetime(2026, 12, 1, 12, 0, 0, tzinfo=dt.timezone.utc)
 STAMP = "2026-12-01T12:00:00Z"
@@ -283,7 +275,7 @@ def test_stable_runs_only_when_rolled_out_on_the_revision() -> None:
 
 
 def test_shadow_condition() -> None:
-    from kvpilot_operator.api import ShadowStatus
+    from kvpilot_operator.api.types import ShadowStatus
 
     ok = ShadowStatus(revision="x", mirrored=40, errors=1, greedy_agreement=1.0)
     assert shadow_condition(ok, None)["status"] == "True"
@@ -296,15 +288,15 @@ def test_shadow_condition() -> None:
 
 
 def test_a_canary_whose_rollout_block_is_removed_leaves_no_stale_status() -> None:
-    from kvpilot_operator.reconcile import _abandoned
-    from kvpilot_operator.status import status_patch
+    from kvpilot_operator.controller.status import status_patch
+    from kvpilot_operator.rollout.plan import abandoned
 
     in_flight = {"canary": progressing().model_dump(mode="json", by_alias=True)}
     without = resolve_spec(service().spec, None)
-    assert _abandoned(without, in_flight)
-    assert not _abandoned(resolve_spec(service(rollout=CANARY).spec, None), in_flight)
+    assert abandoned(without, in_flight)
+    assert not abandoned(resolve_spec(service(rollout=CANARY).spec, None), in_flight)
     done = {"canary": {**in_flight["canary"], "phase": "Promoted"}}
-    assert not _abandoned(without, done)  # history of a finished canary stays
+    assert not abandoned(without, done)  # history of a finished canary stays
     patch = status_patch(
         in_flight,
         deployment=None,

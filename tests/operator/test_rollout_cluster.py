@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from kvpilot_operator.localcluster import LocalCluster
-from kvpilot_operator.localprom import LocalPrometheus
-from kvpilot_operator.nodeagent import NodeAgent
+from kvpilot_operator.local.cluster import LocalCluster
+from kvpilot_operator.local.nodeagent import NodeAgent
+from kvpilot_operator.local.prometheus import LocalPrometheus
 
 from tests.operator.test_autoscaler import events
 from tests.operator.test_operator import (
@@ -306,7 +306,7 @@ def test_identical_shadow_agrees_and_never_counts_as_an_engine(
     assert len(selected) == 1 and "shadow" not in selected[0]
     # ...and not in the series the autoscaler reads, with every pod scraped as the
     # kubernetes-pods job would (pod labels mapped to Prometheus labels).
-    from kvpilot_operator.manifests import ENGINE_SERIES, PROMETHEUS_SELECTOR
+    from kvpilot_operator.api.names import ENGINE_SERIES, PROMETHEUS_SELECTOR
 
     targets = []
     for component in ("router", "engine", "shadow"):

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 from kubernetes import client, config
-from kvpilot_operator.localcluster import LocalCluster
+from kvpilot_operator.local.cluster import LocalCluster
 from kvpilot_operator.router.config import Endpoint, Revision, Shadow
 from kvpilot_operator.router.discovery import KubernetesSource
 

@@ -1,5 +1,5 @@
 """The autoscaler's decision function on synthetic series: the queueing model of
-`kvpilot_operator.simulate` generates what Prometheus would show, `decide` acts on it."""
+`kvpilot_operator.autoscaler.simulate` generates what Prometheus would show, `decide` acts on it."""
 
 from __future__ import annotations
 
@@ -11,9 +11,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from kvpilot_operator.policy import load_presets, resolve_spec
-from kvpilot_operator.reconcile import parse
-from kvpilot_operator.scaling import (
+from kvpilot_operator.api.policies import load_presets, parse, resolve_spec
+from kvpilot_operator.autoscaler.decision import (
     Observation,
     ScalerState,
     ScalingParams,
@@ -22,7 +21,7 @@ from kvpilot_operator.scaling import (
     decide,
     fit_step_model,
 )
-from kvpilot_operator.simulate import EngineModel, LoadPoint, simulate
+from kvpilot_operator.autoscaler.simulate import EngineModel, LoadPoint, simulate
 
 ROOT = Path(__file__).resolve().parents[2]
 ENGINE = EngineModel(overhead=0.010, per_token=0.0001, max_tokens_per_step=2048, cold_start=60)

@@ -1,17 +1,21 @@
 """Resolve an LLMService's effective spec: built-in defaults < its ServingPolicy < its own fields.
 
-Pure functions over the pydantic models; the operator, `kvpilot render` and the autoscaler all
-call `resolve_spec`, so the three always agree on what a service means.
+Pure functions over the pydantic models (the policy is fetched by a function the caller passes).
+The reconcile, the autoscaler and the rollout controller call `resolve`, and `kvpilot render`
+calls `resolve_spec` over the presets, so all of them agree on what a service means.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import yaml
+from pydantic import ValidationError
 
-from kvpilot_operator.api import LLMServiceSpec, ServingPolicy, ServingPolicySpec
+from kvpilot_operator.api.types import LLMService, LLMServiceSpec, ServingPolicy, ServingPolicySpec
+from kvpilot_operator.packaged import packaged
 
 # What a service gets when neither it nor its policy says otherwise. Engine knobs are left to the
 # engine's own defaults (so `kvpilot serve` and the operator cannot drift apart).
@@ -40,7 +44,7 @@ BUILTIN_DEFAULTS: dict[str, Any] = {
     },
 }
 
-POLICIES_DIR = Path(__file__).resolve().parents[2] / "policies"
+POLICIES_DIR = packaged("policies")
 
 
 def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
@@ -72,3 +76,55 @@ def load_presets(directory: Path = POLICIES_DIR) -> dict[str, ServingPolicy]:
         policy = ServingPolicy.model_validate(yaml.safe_load(path.read_text()))
         presets[policy.metadata.name] = policy
     return presets
+
+
+def validation_message(err: ValidationError, prefix: str) -> str:
+    """The first error of `err` with its field path (`LLMService.spec.x.y: ...`)."""
+    first = err.errors()[0]
+    where = ".".join(str(p) for p in (prefix, *first["loc"]))
+    more = f" (and {err.error_count() - 1} more)" if err.error_count() > 1 else ""
+    return f"{where}: {first['msg']}{more}"
+
+
+def parse(body: dict[str, Any]) -> LLMService:
+    """An LLMService object as the API server returns it (status is not the spec's business)."""
+    return LLMService.model_validate({k: v for k, v in body.items() if k != "status"})
+
+
+class Unresolved(Exception):
+    """Why a body has no effective spec; `reason` is the status condition's reason."""
+
+    def __init__(self, reason: str, message: str, service: LLMService | None = None) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+        self.service = service
+
+
+def resolve(
+    body: dict[str, Any], get_policy: Callable[[str], dict[str, Any] | None]
+) -> tuple[LLMService, LLMServiceSpec]:
+    """An LLMService body -> (the service, its effective spec), fetching the ServingPolicy it
+    names with `get_policy` (a policy body, or None when there is none). Raises `Unresolved`
+    (InvalidSpec, PolicyNotFound or InvalidPolicy) with a message that names the field."""
+    try:
+        svc = parse(body)
+    except ValidationError as err:
+        raise Unresolved("InvalidSpec", validation_message(err, "LLMService")) from err
+    policy = None
+    if svc.spec.policy:
+        policy_body = get_policy(svc.spec.policy)
+        if policy_body is None:
+            message = f"ServingPolicy {svc.spec.policy!r} does not exist"
+            raise Unresolved("PolicyNotFound", message, svc)
+        try:
+            policy = ServingPolicy.model_validate(
+                {k: v for k, v in policy_body.items() if k != "status"}
+            ).spec
+        except ValidationError as err:
+            where = f"ServingPolicy {svc.spec.policy}"
+            raise Unresolved("InvalidPolicy", validation_message(err, where), svc) from err
+    try:
+        return svc, resolve_spec(svc.spec, policy)
+    except ValidationError as err:
+        raise Unresolved("InvalidSpec", str(err), svc) from err

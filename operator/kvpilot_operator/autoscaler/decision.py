@@ -25,7 +25,7 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 
-from kvpilot_operator.api import LLMServiceSpec
+from kvpilot_operator.api.types import LLMServiceSpec
 
 # Points of the step-time fit kept (one per evaluation); older load levels still inform the slope.
 MAX_FIT_POINTS = 240

@@ -20,21 +20,20 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from prometheus_client import Counter, Gauge
-from pydantic import ValidationError
 
-from kvpilot_operator.api import LLMService, ServingPolicy
-from kvpilot_operator.kube import Kube
-from kvpilot_operator.manifests import desired_replicas, engine_name
-from kvpilot_operator.observe import PrometheusSource, SLOFigures
-from kvpilot_operator.policy import resolve_spec
-from kvpilot_operator.scaling import (
+from kvpilot_operator.api.names import engine_name
+from kvpilot_operator.api.policies import Unresolved, resolve
+from kvpilot_operator.autoscaler.decision import (
     Decision,
     ScalerState,
     ScalingParams,
     decide,
     slo_condition,
 )
-from kvpilot_operator.status import condition, merge_conditions, now_iso, strip_times
+from kvpilot_operator.controller.kube import Kube
+from kvpilot_operator.controller.manifests import desired_replicas
+from kvpilot_operator.controller.status import condition, merge_conditions, now_iso, strip_times
+from kvpilot_operator.observability.prometheus import PrometheusSource, SLOFigures
 
 log = logging.getLogger("kvpilot.autoscaler")
 
@@ -145,19 +144,10 @@ class Autoscaler:
 
     def _resolve(self, body: dict[str, Any]) -> tuple[Any, ScalingParams] | None:
         try:
-            svc = LLMService.model_validate({k: v for k, v in body.items() if k != "status"})
-            policy = None
-            if svc.spec.policy:
-                policy_body = self.kube.get_policy(svc.spec.policy)
-                if policy_body is None:
-                    return None
-                policy = ServingPolicy.model_validate(
-                    {k: v for k, v in policy_body.items() if k != "status"}
-                ).spec
-            spec = resolve_spec(svc.spec, policy)
-            return spec, ScalingParams.from_spec(spec)
-        except ValidationError:
-            return None
+            _, spec = resolve(body, self.kube.get_policy)
+        except Unresolved:
+            return None  # the reconcile reports why
+        return spec, ScalingParams.from_spec(spec)
 
     def _record(
         self,

@@ -20,7 +20,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kvpilot_operator.scaling import (
+from kvpilot_operator.autoscaler.decision import (
     Decision,
     Observation,
     ScalerState,

@@ -13,7 +13,7 @@ from kubernetes import dynamic
 from kubernetes.client import ApiClient
 from kubernetes.dynamic.exceptions import NotFoundError, ResourceNotFoundError
 
-from kvpilot_operator.api import API_VERSION
+from kvpilot_operator.api.types import API_VERSION
 
 FIELD_MANAGER = "kvpilot-operator"
 

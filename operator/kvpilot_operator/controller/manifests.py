@@ -15,35 +15,25 @@ from typing import Any
 from kvpilot_engine.contracts import QUANTIZATIONS, is_bundled
 
 from kvpilot_operator import __version__
-from kvpilot_operator.api import API_VERSION, LLMService, LLMServiceSpec
+from kvpilot_operator.api.names import (
+    ENGINE_PORT,
+    REVISION_LABEL,
+    ROUTER_PORT,
+    ROUTES_KEY,
+    SPEC_ANNOTATION,
+    TRACK_LABEL,
+    common_labels,
+    engine_name,
+    router_name,
+    selector_labels,
+)
+from kvpilot_operator.api.types import API_VERSION, LLMService, LLMServiceSpec
 
-ENGINE_PORT = 8000
-ROUTER_PORT = 8000
 MODELS_MOUNT = "/models"
 DEFAULT_ENGINE_IMAGE = f"kvpilot/engine:{__version__}"
 # The router ships in the operator's image (no torch in it).
 DEFAULT_ROUTER_IMAGE = f"kvpilot/operator:{__version__}"
 DEFAULT_DRAIN_SECONDS = 30  # `kvpilot serve --drain-timeout` default
-SERVICE_LABEL = "kvpilot.io/llmservice"
-COMPONENT_LABEL = "app.kubernetes.io/component"
-# Revision: a hash of everything that makes an engine pod serve differently (model, engine
-# flags, quantization, image, resources). The router weighs traffic by it.
-REVISION_LABEL = "kvpilot.io/revision"
-# Track: which engine Deployment a pod belongs to (stable, canary); in the Deployment selectors,
-# so that two Deployments of one service never select each other's pods.
-TRACK_LABEL = "kvpilot.io/track"
-# The resolved spec a Deployment's pods run, so that the stable revision can be rendered again
-# while the LLMService's spec already describes the canary.
-SPEC_ANNOTATION = "kvpilot.io/serving-spec"
-ROUTES_KEY = "routes.json"  # the router's ConfigMap entry
-# How Prometheus queries find one service's series: the labels a standard `kubernetes-pods`
-# scrape job (labelmap of pod labels, plus `namespace`) gives them. Engines, routers and shadows
-# all match it; queries add ENGINE_SERIES or ROUTER_SERIES.
-PROMETHEUS_SELECTOR = 'namespace="{namespace}",kvpilot_io_llmservice="{name}"'
-# Series of the engines that serve users: the shadow's never count in the autoscaler's signals.
-ENGINE_SERIES = 'app_kubernetes_io_component!~"shadow|router"'
-ROUTER_SERIES = 'app_kubernetes_io_component="router"'
-MANAGED_BY = "kvpilot-operator"
 NON_ROOT_UID = 65532
 # What this release's engine implements (a policy may name a method an older engine lacks; the
 # operator and engine ship together).
@@ -60,35 +50,6 @@ class RenderOptions:
     router_image: str = DEFAULT_ROUTER_IMAGE
     pdb_api_version: str = "policy/v1"  # policy/v1beta1 on clusters older than 1.21
     cluster_domain: str = "cluster.local"
-
-
-def engine_name(service: str, track: str = "stable") -> str:
-    """`<service>-engine` (stable), `<service>-engine-canary`, `<service>-engine-shadow`."""
-    return f"{service}-engine" if track == "stable" else f"{service}-engine-{track}"
-
-
-def router_name(service: str) -> str:
-    return f"{service}-router"
-
-
-def selector_labels(service: str, component: str = "engine") -> dict[str, str]:
-    return {SERVICE_LABEL: service, COMPONENT_LABEL: component}
-
-
-def selector_string(service: str) -> str:
-    """The scale subresource's selector: every engine that serves users (stable and canary)."""
-    return ",".join(f"{k}={v}" for k, v in selector_labels(service).items())
-
-
-def common_labels(service: str, component: str = "engine") -> dict[str, str]:
-    return {
-        "app.kubernetes.io/name": "kvpilot-router" if component == "router" else "kvpilot-engine",
-        "app.kubernetes.io/instance": service,
-        COMPONENT_LABEL: component,
-        "app.kubernetes.io/part-of": "kvpilot",
-        "app.kubernetes.io/managed-by": MANAGED_BY,
-        SERVICE_LABEL: service,
-    }
 
 
 def revision_of(svc: LLMService, spec: LLMServiceSpec, salt: str = "") -> str:

@@ -19,9 +19,8 @@ from typing import Any
 import yaml
 from tqdm import tqdm
 
-from kvpilot_operator.localcluster import LocalCluster, ensure_binaries
-
-ROOT = Path(__file__).resolve().parents[2]
+from kvpilot_operator.local.cluster import LocalCluster, ensure_binaries
+from kvpilot_operator.packaged import packaged
 
 
 def _rss_kib(pid: int) -> tuple[int, int]:
@@ -76,11 +75,11 @@ def _reconciled(cluster: LocalCluster, namespace: str) -> int:
 def run(n: int, timeout: float) -> dict[str, Any]:
     ensure_binaries()
     with LocalCluster() as cluster, tempfile.TemporaryDirectory() as tmp:
-        cluster.kubectl("apply", "-f", str(ROOT / "crds"))
+        cluster.kubectl("apply", "-f", str(packaged("crds")))
         cluster.kubectl(
             "wait", "--for=condition=Established", "--timeout=60s", "crd/llmservices.kvpilot.io"
         )
-        cluster.kubectl("apply", "-f", str(ROOT / "policies"))
+        cluster.kubectl("apply", "-f", str(packaged("policies")))
         cluster.kubectl("create", "namespace", "bench")
         log = Path(tmp) / "operator.log"
         with log.open("wb") as out:

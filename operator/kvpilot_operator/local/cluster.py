@@ -5,28 +5,21 @@ cluster. There is no kubelet: pods are scheduled nowhere and stay Pending.
     with LocalCluster() as c:
         c.kubectl("apply", "-f", "-", input=manifest)
 
-`python -m kvpilot_operator.localcluster up` starts one and keeps it running until interrupted.
+`python -m kvpilot_operator.local.cluster up` starts one and keeps it running until interrupted.
 """
 
 from __future__ import annotations
 
 import argparse
 import atexit
-import base64
-import contextlib
-import ctypes
-import datetime
 import fcntl
-import ipaddress
 import json
 import os
 import shutil
 import signal
-import socket
 import ssl
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import urllib.error
@@ -35,23 +28,28 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from kvpilot_operator.local.pki import generate_pki, kubeconfig
+from kvpilot_operator.local.procs import (
+    STOP_GRACE_S,
+    cache_dir,
+    child_setup_factory,
+    free_ports,
+    run_until_signalled,
+    scratch_dir,
+    signal_group,
+)
 
 if TYPE_CHECKING:
     # Imported where used: the rest of the module (kube_bin_dir, ensure_binaries) works without it.
-    from cryptography import x509
-    from cryptography.hazmat.primitives.asymmetric import ec
+    pass
 
 KUBE_VERSION = "1.20.2"
 BINARIES = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubectl")
 SERVICE_CIDR = "10.96.0.0/16"
 SERVICE_ACCOUNT_ISSUER = "https://kubernetes.default.svc"
 DEFAULT_START_TIMEOUT_S = 120.0
-STOP_GRACE_S = 5.0
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("KVPILOT_CACHE") or Path.home() / ".cache" / "kvpilot")
 
 
 def kube_bin_dir() -> Path:
@@ -64,14 +62,6 @@ def kube_bin_dir() -> Path:
 
 def missing_binaries(bin_dir: Path, names: Sequence[str] = BINARIES) -> list[str]:
     return [b for b in names if not os.access(bin_dir / b, os.X_OK)]
-
-
-def scratch_dir(prefix: str) -> Path:
-    """A fresh directory on tmpfs when there is one (etcd fsyncs every write, and nothing in it
-    needs to outlive the machine)."""
-    shm = Path("/dev/shm")
-    base = shm if shm.is_dir() and os.access(shm, os.W_OK) else None
-    return Path(tempfile.mkdtemp(prefix=prefix, dir=base))
 
 
 def ensure_binaries(progress: bool = True) -> Path:
@@ -107,248 +97,6 @@ def ensure_binaries(progress: bool = True) -> Path:
     if missing:
         raise RuntimeError(f"{bin_dir} lacks {', '.join(missing)} after running {script}")
     return bin_dir
-
-
-def free_ports(n: int) -> list[int]:
-    """n distinct free loopback ports. The sockets stay open until all are picked, so the kernel
-    cannot hand out the same port twice within one cluster."""
-    socks: list[socket.socket] = []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
-# --- PKI ---------------------------------------------------------------------------------------
-
-
-@dataclass
-class _CertKey:
-    cert_pem: bytes
-    key_pem: bytes
-
-
-@dataclass
-class _CA:
-    name: x509.Name
-    key: ec.EllipticCurvePrivateKey
-    pair: _CertKey
-
-
-def _generate_pki(pki: Path) -> dict[str, Path]:
-    """A CA, the apiserver's serving cert, client certs and the service-account key pair, written
-    under pki/. Returns the paths by role."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec, rsa
-    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-
-    now = datetime.datetime.now(datetime.timezone.utc)
-    # Backdated so a little clock skew between the processes cannot make a cert "not yet valid".
-    not_before = now - datetime.timedelta(hours=1)
-    not_after = now + datetime.timedelta(days=365)
-
-    def key_pem(key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey) -> bytes:
-        return key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-
-    def name(cn: str, org: str | None = None) -> x509.Name:
-        attrs = [x509.NameAttribute(NameOID.COMMON_NAME, cn)]
-        if org:
-            attrs.append(x509.NameAttribute(NameOID.ORGANIZATION_NAME, org))
-        return x509.Name(attrs)
-
-    def key_usage(*, ca: bool) -> x509.KeyUsage:
-        return x509.KeyUsage(
-            digital_signature=True,
-            content_commitment=False,
-            key_encipherment=False,
-            data_encipherment=False,
-            key_agreement=False,
-            key_cert_sign=ca,
-            crl_sign=ca,
-            encipher_only=False,
-            decipher_only=False,
-        )
-
-    def make_ca(cn: str) -> _CA:
-        # P-256 keys: generated in microseconds where RSA takes tens of milliseconds each.
-        key = ec.generate_private_key(ec.SECP256R1())
-        subject = name(cn)
-        cert = (
-            x509.CertificateBuilder()
-            .subject_name(subject)
-            .issuer_name(subject)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(not_before)
-            .not_valid_after(not_after)
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .add_extension(key_usage(ca=True), critical=True)
-            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), False)
-            .sign(key, hashes.SHA256())
-        )
-        return _CA(
-            subject, key, _CertKey(cert.public_bytes(serialization.Encoding.PEM), key_pem(key))
-        )
-
-    def leaf(
-        ca: _CA,
-        subject: x509.Name,
-        *,
-        server: bool = False,
-        dns: Sequence[str] = (),
-        ips: Sequence[str] = (),
-    ) -> _CertKey:
-        key = ec.generate_private_key(ec.SECP256R1())
-        usage = ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH
-        builder = (
-            x509.CertificateBuilder()
-            .subject_name(subject)
-            .issuer_name(ca.name)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(not_before)
-            .not_valid_after(not_after)
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(key_usage(ca=False), critical=True)
-            .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
-            .add_extension(
-                x509.AuthorityKeyIdentifier.from_issuer_public_key(ca.key.public_key()), False
-            )
-        )
-        if dns or ips:
-            sans: list[x509.GeneralName] = [x509.DNSName(d) for d in dns]
-            sans += [x509.IPAddress(ipaddress.ip_address(i)) for i in ips]
-            builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
-        cert = builder.sign(ca.key, hashes.SHA256())
-        return _CertKey(cert.public_bytes(serialization.Encoding.PEM), key_pem(key))
-
-    ca = make_ca("kvpilot-local-ca")
-    # The aggregation layer's own CA, as kubeadm does: a cert from it lets its bearer assert any
-    # user through the X-Remote-User headers, so it must not be the general client CA.
-    front_proxy_ca = make_ca("kvpilot-local-front-proxy-ca")
-
-    pairs: dict[str, _CertKey] = {
-        "ca": ca.pair,
-        "front-proxy-ca": front_proxy_ca.pair,
-        "apiserver": leaf(
-            ca,
-            name("kube-apiserver"),
-            server=True,
-            dns=(
-                "localhost",
-                "kubernetes",
-                "kubernetes.default",
-                "kubernetes.default.svc",
-                "kubernetes.default.svc.cluster.local",
-            ),
-            # 10.96.0.1: the `kubernetes` Service's ClusterIP, first address of SERVICE_CIDR.
-            ips=("127.0.0.1", "10.96.0.1"),
-        ),
-        "admin": leaf(ca, name("kvpilot-admin", "system:masters")),
-        "controller-manager": leaf(ca, name("system:kube-controller-manager")),
-        "scheduler": leaf(ca, name("system:kube-scheduler")),
-        # What the apiserver presents to kubelets (logs, exec), for when a node agent exists.
-        "apiserver-kubelet-client": leaf(
-            ca, name("kube-apiserver-kubelet-client", "system:masters")
-        ),
-        # What the apiserver presents to aggregated APIs (e.g. a custom-metrics adapter).
-        "front-proxy-client": leaf(front_proxy_ca, name("front-proxy-client")),
-    }
-
-    # Service-account tokens are RS256-signed: RSA is what every token consumer expects.
-    sa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    sa_pub = sa_key.public_key().public_bytes(
-        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-
-    pki.mkdir(parents=True, exist_ok=True)
-    paths: dict[str, Path] = {}
-
-    def write(fname: str, data: bytes, private: bool) -> Path:
-        p = pki / fname
-        p.write_bytes(data)
-        p.chmod(0o600 if private else 0o644)
-        return p
-
-    for role, ck in pairs.items():
-        paths[f"{role}.crt"] = write(f"{role}.crt", ck.cert_pem, private=False)
-        paths[f"{role}.key"] = write(f"{role}.key", ck.key_pem, private=True)
-    paths["sa.key"] = write("sa.key", key_pem(sa_key), private=True)
-    paths["sa.pub"] = write("sa.pub", sa_pub, private=False)
-    return paths
-
-
-def _kubeconfig(server: str, ca: Path, cert: Path, key: Path, user: str) -> str:
-    """A kubeconfig with the credentials embedded, so it stays usable if copied elsewhere."""
-
-    def b64(p: Path) -> str:
-        return base64.b64encode(p.read_bytes()).decode()
-
-    # JSON is valid YAML; no YAML library needed.
-    return json.dumps(
-        {
-            "apiVersion": "v1",
-            "kind": "Config",
-            "clusters": [
-                {
-                    "name": "kvpilot-local",
-                    "cluster": {"server": server, "certificate-authority-data": b64(ca)},
-                }
-            ],
-            "users": [
-                {
-                    "name": user,
-                    "user": {
-                        "client-certificate-data": b64(cert),
-                        "client-key-data": b64(key),
-                    },
-                }
-            ],
-            "contexts": [
-                {"name": "kvpilot-local", "context": {"cluster": "kvpilot-local", "user": user}}
-            ],
-            "current-context": "kvpilot-local",
-            "preferences": {},
-        },
-        indent=2,
-    )
-
-
-# --- processes ---------------------------------------------------------------------------------
-
-
-_PR_SET_PDEATHSIG = 1
-
-
-def _child_setup_factory() -> Callable[[], None]:
-    """preexec_fn for the components: a new session (so a signal to the group reaches any
-    children) and, on Linux, SIGKILL when the parent dies, so a SIGKILLed test run leaks nothing.
-    PDEATHSIG fires when the forking *thread* exits, so it is only set from the main thread."""
-    libc: Any = None
-    if sys.platform.startswith("linux") and threading.current_thread() is threading.main_thread():
-        with contextlib.suppress(OSError):
-            libc = ctypes.CDLL(None, use_errno=True)
-    parent = os.getpid()
-
-    def setup() -> None:
-        os.setsid()
-        if libc is not None:
-            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-            # The parent may have died between fork and prctl; then nobody would reap us.
-            if os.getppid() != parent:
-                os._exit(1)
-
-    return setup
 
 
 @dataclass
@@ -499,16 +247,16 @@ class LocalCluster:
         tiers = [self._components[1:], self._components[:1]]
         for tier in tiers:
             for c in tier:
-                _signal_group(c.proc, signal.SIGTERM)
+                signal_group(c.proc, signal.SIGTERM)
             deadline = time.monotonic() + STOP_GRACE_S
             for c in tier:
                 try:
                     c.proc.wait(timeout=max(0.0, deadline - time.monotonic()))
                 except subprocess.TimeoutExpired:
-                    _signal_group(c.proc, signal.SIGKILL)
+                    signal_group(c.proc, signal.SIGKILL)
                     c.proc.wait()
                 # Anything the component forked lives in its group; leave none behind.
-                _signal_group(c.proc, signal.SIGKILL)
+                signal_group(c.proc, signal.SIGKILL)
         if self._owns_workdir and not self.keep and self.workdir is not None:
             shutil.rmtree(self.workdir, ignore_errors=True)
 
@@ -520,7 +268,7 @@ class LocalCluster:
         names = ("etcd", "etcd-peer", "apiserver", "controller-manager", "scheduler")
         self.ports = dict(zip(names, free_ports(len(names)), strict=True))
         self.server = f"https://127.0.0.1:{self.ports['apiserver']}"
-        pki = self._pki = _generate_pki(wd / "pki")
+        pki = self._pki = generate_pki(wd / "pki")
         self.timings["pki"] = time.monotonic() - t0
 
         self.kubeconfig = wd / "admin.kubeconfig"
@@ -529,7 +277,7 @@ class LocalCluster:
             kubeconfigs[role] = wd / f"{role}.kubeconfig"
         for role, path in kubeconfigs.items():
             path.write_text(
-                _kubeconfig(
+                kubeconfig(
                     self.server, pki["ca.crt"], pki[f"{role}.crt"], pki[f"{role}.key"], role
                 )
             )
@@ -635,7 +383,7 @@ class LocalCluster:
                 stderr=subprocess.STDOUT,
                 cwd=self.workdir,
                 # Not start_new_session: prctl has to run in the child too.
-                preexec_fn=_child_setup_factory(),
+                preexec_fn=child_setup_factory(),
             )
         self._components.append(_Component(name, proc, log_path))
 
@@ -700,18 +448,9 @@ class LocalCluster:
         return status == 200
 
 
-def _signal_group(proc: subprocess.Popen[bytes], sig: signal.Signals) -> None:
-    # The child called setsid, so its pid is its process group id.
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, sig)
-
-
-# --- CLI ---------------------------------------------------------------------------------------
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m kvpilot_operator.localcluster",
+        prog="python -m kvpilot_operator.local.cluster",
         description="A local Kubernetes control plane (no nodes) on loopback.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
@@ -735,27 +474,6 @@ def main(argv: list[str] | None = None) -> int:
 
             return run_until_signalled(died)
     return 2
-
-
-def run_until_signalled(died: Callable[[], str | None]) -> int:
-    """For `... up` commands: 0 on SIGINT/SIGTERM, or 1 (saying why) as soon as `died`, polled
-    every second, reports that a component exited."""
-    stop = threading.Event()
-
-    def on_signal(signum: int, _frame: object) -> None:
-        stop.set()
-
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        while not stop.wait(1.0):
-            why = died()
-            if why:
-                print(why, file=sys.stderr)
-                return 1
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
-    return 0
 
 
 if __name__ == "__main__":

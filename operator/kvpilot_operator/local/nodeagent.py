@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kvpilot_operator.localcluster import _child_setup_factory, _signal_group
+from kvpilot_operator.local.procs import child_setup_factory, signal_group
 
 log = logging.getLogger("kvpilot.nodeagent")
 
@@ -195,7 +195,7 @@ class NodeAgent:
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 env=env,
-                preexec_fn=_child_setup_factory(),
+                preexec_fn=child_setup_factory(),
             )
         grace = pod["spec"].get("terminationGracePeriodSeconds")
         container = pod["spec"]["containers"][0]
@@ -270,10 +270,10 @@ class NodeAgent:
 
     def _terminate(self, p: PodProcess) -> None:
         if p.proc.poll() is None:
-            _signal_group(p.proc, signal.SIGTERM)
+            signal_group(p.proc, signal.SIGTERM)
             try:
                 p.proc.wait(timeout=p.grace_s)
             except subprocess.TimeoutExpired:
-                _signal_group(p.proc, signal.SIGKILL)
+                signal_group(p.proc, signal.SIGKILL)
                 p.proc.wait(timeout=10)
         log.info("stopped pod %s (exit %s)", p.name, p.proc.returncode)

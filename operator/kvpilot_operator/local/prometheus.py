@@ -6,7 +6,7 @@ installed (the package's maintainer scripts create a system user and a service).
         prom.set_targets([("127.0.0.1:8000", {"namespace": "ns1", "llmservice": "svc"})])
         prom.wait_for_series('up{llmservice="svc"} == 1')
 
-`python -m kvpilot_operator.localprom up` starts one and keeps it running until interrupted.
+`python -m kvpilot_operator.local.prometheus up` starts one and keeps it running until interrupted.
 """
 
 from __future__ import annotations
@@ -32,15 +32,15 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from kvpilot_operator.localcluster import (
+from kvpilot_operator.local.cluster import missing_binaries
+from kvpilot_operator.local.procs import (
     STOP_GRACE_S,
-    _child_setup_factory,
-    _signal_group,
     cache_dir,
+    child_setup_factory,
     free_ports,
-    missing_binaries,
     run_until_signalled,
     scratch_dir,
+    signal_group,
 )
 
 PROMETHEUS_VERSION = "2.42.0"
@@ -474,14 +474,14 @@ class LocalPrometheus:
         proc = self._proc
         if proc is None:
             return
-        _signal_group(proc, signal.SIGTERM)
+        signal_group(proc, signal.SIGTERM)
         try:
             proc.wait(timeout=STOP_GRACE_S)
         except subprocess.TimeoutExpired:
-            _signal_group(proc, signal.SIGKILL)
+            signal_group(proc, signal.SIGKILL)
             proc.wait()
         # Anything it forked lives in its group; leave none behind.
-        _signal_group(proc, signal.SIGKILL)
+        signal_group(proc, signal.SIGKILL)
 
     def start_process(self) -> None:
         """(Re)start the server on the same port and data; return once it is ready."""
@@ -512,7 +512,7 @@ class LocalPrometheus:
                 stderr=subprocess.STDOUT,
                 cwd=self.workdir,
                 # Not start_new_session: prctl has to run in the child too.
-                preexec_fn=_child_setup_factory(),
+                preexec_fn=child_setup_factory(),
             )
         try:
             self._wait_ready()
@@ -675,7 +675,7 @@ class LocalPrometheus:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m kvpilot_operator.localprom",
+        prog="python -m kvpilot_operator.local.prometheus",
         description="A local Prometheus on loopback.",
     )
     sub = parser.add_subparsers(dest="command", required=True)

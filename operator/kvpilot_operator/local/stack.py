@@ -27,21 +27,15 @@ from typing import Any
 
 import yaml
 
-from kvpilot_operator.crds import REPO_ROOT
-from kvpilot_operator.localcluster import (
-    LocalCluster,
-    _child_setup_factory,
-    _signal_group,
-    cache_dir,
-    ensure_binaries,
-    free_ports,
-)
-from kvpilot_operator.localprom import LocalPrometheus, ensure_prometheus
-from kvpilot_operator.nodeagent import NodeAgent
-from kvpilot_operator.observability import RULES_PATH
+from kvpilot_operator.local.cluster import LocalCluster, ensure_binaries
+from kvpilot_operator.local.nodeagent import NodeAgent
+from kvpilot_operator.local.procs import cache_dir, child_setup_factory, free_ports, signal_group
+from kvpilot_operator.local.prometheus import LocalPrometheus, ensure_prometheus
+from kvpilot_operator.observability.files import RULES_PATH
+from kvpilot_operator.packaged import packaged
 
-SAMPLE = REPO_ROOT / "docs" / "examples" / "quickstart.yaml"
-POLICIES = REPO_ROOT / "policies"
+SAMPLE = packaged("examples") / "quickstart.yaml"
+POLICIES = packaged("policies")
 STATE_FILE = "state.json"
 STACK_ENV = "KVPILOT_STACK"
 READY_TIMEOUT_S = 600.0
@@ -102,11 +96,11 @@ class Stack:
             self.agent.stop()
             self.agent = None
         if self.operator is not None:
-            _signal_group(self.operator, signal.SIGTERM)
+            signal_group(self.operator, signal.SIGTERM)
             try:
                 self.operator.wait(timeout=20)
             except subprocess.TimeoutExpired:
-                _signal_group(self.operator, signal.SIGKILL)
+                signal_group(self.operator, signal.SIGKILL)
                 self.operator.wait()
             self.operator = None
         if self.prometheus is not None:
@@ -167,7 +161,7 @@ class Stack:
         self.cluster = LocalCluster(workdir=self.workdir / "cluster").start()
 
     def _apply_api(self) -> None:
-        self.kubectl("apply", "-f", str(REPO_ROOT / "crds"))
+        self.kubectl("apply", "-f", str(packaged("crds")))
         self.kubectl(
             "wait", "--for=condition=Established", "--timeout=60s",
             "crd/llmservices.kvpilot.io", "crd/servingpolicies.kvpilot.io",
@@ -206,7 +200,7 @@ class Stack:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env=self.cluster.env() if self.cluster else None,
-                preexec_fn=_child_setup_factory(),
+                preexec_fn=child_setup_factory(),
             )
 
     def _start_agent(self) -> None:

@@ -16,9 +16,9 @@ from typing import Any
 import requests
 from prometheus_api_client import PrometheusApiClientException, PrometheusConnect
 
-from kvpilot_operator.api import CanaryAnalysis, ShadowStatus
-from kvpilot_operator.manifests import ENGINE_SERIES, PROMETHEUS_SELECTOR, ROUTER_SERIES
-from kvpilot_operator.scaling import Observation, ScalingParams, Window
+from kvpilot_operator.api.names import ENGINE_SERIES, PROMETHEUS_SELECTOR, ROUTER_SERIES
+from kvpilot_operator.api.types import CanaryAnalysis, ShadowStatus
+from kvpilot_operator.autoscaler.decision import Observation, ScalingParams, Window
 
 DEFAULT_SELECTOR = PROMETHEUS_SELECTOR
 # The router's queue (scaled to zero, requests wait there for a replica to wake).

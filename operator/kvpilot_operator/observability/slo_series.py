@@ -18,7 +18,7 @@ from kvpilot_engine.contracts import ITL_BUCKETS, TTFT_BUCKETS
 from prometheus_client import Gauge
 from prometheus_client.utils import floatToGoString
 
-from kvpilot_operator.api import LLMServiceSpec
+from kvpilot_operator.api.types import LLMServiceSpec
 
 # Not `namespace`/`llmservice`: a scrape job's own `namespace` target label would clash; the
 # rules rename these to the engines' labels (namespace, kvpilot_io_llmservice).

@@ -12,25 +12,16 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-import threading
-import time
-from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
-from pydantic import ValidationError
-
-from kvpilot_operator.api import (
+from kvpilot_operator.api.names import REVISION_LABEL
+from kvpilot_operator.api.types import (
     CanaryAnalysis,
     CanarySpec,
     CanaryStatus,
-    LLMService,
     ShadowStatus,
 )
-from kvpilot_operator.kube import Kube
-from kvpilot_operator.manifests import REVISION_LABEL, engine_name
-from kvpilot_operator.observe import PrometheusSource
-from kvpilot_operator.status import condition, merge_conditions, now_iso, strip_times
+from kvpilot_operator.controller.status import condition
 
 log = logging.getLogger("kvpilot.rollout")
 
@@ -42,9 +33,6 @@ MIN_CANARY_REQUESTS = 10
 NOISE_FLOOR_S = 0.005
 # The shadow is unhealthy when more than this share of mirrored requests fail.
 SHADOW_MAX_ERROR_RATIO = 0.05
-SHADOW_WINDOW_S = 300.0
-# The shadow summary is nine queries over five minutes: not worth repeating every canary tick.
-SHADOW_EVERY_S = 10.0
 
 Event = tuple[str, str, str]  # (Normal|Warning, reason, message)
 
@@ -197,131 +185,3 @@ def shadow_condition(summary: ShadowStatus | None, error: str | None) -> dict[st
     return condition(SHADOW_HEALTHY, ("True", "ShadowServing", message))
 
 
-@dataclass
-class RolloutController:
-    kube: Kube
-    source: PrometheusSource | None
-    interval: float
-    lock: Callable[[str, str], threading.Lock]
-    reconcile: Callable[[dict[str, Any]], Any]
-
-    def run(
-        self,
-        namespace: str,
-        name: str,
-        stopped: threading.Event,
-        emit: Callable[[str, str, str], None],
-    ) -> None:
-        next_shadow = 0.0
-        while not stopped.is_set():
-            shadow = time.monotonic() >= next_shadow
-            if shadow:
-                next_shadow = time.monotonic() + SHADOW_EVERY_S
-            try:
-                self.evaluate(namespace, name, emit, shadow=shadow)
-            except Exception:  # never let one bad evaluation end the daemon
-                log.exception("rollout evaluation failed", extra={"service": name})
-            stopped.wait(self.interval)
-
-    def evaluate(
-        self,
-        namespace: str,
-        name: str,
-        emit: Callable[[str, str, str], None],
-        *,
-        shadow: bool = True,
-    ) -> None:
-        body = self.kube.get_llmservice(namespace, name)
-        if body is None or body["metadata"].get("deletionTimestamp"):
-            return
-        try:
-            svc = LLMService.model_validate({k: v for k, v in body.items() if k != "status"})
-        except ValidationError:
-            return  # reconcile reports InvalidSpec
-        rollout = svc.spec.rollout
-        status = body.get("status") or {}
-        if rollout is not None and rollout.canary is not None and status.get("canary"):
-            self._canary(namespace, name, rollout.canary, status, emit)
-        if shadow and rollout is not None and rollout.shadow is not None:
-            self._shadow(namespace, name)
-
-    def _canary(
-        self,
-        namespace: str,
-        name: str,
-        cfg: CanarySpec,
-        status: dict[str, Any],
-        emit: Callable[[str, str, str], None],
-    ) -> None:
-        try:
-            cs = CanaryStatus.model_validate(status["canary"])
-        except ValidationError:
-            return
-        if cs.phase not in ("Progressing", "Promoting"):
-            return
-        now = dt.datetime.now(dt.timezone.utc)
-        analysis, unavailable, rolled_out, ready = None, None, False, True
-        if cs.phase == "Promoting":
-            live = self.kube.get("apps/v1", "Deployment", engine_name(name), namespace)
-            rolled_out = stable_runs(live, cs.revision)
-        elif (now - parse_time(cs.step_started_at)).total_seconds() >= cfg.step_seconds:
-            canary = self.kube.get("apps/v1", "Deployment", engine_name(name, "canary"), namespace)
-            ready = bool(((canary or {}).get("status") or {}).get("availableReplicas"))
-            if ready and self.source is None:
-                unavailable = "no Prometheus: the operator runs without --prometheus-url"
-            elif ready and self.source is not None:
-                analysis, unavailable = self.source.canary_analysis(
-                    namespace, name, cs.stable_revision, cs.revision, cfg.step_seconds
-                )
-        new, events = advance_canary(
-            cfg,
-            cs,
-            analysis,
-            now,
-            stable_rolled_out=rolled_out,
-            unavailable=unavailable,
-            canary_ready=ready,
-        )
-        if new == cs:
-            return
-        with self.lock(namespace, name):
-            live = self.kube.get_llmservice(namespace, name)
-            if live is None or (live.get("status") or {}).get("canary") != status["canary"]:
-                return  # a new canary started meanwhile; this evaluation is stale
-            patch = new.model_dump(mode="json", by_alias=True, exclude_none=True)
-            # Merge patch: fields dropped from the model must be nulled explicitly.
-            patch.update({k: None for k in status["canary"] if k not in patch})
-            self.kube.patch_llmservice_status(namespace, name, {"canary": patch})
-        for kind, reason, message in events:
-            emit(kind, reason, message)
-        if (new.phase, new.weight) != (cs.phase, cs.weight):
-            live = self.kube.get_llmservice(namespace, name)
-            if live is not None:
-                self.reconcile(live)
-
-    def _shadow(self, namespace: str, name: str) -> None:
-        if self.source is None:
-            return
-        live_shadow = self.kube.get("apps/v1", "Deployment", engine_name(name, "shadow"), namespace)
-        template = ((live_shadow or {}).get("spec") or {}).get("template") or {}
-        revision = (template.get("metadata") or {}).get("labels", {}).get(REVISION_LABEL)
-        if not revision:
-            return  # not rendered yet
-        summary, error = self.source.shadow_summary(namespace, name, revision, SHADOW_WINDOW_S)
-        cond = shadow_condition(summary, error)
-        with self.lock(namespace, name):
-            live = self.kube.get_llmservice(namespace, name)
-            if live is None:
-                return
-            current = live.get("status") or {}
-            merged = merge_conditions(current.get("conditions"), [cond], now_iso())
-            patch: dict[str, Any] = {}
-            if summary is not None:
-                wanted = summary.model_dump(mode="json", by_alias=True, exclude_none=True)
-                if current.get("shadow") != wanted:
-                    # Merge patch: None removes a figure that has no value any more.
-                    patch["shadow"] = summary.model_dump(mode="json", by_alias=True)
-            if strip_times(merged) != strip_times(current.get("conditions") or []):
-                patch["conditions"] = merged
-            if patch:
-                self.kube.patch_llmservice_status(namespace, name, patch)

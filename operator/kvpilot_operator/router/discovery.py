@@ -21,7 +21,7 @@ import httpx
 import structlog
 from prometheus_client.parser import text_string_to_metric_families
 
-from kvpilot_operator.manifests import (
+from kvpilot_operator.api.names import (
     COMPONENT_LABEL,
     ENGINE_PORT,
     REVISION_LABEL,
@@ -77,7 +77,7 @@ class KubernetesSource:
     def __init__(self, namespace: str, service: str, kubeconfig: str | None = None):
         from kubernetes import client
 
-        from kvpilot_operator.kube import api_client
+        from kvpilot_operator.controller.kube import api_client
 
         self.namespace, self.service = namespace, service
         self.core = client.CoreV1Api(api_client(kubeconfig))

@@ -1,0 +1,9 @@
+"""The LLMService API: what users write and what the other parts agree on.
+
+- `types`: the pydantic models of LLMService and ServingPolicy (spec and status), the one source
+  of truth for the CRDs.
+- `crds`: CustomResourceDefinitions and docs/crd-reference.md generated from `types`.
+- `policies`: the shipped ServingPolicy presets, and `resolve`: an LLMService body plus its
+  policy -> the effective spec, used by the reconcile, the autoscaler and the rollout controller.
+- `names`: labels, selectors and derived object names shared by every part.
+"""

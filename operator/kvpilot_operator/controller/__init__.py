@@ -1,0 +1,8 @@
+"""The reconcile loop's parts: an LLMService -> the Kubernetes objects that serve it.
+
+- `manifests`: pure functions from a resolved spec to Deployments, Services, router objects, PDBs.
+- `reconcile`: one reconcile of one service: resolve, render, apply, delete what is no longer
+  planned, report status.
+- `status`: status conditions and the status patch.
+- `kube`: the thin wrapper over the Kubernetes client the operator talks through.
+"""

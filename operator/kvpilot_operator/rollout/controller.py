@@ -1,0 +1,165 @@
+"""The rollout loop: for each service with spec.rollout, read the routers' metrics from
+Prometheus, advance status.canary with `canary.advance_canary`, summarise the shadow, and ask for a
+reconcile when the weights change (the reconcile renders what status.canary implies, see
+`plan.plan_rollout`)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import ValidationError
+
+from kvpilot_operator.api.names import REVISION_LABEL, engine_name
+from kvpilot_operator.api.policies import Unresolved, resolve
+from kvpilot_operator.api.types import CanarySpec, CanaryStatus
+from kvpilot_operator.controller.kube import Kube
+from kvpilot_operator.controller.status import merge_conditions, now_iso, strip_times
+from kvpilot_operator.observability.prometheus import PrometheusSource
+from kvpilot_operator.rollout.canary import (
+    advance_canary,
+    parse_time,
+    shadow_condition,
+    stable_runs,
+)
+
+log = logging.getLogger("kvpilot.rollout")
+
+SHADOW_WINDOW_S = 300.0
+# The shadow summary is nine queries over five minutes: not worth repeating every canary tick.
+SHADOW_EVERY_S = 10.0
+
+
+@dataclass
+class RolloutController:
+    kube: Kube
+    source: PrometheusSource | None
+    interval: float
+    lock: Callable[[str, str], threading.Lock]
+    reconcile: Callable[[dict[str, Any]], Any]
+
+    def run(
+        self,
+        namespace: str,
+        name: str,
+        stopped: threading.Event,
+        emit: Callable[[str, str, str], None],
+    ) -> None:
+        next_shadow = 0.0
+        while not stopped.is_set():
+            shadow = time.monotonic() >= next_shadow
+            if shadow:
+                next_shadow = time.monotonic() + SHADOW_EVERY_S
+            try:
+                self.evaluate(namespace, name, emit, shadow=shadow)
+            except Exception:  # never let one bad evaluation end the daemon
+                log.exception("rollout evaluation failed", extra={"service": name})
+            stopped.wait(self.interval)
+
+    def evaluate(
+        self,
+        namespace: str,
+        name: str,
+        emit: Callable[[str, str, str], None],
+        *,
+        shadow: bool = True,
+    ) -> None:
+        body = self.kube.get_llmservice(namespace, name)
+        if body is None or body["metadata"].get("deletionTimestamp"):
+            return
+        try:
+            _, spec = resolve(body, self.kube.get_policy)
+        except Unresolved:
+            return  # the reconcile reports why
+        rollout = spec.rollout
+        status = body.get("status") or {}
+        if rollout is not None and rollout.canary is not None and status.get("canary"):
+            self._canary(namespace, name, rollout.canary, status, emit)
+        if shadow and rollout is not None and rollout.shadow is not None:
+            self._shadow(namespace, name)
+
+    def _canary(
+        self,
+        namespace: str,
+        name: str,
+        cfg: CanarySpec,
+        status: dict[str, Any],
+        emit: Callable[[str, str, str], None],
+    ) -> None:
+        try:
+            cs = CanaryStatus.model_validate(status["canary"])
+        except ValidationError:
+            return
+        if cs.phase not in ("Progressing", "Promoting"):
+            return
+        now = dt.datetime.now(dt.timezone.utc)
+        analysis, unavailable, rolled_out, ready = None, None, False, True
+        if cs.phase == "Promoting":
+            live = self.kube.get("apps/v1", "Deployment", engine_name(name), namespace)
+            rolled_out = stable_runs(live, cs.revision)
+        elif (now - parse_time(cs.step_started_at)).total_seconds() >= cfg.step_seconds:
+            canary = self.kube.get("apps/v1", "Deployment", engine_name(name, "canary"), namespace)
+            ready = bool(((canary or {}).get("status") or {}).get("availableReplicas"))
+            if ready and self.source is None:
+                unavailable = "no Prometheus: the operator runs without --prometheus-url"
+            elif ready and self.source is not None:
+                analysis, unavailable = self.source.canary_analysis(
+                    namespace, name, cs.stable_revision, cs.revision, cfg.step_seconds
+                )
+        new, events = advance_canary(
+            cfg,
+            cs,
+            analysis,
+            now,
+            stable_rolled_out=rolled_out,
+            unavailable=unavailable,
+            canary_ready=ready,
+        )
+        if new == cs:
+            return
+        with self.lock(namespace, name):
+            live = self.kube.get_llmservice(namespace, name)
+            if live is None or (live.get("status") or {}).get("canary") != status["canary"]:
+                return  # a new canary started meanwhile; this evaluation is stale
+            patch = new.model_dump(mode="json", by_alias=True, exclude_none=True)
+            # Merge patch: fields dropped from the model must be nulled explicitly.
+            patch.update({k: None for k in status["canary"] if k not in patch})
+            self.kube.patch_llmservice_status(namespace, name, {"canary": patch})
+        for kind, reason, message in events:
+            emit(kind, reason, message)
+        if (new.phase, new.weight) != (cs.phase, cs.weight):
+            live = self.kube.get_llmservice(namespace, name)
+            if live is not None:
+                self.reconcile(live)
+
+    def _shadow(self, namespace: str, name: str) -> None:
+        if self.source is None:
+            return
+        live_shadow = self.kube.get("apps/v1", "Deployment", engine_name(name, "shadow"), namespace)
+        template = ((live_shadow or {}).get("spec") or {}).get("template") or {}
+        revision = (template.get("metadata") or {}).get("labels", {}).get(REVISION_LABEL)
+        if not revision:
+            return  # not rendered yet
+        summary, error = self.source.shadow_summary(namespace, name, revision, SHADOW_WINDOW_S)
+        cond = shadow_condition(summary, error)
+        with self.lock(namespace, name):
+            live = self.kube.get_llmservice(namespace, name)
+            if live is None:
+                return
+            current = live.get("status") or {}
+            merged = merge_conditions(current.get("conditions"), [cond], now_iso())
+            patch: dict[str, Any] = {}
+            if summary is not None:
+                wanted = summary.model_dump(mode="json", by_alias=True, exclude_none=True)
+                if current.get("shadow") != wanted:
+                    # Merge patch: None removes a figure that has no value any more.
+                    patch["shadow"] = summary.model_dump(mode="json", by_alias=True)
+            if strip_times(merged) != strip_times(current.get("conditions") or []):
+                patch["conditions"] = merged
+            if patch:
+                self.kube.patch_llmservice_status(namespace, name, patch)
