@@ -9,6 +9,8 @@ import pytest
 from kvpilot_operator.local.cluster import LocalCluster, ensure_binaries
 from kvpilot_operator.local.prometheus import LocalPrometheus
 
+from tests.support.helm import INSTALL_HINT, cached_helm, find_helm
+
 
 @pytest.fixture(scope="session")
 def cluster() -> Iterator[LocalCluster]:
@@ -35,3 +37,12 @@ def prometheus() -> Iterator[LocalPrometheus]:
     """A real Prometheus scraping what each test points it at (set_targets), 1 s scrapes."""
     with LocalPrometheus(scrape_interval=1.0) as prom:
         yield prom
+
+
+@pytest.fixture(scope="module")
+def helm() -> str:
+    """A Helm 3 binary (tests/support/helm.py), or a skip that says how to get one."""
+    path = find_helm()
+    if path is None:
+        pytest.skip(f"no Helm 3 binary ($KVPILOT_HELM, PATH, {cached_helm()}); run {INSTALL_HINT}")
+    return path

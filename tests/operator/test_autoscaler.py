@@ -9,7 +9,6 @@ marked ready as a kubelet would (see act_as_kubelet).
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 import urllib.request
@@ -25,10 +24,11 @@ from kvpilot_operator.local.procs import free_ports
 from kvpilot_operator.local.prometheus import LocalPrometheus
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from tests.operator.test_operator import (
+from tests.support.kube import (
     Operator,
     apply,
     condition,
+    events,
     get,
     running_and_ready,
     running_operator,
@@ -168,13 +168,6 @@ def spec_replicas(cluster: LocalCluster, name: str, ns: str) -> int | None:
 def deployment_replicas(cluster: LocalCluster, name: str, ns: str) -> int | None:
     dep = get(cluster, "deployment", f"{name}-engine", ns) or {}
     return dep.get("spec", {}).get("replicas")
-
-
-def events(cluster: LocalCluster, ns: str, name: str) -> list[dict[str, Any]]:
-    out = cluster.kubectl(
-        "get", "events", "-n", ns, "--field-selector", f"involvedObject.name={name}", "-o", "json"
-    )
-    return json.loads(out.stdout)["items"]
 
 
 def test_slo_breach_scales_up_recovery_scales_down_and_no_data_holds(

@@ -20,7 +20,7 @@ from kvpilot_operator.observability.rules import rules
 from kvpilot_operator.observability.slo_series import THRESHOLD, bucket_edge, export, slo_points
 from prometheus_client import REGISTRY
 
-from tests.operator.test_chart import helm, one, template  # noqa: F401 (fixture)
+from tests.support.helm import one, template
 
 PROMTOOL_TESTS = Path(__file__).parent / "promtool" / "kvpilot_rules_test.yaml"
 
@@ -77,7 +77,7 @@ def test_dashboard_queries_are_valid_promql() -> None:
     assert "Canary" in titles and "Shadow" in titles
 
 
-def test_chart_ships_the_generated_rules_and_dashboard(helm: str) -> None:  # noqa: F811
+def test_chart_ships_the_generated_rules_and_dashboard(helm: str) -> None:
     docs = template(
         helm,
         "--set", "monitoring.prometheusRule.enabled=true",

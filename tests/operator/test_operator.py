@@ -7,86 +7,29 @@ Where a test needs a pod to be ready, it writes the pod's status as a kubelet wo
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import signal
-import subprocess
-import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 import yaml
-from kvpilot_operator.controller.status import find_condition
 from kvpilot_operator.local.cluster import LocalCluster
 
+from tests.support.kube import (
+    Operator,
+    apply,
+    condition,
+    get,
+    running_and_ready,
+    service_doc,
+    wait_for,
+)
+
 ROOT = Path(__file__).resolve().parents[2]
-T = TypeVar("T")
 pytestmark = pytest.mark.slow
-
-
-def wait_for(
-    what: str, fn: Callable[[], T | None], timeout: float = 30.0, interval: float = 0.2
-) -> T:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = fn()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(interval)
-
-
-class Operator:
-    """`kvpilot operator` as a subprocess against the test cluster."""
-
-    def __init__(self, cluster: LocalCluster, log: Path, extra_args: tuple[str, ...] = ()) -> None:
-        self.cluster, self.log, self.extra_args = cluster, log, extra_args
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        cmd = [
-            sys.executable,
-            "-m",
-            "kvpilot_engine.cli",
-            "operator",
-            "--kubeconfig",
-            str(self.cluster.kubeconfig),
-            "--health-port",
-            "0",
-            "--metrics-port",
-            "0",
-            "--log-format",
-            "plain",
-            *self.extra_args,
-        ]
-        with self.log.open("ab") as out:
-            self.proc = subprocess.Popen(
-                cmd,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                env=self.cluster.env(),
-                start_new_session=True,
-            )
-
-    def stop(self) -> int:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            return self.proc.wait()
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def log_text(self) -> str:
-        return self.log.read_text(errors="replace")
 
 
 @pytest.fixture(scope="module")
@@ -108,52 +51,6 @@ def operator(cluster: LocalCluster, tmp_path_factory: pytest.TempPathFactory) ->
         code = op.stop()
         print(op.log_text()[-4000:])
         assert code in (0, -signal.SIGTERM), f"operator exited {code}"
-
-
-@contextlib.contextmanager
-def running_operator(cluster: LocalCluster, log: Path, *args: str) -> Iterator[Operator]:
-    """The CRDs installed and `kvpilot operator ARGS` running; its exit code checked after."""
-    cluster.kubectl("apply", "-f", str(ROOT / "crds"))
-    cluster.kubectl(
-        "wait", "--for=condition=Established", "--timeout=60s", "crd/llmservices.kvpilot.io"
-    )
-    op = Operator(cluster, log, args)
-    op.start()
-    try:
-        yield op
-    finally:
-        code = op.stop()
-        print(op.log_text()[-6000:])
-        assert code in (0, -15), f"operator exited {code}"
-
-
-def get(cluster: LocalCluster, kind: str, name: str, ns: str | None = None) -> dict | None:
-    args = ["get", kind, name, "-o", "json"] + (["-n", ns] if ns else [])
-    proc = cluster.kubectl(*args, check=False)
-    if proc.returncode != 0:
-        assert "NotFound" in proc.stderr, proc.stderr
-        return None
-    return json.loads(proc.stdout)
-
-
-def apply(
-    cluster: LocalCluster, doc: dict[str, Any], ns: str | None = None, check: bool = True
-) -> subprocess.CompletedProcess[str]:
-    args = ["apply", "-f", "-"] + (["-n", ns] if ns else [])
-    return cluster.kubectl(*args, input=yaml.safe_dump(doc), check=check)
-
-
-def service_doc(name: str, **spec: Any) -> dict[str, Any]:
-    return {
-        "apiVersion": "kvpilot.io/v1alpha1",
-        "kind": "LLMService",
-        "metadata": {"name": name},
-        "spec": {"model": {"source": {"path": "smollm2"}}, **spec},
-    }
-
-
-def condition(obj: dict | None, kind: str) -> dict[str, Any]:
-    return find_condition(obj or {}, kind) or {}
 
 
 def owned(cluster: LocalCluster, name: str, ns: str) -> dict[str, dict | None]:
@@ -186,16 +83,6 @@ def act_as_kubelet(cluster: LocalCluster, ns: str, selector: str, ready: int) ->
     api = client.CoreV1Api(config.new_client_from_config(str(cluster.kubeconfig)))
     for pod in pods[:ready]:
         api.patch_namespaced_pod_status(pod["metadata"]["name"], ns, running_and_ready())
-
-
-def running_and_ready() -> dict[str, Any]:
-    """The pod status patch a kubelet sends once the containers are up and ready."""
-    now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    conds = [
-        {"type": t, "status": "True", "lastTransitionTime": now}
-        for t in ("Initialized", "Ready", "ContainersReady", "PodScheduled")
-    ]
-    return {"status": {"phase": "Running", "conditions": conds, "startTime": now}}
 
 
 # --- 1. apply, update, delete ----------------------------------------------------------------

@@ -11,8 +11,6 @@ request, and status.shadow and ShadowHealthy say so.
 
 from __future__ import annotations
 
-import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -22,11 +20,12 @@ from kvpilot_operator.local.cluster import LocalCluster
 from kvpilot_operator.local.nodeagent import NodeAgent
 from kvpilot_operator.local.prometheus import LocalPrometheus
 
-from tests.operator.test_autoscaler import events
-from tests.operator.test_operator import (
+from tests.support.kube import (
     Operator,
+    Users,
     apply,
     condition,
+    events,
     get,
     running_operator,
     service_doc,
@@ -61,55 +60,6 @@ def agent(cluster: LocalCluster, ns: str, tmp_path: Path) -> Iterator[NodeAgent]
         cluster.kubectl("delete", "llmservice", "chat", "-n", ns, "--wait=true", check=False)
         agent.stop()
     assert agent.pods == {}
-
-
-class Users:
-    """`workers` users streaming greedy chat completions through a router until stopped; every
-    failure is kept for the test to assert there is none."""
-
-    def __init__(
-        self,
-        base_url: str,
-        workers: int = 4,
-        model: str = "chat",
-        max_tokens: int = 6,
-        prompt: str = "Count to three. ({i}.{n})",
-    ) -> None:
-        from openai import OpenAI
-
-        self.client = OpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=120)
-        self.model, self.max_tokens, self.prompt = model, max_tokens, prompt
-        self.ok = 0
-        self.errors: list[str] = []
-        self._stop = threading.Event()
-        self._threads = [
-            threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(workers)
-        ]
-        for t in self._threads:
-            t.start()
-
-    def _run(self, i: int) -> None:
-        n = 0
-        while not self._stop.is_set():
-            n += 1
-            try:
-                stream = self.client.chat.completions.create(
-                    model=self.model,
-                    messages=[{"role": "user", "content": self.prompt.format(i=i, n=n)}],
-                    max_tokens=self.max_tokens,
-                    temperature=0,
-                    stream=True,
-                )
-                assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
-                self.ok += 1
-            except Exception as err:  # recorded: the test asserts there are none
-                self.errors.append(repr(err))
-                time.sleep(0.2)
-
-    def stop(self) -> None:
-        self._stop.set()
-        for t in self._threads:
-            t.join(timeout=120)
 
 
 @pytest.fixture

@@ -21,8 +21,8 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.operator.test_operator import wait_for
 from tests.server.conftest import Server, free_port, run_server, scrape, stop, wait_ready
+from tests.support.kube import wait_for
 
 SLOW_STEP_S = 0.3
 

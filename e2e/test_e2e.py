@@ -21,8 +21,7 @@ import yaml
 from kvpilot_operator.local.stack import Stack
 from kvpilot_operator.observability.dashboard import dashboard_queries
 
-from tests.operator.test_operator import wait_for
-from tests.operator.test_rollout_cluster import Users
+from tests.support.kube import Users, wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 NAME = "chat"

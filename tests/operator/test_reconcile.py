@@ -1,0 +1,191 @@
+"""`reconcile()` without a cluster: the in-memory stand-in (tests/support/memkube.py) in place of
+the Kubernetes wrapper, so creating, updating, deleting and status reporting run in milliseconds.
+The same paths against a real API server are in test_operator.py."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import pytest
+from kvpilot_operator.api.names import engine_name, router_name
+from kvpilot_operator.api.types import API_VERSION
+from kvpilot_operator.controller.manifests import RenderOptions, spec_annotation
+from kvpilot_operator.controller.reconcile import reconcile
+from kvpilot_operator.controller.status import find_condition
+
+from tests.support.memkube import MemoryKube
+
+NS, NAME = "team", "chat"
+OPTS = RenderOptions()
+OWNED = {
+    ("Deployment", engine_name(NAME)),
+    ("Deployment", router_name(NAME)),
+    ("ConfigMap", router_name(NAME)),
+    ("ServiceAccount", router_name(NAME)),
+    ("Role", router_name(NAME)),
+    ("RoleBinding", router_name(NAME)),
+    ("Service", NAME),
+    ("PodDisruptionBudget", engine_name(NAME)),
+}
+
+
+def service(**spec: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": API_VERSION,
+        "kind": "LLMService",
+        "metadata": {"name": NAME, "namespace": NS},
+        "spec": {"model": {"source": {"path": "smollm2"}}, "replicas": 1, **spec},
+    }
+
+
+@pytest.fixture
+def kube() -> MemoryKube:
+    return MemoryKube()
+
+
+def owned(kube: MemoryKube) -> set[tuple[str, str]]:
+    return {(k[1], k[3]) for k in kube.objects if k[2] == NS and k[1] != "LLMService"}
+
+
+def live(kube: MemoryKube) -> dict[str, Any]:
+    body = kube.get_llmservice(NS, NAME)
+    assert body is not None
+    return body
+
+
+def cond(kube: MemoryKube, kind: str) -> dict[str, Any]:
+    return find_condition(live(kube), kind) or {}
+
+
+def test_first_reconcile_creates_every_owned_object_and_reports_status(kube: MemoryKube) -> None:
+    kube.create(service())
+    out = reconcile(kube, live(kube), OPTS)
+    assert out.problem is None
+    assert owned(kube) == OWNED
+    assert sorted(out.actions) == sorted(f"created {kind} {NS}/{name}" for kind, name in OWNED)
+    status = live(kube)["status"]
+    assert status["observedGeneration"] == 1
+    assert status["endpoint"] == f"http://{NAME}.{NS}.svc.cluster.local:8000/v1"
+    assert status["selector"] == f"kvpilot.io/llmservice={NAME},app.kubernetes.io/component=engine"
+    assert cond(kube, "Ready")["status"] == "False"  # nothing runs the pods here
+    assert cond(kube, "Degraded")["status"] == "False"
+
+
+def test_a_second_reconcile_changes_nothing(kube: MemoryKube) -> None:
+    kube.create(service())
+    reconcile(kube, live(kube), OPTS)
+    before = copy.deepcopy(kube.objects)
+    out = reconcile(kube, live(kube), OPTS)
+    assert out.actions == [] and out.status is None
+    assert kube.objects == before  # no resourceVersion moved: no churn, no events
+
+
+def test_spec_change_updates_in_place_and_drift_is_restored(kube: MemoryKube) -> None:
+    kube.create(service())
+    reconcile(kube, live(kube), OPTS)
+    kube.update_spec(NS, NAME, service(engine={"maxNumSeqs": 7})["spec"])
+    kube.delete("v1", "ConfigMap", router_name(NAME), NS)  # someone deleted the router's routes
+    out = reconcile(kube, live(kube), OPTS)
+    assert f"updated Deployment {NS}/{engine_name(NAME)}" in out.actions
+    assert f"created ConfigMap {NS}/{router_name(NAME)}" in out.actions
+    deployment = kube.get("apps/v1", "Deployment", engine_name(NAME), NS)
+    assert deployment is not None
+    args = deployment["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert args[args.index("--max-num-seqs") + 1] == "7"
+    assert live(kube)["status"]["observedGeneration"] == 2
+
+
+def test_status_follows_the_engine_deployment(kube: MemoryKube) -> None:
+    kube.create(service())
+    reconcile(kube, live(kube), OPTS)
+    ready = {"replicas": 1, "readyReplicas": 1, "availableReplicas": 1, "updatedReplicas": 1}
+    kube.set_status("apps/v1", "Deployment", engine_name(NAME), NS, ready)
+    out = reconcile(kube, live(kube), OPTS, apply=False)
+    assert out.actions == []
+    assert cond(kube, "Ready")["status"] == "True"
+    assert live(kube)["status"]["readyReplicas"] == 1
+
+
+@pytest.mark.parametrize(
+    ("spec", "reason", "says"),
+    [
+        ({"policy": "nope"}, "PolicyNotFound", "ServingPolicy 'nope' does not exist"),
+        ({"replicas": -1}, "InvalidSpec", "LLMService.spec.replicas"),
+        (
+            {"scaling": {"minReplicas": 3, "maxReplicas": 2}},
+            "InvalidSpec",
+            "spec.scaling.minReplicas (3) is greater than spec.scaling.maxReplicas (2)",
+        ),
+    ],
+)
+def test_unservable_specs_create_nothing_and_say_why(
+    kube: MemoryKube, spec: dict[str, Any], reason: str, says: str
+) -> None:
+    kube.create(service(**spec))
+    out = reconcile(kube, live(kube), OPTS)
+    assert out.problem is not None and out.problem.reason == reason
+    assert says in out.problem.message
+    assert owned(kube) == set()
+    degraded = cond(kube, "Degraded")
+    assert (degraded["status"], degraded["reason"]) == ("True", reason)
+    assert says in degraded["message"]
+
+
+def test_a_policy_that_appears_later_is_used(kube: MemoryKube) -> None:
+    kube.create(service(policy="fast"))
+    assert reconcile(kube, live(kube), OPTS).problem is not None
+    kube.create(
+        {
+            "apiVersion": API_VERSION,
+            "kind": "ServingPolicy",
+            "metadata": {"name": "fast"},
+            "spec": {"engine": {"maxNumSeqs": 3}},
+        }
+    )
+    out = reconcile(kube, live(kube), OPTS)
+    assert out.problem is None and out.spec is not None
+    assert out.spec.engine.max_num_seqs == 3
+    assert cond(kube, "Degraded")["status"] == "False"
+
+
+def test_an_apply_the_server_refuses_is_reported_and_stops_the_pass(kube: MemoryKube) -> None:
+    kube.create(service())
+    kube.fail_apply["Deployment"] = "Unprocessable Entity"
+    out = reconcile(kube, live(kube), OPTS)
+    assert out.problem is not None and out.problem.reason == "ApplyFailed"
+    assert "Unprocessable Entity" in out.problem.message
+    applies = [c for c in kube.calls if c[0] == "apply"]
+    assert applies == [("apply", "Deployment", engine_name(NAME))]
+    assert cond(kube, "Degraded")["reason"] == "ApplyFailed"
+
+
+def test_canary_starts_beside_stable_and_goes_when_its_config_is_removed(kube: MemoryKube) -> None:
+    canary = {"canary": {"steps": [25, 100], "stepSeconds": 60}}
+    kube.create(service(replicas=4, rollout=canary))
+    reconcile(kube, live(kube), OPTS)
+    stable = kube.get("apps/v1", "Deployment", engine_name(NAME), NS)
+    assert stable is not None and "kvpilot.io/serving-spec" in stable["metadata"]["annotations"]
+
+    changed = service(replicas=4, rollout=canary, engine={"maxNumSeqs": 9})["spec"]
+    kube.update_spec(NS, NAME, changed)
+    out = reconcile(kube, live(kube), OPTS)
+    assert f"created Deployment {NS}/{engine_name(NAME, 'canary')}" in out.actions
+    status = live(kube)["status"]
+    assert (status["canary"]["phase"], status["canary"]["weight"]) == ("Progressing", 25)
+    canary_dep = kube.get("apps/v1", "Deployment", engine_name(NAME, "canary"), NS)
+    assert canary_dep is not None and canary_dep["spec"]["replicas"] == 1  # ceil(4 * 25%)
+    # The stable Deployment still serves the old revision.
+    stable_after = kube.get("apps/v1", "Deployment", engine_name(NAME), NS)
+    assert stable_after == stable
+
+    without = {k: v for k, v in changed.items() if k != "rollout"}
+    kube.update_spec(NS, NAME, without)
+    out = reconcile(kube, live(kube), OPTS)
+    assert f"deleted Deployment {NS}/{engine_name(NAME, 'canary')}" in out.actions
+    assert "canary" not in live(kube)["status"]
+    stable_now = kube.get("apps/v1", "Deployment", engine_name(NAME), NS)
+    assert stable_now is not None
+    assert stable_now["metadata"]["annotations"]["kvpilot.io/serving-spec"] == spec_annotation(
+        out.spec  # type: ignore[arg-type]
+    )
