@@ -1,8 +1,17 @@
-"""Shared fixtures: the real SmolLM2 weights, loaded once per session."""
+"""Shared fixtures (the real SmolLM2 weights, loaded once per session) and the fast tier's guard.
+
+The fast tier is `pytest -m "not slow"`: every test that starts a process (a server, a cluster,
+Prometheus, a tensor-parallel worker, a `kvpilot` command) is marked `slow`, and a test that is
+not marked but starts one fails, saying so, so that the tier stays fast.
+"""
 
 from __future__ import annotations
 
+import multiprocessing.process
 import os
+import subprocess
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -65,3 +74,57 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+# The unmarked test now in setup or call, if any: the process-starting calls below refuse to run
+# for it. Teardown is left alone (stopping what a slow test started may run a command).
+_fast_test: str | None = None
+_execute_child = subprocess.Popen._execute_child  # type: ignore[attr-defined]
+_process_start = multiprocessing.process.BaseProcess.start
+
+
+def _refuse(what: str) -> None:
+    if _fast_test is not None:
+        raise RuntimeError(
+            f"{_fast_test} starts {what} but is not marked slow: mark it "
+            "(@pytest.mark.slow or the module's pytestmark) so the fast tier stays fast"
+        )
+
+
+# Libraries probe the system this way (ctypes.util.find_library runs ldconfig): not a test's doing.
+_PROBES = {"ldconfig"}
+
+
+def _guarded_execute_child(self: subprocess.Popen[Any], args: Any, *rest: Any, **kw: Any) -> Any:
+    argv = [args] if isinstance(args, (str, bytes, os.PathLike)) else list(args)
+    if os.path.basename(os.fsdecode(argv[0]).split()[0]) not in _PROBES:
+        _refuse(f"a process ({' '.join(map(os.fsdecode, argv))[:80]})")
+    return _execute_child(self, args, *rest, **kw)
+
+
+def _guarded_start(self: multiprocessing.process.BaseProcess) -> None:
+    _refuse("a worker process")
+    _process_start(self)
+
+
+subprocess.Popen._execute_child = _guarded_execute_child  # type: ignore[attr-defined]
+multiprocessing.process.BaseProcess.start = _guarded_start  # type: ignore[method-assign]
+
+
+def _watch(item: pytest.Item) -> Iterator[None]:
+    global _fast_test
+    _fast_test = None if "slow" in item.keywords else item.nodeid
+    try:
+        yield
+    finally:
+        _fast_test = None
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_setup(item: pytest.Item) -> Iterator[None]:
+    yield from _watch(item)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
+    yield from _watch(item)

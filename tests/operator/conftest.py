@@ -10,6 +10,7 @@ from kvpilot_operator.local.cluster import LocalCluster, ensure_binaries
 from kvpilot_operator.local.prometheus import LocalPrometheus
 
 from tests.support.helm import INSTALL_HINT, cached_helm, find_helm
+from tests.support.kube import wait_for
 
 
 @pytest.fixture(scope="session")
@@ -28,6 +29,16 @@ def ns(cluster: LocalCluster, request: pytest.FixtureRequest) -> Iterator[str]:
     """A fresh namespace per test, named after it."""
     name = "t-" + request.node.name.replace("_", "-").lower()[5:40].strip("-")
     cluster.kubectl("create", "namespace", name)
+    # Pods are refused until the token controller has given the namespace's default service
+    # account its token, which takes a while on a busy machine.
+    wait_for(
+        f"the default service account's token in {name}",
+        lambda: cluster.kubectl(
+            "get", "serviceaccount", "default", "-n", name, "-o", "jsonpath={.secrets}",
+            check=False,
+        ).stdout.strip(),
+        timeout=60,
+    )  # fmt: skip
     yield name
     cluster.kubectl("delete", "namespace", name, "--wait=false")
 
