@@ -65,7 +65,18 @@ def make_smollm2(smollm2_checkpoint):
     return make
 
 
+# Fixtures that start processes (a cluster, Prometheus, helm, `kvpilot serve`): a test that uses
+# one, directly or through another fixture, is slow without saying so itself.
+PROCESS_FIXTURES = {
+    "cluster", "prometheus", "helm", "server", "engine_a", "engine_b", "slow_engine"
+}  # fmt: skip
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects by marker
 def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if PROCESS_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
     import torch
 
     if torch.cuda.is_available():

@@ -5,18 +5,13 @@ from __future__ import annotations
 
 import json
 import os
-import time
-from collections.abc import Callable
 
+import pytest
 from kvpilot_operator.local.cluster import LocalCluster
 
+from tests.support.kube import wait_for
 
-def wait_for(what: str, cond: Callable[[], bool], timeout_s: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}")
-        time.sleep(0.25)
+pytestmark = pytest.mark.slow  # every test here starts processes
 
 
 def gone(pid: int) -> bool:
@@ -93,7 +88,7 @@ def test_garbage_collector_deletes_dependents(cluster: LocalCluster) -> None:
         got = cluster.kubectl("get", "configmap", "lc-dependent", check=False)
         return got.returncode != 0 and "NotFound" in got.stderr
 
-    wait_for("the garbage collector to delete lc-dependent", dependent_gone, timeout_s=30.0)
+    wait_for("the garbage collector to delete lc-dependent", dependent_gone, timeout=30.0)
 
 
 def test_second_cluster_and_stop_leaves_no_processes(cluster: LocalCluster) -> None:

@@ -19,6 +19,8 @@ from kvpilot_operator.local.prometheus import (
 )
 from prometheus_client import CollectorRegistry, Counter, start_http_server
 
+pytestmark = pytest.mark.slow  # every test here starts processes
+
 LABELS = {"namespace": "ns1", "llmservice": "svc"}
 
 

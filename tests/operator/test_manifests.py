@@ -193,6 +193,7 @@ def test_unset_engine_knobs_leave_the_engine_defaults() -> None:
     assert engine_args_from(serve_namespace(args)) == defaults
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("example", sorted(EXAMPLES.glob("*.yaml")), ids=lambda p: p.name)
 def test_examples_render(example: Path) -> None:
     out = subprocess.run(
@@ -346,6 +347,7 @@ def test_pydantic_rejects_what_the_crd_rejects() -> None:
         ServingPolicy.model_validate({"metadata": {"name": "p"}, "spec": {"quantization": "x"}})
 
 
+@pytest.mark.slow
 def test_control_plane_commands_never_import_torch() -> None:
     """The operator image carries no torch: its code paths, and the CLI that starts them, must
     not import it."""

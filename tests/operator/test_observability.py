@@ -34,6 +34,7 @@ def test_generated_files_are_up_to_date() -> None:
     assert write(check=True) == [], "run `kvpilot observability`"
 
 
+@pytest.mark.slow
 def test_promtool_checks_and_unit_tests_the_rules(promtool: Path) -> None:
     check = subprocess.run(
         [str(promtool), "check", "rules", str(RULES_PATH)], capture_output=True, text=True
@@ -60,6 +61,7 @@ def test_promtool_checks_and_unit_tests_the_rules(promtool: Path) -> None:
     assert alerts == fired
 
 
+@pytest.mark.slow
 def test_dashboard_queries_are_valid_promql() -> None:
     queries = dashboard_queries()
     assert len(queries) >= 20

@@ -223,6 +223,7 @@ def test_params_from_a_resolved_spec() -> None:
     assert p.target_utilization == 0.7 and p.max_tokens_per_step == 2048 and not p.advisory
 
 
+@pytest.mark.slow
 def test_simulate_cli_on_the_bundled_trace(tmp_path: Path) -> None:
     out = tmp_path / "plot.png"
     proc = subprocess.run(

@@ -164,6 +164,7 @@ def test_parse_load_reads_kv_usage_and_queue() -> None:
     assert parse_load("") == (None, None)
 
 
+@pytest.mark.slow
 def test_the_router_never_imports_torch_or_the_engine() -> None:
     """The router ships in the operator image, which has no torch."""
     code = (
