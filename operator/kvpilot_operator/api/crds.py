@@ -1,4 +1,4 @@
-"""Generate the CustomResourceDefinitions from the pydantic models in `api.py`.
+"""Generate the CustomResourceDefinitions from the pydantic models in `types.py`.
 
 Kubernetes wants *structural* OpenAPI v3 schemas: every node typed, no `$ref`, no `null` type,
 and `anyOf`/`oneOf` only for value checks. pydantic's JSON Schema is close; `structural()` closes

@@ -1,7 +1,7 @@
 """The autoscaler's decision: a pure function of what Prometheus showed and the service's policy.
 
 `decide(params, state, obs) -> (Decision, new state)`. No I/O, no clock: the loop in
-`autoscaler.py`, the unit tests and `kvpilot autoscale simulate` all drive this same function.
+`loop.py`, the unit tests and `kvpilot autoscale simulate` all drive this same function.
 
 Two signals, combined:
 
@@ -62,7 +62,7 @@ class ScalingParams:
 
     @classmethod
     def from_spec(cls, spec: LLMServiceSpec) -> ScalingParams:
-        """From a spec already passed through `policy.resolve_spec` (every field set)."""
+        """From a spec already passed through `api.policies.resolve_spec` (every field set)."""
         s, slo = spec.scaling, spec.slo
         assert s is not None and slo is not None
         engine = spec.engine

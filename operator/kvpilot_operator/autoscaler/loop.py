@@ -1,4 +1,4 @@
-"""The autoscaler loop of one LLMService: observe (Prometheus), decide (`scaling.decide`), write.
+"""The autoscaler loop of one LLMService: observe (Prometheus), decide (`decision.decide`), write.
 
 The one writer of replicas: a change goes through the LLMService's scale subresource
 (`spec.replicas`), and the operator's reconcile carries it to the Deployment, exactly as

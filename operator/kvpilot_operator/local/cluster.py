@@ -238,7 +238,7 @@ class LocalCluster:
             # A component that died on its own is a bug to chase: keep what its log says.
             self.keep = True
             print(
-                f"kvpilot localcluster: {', '.join(crashed)} exited before stop(); "
+                f"kvpilot local cluster: {', '.join(crashed)} exited before stop(); "
                 f"keeping {self.workdir}",
                 file=sys.stderr,
             )

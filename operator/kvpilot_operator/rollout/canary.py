@@ -1,11 +1,8 @@
-"""Canary and shadow rollouts of one LLMService: judge, step, promote or roll back; summarise the
-shadow.
+"""The pure step of a canary rollout: judge, step, promote or roll back; and the shadow's health.
 
 `advance_canary` is pure: (spec.rollout.canary, status.canary, this step's analysis, now) -> the
-next status.canary and the events to post. `RolloutController` is the loop around it (a kopf
-daemon per service with a rollout): it reads the routers' client-side metrics from Prometheus,
-writes status, and asks for a reconcile, which renders the weights and Deployments that
-status.canary implies (`reconcile.plan_rollout`).
+next status.canary and the events to post. `controller.RolloutController` is the loop around it;
+the reconcile renders the weights and Deployments that status.canary implies (`plan.py`).
 """
 
 from __future__ import annotations
