@@ -20,7 +20,8 @@ def packaged(name: str) -> Path:
     if name not in DATA:
         raise ValueError(f"no packaged data folder {name!r} (there are: {', '.join(DATA)})")
     with resources.as_file(resources.files("kvpilot_operator") / "data" / name) as path:
-        return Path(path)
+        # Resolved: kubectl 1.20 reads a symlink to a folder as a file.
+        return Path(path).resolve()
 
 
 def source_tree() -> Path | None:
