@@ -2,6 +2,21 @@
 
 `from kvpilot_engine import LLM, SamplingParams`. Names load lazily so that `kvpilot` commands
 which do not run a model (the operator's) never import torch.
+
+Modules, from the API down:
+- requests: `llm` (LLM, offline generation), `llm_engine` (LLMEngine: add requests, step, return
+  outputs), `sampling_params`, `outputs`, `tokenizer` (with incremental detokenizing).
+- scheduling: `scheduler` (which tokens run next), `block_manager` (the KV pool's blocks and the
+  prefix cache), `sequence`.
+- the device: `worker` (putting the model on its devices: each rank's shard, the KV pool's size,
+  CUDA graphs, the tensor-parallel processes), `model_runner` (one rank's step: inputs, forward,
+  sampling), `step_input` (a step as plain lists), `cuda_graph` (decode graphs), `sampler`.
+- the model: `models` (the Llama family), `attention` (paged attention's PyTorch reference: the
+  seam to the KV layout), `kernels` (Triton), `parallel` (tensor-parallel shards and
+  collectives), `quantization`, `device`.
+- checkpoints and settings: `loader`, `gguf_reader`, `config` (ModelConfig, EngineArgs),
+  `contracts` (torch-free: what the control plane may rely on).
+- commands: `cli` (`kvpilot`), `server` (`kvpilot serve`), `bench`, `eval`, `export`.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""CUDA graphs for decode steps, and the memory profile that sizes the KV pool on a GPU.
+"""CUDA graphs for decode steps (captured by the ModelRunner, on a GPU with one rank).
 
 A batch-1 decode step of a small model launches a few hundred kernels that each run for
 microseconds; launched one by one from Python, the GPU waits on the CPU. A CUDA graph replays
@@ -22,9 +22,9 @@ import torch
 
 from kvpilot_engine.attention import AttentionMetadata
 from kvpilot_engine.device import to_device
+from kvpilot_engine.step_input import StepInput
 
 if TYPE_CHECKING:
-    from kvpilot_engine.model_runner import StepInput
     from kvpilot_engine.models.llama import LlamaForCausalLM
 
 KVCaches = list[tuple[torch.Tensor, torch.Tensor]]
@@ -126,47 +126,3 @@ class DecodeGraphs:
         self.block_tables[:b, :width].copy_(to_device(tables, torch.int32, dev))
         self.replays[bs]()
         return self.outputs[:b]
-
-
-@torch.inference_mode()
-def profile_peak_memory(
-    model: LlamaForCausalLM,
-    max_num_batched_tokens: int,
-    max_num_seqs: int,
-    max_model_len: int,
-    block_size: int,
-    device: torch.device,
-    dtype: torch.dtype,
-) -> int:
-    """Peak bytes the largest step takes on top of what is allocated now (the weights): a
-    prefill of max_num_batched_tokens (as sequences no longer than max_model_len) over a
-    one-block cache, nothing stored, then logits and a sort for max_num_seqs rows as the
-    sampler does. The KV pool gets what is left under gpu_memory_utilization."""
-    from kvpilot_engine.model_runner import ModelRunner, StepInput
-
-    torch.cuda.synchronize(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    base = torch.cuda.memory_allocated(device)
-    runner = ModelRunner(model, model.config, 1, block_size, device, dtype)
-    step = StepInput()
-    left = max_num_batched_tokens
-    while left > 0:
-        n = min(left, max_model_len)
-        step.input_ids.extend([0] * n)
-        step.positions.extend(range(n))
-        step.slots.extend([-1] * n)
-        step.query_start_loc.append(step.query_start_loc[-1] + n)
-        step.context_lens.append(n)
-        step.block_tables.append([0] * -(-n // block_size))
-        step.prefill_seqs.append(len(step.context_lens) - 1)
-        left -= n
-    total = len(step.input_ids)
-    step.sample_rows = list(range(max(0, total - max_num_seqs), total))
-    logits = runner.run(step)
-    assert logits is not None
-    logits.float().softmax(dim=-1).sort(dim=-1, descending=True)
-    torch.cuda.synchronize(device)
-    peak = torch.cuda.max_memory_allocated(device) - base
-    del runner, logits
-    torch.cuda.empty_cache()
-    return peak

@@ -2,45 +2,31 @@
 
 This is the API the server drives from its engine loop and the offline `LLM` drives in a loop.
 It owns the tokenizer (prompts in, incremental text out), stop conditions and per-request timing;
-the Scheduler decides what runs, the ModelRunner runs it.
+the Scheduler decides what runs, the ModelRunner runs it. Putting the model on its devices (loading,
+sizing the KV pool, CUDA graphs, the tensor-parallel ranks) is the Worker's (worker.py).
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
-import os
 import time
-import weakref
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
 from kvpilot_engine.block_manager import BlockManager
-from kvpilot_engine.config import EngineArgs, ModelConfig, parse_size, resolve_dtype
-from kvpilot_engine.cuda_graph import profile_peak_memory
-from kvpilot_engine.loader import Checkpoint, RandomCheckpoint, init_random, load_checkpoint
-from kvpilot_engine.model_runner import ModelRunner, kv_bytes_per_block
-from kvpilot_engine.models.llama import LlamaForCausalLM
+from kvpilot_engine.config import EngineArgs, ModelConfig
+from kvpilot_engine.loader import Checkpoint, load_checkpoint
 from kvpilot_engine.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
-from kvpilot_engine.parallel import Parallel, WorkerGroup, free_port, init_distributed
-from kvpilot_engine.quantization import (
-    QuantizationError,
-    check_supported,
-    quantize_model,
-    weight_bytes,
-)
 from kvpilot_engine.sampler import SampleResult
 from kvpilot_engine.sampling_params import RequestOutputKind, SamplingParams
 from kvpilot_engine.scheduler import ScheduledSeq, Scheduler, SchedulerOutput
 from kvpilot_engine.sequence import Sequence, SequenceStatus
 from kvpilot_engine.tokenizer import IncrementalDetokenizer, Tokenizer
+from kvpilot_engine.worker import Worker
 
 logger = logging.getLogger("kvpilot.engine")
-
-DEFAULT_CPU_KV_CACHE_MEMORY = 2 * 2**30
-MAX_GRAPH_BATCH = 512  # decode batches above this run eagerly (launch overhead is amortised)
 
 
 class InvalidRequestError(ValueError):
@@ -95,154 +81,25 @@ class _RequestState:
         return all(s.seq.is_finished for s in self.seqs)
 
 
-def rank_device(args: EngineArgs, rank: int) -> torch.device:
-    device = args.resolve_device()
-    if device.type == "cuda" and args.tensor_parallel_size > 1:
-        return torch.device("cuda", rank)  # one GPU per rank
-    return device
-
-
-def load_model(
-    ckpt: Checkpoint,
-    args: EngineArgs,
-    dtype: torch.dtype,
-    device: torch.device,
-    parallel: Parallel,
-) -> tuple[LlamaForCausalLM, dict[str, int]]:
-    """This rank's shard of the model, in `dtype` on `device`, then quantized as asked."""
-    with torch.device("meta"):
-        model = LlamaForCausalLM(parallel.local_config(ckpt.config), parallel)
-    model = model.to(dtype).to_empty(device=device)
-    if ckpt.config.tie_word_embeddings:
-        model.lm_head.weight = model.model.embed_tokens.weight
-    # The GPU path's rotary table must reach every position a sequence can have.
-    model.model.rotary.max_positions = max(
-        ckpt.config.max_position_embeddings, args.max_model_len or 0
-    )
-    if isinstance(ckpt, RandomCheckpoint):
-        init_random(model, args.seed)
-    else:
-        model.load_weights(parallel.shard_weights(ckpt.weights(), ckpt.config))
-    method = args.quantization
-    check_supported(method, device)
-    if method == "gguf" and not ckpt.quant_types():
-        raise QuantizationError(
-            "quantization 'gguf' keeps a GGUF file's quantized tensors; "
-            f"{ckpt.path} is not a GGUF file (use int8, int4 or fp8)"
-        )
-    # After sharding: each rank quantizes only its own slice.
-    quantized = quantize_model(model, method, args.quantization_group_size, ckpt.quant_types())
-    return model.eval(), quantized
-
-
-def _tensor_parallel_worker(
-    rank: int, size: int, port: int, conn: Any, args: EngineArgs, model_path: str
-) -> None:
-    """Ranks 1..size-1: load the shard, then run every step rank 0 sends, until told to stop or
-    until rank 0's end of the pipe closes."""
-    if os.environ.get("OMP_NUM_THREADS") is None:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // size))
-    try:
-        device = rank_device(args, rank)
-        ckpt = load_checkpoint(model_path)
-        dtype = resolve_dtype(args.dtype, ckpt.config.torch_dtype, device)
-        model, _ = load_model(ckpt, args, dtype, device, Parallel.for_rank(ckpt.config, rank, size))
-    except Exception as e:
-        conn.send(("error", f"{type(e).__name__}: {e}"))
-        return
-    conn.send(("ready",))
-    init_distributed(rank, size, port, device)
-    try:
-        msg = conn.recv()
-        if msg[0] != "init":
-            return
-        runner = ModelRunner(model, model.config, msg[1], args.block_size, device, dtype, args.seed)
-        while True:
-            msg = conn.recv()
-            if msg[0] != "step":
-                return
-            runner.run(msg[1])
-    except (EOFError, OSError, KeyboardInterrupt):  # rank 0 is gone
-        return
-    finally:
-        torch.distributed.destroy_process_group()
-
-
-def _stop_tensor_parallel(workers: WorkerGroup) -> None:
-    workers.shutdown()
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
-
-
 class LLMEngine:
     def __init__(self, args: EngineArgs, checkpoint: Checkpoint | None = None):
         self.args = args
-        self.device = rank_device(args, 0)
         ckpt = checkpoint or load_checkpoint(args.model)
         self.checkpoint = ckpt
         self.model_config: ModelConfig = ckpt.config
         self.tokenizer: Tokenizer = ckpt.tokenizer
-        self.dtype = resolve_dtype(args.dtype, ckpt.config.torch_dtype, self.device)
-        cfg = self.model_config
+        self.worker = worker = Worker(args, ckpt)
+        self.model_runner = worker.model_runner
+        # What the worker made, for the server's metrics, the benchmarks and the tests.
+        self.device, self.dtype, self.model = worker.device, worker.dtype, worker.model
+        self.max_model_len = worker.max_model_len
+        self.num_blocks, self.kv_cache_bytes = worker.num_blocks, worker.kv_cache_bytes
+        self.quantized_layers, self.weight_bytes = worker.quantized_layers, worker.weight_bytes
+        self.load_time, self.graph_capture_time = worker.load_time, worker.graph_capture_time
 
-        max_len = args.max_model_len or cfg.max_position_embeddings
-        if cfg.sliding_window and cfg.sliding_window < max_len:
-            # Attention here is full causal: within the window it equals sliding-window attention.
-            logger.warning(
-                "capping max_model_len to the model's sliding window %d", cfg.sliding_window
-            )
-            max_len = cfg.sliding_window
-        self.max_model_len = max_len
-
-        tp = args.tensor_parallel_size
-        parallel = Parallel.for_rank(cfg, 0, tp)  # fails on an impossible split, before spawning
-        self._workers: WorkerGroup | None = None
-        self._finalizer: weakref.finalize | None = None
-        t0 = time.perf_counter()
-        if tp > 1 and torch.distributed.is_initialized():
-            raise RuntimeError(
-                "torch.distributed is already initialised in this process: only one "
-                "tensor-parallel engine runs per process (shut the other one down first)"
-            )
-        if tp > 1:
-            port = free_port()
-            self._workers = WorkerGroup(_tensor_parallel_worker, tp, port, (args, str(ckpt.path)))
-            self._finalizer = weakref.finalize(self, _stop_tensor_parallel, self._workers)
-        try:
-            self.model, self.quantized_layers = load_model(
-                ckpt, args, self.dtype, self.device, parallel
-            )
-            if self._workers is not None:
-                self._workers.wait_ready()
-                init_distributed(0, tp, port, self.device)
-        except BaseException:
-            self.shutdown()
-            raise
-        self.load_time = time.perf_counter() - t0
-        self.weight_bytes = weight_bytes(self.model)
-
-        # This rank's share of a block; rank 0 holds the most KV heads, so it bounds the others.
-        block_bytes = kv_bytes_per_block(self.model.config, args.block_size, self.dtype)
-        if args.num_kv_blocks is not None:
-            num_blocks = args.num_kv_blocks
-        else:
-            if args.kv_cache_memory is not None:
-                budget = parse_size(args.kv_cache_memory)
-            elif self.device.type == "cuda":
-                budget = self._gpu_kv_budget()
-            else:
-                budget = DEFAULT_CPU_KV_CACHE_MEMORY
-            num_blocks = budget // block_bytes
-        if num_blocks * args.block_size < self.max_model_len:
-            self.shutdown()
-            raise ValueError(
-                f"the KV cache holds {num_blocks * args.block_size} tokens ({num_blocks} blocks of "
-                f"{args.block_size}), fewer than max_model_len={self.max_model_len}; raise "
-                "kv_cache_memory or lower max_model_len"
-            )
-        self.num_blocks = num_blocks
-        self.kv_cache_bytes = num_blocks * block_bytes
-        self.block_manager = BlockManager(num_blocks, args.block_size, args.enable_prefix_caching)
+        self.block_manager = BlockManager(
+            self.num_blocks, args.block_size, args.enable_prefix_caching
+        )
         self.scheduler = Scheduler(
             self.block_manager,
             max_num_seqs=args.max_num_seqs,
@@ -250,24 +107,6 @@ class LLMEngine:
             policy=args.scheduling_policy,
             enable_chunked_prefill=args.enable_chunked_prefill,
         )
-        self.model_runner = ModelRunner(
-            self.model,
-            self.model.config,
-            num_blocks,
-            args.block_size,
-            self.device,
-            self.dtype,
-            args.seed,
-        )
-        if self._workers is not None:
-            self._workers.send(("init", num_blocks))
-            self.model_runner.workers = self._workers
-        self.graph_capture_time: float | None = None
-        if self.device.type == "cuda" and not args.enforce_eager and tp == 1:
-            # (Tensor parallel runs eagerly: each rank would need its own graphs, NCCL in them.)
-            self.graph_capture_time = self.model_runner.capture_graphs(
-                min(args.max_num_seqs, MAX_GRAPH_BATCH), self.max_model_len
-            )
         self.requests: dict[str, _RequestState] = {}
         self._seq_ids = itertools.count()
         self._seqs: dict[int, _RequestState] = {}
@@ -280,41 +119,17 @@ class LLMEngine:
             ckpt.name,
             self.dtype,
             self.device,
-            tp,
+            args.tensor_parallel_size,
             args.quantization,
             self.quantized_layers or "",
             self.weight_bytes / 2**20,
-            num_blocks,
-            num_blocks * args.block_size,
+            self.num_blocks,
+            self.num_blocks * args.block_size,
             self.kv_cache_bytes / 2**20,
             self.max_model_len,
             self.load_time,
             "off" if self.graph_capture_time is None else f"{self.graph_capture_time:.1f}s",
         )
-
-    def _gpu_kv_budget(self) -> int:
-        """What is left of gpu_memory_utilization x the GPU after the weights, the CUDA context,
-        any other process, and the peak of the largest step (measured by running it)."""
-        args = self.args
-        peak = profile_peak_memory(
-            self.model,
-            args.max_num_batched_tokens,
-            args.max_num_seqs,
-            self.max_model_len,
-            args.block_size,
-            self.device,
-            self.dtype,
-        )
-        free, total = torch.cuda.mem_get_info(self.device)
-        budget = int(total * args.gpu_memory_utilization) - (total - free) - peak
-        if budget <= 0:
-            raise ValueError(
-                f"no GPU memory left for the KV cache: {(total - free) / 2**30:.1f} GiB in use, "
-                f"{peak / 2**30:.1f} GiB for the largest step, "
-                f"gpu_memory_utilization={args.gpu_memory_utilization} of "
-                f"{total / 2**30:.1f} GiB; raise it or lower max_num_batched_tokens"
-            )
-        return budget
 
     @classmethod
     def from_engine_args(cls, args: EngineArgs) -> LLMEngine:
@@ -323,8 +138,7 @@ class LLMEngine:
     def shutdown(self) -> None:
         """Stop the tensor-parallel worker processes (a no-op with one rank). Idempotent; also
         runs when the engine is collected or the interpreter exits."""
-        if self._finalizer is not None:
-            self._finalizer()
+        self.worker.shutdown()
 
     # ---- requests ----------------------------------------------------------------------------
     def add_request(

@@ -1,14 +1,15 @@
-"""ModelRunner: owns the model and the KV pool, and turns a SchedulerOutput into sampled tokens.
+"""ModelRunner: one rank's model and KV pool; turns a SchedulerOutput into sampled tokens.
 
 One step is one forward pass over the flattened tokens of every scheduled sequence, decodes and
-prefill chunks alike, with a slot per token and a block table per sequence.
+prefill chunks alike, with a slot per token and a block table per sequence. The runner is handed
+a loaded model and a pool size; loading, sizing the pool and starting the other tensor-parallel
+ranks is worker.py's part.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from collections.abc import Callable
 
 import torch
 
@@ -25,9 +26,7 @@ from kvpilot_engine.models.llama import LlamaForCausalLM
 from kvpilot_engine.sampler import Sampler, SampleResult
 from kvpilot_engine.scheduler import SchedulerOutput
 from kvpilot_engine.sequence import Sequence
-
-if TYPE_CHECKING:
-    from kvpilot_engine.parallel import WorkerGroup
+from kvpilot_engine.step_input import StepInput
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 
@@ -52,35 +51,6 @@ def tune_cpu_allocator() -> bool:
         return False
 
 
-@dataclass
-class StepInput:
-    """One step's inputs as plain lists: built once on rank 0 from the SchedulerOutput, and sent
-    as they are to the other tensor-parallel ranks, which build their own tensors from them."""
-
-    input_ids: list[int] = field(default_factory=list)
-    positions: list[int] = field(default_factory=list)
-    slots: list[int] = field(default_factory=list)
-    query_start_loc: list[int] = field(default_factory=lambda: [0])
-    context_lens: list[int] = field(default_factory=list)
-    block_tables: list[list[int]] = field(default_factory=list)
-    decode_seqs: list[int] = field(default_factory=list)
-    prefill_seqs: list[int] = field(default_factory=list)
-    sample_rows: list[int] = field(default_factory=list)  # last token of each finished chunk
-    all_rows: bool = False
-
-
-def kv_bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
-    elem = torch.tensor([], dtype=dtype).element_size()
-    return (
-        2
-        * config.num_hidden_layers
-        * block_size
-        * config.num_key_value_heads
-        * config.head_dim
-        * elem
-    )
-
-
 class ModelRunner:
     def __init__(
         self,
@@ -91,7 +61,10 @@ class ModelRunner:
         device: torch.device,
         dtype: torch.dtype,
         seed: int = 0,
+        broadcast: Callable[[StepInput], None] | None = None,
     ):
+        """`broadcast`, on rank 0 of a tensor-parallel engine: sends a step's inputs to the other
+        ranks, which run the same forward pass alongside this one."""
         if device.type == "cpu":
             tune_cpu_allocator()
         self.model = model
@@ -112,8 +85,7 @@ class ModelRunner:
         self.default_generator = torch.Generator(device=device)
         self.default_generator.manual_seed(seed)
         self._generators: dict[int, torch.Generator] = {}
-        # Set on rank 0 of a tensor-parallel engine: each step's inputs go to the other ranks.
-        self.workers: WorkerGroup | None = None
+        self.broadcast = broadcast
         self.graphs: DecodeGraphs | None = None
 
     def capture_graphs(self, max_batch: int, max_model_len: int) -> float:
@@ -216,8 +188,8 @@ class ModelRunner:
         return self.model.compute_logits(hidden)
 
     def _run_everywhere(self, step: StepInput) -> torch.Tensor | None:
-        if self.workers is not None:
-            self.workers.send(("step", step))
+        if self.broadcast is not None:
+            self.broadcast(step)
         return self.run(step)
 
     def execute(self, out: SchedulerOutput) -> dict[int, SampleResult]:

@@ -7,27 +7,18 @@ vocabulary are split into contiguous ranges too. Column-parallel layers (qkv_pro
 keep their rows of the shard; row-parallel ones (o_proj, down_proj) keep their input columns and
 all-reduce the output. With one rank nothing here touches torch.distributed.
 
-The ranks are processes: the engine is rank 0 and spawns the others (`WorkerGroup`). Step inputs
-travel over multiprocessing pipes, not torch.distributed, whose timeout would kill an idle server.
+The ranks themselves (their processes, the process group, the loop each runs) are worker.py's.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import multiprocessing as mp
-import socket
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from datetime import timedelta
-from typing import Any
 
 import torch
 
 from kvpilot_engine.config import ModelConfig
-
-# A collective only waits for the other ranks to reach the same step, never for requests.
-COLLECTIVE_TIMEOUT = timedelta(minutes=10)
 
 
 def split_range(n: int, size: int, rank: int) -> tuple[int, int]:
@@ -156,86 +147,3 @@ class Parallel:
         parts = [torch.empty_like(logits) for _ in range(self.size)]
         torch.distributed.all_gather(parts, logits.contiguous())
         return torch.cat([p[:, :n] for p, n in zip(parts, sizes, strict=True)], dim=-1)
-
-
-# ---- processes -------------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def init_distributed(rank: int, size: int, port: int, device: torch.device) -> None:
-    if torch.distributed.is_initialized():
-        raise RuntimeError(
-            "torch.distributed is already initialised in this process: only one tensor-parallel "
-            "engine can run per process (shut the other one down first)"
-        )
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    torch.distributed.init_process_group(
-        "nccl" if device.type == "cuda" else "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=size,
-        timeout=COLLECTIVE_TIMEOUT,
-    )
-
-
-class WorkerGroup:
-    """Ranks 1..size-1 as spawned processes, each driven over its own pipe.
-
-    `target(rank, size, port, conn, *args)` runs in each; it must answer ("ready",) or
-    ("error", message) once its shard is loaded, then serve messages until ("shutdown",) or the
-    end of its pipe (this process died)."""
-
-    def __init__(self, target: Callable[..., None], size: int, port: int, args: tuple[Any, ...]):
-        ctx = mp.get_context("spawn")  # fork would copy a process that may already run threads
-        self.conns: list[Any] = []
-        self.procs: list[Any] = []
-        self._closed = False
-        for rank in range(1, size):
-            parent, child = ctx.Pipe()
-            proc = ctx.Process(
-                target=target,
-                args=(rank, size, port, child, *args),
-                daemon=True,
-                name=f"kvpilot-tp-rank{rank}",
-            )
-            proc.start()
-            child.close()  # so a dead worker shows here as EOF on our end
-            self.conns.append(parent)
-            self.procs.append(proc)
-
-    def wait_ready(self) -> None:
-        for rank, (conn, proc) in enumerate(zip(self.conns, self.procs, strict=True), start=1):
-            while not conn.poll(0.5):
-                if not proc.is_alive():
-                    raise RuntimeError(
-                        f"tensor-parallel rank {rank} exited (code {proc.exitcode}) while loading"
-                    )
-            try:
-                msg = conn.recv()
-            except EOFError:
-                raise RuntimeError(f"tensor-parallel rank {rank} exited while loading") from None
-            if msg[0] == "error":
-                raise RuntimeError(f"tensor-parallel rank {rank} failed to load: {msg[1]}")
-
-    def send(self, msg: tuple[Any, ...]) -> None:
-        for conn in self.conns:
-            conn.send(msg)
-
-    def shutdown(self, timeout: float = 10.0) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        for conn in self.conns:
-            with contextlib.suppress(OSError, EOFError):  # already gone
-                conn.send(("shutdown",))
-        for proc in self.procs:
-            proc.join(timeout)
-            if proc.is_alive():  # stuck in a collective whose peer is gone
-                proc.terminate()
-                proc.join(timeout)
-        for conn in self.conns:
-            conn.close()

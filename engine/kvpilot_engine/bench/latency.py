@@ -58,8 +58,8 @@ class LatencyResult:
 
 def measure(args: EngineArgs, input_len: int, output_len: int, iters: int, seed: int):
     from kvpilot_engine.llm_engine import LLMEngine
-    from kvpilot_engine.model_runner import kv_bytes_per_block
     from kvpilot_engine.sampling_params import SamplingParams
+    from kvpilot_engine.worker import kv_bytes_per_block
 
     engine = LLMEngine(args)
     rng = random.Random(seed)

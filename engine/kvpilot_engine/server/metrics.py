@@ -13,14 +13,14 @@ import dataclasses
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from kvpilot_engine.llm_engine import EngineStats
-from kvpilot_engine.outputs import RequestOutput
 from kvpilot_engine.contracts import (
     ITL_BUCKETS,
     REQUEST_LATENCY_BUCKETS,
     STEP_BUCKETS,
     TTFT_BUCKETS,
 )
+from kvpilot_engine.llm_engine import EngineStats
+from kvpilot_engine.outputs import RequestOutput
 
 TOKEN_BUCKETS = (0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
 
