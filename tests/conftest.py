@@ -65,17 +65,19 @@ def make_smollm2(smollm2_checkpoint):
     return make
 
 
-# Fixtures that start processes (a cluster, Prometheus, helm, `kvpilot serve`): a test that uses
-# one, directly or through another fixture, is slow without saying so itself.
-PROCESS_FIXTURES = {
-    "cluster", "prometheus", "helm", "server", "engine_a", "engine_b", "slow_engine"
+# Fixtures that start processes (a cluster, Prometheus, helm, `kvpilot serve`), or that run
+# SmolLM2 end to end (seconds a test on 2 cores): a test that uses one, directly or through
+# another fixture, is slow without saying so itself.
+SLOW_FIXTURES = {
+    "cluster", "prometheus", "helm", "server", "engine_a", "engine_b", "slow_engine",
+    "make_smollm2", "hf_smollm2",
 }  # fmt: skip
 
 
 @pytest.hookimpl(tryfirst=True)  # before `-m` deselects by marker
 def pytest_collection_modifyitems(config, items):
     for item in items:
-        if PROCESS_FIXTURES & set(getattr(item, "fixturenames", ())):
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
     import torch
 

@@ -43,6 +43,7 @@ def test_random_model_generates_deterministically():
     assert tokens[0] != tokens[2]  # another seed, other weights
 
 
+@pytest.mark.slow
 def test_bench_latency_reports_each_quantization(tmp_path, capsys):
     out = tmp_path / "latency.json"
     rc = main(

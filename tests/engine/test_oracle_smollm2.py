@@ -7,7 +7,7 @@ import pytest
 import torch
 from kvpilot_engine import SamplingParams
 
-from .hf_oracle import hf_greedy, hf_logits
+from tests.support.oracle import hf_greedy, hf_logits
 
 PROMPTS = [
     "The capital of France is",

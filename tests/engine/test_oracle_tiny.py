@@ -10,60 +10,9 @@ import pytest
 import torch
 from kvpilot_engine import LLM, SamplingParams
 
-from .hf_oracle import hf_greedy, hf_logits
+from tests.support.oracle import CASES, COMMON, hf_greedy, hf_logits
 
-COMMON = dict(
-    vocab_size=49152,  # the SmolLM2 tokenizer is copied into each folder
-    hidden_size=96,
-    intermediate_size=192,
-    num_hidden_layers=2,
-    max_position_embeddings=512,
-    initializer_range=0.15,  # peaked distributions, so greedy has clear winners
-    bos_token_id=1,
-    eos_token_id=2,
-)
-
-CASES = {
-    # GQA group 1 (plain MHA) with llama3 rope scaling.
-    "llama": dict(
-        cls="LlamaForCausalLM",
-        cfg="LlamaConfig",
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        rope_scaling={
-            "rope_type": "llama3",
-            "factor": 8.0,
-            "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0,
-            "original_max_position_embeddings": 64,
-        },
-    ),
-    # GQA group 2, tied embeddings.
-    "mistral": dict(
-        cls="MistralForCausalLM",
-        cfg="MistralConfig",
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=True,
-        sliding_window=None,
-    ),
-    # GQA group 3, qkv bias.
-    "qwen2": dict(
-        cls="Qwen2ForCausalLM",
-        cfg="Qwen2Config",
-        num_attention_heads=6,
-        num_key_value_heads=2,
-    ),
-    # GQA group 4, q/k norm, head_dim not hidden/heads.
-    "qwen3": dict(
-        cls="Qwen3ForCausalLM",
-        cfg="Qwen3Config",
-        num_attention_heads=8,
-        num_key_value_heads=2,
-        head_dim=32,
-        tie_word_embeddings=False,
-    ),
-}
+pytestmark = pytest.mark.slow  # transformers and the engine on four models
 
 
 def write_tiny_model(path: Path, name: str, tokenizer) -> Path:

@@ -98,6 +98,7 @@ def engines() -> Iterator[dict[str, LLMEngine]]:
     yield {q: LLMEngine(EngineArgs(quantization=q, **ARGS)) for q in ("none", "int8", "int4")}
 
 
+@pytest.mark.slow
 def test_weight_memory(engines: dict[str, LLMEngine]) -> None:
     # The float engine holds float32 on CPU; bf16 is exactly half of it.
     bf16 = engines["none"].weight_bytes / 2
@@ -118,6 +119,7 @@ def test_perplexity_on_cpython_docs(engines: dict[str, LLMEngine]) -> None:
     assert ppl["int4"] <= 1.35 * ppl["none"], ppl
 
 
+@pytest.mark.slow
 def test_gguf_mode_keeps_the_files_grids(engines: dict[str, LLMEngine]) -> None:
     gguf = LLMEngine(EngineArgs(quantization="gguf", **ARGS))
     assert gguf.quantized_layers == {"int4": 120, "int8 embedding": 1}
@@ -128,6 +130,7 @@ def test_gguf_mode_keeps_the_files_grids(engines: dict[str, LLMEngine]) -> None:
     assert gguf.weight_bytes < 0.45 * engines["none"].weight_bytes / 2
 
 
+@pytest.mark.slow
 def test_fp8_reference_on_cpu_and_gguf_needs_a_gguf(tmp_path) -> None:  # type: ignore[no-untyped-def]
     fp8 = LLMEngine(EngineArgs(quantization="fp8", **ARGS))
     assert fp8.quantized_layers["fp8"] == 120
@@ -139,6 +142,7 @@ def test_fp8_reference_on_cpu_and_gguf_needs_a_gguf(tmp_path) -> None:  # type: 
         LLMEngine(EngineArgs(model=str(folder), quantization="gguf", **ARGS))
 
 
+@pytest.mark.slow
 def test_eval_perplexity_cli() -> None:
     import subprocess
     import sys

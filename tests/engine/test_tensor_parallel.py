@@ -15,7 +15,7 @@ from kvpilot_engine.config import EngineArgs, ModelConfig
 from kvpilot_engine.llm_engine import LLMEngine
 from kvpilot_engine.parallel import Parallel, split_range
 
-from .test_oracle_tiny import CASES, COMMON
+from tests.support.oracle import CASES, COMMON
 
 LIGHT = dict(max_model_len=1024, kv_cache_memory="128MiB")
 PROMPTS = [

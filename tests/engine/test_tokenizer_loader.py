@@ -29,6 +29,7 @@ def hf_tokenizer(smollm2_path):
     )
 
 
+@pytest.mark.slow
 def test_gguf_tokenizer_matches_transformers(smollm2_checkpoint, hf_tokenizer):
     tok = smollm2_checkpoint.tokenizer
     for text in TEXTS:
@@ -109,6 +110,7 @@ def test_engine_args_validation():
         EngineArgs(scheduling_policy="lifo")
 
 
+@pytest.mark.slow
 def test_request_validation(make_smollm2):
     llm = make_smollm2(max_model_len=64)
     engine = llm.llm_engine
@@ -129,6 +131,7 @@ def test_request_validation(make_smollm2):
     engine.check_no_leaks()
 
 
+@pytest.mark.slow
 def test_export_gguf_as_hf_folder(tmp_path, smollm2_checkpoint, hf_tokenizer, hf_smollm2):
     """The exported folder loads in transformers (no GGUF involved) and in kvpilot, and both
     compute the logits of the GGUF model."""

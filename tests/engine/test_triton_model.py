@@ -121,6 +121,7 @@ class EagerReplays(DecodeGraphs):
         self._forward(bs)
 
 
+@pytest.mark.slow
 def test_decode_graph_buffers_match_eager_steps(monkeypatch):
     """Decode steps through DecodeGraphs' static buffers (5 sequences in the size-8 buffers,
     then fewer as they finish) give the eager path's tokens, on a random tiny Llama."""

@@ -20,7 +20,9 @@ import httpx
 import pytest
 from kvpilot_operator.router.sse import choice_texts
 
-from tests.router.conftest import (
+from tests.support.engine import Server, free_port, samples, scrape, wait_idle
+from tests.support.kube import wait_for
+from tests.support.router import (
     SLOW_STEP_S,
     Router,
     erroring_server,
@@ -28,9 +30,7 @@ from tests.router.conftest import (
     run_router,
     total,
     value,
-    wait_for,
 )
-from tests.server.conftest import Server, free_port, samples, scrape, wait_idle
 
 pytestmark = pytest.mark.slow
 

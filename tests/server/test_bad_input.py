@@ -9,7 +9,7 @@ import httpx
 import pytest
 from kvpilot_engine.server.protocol import MAX_N
 
-from tests.server.conftest import MAX_MODEL_LEN, MODEL, wait_idle
+from tests.support.engine import MAX_MODEL_LEN, MODEL, wait_idle
 
 OK_COMPLETION = {"model": MODEL, "prompt": "Hello", "max_tokens": 2}
 OK_CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}

@@ -14,7 +14,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.server.conftest import MODEL, metric, run_server, scrape, wait_idle
+from tests.support.engine import MODEL, metric, run_server, scrape, wait_idle
+
+pytestmark = pytest.mark.slow  # every test starts `kvpilot serve`
 
 LONG = {"max_tokens": 200, "ignore_eos": True}  # far longer than any test waits for
 

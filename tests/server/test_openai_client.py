@@ -8,7 +8,7 @@ import httpx
 import pytest
 from openai import AsyncOpenAI, OpenAI
 
-from tests.server.conftest import MODEL, wait_idle
+from tests.support.engine import MODEL, wait_idle
 
 
 @pytest.fixture(scope="module")
