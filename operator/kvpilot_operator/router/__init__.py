@@ -9,5 +9,6 @@ ConfigMap `<service>-router` and the service's ready pods.
 Modules: `config` (the route JSON), `table` (routing state and choices), `admission` (bounded
 in-flight and queue), `sse` (events and generated text), `discovery` (sources and load scraping),
 `metrics`, `shadow`, `proxy` (the ASGI app), `server` (`run_router`), `bench`.
-No torch here, and nothing from the engine but `kvpilot_engine.contracts`.
+No torch here, and nothing from the engine but its torch-free `contracts` (the histogram
+buckets) and `server.logs` (the one structlog setup).
 """
