@@ -6,13 +6,14 @@ them. Field names are camelCase on the wire (Kubernetes convention), snake_case 
 
 Fields a ServingPolicy can supply (engine knobs, SLO, scaling, quantization) carry no default in
 the schema: an unset field means "take the policy's value, else the built-in default"
-(`kvpilot_operator.policy.resolve_spec`). Only fields no policy touches have schema defaults.
+(`kvpilot_operator.api.policies.resolve_spec`). Only fields no policy touches have schema defaults.
 """
 
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
+from kvpilot_engine.contracts import QUANTIZATIONS
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic.alias_generators import to_camel
 
@@ -25,6 +26,9 @@ INT_OR_STRING: dict[str, Any] = {"x-kubernetes-int-or-string": True}
 QUANTITY_PATTERN = r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$"
 DURATION_PATTERN = r"^[0-9]+(s|m|h)$"
 DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+
+# The `--quantization` methods this release's engine implements (the engine's own list).
+Quantization = Literal[QUANTIZATIONS]  # type: ignore[valid-type]
 
 Quantity = Annotated[
     int | str,
@@ -204,7 +208,7 @@ class ShadowSpec(_Model):
     model: ModelSpec | None = Field(None, description="Model of the shadow (default: primary's).")
     image: str | None = None
     engine: EngineSpec | None = None
-    quantization: Literal["none", "int8", "int4", "fp8", "gguf"] | None = Field(
+    quantization: Quantization | None = Field(
         None, description="Quantization of the shadow (default: primary's)."
     )
     replicas: int = Field(1, ge=1, le=100, description="Shadow engine replicas (not autoscaled).")
@@ -253,7 +257,7 @@ class LLMServiceSpec(_Model):
         description="Desired engine replicas; written by the autoscaler (scale subresource).",
     )
     slo: SLOSpec | None = Field(None, description="Latency objectives (the autoscaler's target).")
-    quantization: Literal["none", "int8", "int4", "fp8", "gguf"] | None = Field(
+    quantization: Quantization | None = Field(
         None, description="Weight quantization (`gguf`: keep a GGUF file's quantized tensors)."
     )
     # `default: {}` lets the API server fill the nested defaults even when the block is absent.
@@ -378,7 +382,7 @@ class ServingPolicySpec(_Model):
 
     description: str | None = None
     slo: SLOSpec | None = None
-    quantization: Literal["none", "int8", "int4", "fp8", "gguf"] | None = None
+    quantization: Quantization | None = None
     engine: EngineSpec | None = None
     scaling: ScalingSpec | None = None
 
