@@ -81,9 +81,6 @@ class MemoryKube:
         obj["status"] = copy.deepcopy(status)
         self._store(obj)
 
-    def names(self, kind: str, namespace: str) -> list[str]:
-        return sorted(k[3] for k in self.objects if k[1] == kind and k[2] == namespace)
-
     def _store(self, obj: dict[str, Any]) -> dict[str, Any]:
         meta = obj["metadata"]
         meta["resourceVersion"] = str(next(self._versions))

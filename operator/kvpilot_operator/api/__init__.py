@@ -4,6 +4,6 @@
   of truth for the CRDs.
 - `crds`: CustomResourceDefinitions and docs/crd-reference.md generated from `types`.
 - `policies`: the shipped ServingPolicy presets, and `resolve`: an LLMService body plus its
-  policy -> the effective spec, used by the reconcile, the autoscaler and the rollout controller.
+  policy -> the effective spec, used by the reconcile and the autoscaler.
 - `names`: labels, selectors and derived object names shared by every part.
 """

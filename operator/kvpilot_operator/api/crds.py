@@ -300,4 +300,3 @@ def reference_markdown() -> str:
         columns = ", ".join(c["name"] for c in version["additionalPrinterColumns"])
         out += [f"Printer columns: {columns}.", ""]
     return "\n".join(out).rstrip() + "\n"
-

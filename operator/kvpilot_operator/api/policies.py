@@ -1,8 +1,9 @@
 """Resolve an LLMService's effective spec: built-in defaults < its ServingPolicy < its own fields.
 
 Pure functions over the pydantic models (the policy is fetched by a function the caller passes).
-The reconcile, the autoscaler and the rollout controller call `resolve`, and `kvpilot render`
-calls `resolve_spec` over the presets, so all of them agree on what a service means.
+The reconcile and the autoscaler call `resolve`, and `kvpilot render` calls `resolve_spec` over
+the presets, so all of them agree on what a service means; the rollout controller, which reads
+only spec.rollout (no policy sets it), shares `parse`.
 """
 
 from __future__ import annotations
