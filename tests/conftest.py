@@ -77,7 +77,8 @@ SLOW_FIXTURES = {
 @pytest.hookimpl(tryfirst=True)  # before `-m` deselects by marker
 def pytest_collection_modifyitems(config, items):
     for item in items:
-        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+        # A gpu test compiles Triton kernels, which runs ptxas: a process, so the slow tier.
+        if "gpu" in item.keywords or SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
     import torch
 

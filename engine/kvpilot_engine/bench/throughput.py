@@ -9,6 +9,7 @@ counts only the requested output tokens, not the padding it also computes.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import platform
 import random
@@ -69,19 +70,28 @@ def bench_kvpilot(args: EngineArgs, work: Workload) -> tuple[float, object]:
     return elapsed, llm
 
 
-def bench_transformers(llm, work: Workload, batch_size: int) -> float:
+@dataclass
+class Baseline:
+    """What transformers' side needs from kvpilot's engine: the same weights, dtype, device."""
+
+    checkpoint: object
+    dtype: torch.dtype
+    device: torch.device
+    pad_token_id: int
+
+
+def bench_transformers(base: Baseline, work: Workload, batch_size: int) -> float:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from kvpilot_engine.loader import RandomCheckpoint
 
-    ckpt = llm.llm_engine.checkpoint
-    dtype = llm.llm_engine.dtype
+    ckpt, dtype, dev = base.checkpoint, base.dtype, base.device
     if isinstance(ckpt, RandomCheckpoint):
         # The same shape with its own random weights: EOS is ignored, values do not matter.
         assert ckpt.hf_config is not None
         hf = {k: v for k, v in ckpt.hf_config.items() if k not in ("architectures", "model_type")}
         config = AutoConfig.for_model(ckpt.hf_config["model_type"], **hf)
-        with torch.device(llm.llm_engine.device):
+        with torch.device(dev):
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     elif ckpt.path.suffix == ".gguf":
         model = AutoModelForCausalLM.from_pretrained(
@@ -89,10 +99,9 @@ def bench_transformers(llm, work: Workload, batch_size: int) -> float:
         )
     else:
         model = AutoModelForCausalLM.from_pretrained(str(ckpt.path), dtype=dtype)
-    model = model.to(llm.llm_engine.device).eval()
+    model = model.to(dev).eval()
     model.generation_config.eos_token_id = None  # ignore EOS, like kvpilot's ignore_eos
-    pad = llm.llm_engine.tokenizer.eos_token_id or 0
-    dev = llm.llm_engine.device
+    pad = base.pad_token_id
     order = list(range(len(work.prompts)))
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     t0 = time.perf_counter()
@@ -144,8 +153,18 @@ def run_throughput_bench(ns: argparse.Namespace, args: EngineArgs) -> int:
         "kvpilot_preemptions": llm.llm_engine.scheduler.num_preemptions,
     }
     print(f"kvpilot:      {kv_time:8.1f} s  {kv_tps:8.1f} output tok/s")
+    engine = llm.llm_engine
+    base = Baseline(
+        engine.checkpoint, engine.dtype, engine.device, engine.tokenizer.eos_token_id or 0
+    )
+    # kvpilot's KV pool takes most of a GPU's memory: give it back before transformers loads.
+    engine.shutdown()
+    del llm, engine
+    gc.collect()
+    if base.device.type == "cuda":
+        torch.cuda.empty_cache()
     if not ns.no_baseline:
-        hf_time = bench_transformers(llm, work, ns.hf_batch_size)
+        hf_time = bench_transformers(base, work, ns.hf_batch_size)
         hf_tps = work.total_output / hf_time
         result.update(
             {
