@@ -4,17 +4,24 @@
 - An owned Deployment/Service/PDB changed or deleted by someone else -> reconcile its owner
   (drift correction); a Deployment status change only refreshes the owner's status.
 - A ServingPolicy created/changed/deleted -> reconcile every LLMService that names it.
-- Each LLMService has an autoscaler daemon (when the operator knows a Prometheus): it writes
-  replicas through the scale subresource, which comes back here as an update.
-- Each LLMService with spec.rollout has a rollout daemon: it steps status.canary and asks for a
-  reconcile, which renders the weights and Deployments that status implies.
+- An index of LLMServices feeds two operator-wide loops (`controller.sweep`), started at startup
+  and stopped at cleanup, not a kopf daemon per service (a daemon holds a worker thread for its
+  service's life and makes kopf put a finalizer on it):
+  - the autoscaler (when the operator knows a Prometheus) evaluates every LLMService each
+    interval; it writes replicas through the scale subresource, which comes back here as an
+    update;
+  - the rollouts evaluate every LLMService with spec.rollout: they step status.canary and ask for
+    a reconcile, which renders the weights and Deployments that status implies.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import socket
 import threading
 from collections import defaultdict
+from collections.abc import Iterator
 from typing import Any
 
 import kopf
@@ -22,9 +29,11 @@ import kopf
 from kvpilot_operator.api.names import MANAGED_BY, SERVICE_LABEL, engine_name
 from kvpilot_operator.api.types import GROUP, VERSION
 from kvpilot_operator.autoscaler.loop import Autoscaler
+from kvpilot_operator.controller import events
 from kvpilot_operator.controller.kube import Kube
 from kvpilot_operator.controller.manifests import RenderOptions
 from kvpilot_operator.controller.reconcile import Outcome, reconcile
+from kvpilot_operator.controller.sweep import Key, Sweep
 from kvpilot_operator.observability import slo_series
 from kvpilot_operator.rollout.controller import RolloutController
 
@@ -32,27 +41,32 @@ OWNED = {"app.kubernetes.io/managed-by": MANAGED_BY}
 
 
 class State:
-    """Set by `run()` before the handlers fire."""
+    """Set by `cli.cmd_operator` before the handlers fire."""
 
     kube: Kube
     opts: RenderOptions
+    identity: str = socket.gethostname()  # this replica, in its events' reportingInstance
     autoscaler: Autoscaler | None = None
     rollouts: RolloutController | None = None
 
 
-def _report(body: Any, out: Outcome) -> None:
+def _kopf_emit(body: Any) -> events.Emit:
+    """Events from a handler, through kopf's queue."""
+
+    def emit(kind: str, reason: str, message: str) -> None:
+        kopf.event(body, type=kind, reason=reason, message=message)
+
+    return emit
+
+
+def _report(out: Outcome, emit: events.Emit) -> None:
     for action in out.actions:
-        kopf.info(body, reason="Applied", message=action)
+        emit("Normal", "Applied", action)
     if out.problem is not None:
-        kopf.warn(body, reason=out.problem.reason, message=out.problem.message)
+        emit("Warning", out.problem.reason, out.problem.message)
     if out.status and "conditions" in out.status:
         ready = next(c for c in out.status["conditions"] if c["type"] == "Ready")
-        kopf.event(
-            body,
-            type="Normal",
-            reason=f"Ready{ready['status']}",
-            message=f"{ready['reason']}: {ready['message']}",
-        )
+        emit("Normal", f"Ready{ready['status']}", f"{ready['reason']}: {ready['message']}")
 
 
 # kopf serialises handlers per object, but an LLMService is also reconciled from its owned objects'
@@ -64,7 +78,9 @@ def service_lock(namespace: str, name: str) -> threading.Lock:
     return _locks[(namespace, name)]
 
 
-def _reconcile_body(body: dict[str, Any], **kwargs: Any) -> Outcome:
+def _reconcile_body(
+    body: dict[str, Any], emit: events.Emit | None = None, **kwargs: Any
+) -> Outcome:
     meta = body["metadata"]
     with service_lock(meta["namespace"], meta["name"]):
         # The event's status may predate the autoscaler's last write; conditions are patched as
@@ -74,7 +90,7 @@ def _reconcile_body(body: dict[str, Any], **kwargs: Any) -> Outcome:
             body = {**body, "status": live.get("status")}
         out = reconcile(State.kube, body, State.opts, **kwargs)
     slo_series.export(meta["namespace"], meta["name"], out.spec)
-    _report(body, out)
+    _report(out, emit or _kopf_emit(body))
     if out.problem is not None and out.problem.reason == "ApplyFailed":
         # Transient (API server, admission, quota): retry with back-off, never crash.
         raise kopf.TemporaryError(out.problem.message, delay=15)
@@ -82,8 +98,9 @@ def _reconcile_body(body: dict[str, Any], **kwargs: Any) -> Outcome:
 
 
 def reconcile_now(body: dict[str, Any]) -> None:
-    """For the rollout controller: carry a status.canary change to the objects now."""
-    _reconcile_body(body)
+    """For the rollout loop: carry a status.canary change to the objects now. It runs outside
+    kopf's handlers, so its events are posted directly."""
+    _reconcile_body(body, events.emitter(State.kube, events.object_ref(body), State.identity))
 
 
 @kopf.on.resume(GROUP, VERSION, "llmservices")
@@ -98,39 +115,52 @@ def on_llmservice_deleted(namespace: str, name: str, **_: Any) -> None:
     slo_series.forget(namespace, name)  # the owned objects go with it (garbage collector)
 
 
-def _autoscaling(**_: Any) -> bool:
-    return State.autoscaler is not None
+@kopf.index(GROUP, VERSION, "llmservices")
+async def llmservices(
+    body: kopf.Body, namespace: str, name: str, spec: kopf.Spec, **_: Any
+) -> dict[Key, dict[str, Any]]:
+    """What the loops need of each LLMService: the object their events are about, and whether it
+    has a rollout. Kept in memory by kopf; no write to the object."""
+    return {
+        (namespace, name): {
+            "ref": events.object_ref(dict(body)),
+            "rollout": bool(spec.get("rollout")),
+        }
+    }
 
 
-# Not spawned without a Prometheus: a daemon that ends at once would still be recorded by kopf on
-# the object (a write per service at every operator start).
-@kopf.daemon(GROUP, VERSION, "llmservices", cancellation_timeout=10.0, when=_autoscaling)
-def autoscale(
-    body: kopf.Body, namespace: str, name: str, stopped: kopf.DaemonStopped, **_: Any
-) -> None:
-    assert State.autoscaler is not None
-
-    def emit(kind: str, reason: str, message: str) -> None:
-        kopf.event(body, type=kind, reason=reason, message=message)
-
-    State.autoscaler.run(namespace, name, stopped, emit)
+def _services(index: kopf.Index, *, rollout: bool = False) -> dict[Key, dict[str, Any]]:
+    return {
+        key: value
+        for key, store in index.items()
+        for value in store
+        if value["rollout"] or not rollout
+    }
 
 
-def _has_rollout(spec: kopf.Spec, **_: Any) -> bool:
-    return State.rollouts is not None and bool(spec.get("rollout"))
+def _sweeps(index: kopf.Index) -> Iterator[tuple[Sweep, Any]]:
+    """(loop, the services it evaluates) for the autoscaler and the rollouts, as configured."""
 
+    def emit(svc: dict[str, Any]) -> events.Emit:
+        return events.emitter(State.kube, svc["ref"], State.identity)
 
-@kopf.daemon(GROUP, VERSION, "llmservices", cancellation_timeout=10.0, when=_has_rollout)
-def rollout(
-    body: kopf.Body, namespace: str, name: str, stopped: kopf.DaemonStopped, **_: Any
-) -> None:
-    """Steps a canary through its weights on the routers' metrics; summarises the shadow."""
-    assert State.rollouts is not None
-
-    def emit(kind: str, reason: str, message: str) -> None:
-        kopf.event(body, type=kind, reason=reason, message=message)
-
-    State.rollouts.run(namespace, name, stopped, emit)
+    scaler, rollouts = State.autoscaler, State.rollouts
+    if scaler is not None:
+        sweep = Sweep(
+            "autoscaler",
+            scaler.interval,
+            evaluate=lambda key, svc: scaler.tick(*key, emit(svc)),
+            forget=lambda key: scaler.forget(*key),
+        )
+        yield sweep, lambda: _services(index)
+    if rollouts is not None:
+        sweep = Sweep(
+            "rollouts",
+            rollouts.interval,
+            evaluate=lambda key, svc: rollouts.tick(*key, emit(svc)),
+            forget=lambda key: rollouts.forget(*key),
+        )
+        yield sweep, lambda: _services(index, rollout=True)
 
 
 def _owner(body: kopf.Body) -> dict[str, Any] | None:
@@ -195,5 +225,26 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     )
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
     settings.posting.level = logging.INFO
+    settings.posting.reporting_component = events.COMPONENT
+    settings.posting.reporting_instance = State.identity
     settings.watching.server_timeout = 300
+    # Only handlers use these threads, each for one reconcile: the loops have pools of their own.
     settings.execution.max_workers = 8
+
+
+@kopf.on.startup()
+async def start_loops(memo: kopf.Memo, llmservices: kopf.Index, **_: Any) -> None:
+    """The autoscaler's and the rollouts' loops, fed by the index (filled once watching starts)."""
+    memo.loops_stopped = asyncio.Event()
+    memo.loops = [
+        asyncio.create_task(sweep.run(services, memo.loops_stopped), name=f"kvpilot {sweep.name}")
+        for sweep, services in _sweeps(llmservices)
+    ]
+
+
+@kopf.on.cleanup()
+async def stop_loops(memo: kopf.Memo, **_: Any) -> None:
+    stopped: asyncio.Event | None = getattr(memo, "loops_stopped", None)
+    if stopped is not None:
+        stopped.set()
+        await asyncio.gather(*memo.loops, return_exceptions=True)

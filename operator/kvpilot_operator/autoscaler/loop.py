@@ -1,4 +1,6 @@
-"""The autoscaler loop of one LLMService: observe (Prometheus), decide (`decision.decide`), write.
+"""The autoscaler's evaluation of an LLMService: observe (Prometheus), decide (`decision.decide`),
+write. The operator runs it for every LLMService each interval in one loop
+(`controller.sweep`, started by the handlers), with each service's state kept here.
 
 The one writer of replicas: a change goes through the LLMService's scale subresource
 (`spec.replicas`), and the operator's reconcile carries it to the Deployment, exactly as
@@ -71,7 +73,8 @@ HOLDS = Counter(
 
 @dataclass
 class ServiceLoop:
-    """State of one service's loop (lives as long as the kopf daemon)."""
+    """What one service's evaluations carry from one to the next (kept from its first evaluation
+    until it leaves the operator's index)."""
 
     state: ScalerState = field(default_factory=ScalerState)
     last_reason: str = ""
@@ -88,19 +91,19 @@ class Autoscaler:
     interval: float = 15.0
     lock: Callable[[str, str], Any] = field(default=lambda ns, name: threading.Lock())
     clock: Callable[[], float] = time.monotonic
+    # Per service, by (namespace, name): written only by that service's evaluation, which never
+    # runs twice at once.
+    loops: dict[tuple[str, str], ServiceLoop] = field(default_factory=dict)
 
-    def run(self, namespace: str, name: str, stopped: Any, emit: Emit) -> None:
-        """Until `stopped` (kopf's DaemonStopped) is set: evaluate, then wait one interval."""
-        loop = ServiceLoop()
-        try:
-            while not stopped.is_set():
-                try:
-                    self.evaluate(namespace, name, loop, emit)
-                except Exception:  # one bad evaluation must not end the loop
-                    log.exception("autoscaler evaluation failed for %s/%s", namespace, name)
-                stopped.wait(self.interval)
-        finally:
-            forget_metrics(namespace, name)
+    def tick(self, namespace: str, name: str, emit: Emit) -> Decision | None:
+        """One evaluation of the service, carrying on from its earlier ones."""
+        loop = self.loops.setdefault((namespace, name), ServiceLoop())
+        return self.evaluate(namespace, name, loop, emit)
+
+    def forget(self, namespace: str, name: str) -> None:
+        """The service is gone (or no longer watched): its state and its series go too."""
+        self.loops.pop((namespace, name), None)
+        forget_metrics(namespace, name)
 
     def evaluate(self, namespace: str, name: str, loop: ServiceLoop, emit: Emit) -> Decision | None:
         body = self.kube.get_llmservice(namespace, name)

@@ -5,4 +5,7 @@
   planned, report status.
 - `status`: status conditions and the status patch.
 - `kube`: the thin wrapper over the Kubernetes client the operator talks through.
+- `sweep`: the one operator-wide loop each that runs the autoscaler and the rollouts over every
+  LLMService, with bounded concurrency (instead of a kopf daemon per service).
+- `events`: Kubernetes events from those loops, which run outside kopf's handlers.
 """

@@ -3,5 +3,6 @@
 - `plan`: which revisions serve now (stable, canary and its weight), for the renderer.
 - `canary`: the pure step: judge a canary against stable, advance status.canary, summarise the
   shadow's health.
-- `controller`: the loop that reads the routers' metrics and moves status.canary on.
+- `controller`: one evaluation of a service: read the routers' metrics, move status.canary on;
+  the operator runs it for every service with a rollout in one loop (`controller.sweep`).
 """

@@ -1,7 +1,8 @@
-"""The rollout loop: for each service with spec.rollout, read the routers' metrics from
+"""The rollout evaluation: for a service with spec.rollout, read the routers' metrics from
 Prometheus, advance status.canary with `canary.advance_canary`, summarise the shadow, and ask for a
 reconcile when the weights change (the reconcile renders what status.canary implies, see
-`plan.plan_rollout`)."""
+`plan.plan_rollout`). The operator runs it for every such service each interval in one loop
+(`controller.sweep`, started by the handlers)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic import ValidationError
@@ -43,23 +44,19 @@ class RolloutController:
     lock: Callable[[str, str], threading.Lock]
     reconcile: Callable[[dict[str, Any]], Any]
 
-    def run(
-        self,
-        namespace: str,
-        name: str,
-        stopped: threading.Event,
-        emit: Callable[[str, str, str], None],
-    ) -> None:
-        next_shadow = 0.0
-        while not stopped.is_set():
-            shadow = time.monotonic() >= next_shadow
-            if shadow:
-                next_shadow = time.monotonic() + SHADOW_EVERY_S
-            try:
-                self.evaluate(namespace, name, emit, shadow=shadow)
-            except Exception:  # never let one bad evaluation end the daemon
-                log.exception("rollout evaluation failed", extra={"service": name})
-            stopped.wait(self.interval)
+    # When each service's shadow is next summarised, by (namespace, name).
+    next_shadow: dict[tuple[str, str], float] = field(default_factory=dict)
+
+    def tick(self, namespace: str, name: str, emit: Callable[[str, str, str], None]) -> None:
+        """One evaluation of the service; its shadow summarised every SHADOW_EVERY_S only."""
+        key = (namespace, name)
+        shadow = time.monotonic() >= self.next_shadow.get(key, 0.0)
+        if shadow:
+            self.next_shadow[key] = time.monotonic() + SHADOW_EVERY_S
+        self.evaluate(namespace, name, emit, shadow=shadow)
+
+    def forget(self, namespace: str, name: str) -> None:
+        self.next_shadow.pop((namespace, name), None)
 
     def evaluate(
         self,
