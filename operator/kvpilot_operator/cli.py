@@ -56,13 +56,38 @@ def cmd_operator(ns: argparse.Namespace) -> int:
     )
     if ns.metrics_port:
         start_http_server(ns.metrics_port)
-    kopf.run(
-        clusterwide=not ns.namespace,
-        namespaces=ns.namespace or (),
-        standalone=True,
-        liveness_endpoint=f"http://0.0.0.0:{ns.health_port}/healthz" if ns.health_port else None,
+
+    health = f"http://0.0.0.0:{ns.health_port}/healthz" if ns.health_port else None
+
+    def operate(loop: Any = None, stop_flag: Any = None) -> None:
+        kopf.run(
+            clusterwide=not ns.namespace,
+            namespaces=ns.namespace or (),
+            standalone=True,
+            liveness_endpoint=health,
+            loop=loop,
+            stop_flag=stop_flag,
+        )
+
+    if not ns.leader_election:
+        operate()
+        return 0
+    from kvpilot_operator.controller.leader import (
+        LeaderElector,
+        lease_namespace,
+        replica_identity,
+        run_elected,
     )
-    return 0
+
+    elector = LeaderElector(
+        kube,
+        namespace=ns.leader_election_namespace or lease_namespace(),
+        identity=replica_identity(),
+        name=ns.leader_election_name,
+    )
+    handlers.State.identity = elector.identity
+    # Exit 1 on a lost Lease: restarted, this replica waits as a follower.
+    return 0 if run_elected(elector, ns.health_port, operate) else 1
 
 
 def cmd_up(ns: argparse.Namespace) -> int:
@@ -298,6 +323,19 @@ def add_commands(sub: Any, bench: Any) -> None:
         default=5.0,
         help="seconds between canary/shadow evaluations",
     )
+    o.add_argument(
+        "--leader-election",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="act only while holding a Lease, so that one of several replicas acts "
+        "(--no-leader-election: act at once, as the only replica)",
+    )
+    o.add_argument(
+        "--leader-election-namespace",
+        default="",
+        help="namespace of the Lease (default: $POD_NAMESPACE, the service account's, or default)",
+    )
+    o.add_argument("--leader-election-name", default="kvpilot-operator", help="name of the Lease")
     o.add_argument("--log-level", default="info", choices=["debug", "info"])
     o.add_argument("--log-format", default="json", choices=["json", "plain"])
     o.set_defaults(func=cmd_operator)

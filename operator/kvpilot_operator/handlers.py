@@ -12,6 +12,8 @@
     update;
   - the rollouts evaluate every LLMService with spec.rollout: they step status.canary and ask for
     a reconcile, which renders the weights and Deployments that status implies.
+With several operator replicas, all of this runs in the holder of the Lease only
+(`controller.leader`).
 """
 
 from __future__ import annotations
@@ -217,8 +219,9 @@ def on_policy(name: str, **_: Any) -> None:
 
 @kopf.on.startup()
 def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
-    # One operator replica, no peering objects to install; kopf's own bookkeeping stays in an
-    # annotation of our group rather than kopf's default one.
+    # No kopf peering: of several replicas only the Lease holder runs kopf at all
+    # (controller.leader). kopf's own bookkeeping stays in an annotation of our group rather
+    # than kopf's default one.
     settings.peering.standalone = True
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
         prefix=GROUP, key="last-handled-configuration"

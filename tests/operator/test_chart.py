@@ -180,8 +180,8 @@ def test_values_schema_accepts_defaults_and_rejects_mistakes() -> None:
     assert errors("image.pullPolicy", "Sometimes")
     assert errors("imageTag", "latest"), "unknown keys must be rejected, not ignored"
     assert errors("operator.replicas", "1")
-    # One writer until the operator does leader election.
-    assert errors("operator.replicas", 2)
+    assert errors("operator.replicas", -1)
+    assert not errors("operator.replicas", 2), "several replicas elect one leader"
     assert errors("operator.logLevel", "warning"), "the CLI accepts debug and info only"
     assert errors("operator.watchNamespaces", ["Not_A_Namespace"])
     assert errors("rbac.create", "yes")

@@ -8,4 +8,5 @@
 - `sweep`: the one operator-wide loop each that runs the autoscaler and the rollouts over every
   LLMService, with bounded concurrency (instead of a kopf daemon per service).
 - `events`: Kubernetes events from those loops, which run outside kopf's handlers.
+- `leader`: leader election on a Lease: of several operator replicas only the holder acts.
 """
