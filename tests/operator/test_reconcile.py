@@ -103,6 +103,14 @@ def test_status_follows_the_engine_deployment(kube: MemoryKube) -> None:
     kube.set_status("apps/v1", "Deployment", engine_name(NAME), NS, ready)
     out = reconcile(kube, live(kube), OPTS, apply=False)
     assert out.actions == []
+    # Engines up, but no router to reach them through (a missing API-key Secret, say).
+    assert (cond(kube, "Ready")["status"], cond(kube, "Ready")["reason"]) == (
+        "False",
+        "RouterUnavailable",
+    )
+    assert "0/1 router replicas available" in cond(kube, "Ready")["message"]
+    kube.set_status("apps/v1", "Deployment", router_name(NAME), NS, ready)
+    reconcile(kube, live(kube), OPTS, apply=False)
     assert cond(kube, "Ready")["status"] == "True"
     assert live(kube)["status"]["readyReplicas"] == 1
 
@@ -110,12 +118,17 @@ def test_status_follows_the_engine_deployment(kube: MemoryKube) -> None:
 @pytest.mark.parametrize(
     ("spec", "reason", "says"),
     [
-        ({"policy": "nope"}, "PolicyNotFound", "ServingPolicy 'nope' does not exist"),
-        ({"replicas": -1}, "InvalidSpec", "LLMService.spec.replicas"),
+        ({"policy": "nope"}, "PolicyNotFound", "spec.policy: ServingPolicy 'nope' does not exist"),
+        ({"replicas": -1}, "InvalidSpec", "spec.replicas: "),
         (
             {"scaling": {"minReplicas": 3, "maxReplicas": 2}},
             "InvalidSpec",
-            "spec.scaling.minReplicas (3) is greater than spec.scaling.maxReplicas (2)",
+            "spec.scaling: minReplicas (3) is greater than maxReplicas (2)",
+        ),
+        (
+            {"parallelism": {"tensor": 4}, "resources": {"gpu": {"count": 4}}},
+            "InvalidSpec",
+            "spec.parallelism.tensor (4) cannot split smollm2",
         ),
     ],
 )
@@ -151,13 +164,31 @@ def test_a_policy_that_appears_later_is_used(kube: MemoryKube) -> None:
 
 def test_an_apply_the_server_refuses_is_reported_and_stops_the_pass(kube: MemoryKube) -> None:
     kube.create(service())
-    kube.fail_apply["Deployment"] = "Unprocessable Entity"
+    kube.fail_apply["Deployment"] = (503, "Service Unavailable")  # transient: retried
     out = reconcile(kube, live(kube), OPTS)
     assert out.problem is not None and out.problem.reason == "ApplyFailed"
-    assert "Unprocessable Entity" in out.problem.message
+    assert "Service Unavailable" in out.problem.message
     applies = [c for c in kube.calls if c[0] == "apply"]
     assert applies == [("apply", "Deployment", engine_name(NAME))]
     assert cond(kube, "Degraded")["reason"] == "ApplyFailed"
+
+
+def test_a_refused_object_leaves_nothing_half_created(kube: MemoryKube) -> None:
+    """A 422 for one object (the router's Deployment here, applied after the engine's) is found
+    by the dry run of the whole set: nothing is created, the problem is permanent (no retry) and
+    says what the API server said."""
+    kube.create(service())
+    kube.fail_apply["Deployment"] = (422, "Unprocessable Entity")
+    out = reconcile(kube, live(kube), OPTS)
+    assert out.problem is not None and out.problem.reason == "ApplyRejected"
+    assert "Unprocessable Entity" in out.problem.message
+    assert not [c for c in kube.calls if c[0] == "apply"]
+    assert kube.get("v1", "ConfigMap", router_name(NAME), NS) is None
+    assert cond(kube, "Degraded")["reason"] == "ApplyRejected"
+    # Once the cause is gone, the next pass creates everything.
+    del kube.fail_apply["Deployment"]
+    out = reconcile(kube, live(kube), OPTS)
+    assert out.problem is None and kube.get("v1", "ConfigMap", router_name(NAME), NS) is not None
 
 
 def test_canary_starts_beside_stable_and_goes_when_its_config_is_removed(kube: MemoryKube) -> None:

@@ -52,7 +52,8 @@ def _content(obj: dict[str, Any]) -> dict[str, Any]:
 @dataclass
 class MemoryKube:
     objects: dict[Key, dict[str, Any]] = field(default_factory=dict)
-    fail_apply: dict[str, str] = field(default_factory=dict)  # kind -> the reason to refuse with
+    # kind -> (HTTP status, reason) to refuse its applies with
+    fail_apply: dict[str, tuple[int, str]] = field(default_factory=dict)
     calls: list[tuple[str, str, str]] = field(default_factory=list)  # (verb, kind, name)
     _versions: itertools.count = field(default_factory=lambda: itertools.count(1))
 
@@ -93,13 +94,16 @@ class MemoryKube:
     def pdb_api_version(self) -> str:
         return "policy/v1"
 
-    def apply(self, obj: dict[str, Any]) -> dict[str, Any]:
+    def apply(self, obj: dict[str, Any], dry_run: bool = False) -> dict[str, Any]:
         meta = obj["metadata"]
-        self.calls.append(("apply", obj["kind"], meta["name"]))
+        self.calls.append(("dry-run" if dry_run else "apply", obj["kind"], meta["name"]))
         if obj["kind"] in self.fail_apply:
-            raise ApiException(status=422, reason=self.fail_apply[obj["kind"]])
+            status, reason = self.fail_apply[obj["kind"]]
+            raise ApiException(status=status, reason=reason)
         key = _key(obj["apiVersion"], obj["kind"], meta["name"], meta.get("namespace"))
         before = self.objects.get(key)
+        if dry_run:
+            return copy.deepcopy(before or obj)
         if before is not None and _content(before) == _content(obj):
             return copy.deepcopy(before)
         new = copy.deepcopy(obj)

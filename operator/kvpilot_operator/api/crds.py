@@ -21,6 +21,8 @@ from kvpilot_operator.api.types import (
     VERSION,
     LLMServiceSpec,
     LLMServiceStatus,
+    ObjectMeta,
+    ServiceMeta,
     ServingPolicySpec,
 )
 from kvpilot_operator.packaged import packaged, source_tree
@@ -45,6 +47,9 @@ _KEEP = {
     "additionalProperties",
     "anyOf",
     "x-kubernetes-int-or-string",
+    "x-kubernetes-validations",
+    "x-kubernetes-list-type",
+    "x-kubernetes-list-map-keys",
 }
 
 
@@ -61,7 +66,9 @@ def structural(schema: dict[str, Any], defs: dict[str, Any] | None = None) -> di
         inner = structural(branches[0], defs) if len(branches) == 1 else {"anyOf": branches}
         node = {**inner, **{k: v for k, v in node.items() if k != "default" or v is not None}}
     if node.get("x-kubernetes-int-or-string"):
-        return {k: v for k, v in node.items() if k in {"description", "x-kubernetes-int-or-string"}}
+        # int | str: Kubernetes applies a pattern to the string form only.
+        keep = {"description", "x-kubernetes-int-or-string", "pattern"}
+        return {k: v for k, v in node.items() if k in keep}
     if "const" in node:
         node["enum"] = [node.pop("const")]
     if "enum" in node and "type" not in node:
@@ -114,16 +121,25 @@ def _crd(
     kind: str,
     plural: str,
     scope: str,
+    meta_model: type[BaseModel],
     spec_model: type[BaseModel],
     status_model: type[BaseModel] | None,
     short_names: list[str],
     printer_columns: list[dict[str, Any]],
     scale: bool,
 ) -> dict[str, Any]:
+    # A CRD schema may constrain metadata.name (only it): here, what the name becomes.
+    name = meta_model.model_fields["name"].metadata
+    name_schema = {"type": "string"}
+    for constraint in name:
+        if getattr(constraint, "pattern", None):
+            name_schema["pattern"] = constraint.pattern
+        if getattr(constraint, "max_length", None):
+            name_schema["maxLength"] = constraint.max_length
     properties: dict[str, Any] = {
         "apiVersion": {"type": "string"},
         "kind": {"type": "string"},
-        "metadata": {"type": "object"},
+        "metadata": {"type": "object", "properties": {"name": name_schema}},
         "spec": _schema(spec_model),
     }
     if status_model is not None:
@@ -179,6 +195,7 @@ def llmservice_crd() -> dict[str, Any]:
         "LLMService",
         "llmservices",
         "Namespaced",
+        ServiceMeta,
         LLMServiceSpec,
         LLMServiceStatus,
         ["llms", "llmsvc"],
@@ -204,6 +221,7 @@ def servingpolicy_crd() -> dict[str, Any]:
         "ServingPolicy",
         "servingpolicies",
         "Cluster",
+        ObjectMeta,
         ServingPolicySpec,
         None,
         ["svp"],

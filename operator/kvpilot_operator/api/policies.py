@@ -80,11 +80,15 @@ def load_presets(directory: Path = POLICIES_DIR) -> dict[str, ServingPolicy]:
 
 
 def validation_message(err: ValidationError, prefix: str) -> str:
-    """The first error of `err` with its field path (`LLMService.spec.x.y: ...`)."""
+    """The first error of `err` with its field path (`spec.x.y: ...`), list indices in brackets."""
     first = err.errors()[0]
-    where = ".".join(str(p) for p in (prefix, *first["loc"]))
+    where = prefix
+    for part in first["loc"]:
+        where += f"[{part}]" if isinstance(part, int) else f".{part}"
+    where = where.lstrip(".")
     more = f" (and {err.error_count() - 1} more)" if err.error_count() > 1 else ""
-    return f"{where}: {first['msg']}{more}"
+    message = first["msg"].removeprefix("Value error, ")
+    return f"{where}: {message}{more}"
 
 
 def parse(body: dict[str, Any]) -> LLMService:
@@ -111,21 +115,28 @@ def resolve(
     try:
         svc = parse(body)
     except ValidationError as err:
-        raise Unresolved("InvalidSpec", validation_message(err, "LLMService")) from err
+        raise Unresolved("InvalidSpec", validation_message(err, "")) from err
     policy = None
     if svc.spec.policy:
         policy_body = get_policy(svc.spec.policy)
         if policy_body is None:
-            message = f"ServingPolicy {svc.spec.policy!r} does not exist"
+            message = (
+                f"spec.policy: ServingPolicy {svc.spec.policy!r} does not exist "
+                "(create it, or name another with `kubectl get servingpolicies`)"
+            )
             raise Unresolved("PolicyNotFound", message, svc)
         try:
             policy = ServingPolicy.model_validate(
                 {k: v for k, v in policy_body.items() if k != "status"}
             ).spec
         except ValidationError as err:
-            where = f"ServingPolicy {svc.spec.policy}"
+            where = f"spec.policy: ServingPolicy {svc.spec.policy}: spec"
             raise Unresolved("InvalidPolicy", validation_message(err, where), svc) from err
     try:
         return svc, resolve_spec(svc.spec, policy)
     except ValidationError as err:
-        raise Unresolved("InvalidSpec", str(err), svc) from err
+        # The service's fields merged over its policy's: a rule across both (min/max replicas).
+        message = validation_message(err, "spec")
+        if policy is not None:
+            message += f" (with ServingPolicy {svc.spec.policy}'s values)"
+        raise Unresolved("InvalidSpec", message, svc) from err

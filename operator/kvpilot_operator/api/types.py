@@ -11,29 +11,107 @@ the schema: an unset field means "take the policy's value, else the built-in def
 
 from __future__ import annotations
 
+import itertools
+import re
 from typing import Annotated, Any, Literal
 
 from kvpilot_engine.contracts import QUANTIZATIONS
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic.alias_generators import to_camel
 
 GROUP = "kvpilot.io"
 VERSION = "v1alpha1"
 API_VERSION = f"{GROUP}/{VERSION}"
 
-# Kubernetes quantities accept both `cpu: 2` and `cpu: "500m"`.
+# Kubernetes quantities accept both `cpu: 2` and `cpu: "500m"`; the string form is checked with
+# Kubernetes' own grammar (resource.Quantity, without the sign: no request is negative), so a
+# `16GB` is refused at apply instead of failing the Deployment's apply later.
 INT_OR_STRING: dict[str, Any] = {"x-kubernetes-int-or-string": True}
-QUANTITY_PATTERN = r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$"
+QUANTITY_PATTERN = (
+    r"^(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))"
+    r"(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
+)
 DURATION_PATTERN = r"^[0-9]+(s|m|h)$"
 DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+# An LLMService's name is also its Service's, and Service names are DNS-1035 labels: a letter
+# first, at most 63 characters.
+DNS_1035_LABEL = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
+# Label keys ([prefix/]name) and values, as the API server checks them on the pods we render.
+LABEL_KEY = (
+    r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
+    r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$"
+)
+LABEL_VALUE = r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$"
+# A container image reference: [registry[:port]/]repository[:tag][@digest], lower-case
+# repository, no spaces (the kubelet would fail to pull it, with the pod stuck).
+IMAGE_PATTERN = (
+    r"^([a-zA-Z0-9.-]+(:[0-9]+)?/)?[a-z0-9]+([._/-][a-z0-9]+)*"
+    r"(:[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?(@sha256:[a-f0-9]{64})?$"
+)
 
 # The `--quantization` methods this release's engine implements (the engine's own list).
 Quantization = Literal[QUANTIZATIONS]  # type: ignore[valid-type]
 
+def _quantity(value: int | str) -> int | str:
+    if isinstance(value, int) and value < 0:
+        raise ValueError("a quantity cannot be negative")
+    if isinstance(value, str) and not re.fullmatch(QUANTITY_PATTERN, value):
+        raise ValueError(f"{value!r} is not a Kubernetes quantity (e.g. `4`, `500m`, `16Gi`)")
+    return value
+
+
 Quantity = Annotated[
     int | str,
-    Field(json_schema_extra=INT_OR_STRING, union_mode="left_to_right"),
+    Field(
+        json_schema_extra={**INT_OR_STRING, "pattern": QUANTITY_PATTERN},
+        union_mode="left_to_right",
+    ),
+    AfterValidator(_quantity),
 ]
+
+# `kvpilot serve` flags the operator writes itself, with the field that sets each: extraArgs may
+# not repeat them (the engine would take the last, silently overriding the operator's).
+MANAGED_FLAGS: dict[str, str] = {
+    "--host": "the operator (the pod's address)",
+    "--port": "the operator (the engine port the Service and probes use)",
+    "--model": "spec.model.source",
+    "--served-model-name": "spec.model.servedName",
+    "--dtype": "spec.model.dtype",
+    "--max-model-len": "spec.model.maxContext",
+    "--quantization": "spec.quantization",
+    "--tensor-parallel-size": "spec.parallelism.tensor",
+    "--device": "spec.resources.gpu.count",
+    "--max-num-batched-tokens": "spec.engine.maxNumBatchedTokens",
+    "--max-num-seqs": "spec.engine.maxNumSeqs",
+    "--block-size": "spec.engine.blockSize",
+    "--kv-cache-memory": "spec.engine.kvCacheMemory",
+    "--scheduling-policy": "spec.engine.schedulingPolicy",
+    "--max-waiting": "spec.engine.maxWaiting",
+    "--drain-timeout": "spec.engine.drainTimeoutSeconds",
+    "--enable-prefix-caching": "spec.engine.enablePrefixCaching",
+    "--no-enable-prefix-caching": "spec.engine.enablePrefixCaching",
+    "--enable-chunked-prefill": "spec.engine.enableChunkedPrefill",
+    "--no-enable-chunked-prefill": "spec.engine.enableChunkedPrefill",
+}
+
+
+def cel(*rules: tuple[str, str]) -> dict[str, Any]:
+    """CEL rules (`x-kubernetes-validations`) for clusters that run them (1.25+), as (rule,
+    message) pairs. Each restates a pydantic validator of the same model, which older clusters
+    rely on through the operator; tests/operator/test_cel.py evaluates both on the same specs."""
+    return {"x-kubernetes-validations": [{"rule": r, "message": m} for r, m in rules]}
+
+
+def _flag_name(arg: str) -> str:
+    return arg.split("=", 1)[0]
 
 
 class _Model(BaseModel):
@@ -52,18 +130,38 @@ class PVCSource(_Model):
 class ModelSource(_Model):
     # The API server checks "path or pvc" with this; pydantic with the validator below.
     model_config = ConfigDict(
-        json_schema_extra={"anyOf": [{"required": ["path"]}, {"required": ["pvc"]}]}
+        json_schema_extra={
+            "anyOf": [{"required": ["path"]}, {"required": ["pvc"]}],
+            **cel(
+                (
+                    "!has(self.pvc) || !has(self.path) || "
+                    "(!self.path.startsWith('/') && !self.path.contains('..'))",
+                    "spec.model.source.path: with pvc, a path relative to the claim's root "
+                    "(no leading / and no ..)",
+                )
+            ),
+        }
     )
 
+    # pvc before path: the path's check reads it.
+    pvc: PVCSource | None = Field(None, description="Mount this claim read-only at /models.")
     path: str | None = Field(
         None,
         min_length=1,
+        max_length=4096,
         description=(
             "Model inside the engine container: a Hugging Face folder, a GGUF file, or a "
             "bundled model name such as `smollm2`. With `pvc`, relative to the volume."
         ),
     )
-    pvc: PVCSource | None = Field(None, description="Mount this claim read-only at /models.")
+
+    @field_validator("path")
+    @classmethod
+    def _relative_in_claim(cls, path: str | None, info: ValidationInfo) -> str | None:
+        in_claim = path is not None and info.data.get("pvc") is not None
+        if in_claim and (path.startswith("/") or ".." in path.split("/")):
+            raise ValueError("with pvc, a path relative to the claim's root (no / first, no ..)")
+        return path
 
     @model_validator(mode="after")
     def _path_or_pvc(self) -> ModelSource:
@@ -102,6 +200,16 @@ class SLOSpec(_Model):
 
 
 class ParallelismSpec(_Model):
+    model_config = ConfigDict(
+        json_schema_extra=cel(
+            (
+                "self.pipeline == 1",
+                "spec.parallelism.pipeline: the engine does not do pipeline parallelism; "
+                "use tensor",
+            )
+        )
+    )
+
     tensor: int = Field(1, ge=1, le=64, description="Tensor-parallel degree (GPUs per replica).")
     pipeline: int = Field(1, ge=1, le=64, description="Pipeline-parallel degree.")
 
@@ -126,35 +234,117 @@ class EngineSpec(_Model):
     drain_timeout_seconds: int | None = Field(
         None, ge=0, le=3600, description="On shutdown, time to let in-flight requests finish."
     )
-    extra_args: list[str] | None = Field(None, description="Further `kvpilot serve` flags.")
+    extra_args: list[Annotated[str, Field(max_length=4096)]] | None = Field(
+        None,
+        max_length=64,
+        description="Further `kvpilot serve` flags; not those the operator sets from other fields "
+        "(--port, --host, --model, --quantization, ...).",
+        json_schema_extra=cel(
+            (
+                "self.all(a, !["
+                + ", ".join(f"'{f}'" for f in MANAGED_FLAGS)
+                + "].exists(f, a == f || a.startsWith(f + '=')))",
+                "spec.engine.extraArgs: a flag the operator sets from another field "
+                "(--host, --port, --model, --dtype, --quantization, ...); use that field",
+            )
+        ),
+    )
+
+    @field_validator("extra_args")
+    @classmethod
+    def _unmanaged(cls, args: list[str] | None) -> list[str] | None:
+        for arg in args or []:
+            flag = _flag_name(arg)
+            if flag in MANAGED_FLAGS:
+                raise ValueError(f"{flag} is set by {MANAGED_FLAGS[flag]}; not in extraArgs")
+        return args
 
 
 class GPUSpec(_Model):
     count: int = Field(0, ge=0, le=64, description="GPUs per replica.")
     type: str | None = Field(
         None,
+        max_length=63,
+        pattern=LABEL_VALUE,
         description="GPU product, matched against the node label `nvidia.com/gpu.product`.",
     )
-    resource_name: str = Field("nvidia.com/gpu", description="Extended resource to request.")
+    resource_name: str = Field(
+        "nvidia.com/gpu",
+        max_length=253,
+        pattern=LABEL_KEY,
+        description="Extended resource to request.",
+    )
 
 
 class Toleration(_Model):
-    key: str | None = None
+    model_config = ConfigDict(
+        json_schema_extra=cel(
+            (
+                "!has(self.operator) || self.operator != 'Exists' || !has(self.value) "
+                "|| self.value == ''",
+                "spec.resources.tolerations: operator Exists takes no value",
+            ),
+            (
+                "has(self.key) && self.key != '' || has(self.operator) && self.operator == "
+                "'Exists'",
+                "spec.resources.tolerations: an empty key needs operator Exists",
+            ),
+            (
+                "!has(self.tolerationSeconds) || has(self.effect) && self.effect == 'NoExecute'",
+                "spec.resources.tolerations: tolerationSeconds needs effect NoExecute",
+            ),
+        )
+    )
+
+    key: str | None = Field(None, max_length=316, pattern=r"^$|" + LABEL_KEY[1:])
     operator: Literal["Exists", "Equal"] | None = None
-    value: str | None = None
+    value: str | None = Field(None, max_length=63, pattern=LABEL_VALUE)
     effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
     toleration_seconds: int | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Toleration:
+        # The API server's own rules for a pod's tolerations, checked before a pod is rendered.
+        if self.operator == "Exists" and self.value:
+            raise ValueError("operator Exists takes no value")
+        if not self.key and self.operator != "Exists":
+            raise ValueError("an empty key needs operator Exists")
+        if self.toleration_seconds is not None and self.effect != "NoExecute":
+            raise ValueError("tolerationSeconds needs effect NoExecute")
+        return self
 
 
 class ResourcesSpec(_Model):
     gpu: GPUSpec = Field(default_factory=GPUSpec, json_schema_extra={"default": {}})
     cpu: Quantity | None = Field(None, description="CPU request (and limit), e.g. `4` or `500m`.")
     memory: Quantity | None = Field(None, description="Memory request and limit, e.g. `16Gi`.")
-    node_selector: dict[str, str] | None = None
-    tolerations: list[Toleration] | None = None
+    node_selector: dict[str, Annotated[str, Field(max_length=63, pattern=LABEL_VALUE)]] | None = (
+        Field(None, description="Node labels the engine pods must run on.")
+    )
+    tolerations: list[Toleration] | None = Field(None, max_length=64)
+
+    @field_validator("node_selector")
+    @classmethod
+    def _label_keys(cls, selector: dict[str, str] | None) -> dict[str, str] | None:
+        # Keys: a CRD schema has no patternProperties, so only here (and the API server's check
+        # of the pods, which would come too late).
+        for key in selector or {}:
+            if len(key) > 316 or not re.fullmatch(LABEL_KEY, key):
+                raise ValueError(f"{key!r} is not a label key ([prefix/]name)")
+        return selector
 
 
 class ScalingSpec(_Model):
+    model_config = ConfigDict(
+        json_schema_extra=cel(
+            (
+                "!has(self.minReplicas) || !has(self.maxReplicas) "
+                "|| self.minReplicas <= self.maxReplicas",
+                "spec.scaling.minReplicas must not be greater than spec.scaling.maxReplicas",
+            )
+        )
+    )
+
     min_replicas: int | None = Field(None, ge=0, le=1000)
     max_replicas: int | None = Field(None, ge=1, le=1000)
     scale_to_zero: bool | None = Field(None, description="Allow 0 replicas after an idle period.")
@@ -188,8 +378,25 @@ class ScalingSpec(_Model):
         "to use; the rest absorbs bursts before the next decision.",
     )
 
+    @model_validator(mode="after")
+    def _bounds(self) -> ScalingSpec:
+        low, high = self.min_replicas, self.max_replicas
+        if low is not None and high is not None and low > high:
+            raise ValueError(f"minReplicas ({low}) is greater than maxReplicas ({high})")
+        return self
+
 
 class CanarySpec(_Model):
+    # isSorted() is Kubernetes' CEL list library (1.24+); strictness by distinct elements.
+    model_config = ConfigDict(
+        json_schema_extra=cel(
+            (
+                "self.steps.isSorted() && self.steps.all(s, self.steps.exists_one(t, t == s))",
+                "spec.rollout.canary.steps: weights must increase from step to step",
+            )
+        )
+    )
+
     steps: list[Annotated[int, Field(ge=1, le=100)]] = Field(
         default_factory=lambda: [5, 25, 50, 100],
         min_length=1,
@@ -203,10 +410,17 @@ class CanarySpec(_Model):
     max_tpot_regression: float = Field(0.2, ge=0.0, le=10.0)
     max_error_rate_increase: float = Field(0.01, ge=0.0, le=1.0)
 
+    @field_validator("steps")
+    @classmethod
+    def _increasing(cls, steps: list[int]) -> list[int]:
+        if any(a >= b for a, b in itertools.pairwise(steps)):
+            raise ValueError(f"weights must increase from step to step, got {steps}")
+        return steps
+
 
 class ShadowSpec(_Model):
     model: ModelSpec | None = Field(None, description="Model of the shadow (default: primary's).")
-    image: str | None = None
+    image: str | None = Field(None, max_length=1024, pattern=IMAGE_PATTERN)
     engine: EngineSpec | None = None
     quantization: Quantization | None = Field(
         None, description="Quantization of the shadow (default: primary's)."
@@ -246,6 +460,24 @@ class RouterSpec(_Model):
 class LLMServiceSpec(_Model):
     """An OpenAI-compatible LLM endpoint held to TTFT/TPOT SLOs, served by kvpilot engines."""
 
+    # Cross-field rules of the service's own fields; what a policy adds is checked after the
+    # merge by the operator (controller.manifests.check_servable), which also covers these.
+    model_config = ConfigDict(
+        json_schema_extra=cel(
+            (
+                "self.parallelism.tensor == 1 || self.resources.gpu.count == 0 "
+                "|| self.parallelism.tensor == self.resources.gpu.count",
+                "spec.parallelism.tensor must equal spec.resources.gpu.count: one GPU per "
+                "tensor-parallel rank",
+            ),
+            (
+                "!has(self.quantization) || self.quantization != 'fp8' "
+                "|| self.resources.gpu.count > 0",
+                "spec.quantization: fp8 needs a Hopper GPU (spec.resources.gpu.count)",
+            ),
+        )
+    )
+
     model: ModelSpec = Field(description="The model to serve.")
     policy: str | None = Field(
         None, pattern=DNS_LABEL, max_length=63, description="A ServingPolicy's name."
@@ -279,7 +511,13 @@ class LLMServiceSpec(_Model):
         json_schema_extra={"default": {}},
         description="The OpenAI-compatible router in front of the engines.",
     )
-    image: str | None = Field(None, min_length=1, description="Engine image (default: operator's).")
+    image: str | None = Field(
+        None,
+        min_length=1,
+        max_length=1024,
+        pattern=IMAGE_PATTERN,
+        description="Engine image (default: operator's).",
+    )
 
 
 # --- status -----------------------------------------------------------------------------------
@@ -341,7 +579,14 @@ class ShadowStatus(_Model):
 
 class LLMServiceStatus(_Model):
     observed_generation: int | None = None
-    conditions: list[Condition] = Field(default_factory=list)
+    # A list-map keyed by type (Kubernetes' convention): server-side apply merges by type.
+    conditions: list[Condition] = Field(
+        default_factory=list,
+        json_schema_extra={
+            "x-kubernetes-list-type": "map",
+            "x-kubernetes-list-map-keys": ["type"],
+        },
+    )
     replicas: int | None = None
     ready_replicas: int | None = None
     selector: str | None = Field(None, description="Label selector of the engine pods (scale).")
@@ -366,10 +611,14 @@ class ObjectMeta(BaseModel):
     annotations: dict[str, str] | None = None
 
 
+class ServiceMeta(ObjectMeta):
+    name: str = Field(pattern=DNS_1035_LABEL, max_length=63)
+
+
 class LLMService(_Model):
     api_version: Literal["kvpilot.io/v1alpha1"] = API_VERSION
     kind: Literal["LLMService"] = "LLMService"
-    metadata: ObjectMeta
+    metadata: ServiceMeta
     spec: LLMServiceSpec
     status: LLMServiceStatus | None = None
 

@@ -50,7 +50,9 @@ class Kube:
         except ResourceNotFoundError:
             return "policy/v1beta1"
 
-    def apply(self, obj: dict[str, Any]) -> dict[str, Any]:
+    def apply(self, obj: dict[str, Any], dry_run: bool = False) -> dict[str, Any]:
+        """Server-side apply; with dry_run the API server validates and admits the object (as
+        it would store it) without storing it."""
         res = self.resource(obj["apiVersion"], obj["kind"])
         meta = obj["metadata"]
         out = res.server_side_apply(
@@ -59,6 +61,7 @@ class Kube:
             namespace=meta.get("namespace"),
             field_manager=FIELD_MANAGER,
             force_conflicts=True,
+            **({"dry_run": "All"} if dry_run else {}),
         )
         return out.to_dict()
 

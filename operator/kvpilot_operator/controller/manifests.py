@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from kvpilot_engine.contracts import QUANTIZATIONS, is_bundled
+from kvpilot_engine.contracts import BUNDLED_KV_HEADS, QUANTIZATIONS, bundled_name, is_bundled
 
 from kvpilot_operator import __version__
 from kvpilot_operator.api.names import (
@@ -106,14 +106,9 @@ def endpoint_url(svc: LLMService, opts: RenderOptions = RenderOptions()) -> str:
 
 
 def check_servable(spec: LLMServiceSpec) -> None:
-    """Cross-field rules the CRD schema cannot express (Kubernetes 1.20 has no CEL)."""
+    """Rules about what this engine can serve, on the spec as resolved with its policy (the
+    models' own validators, and the CRD's CEL rules on 1.25+, see only one side of a merge)."""
     problems = []
-    scaling = spec.scaling
-    low, high = (scaling.min_replicas, scaling.max_replicas) if scaling else (None, None)
-    if low is not None and high is not None and low > high:
-        problems.append(
-            f"spec.scaling.minReplicas ({low}) is greater than spec.scaling.maxReplicas ({high})"
-        )
     if spec.parallelism.pipeline > 1:
         problems.append(
             "spec.parallelism.pipeline > 1: the engine does not do pipeline parallelism"
@@ -123,6 +118,13 @@ def check_servable(spec: LLMServiceSpec) -> None:
         problems.append(
             f"spec.parallelism.tensor ({spec.parallelism.tensor}) must equal "
             f"spec.resources.gpu.count ({gpus}): one GPU per tensor-parallel rank"
+        )
+    bundled = bundled_name(model_path(spec)) if spec.model.source.pvc is None else None
+    tensor = spec.parallelism.tensor
+    if bundled is not None and tensor > BUNDLED_KV_HEADS[bundled]:
+        problems.append(
+            f"spec.parallelism.tensor ({tensor}) cannot split {bundled}: it has "
+            f"{BUNDLED_KV_HEADS[bundled]} key-value heads and each rank needs at least one"
         )
     if spec.quantization == "fp8" and not gpus:
         problems.append("spec.quantization fp8 needs a Hopper GPU: set spec.resources.gpu.count")

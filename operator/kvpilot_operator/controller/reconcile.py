@@ -6,13 +6,14 @@ reconcile triggered by its own writes, changes nothing."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
 from kubernetes.client.exceptions import ApiException
 from pydantic import ValidationError
 
-from kvpilot_operator.api.names import engine_name, selector_string
+from kvpilot_operator.api.names import engine_name, router_name, selector_string
 from kvpilot_operator.api.policies import Unresolved, resolve
 from kvpilot_operator.api.types import LLMService, LLMServiceSpec
 from kvpilot_operator.controller.kube import Kube
@@ -72,6 +73,33 @@ def desired_objects(kube: Kube, body: dict[str, Any], opts: RenderOptions) -> De
         return Desired(svc, spec, problem=Problem("InvalidSpec", str(err)))
 
 
+# Refusals that retrying the same object cannot fix (a malformed object, a rejected value);
+# anything else (5xx, conflicts, quota, throttling) is transient and retried with back-off.
+PERMANENT_STATUSES = {400, 422}
+
+
+def _apply(
+    kube: Kube, obj: dict[str, Any], *, dry_run: bool = False
+) -> tuple[dict[str, Any] | None, Problem | None]:
+    """Server-side apply of one object -> (the object as stored, None) or (None, why not)."""
+    try:
+        return kube.apply(obj, dry_run=dry_run), None
+    except ApiException as err:
+        kind, name = obj["kind"], obj["metadata"]["name"]
+        if err.status in PERMANENT_STATUSES:
+            return None, Problem("ApplyRejected", f"{kind} {name}: {_causes(err)}")
+        return None, Problem("ApplyFailed", f"apply {kind} {name}: {err.reason}")
+
+
+def _causes(err: ApiException) -> str:
+    """The API server's own message (it names the object's field), else the HTTP reason."""
+    try:
+        body = json.loads(err.body or "")
+    except (TypeError, ValueError):
+        return str(err.reason)
+    return str(body.get("message") or err.reason) if isinstance(body, dict) else str(err.reason)
+
+
 def reconcile(
     kube: Kube,
     body: dict[str, Any],
@@ -89,19 +117,34 @@ def reconcile(
     svc, objects, extra = desired.svc, desired.objects, desired.status
     out.problem, out.spec = desired.problem, desired.spec
     stable = ("Deployment", engine_name(name))
+    routers = ("Deployment", router_name(name))
+    router: dict[str, Any] | None = None
+    befores = []
     for obj in objects if apply else []:
         kind, obj_name = obj["kind"], obj["metadata"]["name"]
         if (kind, obj_name) == stable:
-            before = desired.stable_live  # read once, to plan the rollout
+            befores.append(desired.stable_live)  # read once, to plan the rollout
         else:
-            before = kube.get(obj["apiVersion"], kind, obj_name, namespace)
-        try:
-            after = kube.apply(obj)
-        except ApiException as err:
-            out.problem = Problem("ApplyFailed", f"apply {kind} {obj_name}: {err.reason}")
+            befores.append(kube.get(obj["apiVersion"], kind, obj_name, namespace))
+    status = body.get("status") or {}
+    if befores and (None in befores or status.get("observedGeneration") != meta.get("generation")):
+        # A new set of objects or a new spec: the API server checks every object first (a
+        # server-side dry run), so a refusal leaves nothing half-created or half-updated. Only
+        # a permanent refusal stops here; anything else gets its answer from the real apply.
+        for obj in objects:
+            problem = _apply(kube, obj, dry_run=True)[1]
+            if problem is not None and problem.reason == "ApplyRejected":
+                out.problem = problem
+                break
+    for obj, before in zip(objects if out.problem is None else [], befores, strict=False):
+        kind, obj_name = obj["kind"], obj["metadata"]["name"]
+        after, out.problem = _apply(kube, obj)
+        if after is None:
             break
         if (kind, obj_name) == stable:
             deployment = after  # status follows the stable engines
+        elif (kind, obj_name) == routers:
+            router = after
         if before is None:
             out.actions.append(f"created {kind} {namespace}/{obj_name}")
         elif before["metadata"]["resourceVersion"] != after["metadata"]["resourceVersion"]:
@@ -117,6 +160,8 @@ def reconcile(
         deployment = desired.stable_live or kube.get(
             "apps/v1", "Deployment", engine_name(name), namespace
         )
+    if router is None and deployment is not None:  # Ready needs the routers too
+        router = kube.get("apps/v1", "Deployment", router_name(name), namespace)
     model = served_name(svc) if svc is not None else name
     endpoint = endpoint_url(svc, opts) if svc is not None else ""
     out.status = status_patch(
@@ -128,6 +173,7 @@ def reconcile(
         endpoint=endpoint,
         model=model,
         extra=extra if apply else {},
+        router=router,
     )
     if out.status is not None:
         kube.patch_llmservice_status(namespace, name, out.status)

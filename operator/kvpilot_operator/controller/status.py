@@ -15,7 +15,8 @@ READY, PROGRESSING, DEGRADED = "Ready", "Progressing", "Degraded"
 class Problem:
     """Why the operator cannot serve the spec as written (-> Degraded)."""
 
-    reason: str  # InvalidSpec, PolicyNotFound, ApplyFailed
+    # InvalidSpec, PolicyNotFound, InvalidPolicy, ApplyRejected (permanent), ApplyFailed (retried)
+    reason: str
     message: str
 
 
@@ -31,10 +32,25 @@ def find_condition(obj: dict[str, Any], kind: str) -> dict[str, Any] | None:
     return None
 
 
+def router_unavailable(router: dict[str, Any] | None) -> str | None:
+    """Why clients cannot reach the service through its routers, or None when they can: the
+    engines may be up, but every request goes through a router (a router waiting on a missing
+    API-key Secret, say, serves nobody)."""
+    if router is None:
+        return "the router Deployment does not exist yet"
+    want = (router.get("spec") or {}).get("replicas", 1)
+    available = (router.get("status") or {}).get("availableReplicas") or 0
+    return None if want == 0 or available >= 1 else f"0/{want} router replicas available"
+
+
 def engine_conditions(
-    deployment: dict[str, Any] | None, generation: int | None, problem: Problem | None
+    deployment: dict[str, Any] | None,
+    generation: int | None,
+    problem: Problem | None,
+    router: dict[str, Any] | None = None,
 ) -> list[dict[str, str]]:
-    """[Ready, Progressing, Degraded] as (type, status, reason, message) dicts."""
+    """[Ready, Progressing, Degraded] as (type, status, reason, message) dicts. Ready needs an
+    available engine and an available router."""
     if deployment is None:
         ready = ("False", "DeploymentNotFound", "the engine Deployment does not exist yet")
         progressing = ("True", "Creating", "creating the engine Deployment")
@@ -58,6 +74,9 @@ def engine_conditions(
             )
         else:
             ready = ("False", "NoReadyReplicas", f"0/{want} engine replicas ready")
+        blocked = router_unavailable(router)
+        if ready[0] == "True" and blocked is not None:
+            ready = ("False", "RouterUnavailable", f"{ready[2]}, but {blocked}")
         caught_up = (st.get("observedGeneration") or 0) >= (
             deployment["metadata"].get("generation") or 0
         )
@@ -134,6 +153,7 @@ def status_patch(
     endpoint: str,
     model: str,
     extra: dict[str, Any] | None = None,
+    router: dict[str, Any] | None = None,
 ) -> dict[str, Any] | None:
     """The status fields to patch, or None when nothing would change (no churn, no event)."""
     current = current or {}
@@ -147,7 +167,10 @@ def status_patch(
         "model": model,
         **(extra or {}),
     }
-    conditions = engine_conditions(deployment, generation, problem)
+    # Kubernetes 1.20 reads "" in a custom resource as null, which its schema refuses: a field
+    # with nothing to say (no endpoint for a spec that does not parse) is left out.
+    wanted = {k: v for k, v in wanted.items() if v != ""}
+    conditions = engine_conditions(deployment, generation, problem, router)
     merged = merge_conditions(current.get("conditions"), conditions, now_iso())
     changed = {k: v for k, v in wanted.items() if current.get(k) != v}
     if strip_times(merged) != strip_times(current.get("conditions") or []):
