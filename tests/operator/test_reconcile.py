@@ -220,3 +220,53 @@ def test_canary_starts_beside_stable_and_goes_when_its_config_is_removed(kube: M
     assert stable_now["metadata"]["annotations"]["kvpilot.io/serving-spec"] == spec_annotation(
         out.spec  # type: ignore[arg-type]
     )
+
+
+def _engine_pod(state: dict[str, Any], last: dict[str, Any] | None = None) -> dict[str, Any]:
+    labels = {"kvpilot.io/llmservice": NAME, "app.kubernetes.io/component": "engine",
+              "kvpilot.io/track": "stable"}  # fmt: skip
+    status = {"name": "engine", "state": state, **({"lastState": last} if last else {})}
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": f"{NAME}-engine-abc", "namespace": NS, "labels": labels},
+        "status": {"phase": "Running", "containerStatuses": [status]},
+    }
+
+
+def test_an_engine_that_fails_to_start_says_why(kube: MemoryKube) -> None:
+    """The engine's last log line, the termination message under FallbackToLogsOnError, is the
+    Degraded message; the crash loop's own state says it when there is no message."""
+    kube.create(service())
+    reconcile(kube, live(kube), OPTS)
+    dep = kube.get("apps/v1", "Deployment", engine_name(NAME), NS)
+    assert dep is not None
+    assert dep["spec"]["template"]["spec"]["containers"][0]["terminationMessagePolicy"] == (
+        "FallbackToLogsOnError"
+    )
+    log_tail = (
+        '{"event": "Application shutdown complete.", "level": "info"}\n'
+        '{"error": "model \'/m/x.gguf\' is neither a local path nor a bundled model", '
+        '"event": "exiting: the engine failed", "level": "error"}\n'
+    )
+    ended = {"terminated": {"exitCode": 1, "reason": "Error", "message": log_tail}}
+    kube.create(_engine_pod({"waiting": {"reason": "CrashLoopBackOff"}}, last=ended))
+    reconcile(kube, live(kube), OPTS, apply=False)
+    degraded = cond(kube, "Degraded")
+    assert (degraded["status"], degraded["reason"]) == ("True", "EngineFailing")
+    assert degraded["message"] == (
+        f"engine pod {NAME}-engine-abc exited with code 1: "
+        "model '/m/x.gguf' is neither a local path nor a bundled model"
+    )
+    kube.delete("v1", "Pod", f"{NAME}-engine-abc", NS)
+    kube.create(_engine_pod({"waiting": {"reason": "ImagePullBackOff", "message": "no such"}}))
+    reconcile(kube, live(kube), OPTS, apply=False)
+    assert cond(kube, "Degraded")["message"] == (
+        f"engine pod {NAME}-engine-abc: ImagePullBackOff: no such"
+    )
+    # The engines come up: Degraded clears.
+    kube.delete("v1", "Pod", f"{NAME}-engine-abc", NS)
+    ready = {"replicas": 1, "readyReplicas": 1, "availableReplicas": 1, "updatedReplicas": 1}
+    kube.set_status("apps/v1", "Deployment", engine_name(NAME), NS, ready)
+    reconcile(kube, live(kube), OPTS, apply=False)
+    assert cond(kube, "Degraded")["status"] == "False"

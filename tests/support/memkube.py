@@ -128,6 +128,18 @@ class MemoryKube:
         self.calls.append(("delete", kind, name))
         return self.objects.pop(_key(api_version, kind, name, namespace), None) is not None
 
+    def list_pods(self, namespace: str, selector: str) -> list[dict[str, Any]]:
+        """Pods (created with `create`, as a ReplicaSet controller would) matching an equality
+        selector `k=v,k2=v2`."""
+        wanted = dict(part.split("=", 1) for part in selector.split(","))
+        return [
+            copy.deepcopy(o)
+            for k, o in self.objects.items()
+            if k[1] == "Pod"
+            and k[2] == namespace
+            and wanted.items() <= (o["metadata"].get("labels") or {}).items()
+        ]
+
     def get_llmservice(self, namespace: str, name: str) -> dict[str, Any] | None:
         return self.get(API_VERSION, "LLMService", name, namespace)
 

@@ -81,6 +81,13 @@ class Kube:
         except NotFoundError:
             return False
 
+    def list_pods(self, namespace: str, selector: str) -> list[dict[str, Any]]:
+        return (
+            self.resource("v1", "Pod")
+            .get(namespace=namespace, label_selector=selector)
+            .to_dict()["items"]
+        )
+
     def get_llmservice(self, namespace: str, name: str) -> dict[str, Any] | None:
         return self.get(API_VERSION, "LLMService", name, namespace)
 

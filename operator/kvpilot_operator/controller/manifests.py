@@ -345,6 +345,9 @@ def deployment(
         },
         **_probes(),
         "securityContext": CONTAINER_SECURITY,
+        # A failed start's last log line (the engine logs why) becomes the termination message,
+        # which the operator reports as Degraded=EngineFailing.
+        "terminationMessagePolicy": "FallbackToLogsOnError",
     }
     pod_spec: dict[str, Any] = {
         "containers": [container],

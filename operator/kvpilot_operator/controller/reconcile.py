@@ -13,7 +13,13 @@ from typing import Any
 from kubernetes.client.exceptions import ApiException
 from pydantic import ValidationError
 
-from kvpilot_operator.api.names import engine_name, router_name, selector_string
+from kvpilot_operator.api.names import (
+    TRACK_LABEL,
+    engine_name,
+    router_name,
+    selector_labels,
+    selector_string,
+)
 from kvpilot_operator.api.policies import Unresolved, resolve
 from kvpilot_operator.api.types import LLMService, LLMServiceSpec
 from kvpilot_operator.controller.kube import Kube
@@ -26,7 +32,7 @@ from kvpilot_operator.controller.manifests import (
     revision_of,
     served_name,
 )
-from kvpilot_operator.controller.status import Problem, now_iso, status_patch
+from kvpilot_operator.controller.status import Problem, engine_failure, now_iso, status_patch
 from kvpilot_operator.rollout.plan import abandoned, plan_rollout
 
 
@@ -100,6 +106,19 @@ def _causes(err: ApiException) -> str:
     return str(body.get("message") or err.reason) if isinstance(body, dict) else str(err.reason)
 
 
+def engine_pods_selector(name: str) -> str:
+    """The stable engines' pods (not the canary's or the shadow's: those have their own story)."""
+    labels = {**selector_labels(name), TRACK_LABEL: "stable"}
+    return ",".join(f"{k}={v}" for k, v in labels.items())
+
+
+def _engines_missing(deployment: dict[str, Any] | None) -> bool:
+    if deployment is None:
+        return False
+    want = (deployment.get("spec") or {}).get("replicas", 1)
+    return want > 0 and ((deployment.get("status") or {}).get("availableReplicas") or 0) < want
+
+
 def reconcile(
     kube: Kube,
     body: dict[str, Any],
@@ -162,6 +181,12 @@ def reconcile(
         )
     if router is None and deployment is not None:  # Ready needs the routers too
         router = kube.get("apps/v1", "Deployment", router_name(name), namespace)
+    if out.problem is None and _engines_missing(deployment):
+        # Engines wanted but not up: say why when a pod does (a start-up error, a crash loop),
+        # rather than leaving users with a silent CrashLoopBackOff.
+        failure = engine_failure(kube.list_pods(namespace, engine_pods_selector(name)))
+        if failure is not None:
+            out.problem = Problem("EngineFailing", failure)
     model = served_name(svc) if svc is not None else name
     endpoint = endpoint_url(svc, opts) if svc is not None else ""
     out.status = status_patch(

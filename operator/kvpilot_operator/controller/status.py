@@ -5,6 +5,7 @@ reason in CamelCase, message, lastTransitionTime that moves only when status fli
 from __future__ import annotations
 
 import datetime as dt
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,6 +30,46 @@ def find_condition(obj: dict[str, Any], kind: str) -> dict[str, Any] | None:
     for cond in (obj.get("status") or {}).get("conditions") or []:
         if cond.get("type") == kind:
             return cond
+    return None
+
+
+# Waiting reasons of a container that will not start by itself.
+STUCK_WAITING = {
+    "CrashLoopBackOff", "ErrImagePull", "ImagePullBackOff", "InvalidImageName",
+    "CreateContainerConfigError", "CreateContainerError", "RunContainerError",
+}  # fmt: skip
+MAX_FAILURE_MESSAGE = 400
+
+
+def _condense(message: str) -> str:
+    """A termination message as one readable line: the engine logs JSON, and on a failed start
+    its last line is the reason (`FallbackToLogsOnError` gives the log's tail)."""
+    for line in reversed([ln.strip() for ln in message.splitlines() if ln.strip()]):
+        try:
+            record = json.loads(line)
+        except ValueError:
+            return line[:MAX_FAILURE_MESSAGE]
+        if isinstance(record, dict):
+            text = record.get("error") or record.get("event")
+            if text:
+                return str(text)[:MAX_FAILURE_MESSAGE]
+    return ""
+
+
+def engine_failure(pods: list[dict[str, Any]]) -> str | None:
+    """Why the engine pods do not come up, from their container statuses (a start-up error's
+    termination message, an image that cannot be pulled, a crash loop), or None."""
+    for pod in pods:
+        name = pod["metadata"]["name"]
+        for cs in (pod.get("status") or {}).get("containerStatuses") or []:
+            for state in (cs.get("state") or {}, cs.get("lastState") or {}):
+                ended = state.get("terminated") or {}
+                if ended.get("exitCode"):
+                    why = _condense(ended.get("message") or "") or ended.get("reason") or "Error"
+                    return f"engine pod {name} exited with code {ended['exitCode']}: {why}"
+            waiting = (cs.get("state") or {}).get("waiting") or {}
+            if waiting.get("reason") in STUCK_WAITING:
+                return f"engine pod {name}: {waiting['reason']}: {waiting.get('message', '')}"
     return None
 
 

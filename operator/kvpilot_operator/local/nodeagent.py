@@ -48,6 +48,7 @@ class PodProcess:
     grace_s: float
     container: str = "main"
     image: str = ""
+    message_policy: str = "File"  # the container's terminationMessagePolicy
     ready: bool = False
     failed: bool = False
 
@@ -210,6 +211,7 @@ class NodeAgent:
             grace_s=30.0 if grace is None else float(grace),
             container=container.get("name", "main"),
             image=container.get("image", ""),
+            message_policy=container.get("terminationMessagePolicy", "File"),
         )
         with self._lock:
             self.pods[f"{namespace}/{name}"] = running
@@ -240,11 +242,7 @@ class NodeAgent:
             {"type": "Ready", "status": flag, "lastTransitionTime": now},
         ]
         running = phase == "Running"
-        state = (
-            {"running": {"startedAt": now}}
-            if running
-            else {"terminated": {"exitCode": p.proc.returncode or 0, "finishedAt": now}}
-        )
+        state = {"running": {"startedAt": now}} if running else {"terminated": self._ended(p, now)}
         status = {
             "phase": phase,
             "podIP": p.ip,
@@ -267,6 +265,21 @@ class NodeAgent:
         }
         with contextlib.suppress(Exception):  # the pod may be gone already
             self.api.patch_namespaced_pod_status(p.name, p.namespace, {"status": status})
+
+    @staticmethod
+    def _ended(p: PodProcess, now: str) -> dict[str, Any]:
+        """A terminated state as a kubelet writes it; with FallbackToLogsOnError and a failed
+        exit, the message is the log's tail (at most 80 lines and 2048 bytes)."""
+        code = p.proc.returncode or 0
+        ended: dict[str, Any] = {
+            "exitCode": code,
+            "reason": "Error" if code else "Completed",
+            "finishedAt": now,
+        }
+        if code and p.message_policy == "FallbackToLogsOnError":
+            tail = p.log_tail(80)
+            ended["message"] = tail.encode()[-2048:].decode(errors="ignore")
+        return ended
 
     def _terminate(self, p: PodProcess) -> None:
         if p.proc.poll() is None:
