@@ -106,6 +106,7 @@ def test_chart_has_every_part() -> None:
         "templates/rolebinding.yaml",
         "templates/service.yaml",
         "templates/servingpolicies.yaml",
+        "templates/podmonitor.yaml",
     }
     missing = {f for f in expected if not (CHART / f).is_file()}
     assert not missing
