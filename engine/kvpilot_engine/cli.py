@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 from collections.abc import Sequence
 
@@ -128,6 +129,10 @@ def cmd_generate(ns: argparse.Namespace) -> int:
 def cmd_serve(ns: argparse.Namespace) -> int:
     args = engine_args_from(ns)  # flag errors surface before the server starts
     from kvpilot_engine.server.api_server import run_server
+    from kvpilot_engine.server.guard import API_KEY_ENV, GuardSettings
+
+    # The environment is how a Secret reaches the pod without showing in its command line.
+    guard = GuardSettings(api_key=ns.api_key or os.environ.get(API_KEY_ENV) or None)
 
     return run_server(
         args,
@@ -138,6 +143,7 @@ def cmd_serve(ns: argparse.Namespace) -> int:
         drain_timeout=ns.drain_timeout,
         log_level=ns.log_level,
         inject_step_delay=ns.inject_step_delay,
+        guard=guard,
     )
 
 
@@ -245,6 +251,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=30.0,
         help="on SIGTERM, seconds to let in-flight requests finish before aborting them",
+    )
+    s.add_argument(
+        "--api-key",
+        default=None,
+        help="require Authorization: Bearer KEY on /v1/* (default: $KVPILOT_API_KEY; probes and "
+        "/metrics stay open)",
     )
     s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     s.add_argument(

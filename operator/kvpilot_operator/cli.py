@@ -478,6 +478,11 @@ def add_router_commands(sub: Any, bench: Any) -> None:
         action="append",
         help="require Authorization: Bearer KEY on /v1/* (repeat; also KVPILOT_API_KEY=k1,k2)",
     )
+    r.add_argument(
+        "--upstream-api-key",
+        help="send Authorization: Bearer KEY to the engines and shadows, whose `kvpilot serve "
+        "--api-key` it is (default: $KVPILOT_UPSTREAM_API_KEY)",
+    )
     r.add_argument("--shadow-timeout", type=float, default=120.0, help="per mirrored request")
     r.add_argument("--shadow-max-concurrency", type=int, default=64, help="beyond: dropped_busy")
     r.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])

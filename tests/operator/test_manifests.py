@@ -370,3 +370,31 @@ def test_quantization_reaches_the_engine_args() -> None:
     # A policy's int4 applies when the service says nothing.
     dep = rendered(make_service(), "interactive-chat")["Deployment"]
     assert "int4" in dep["spec"]["template"]["spec"]["containers"][0]["args"]
+
+
+def _env(deployment: dict[str, Any]) -> dict[str, Any]:
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    return {e["name"]: e.get("valueFrom", e.get("value")) for e in container["env"]}
+
+
+def test_the_api_key_secret_reaches_routers_and_every_engine() -> None:
+    """Clients send the key to the routers; the routers send it on to the engines (stable,
+    canary, shadow), which refuse callers without it, so nothing goes around the routers."""
+    svc = make_service(
+        router={"apiKeySecret": "chat-key"},
+        rollout={"shadow": {"replicas": 1, "quantization": "int8"}},
+    )
+    spec = resolve_spec(svc.spec, None)
+    deployments = {
+        o["metadata"]["name"]: o
+        for o in render(svc, spec, RenderOptions())
+        if o["kind"] == "Deployment"
+    }
+    ref = {"secretKeyRef": {"name": "chat-key", "key": "api-key"}}
+    for name in ("chat-engine", "chat-engine-shadow"):
+        assert _env(deployments[name])["KVPILOT_API_KEY"] == ref, name
+    router = _env(deployments["chat-router"])
+    assert router["KVPILOT_API_KEY"] == router["KVPILOT_UPSTREAM_API_KEY"] == ref
+    # Without a Secret nobody needs a key, engines included.
+    plain = rendered(make_service())["Deployment"]
+    assert "KVPILOT_API_KEY" not in _env(plain)

@@ -28,6 +28,7 @@ from kvpilot_engine.config import EngineArgs
 from kvpilot_engine.llm_engine import LLMEngine
 from kvpilot_engine.server.async_engine import AsyncLLMEngine
 from kvpilot_engine.server.errors import add_exception_handlers, error_response
+from kvpilot_engine.server.guard import ApiKeyMiddleware, GuardSettings
 from kvpilot_engine.server.logs import configure_logging
 from kvpilot_engine.server.metrics import ServerMetrics
 from kvpilot_engine.server.protocol import ModelCard, ModelList
@@ -76,7 +77,14 @@ class RequestIdMiddleware:
 
 
 # ---- the app -----------------------------------------------------------------------------------
-def build_app(engine: AsyncLLMEngine, served_model_name: str, metrics: ServerMetrics) -> FastAPI:
+def build_app(
+    engine: AsyncLLMEngine,
+    served_model_name: str,
+    metrics: ServerMetrics,
+    guard: GuardSettings | None = None,
+) -> FastAPI:
+    guard = guard or GuardSettings()
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         engine.start()
@@ -84,6 +92,9 @@ def build_app(engine: AsyncLLMEngine, served_model_name: str, metrics: ServerMet
         await asyncio.to_thread(engine.shutdown)
 
     app = FastAPI(title="kvpilot", lifespan=lifespan, docs_url=None, redoc_url=None)
+    if guard.api_key:
+        # Added first, so it runs inside RequestIdMiddleware: a 401 is logged with its id too.
+        app.add_middleware(ApiKeyMiddleware, api_key=guard.api_key)
     app.add_middleware(RequestIdMiddleware)
     add_exception_handlers(app)
     completion = OpenAIServingCompletion(engine, served_model_name, metrics)
@@ -178,11 +189,13 @@ def run_server(
     drain_timeout: float,
     log_level: str = "info",
     inject_step_delay: float = 0.0,
+    guard: GuardSettings | None = None,
 ) -> int:
+    guard = guard or GuardSettings()
     configure_logging(log_level)
     metrics = ServerMetrics(served_model_name)
     engine = AsyncLLMEngine(lambda: LLMEngine(engine_args), metrics, max_waiting, inject_step_delay)
-    app = build_app(engine, served_model_name, metrics)
+    app = build_app(engine, served_model_name, metrics, guard)
     config = uvicorn.Config(
         app,
         host=host,
@@ -194,7 +207,13 @@ def run_server(
     )
     server = _DrainingServer(config, engine, drain_timeout)
     engine.on_fatal = server.stop
-    log.info("starting", model=engine_args.model, served_model_name=served_model_name, port=port)
+    log.info(
+        "starting",
+        model=engine_args.model,
+        served_model_name=served_model_name,
+        port=port,
+        auth=bool(guard.api_key),
+    )
     if inject_step_delay:
         log.warning("fault injection: every engine step is delayed", seconds=inject_step_delay)
     server.run()

@@ -288,6 +288,16 @@ def _probes() -> dict[str, Any]:
     }
 
 
+def _api_key_env(spec: LLMServiceSpec, name: str) -> list[dict[str, Any]]:
+    """The service's API key (spec.router.apiKeySecret, entry `api-key`) as env `name`: clients
+    send it to the routers, the routers send it to the engines, which refuse anyone without it."""
+    secret = spec.router.api_key_secret
+    if not secret:
+        return []
+    ref = {"secretKeyRef": {"name": secret, "key": "api-key"}}
+    return [{"name": name, "valueFrom": ref}]
+
+
 def _scrape_annotations(port: int) -> dict[str, str]:
     return {
         "prometheus.io/scrape": "true",
@@ -334,6 +344,7 @@ def deployment(
         "env": [
             {"name": "HOME", "value": "/tmp"},
             {"name": "PYTHONUNBUFFERED", "value": "1"},
+            *_api_key_env(spec, "KVPILOT_API_KEY"),  # `kvpilot serve --api-key`
         ],
         "resources": _container_resources(spec),
         "volumeMounts": mounts,
@@ -531,16 +542,11 @@ def router_objects(
     ]
     if spec.router.prefix_chars is not None:
         args += ["--prefix-chars", str(spec.router.prefix_chars)]
-    env: list[dict[str, Any]] = [{"name": "PYTHONUNBUFFERED", "value": "1"}]
-    if spec.router.api_key_secret:
-        env.append(
-            {
-                "name": "KVPILOT_API_KEY",
-                "valueFrom": {
-                    "secretKeyRef": {"name": spec.router.api_key_secret, "key": "api-key"}
-                },
-            }
-        )
+    env: list[dict[str, Any]] = [
+        {"name": "PYTHONUNBUFFERED", "value": "1"},
+        *_api_key_env(spec, "KVPILOT_API_KEY"),  # what clients must send
+        *_api_key_env(spec, "KVPILOT_UPSTREAM_API_KEY"),  # what the router sends the engines
+    ]
     container = {
         "name": "router",
         "image": opts.router_image,

@@ -58,7 +58,7 @@ Send = Callable[[Message], Awaitable[None]]
 
 _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")  # the engine's rule
 # Not forwarded upstream: hop-by-hop headers, and what the proxy sets itself. The client's key
-# is for the router; engines sit behind it on the pod network.
+# is for the router; the engines get the router's own (`upstream_api_key`).
 _DROP_REQUEST_HEADERS = frozenset(
     {
         b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization", b"te",
@@ -82,6 +82,7 @@ class ProxySettings:
     queue_timeout: float = 60.0
     failover_wait: float = 10.0
     api_keys: tuple[str, ...] = ()
+    upstream_api_key: str | None = None  # what the engines' `kvpilot serve --api-key` expects
     refresh_interval: float = 1.0
     scrape_interval: float = 2.0
     shadow_timeout: float = DEFAULT_SHADOW_TIMEOUT
@@ -211,6 +212,10 @@ class Router:
         self.client: httpx.AsyncClient | None = None
         self.mirror: Mirror | None = None
         self._keys = [k.encode() for k in settings.api_keys]
+        self._upstream_auth: list[tuple[bytes, bytes]] = []
+        if settings.upstream_api_key:
+            bearer = b"Bearer " + settings.upstream_api_key.encode()
+            self._upstream_auth = [(b"authorization", bearer)]
         self._tasks: list[asyncio.Task[None]] = []
         self._applied: Snapshot | None = None
 
@@ -319,7 +324,9 @@ class Router:
                 break
             try:
                 resp = await self.client.get(
-                    st.url + "/v1/models", headers={"x-request-id": rid}, timeout=10.0
+                    st.url + "/v1/models",
+                    headers=[(b"x-request-id", rid.encode()), *self._upstream_auth],
+                    timeout=10.0,
                 )
             except httpx.TransportError:
                 self.table.eject(st.url)
@@ -380,6 +387,7 @@ class Router:
             (k, v) for k, v in scope["headers"] if k.lower() not in _DROP_REQUEST_HEADERS
         ]
         ex.upstream_headers += [
+            *self._upstream_auth,  # shadows get it too: they are engines behind the same key
             (b"x-request-id", ex.rid.encode()),
             (b"content-length", str(len(body)).encode()),  # else httpx would send it chunked
         ]

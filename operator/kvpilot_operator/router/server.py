@@ -16,6 +16,7 @@ from kvpilot_operator.router.table import RouteTable
 log = structlog.get_logger("kvpilot.router")
 
 API_KEY_ENV = "KVPILOT_API_KEY"
+UPSTREAM_API_KEY_ENV = "KVPILOT_UPSTREAM_API_KEY"
 
 
 def api_keys(ns: argparse.Namespace) -> tuple[str, ...]:
@@ -34,6 +35,8 @@ def settings_from(ns: argparse.Namespace) -> ProxySettings:
         queue_timeout=ns.queue_timeout,
         failover_wait=ns.failover_wait,
         api_keys=api_keys(ns),
+        # Read whole, not split on commas: it must equal the engines' `--api-key` as it is.
+        upstream_api_key=ns.upstream_api_key or os.environ.get(UPSTREAM_API_KEY_ENV) or None,
         refresh_interval=ns.refresh_interval,
         scrape_interval=ns.scrape_interval,
         shadow_timeout=ns.shadow_timeout,
