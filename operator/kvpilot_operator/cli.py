@@ -31,15 +31,24 @@ def cmd_operator(ns: argparse.Namespace) -> int:
         engine_image=ns.engine_image,
         router_image=ns.router_image,
         pdb_api_version=kube.pdb_api_version(),
+        scraper_pod_labels=ns.metrics_scraper_pod_labels,
+        scraper_namespace_labels=ns.metrics_scraper_namespace_labels,
     )
     from kvpilot_operator.observability.prometheus import PrometheusSource
     from kvpilot_operator.rollout.controller import RolloutController
 
     source = None
+    try:
+        _prometheus_access(ns)
+    except ValueError as err:
+        print(f"error: --prometheus-*: {err}", file=sys.stderr)
+        return 2
     if ns.prometheus_url:
         from kvpilot_operator.autoscaler.loop import Autoscaler
 
-        source = PrometheusSource(ns.prometheus_url, ns.prometheus_selector)
+        source = PrometheusSource(
+            ns.prometheus_url, ns.prometheus_selector, access=_prometheus_access(ns)
+        )
         handlers.State.autoscaler = Autoscaler(
             kube=kube,
             source=source,
@@ -116,6 +125,34 @@ def cmd_observability(ns: argparse.Namespace) -> int:
         else:
             print(path)
     return 1 if ns.check and stale else 0
+
+
+def _prometheus_access(ns: argparse.Namespace) -> Any:
+    from kvpilot_operator.observability.connection import PrometheusAccess
+
+    return PrometheusAccess(
+        ca_file=ns.prometheus_ca_file,
+        bearer_token_file=ns.prometheus_bearer_token_file,
+        headers=dict(ns.prometheus_header or []),
+        insecure_skip_verify=ns.prometheus_insecure_skip_verify,
+    )
+
+
+def _header(text: str) -> tuple[str, str]:
+    from kvpilot_operator.observability.connection import parse_header
+
+    try:
+        return parse_header(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def _labels(text: str) -> dict[str, str]:
+    """`k=v,k2=v2` as a label map; empty is {} (a selector that matches everything)."""
+    pairs = [part.strip() for part in text.split(",") if part.strip()]
+    if any("=" not in p for p in pairs):
+        raise argparse.ArgumentTypeError(f"expected k=v[,k2=v2], got {text!r}")
+    return dict(p.split("=", 1) for p in pairs)
 
 
 def cmd_crds(ns: argparse.Namespace) -> int:
@@ -302,6 +339,19 @@ def add_commands(sub: Any, bench: Any) -> None:
         default=os.environ.get("KVPILOT_ROUTER_IMAGE", DEFAULT_ROUTER_IMAGE),
         help="image of the routers (`kvpilot router`); the chart passes the operator's own",
     )
+    o.add_argument(
+        "--metrics-scraper-pod-labels",
+        type=_labels,
+        default={"app.kubernetes.io/name": "prometheus"},
+        help="k=v,...: pods allowed past the engines' NetworkPolicy to scrape them (empty: any "
+        "pod in the namespaces below; default: app.kubernetes.io/name=prometheus)",
+    )
+    o.add_argument(
+        "--metrics-scraper-namespace-labels",
+        type=_labels,
+        default={},
+        help="k=v,...: namespaces those pods may be in (default: empty, any namespace)",
+    )
     o.add_argument("--health-port", type=int, default=8080, help="kopf /healthz; 0 disables")
     o.add_argument("--metrics-port", type=int, default=9090, help="Prometheus; 0 disables")
     o.add_argument(
@@ -313,6 +363,28 @@ def add_commands(sub: Any, bench: Any) -> None:
         "--prometheus-selector",
         default=PROMETHEUS_SELECTOR,
         help="PromQL label matchers of one service's series ({namespace}, {name})",
+    )
+    o.add_argument(
+        "--prometheus-ca-file",
+        default="",
+        help="CA bundle (PEM) to verify an https Prometheus with (default: the system's)",
+    )
+    o.add_argument(
+        "--prometheus-bearer-token-file",
+        default="",
+        help="send its content as `Authorization: Bearer`; re-read every minute (tokens rotate)",
+    )
+    o.add_argument(
+        "--prometheus-header",
+        action="append",
+        type=_header,
+        metavar="'NAME: VALUE'",
+        help="extra header on every query, e.g. 'X-Scope-OrgID: tenant' (Thanos, Mimir); repeat",
+    )
+    o.add_argument(
+        "--prometheus-insecure-skip-verify",
+        action="store_true",
+        help="do not verify the Prometheus's TLS certificate",
     )
     o.add_argument(
         "--autoscale-interval", type=float, default=15.0, help="seconds between evaluations"

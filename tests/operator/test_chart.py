@@ -358,6 +358,7 @@ CLUSTER_GRANTS = set().union(
     _expand("apps", "deployments", "get list watch create patch update delete"),
     _expand("", "services", "get list watch create patch update delete"),
     _expand("policy", "poddisruptionbudgets", "get list watch create patch update delete"),
+    _expand("networking.k8s.io", "networkpolicies", "get list watch create patch update delete"),
     # the router of each LLMService: routes ConfigMap, ServiceAccount, Role, RoleBinding
     _expand("", "configmaps serviceaccounts", "get list watch create patch update delete"),
     _expand(
@@ -469,6 +470,53 @@ def test_autoscaler_values_become_operator_flags(helm: str) -> None:
     assert cli.prometheus_url == "http://prometheus.monitoring:9090"
     assert cli.autoscale_interval == 30
     assert cli.prometheus_selector == 'namespace="{namespace}",app="{name}"'
+
+
+def test_prometheus_access_values_become_operator_flags(helm: str) -> None:
+    """TLS and auth for a Thanos/Mimir or kube-rbac-proxy Prometheus, with the CA mounted from a
+    Secret; without them, no flag (plain settings, as before)."""
+    default = parse_operator_args(operator_container(template(helm)))
+    assert (default.prometheus_ca_file, default.prometheus_header) == ("", None)
+    values = {
+        "autoscaler": {
+            "prometheusUrl": "https://thanos-query.monitoring:10902",
+            "caFile": "/etc/kvpilot/prometheus-ca/ca.crt",
+            "bearerTokenFile": "/var/run/secrets/kubernetes.io/serviceaccount/token",
+            "headers": {"X-Scope-OrgID": "tenant-a", "X-Extra": "1"},
+        },
+        "operator": {
+            "extraVolumes": [{"name": "prom-ca", "secret": {"secretName": "prometheus-ca"}}],
+            "extraVolumeMounts": [
+                {"name": "prom-ca", "mountPath": "/etc/kvpilot/prometheus-ca", "readOnly": True}
+            ],
+        },
+    }
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml") as f:
+        yaml.safe_dump(values, f)
+        f.flush()
+        docs = template(helm, "-f", f.name)
+        bad = run_helm(
+            helm, "template", "kv", str(CHART), "-f", f.name,
+            "--set", "autoscaler.insecureSkipVerify=true", check=False,
+        )  # fmt: skip
+    assert bad.returncode != 0, "a CA file and skipping verification contradict each other"
+    c = operator_container(docs)
+    cli = parse_operator_args(c)
+    assert cli.prometheus_ca_file == "/etc/kvpilot/prometheus-ca/ca.crt"
+    assert cli.prometheus_bearer_token_file.endswith("serviceaccount/token")
+    assert sorted(cli.prometheus_header) == [("X-Extra", "1"), ("X-Scope-OrgID", "tenant-a")]
+    assert cli.prometheus_insecure_skip_verify is False
+    assert {"name": "prom-ca", "mountPath": "/etc/kvpilot/prometheus-ca", "readOnly": True} in c[
+        "volumeMounts"
+    ]
+    volumes = one(docs, "Deployment")["spec"]["template"]["spec"]["volumes"]
+    assert {"name": "prom-ca", "secret": {"secretName": "prometheus-ca"}} in volumes
+    insecure = template(
+        helm,
+        "--set", "autoscaler.prometheusUrl=https://prometheus.monitoring:9090",
+        "--set", "autoscaler.insecureSkipVerify=true",
+    )  # fmt: skip
+    assert parse_operator_args(operator_container(insecure)).prometheus_insecure_skip_verify
 
 
 def test_scheduling_values_pass_through(helm: str) -> None:

@@ -4,7 +4,7 @@ Every query selects the service's series with a label selector (by default the l
 `kubernetes-pods` scrape job derives from the pod: `namespace` and the pod label
 `kvpilot.io/llmservice` as `kvpilot_io_llmservice`). Errors are not raised: an unreachable
 Prometheus, a failing query or a service without scrape targets comes back as
-`Observation.missing`, on which the decision holds.
+`Observation.missing`, on which the decision holds. TLS and authentication: `connection`.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from prometheus_api_client import PrometheusApiClientException, PrometheusConnec
 from kvpilot_operator.api.names import ENGINE_SERIES, PROMETHEUS_SELECTOR, ROUTER_SERIES
 from kvpilot_operator.api.types import CanaryAnalysis, ShadowStatus
 from kvpilot_operator.autoscaler.decision import Observation, ScalingParams, Window
+from kvpilot_operator.observability.connection import PrometheusAccess
 
 DEFAULT_SELECTOR = PROMETHEUS_SELECTOR
 # The router's queue (scaled to zero, requests wait there for a replica to wake).
@@ -43,10 +44,23 @@ def _quantile(metric: str, q: float, sel: str, window: str) -> str:
 
 
 class PrometheusSource:
-    def __init__(self, url: str, selector: str = DEFAULT_SELECTOR, timeout: float = 5.0):
+    def __init__(
+        self,
+        url: str,
+        selector: str = DEFAULT_SELECTOR,
+        timeout: float = 5.0,
+        access: PrometheusAccess | None = None,
+    ):
         self.url = url
         self.selector = selector
-        self.prom = PrometheusConnect(url=url, disable_ssl=True, timeout=timeout)
+        access = access or PrometheusAccess()
+        self.prom = PrometheusConnect(
+            url=url,
+            headers=dict(access.headers) or None,
+            auth=access.auth(),
+            session=access.session(),
+            timeout=timeout,
+        )
 
     def _value(self, query: str) -> float | None:
         """The single value of an instant query; None when it has no result or is NaN."""
