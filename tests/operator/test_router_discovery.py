@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 from kubernetes import client, config
 from kvpilot_operator.local.cluster import LocalCluster
 from kvpilot_operator.router.config import Endpoint, Revision, Shadow
-from kvpilot_operator.router.discovery import KubernetesSource
+from kvpilot_operator.router.discovery import KubernetesSource, Snapshot
 
 pytestmark = pytest.mark.slow
 
@@ -62,7 +63,20 @@ def routes_config_map(routes: str) -> dict:
     }
 
 
-def test_discovery_follows_the_config_map_and_ready_pods(cluster: LocalCluster, ns: str) -> None:
+def changed(source: KubernetesSource, want: Callable[[Snapshot], bool]) -> Snapshot:
+    """The first snapshot the watches deliver that satisfies `want` (changes arrive in ms)."""
+    deadline = time.monotonic() + 10
+    while True:
+        snap = source.poll()
+        if snap is not None and want(snap):
+            return snap
+        assert time.monotonic() < deadline, f"no such snapshot; last: {snap}"
+        time.sleep(0.05)
+
+
+def test_discovery_follows_the_config_map_and_ready_pods(
+    cluster: LocalCluster, ns: str, request: pytest.FixtureRequest
+) -> None:
     core = client.CoreV1Api(config.new_client_from_config(str(cluster.kubeconfig)))
     pods = {
         "engine-1": (pod("engine-1", "r1"), "127.0.0.11", True),  # named port 8001
@@ -76,9 +90,10 @@ def test_discovery_follows_the_config_map_and_ready_pods(cluster: LocalCluster, 
         core.create_namespaced_pod(ns, doc)
         core.patch_namespaced_pod_status(doc["metadata"]["name"], ns, kubelet_status(ip, ready))
     source = KubernetesSource(ns, SERVICE, str(cluster.kubeconfig))
+    request.addfinalizer(source.stop)
 
     # No ConfigMap yet: every revision with ready engine pods, evenly; no shadow.
-    snap = source.poll()
+    snap = changed(source, lambda s: len(s.endpoints) == 3)
     assert snap.config.revisions == (Revision("r1", 1), Revision("r2", 1))
     assert snap.config.shadow is None
     want = (
@@ -98,7 +113,7 @@ def test_discovery_follows_the_config_map_and_ready_pods(cluster: LocalCluster, 
         "shadow": {"revision": "rs", "mirrorPercent": 10.0, "maxRps": None},
     }
     core.create_namespaced_config_map(ns, routes_config_map(json.dumps(routes)))
-    snap = source.poll()
+    snap = changed(source, lambda s: s.config.shadow is not None)
     assert snap.config.revisions == (Revision("r1", 75, "stable"), Revision("r2", 25, "canary"))
     assert snap.config.shadow == Shadow("rs", 10.0, None)
     assert snap.endpoints == want
@@ -110,7 +125,7 @@ def test_discovery_follows_the_config_map_and_ready_pods(cluster: LocalCluster, 
     core.patch_namespaced_pod("engine-2", ns, {"metadata": {"finalizers": ["kvpilot.io/test"]}})
     core.delete_namespaced_pod("engine-2", ns)
     assert core.read_namespaced_pod("engine-2", ns).metadata.deletion_timestamp is not None
-    snap = source.poll()
+    snap = changed(source, lambda s: len(s.endpoints) == 2)
     assert snap.endpoints == (
         Endpoint("http://127.0.0.13:8000", "rs"),
         Endpoint("http://127.0.0.14:8000", "r1"),
@@ -120,4 +135,12 @@ def test_discovery_follows_the_config_map_and_ready_pods(cluster: LocalCluster, 
     # A broken table is an error (the router keeps its last good routes), not empty routes.
     core.patch_namespaced_config_map(f"{SERVICE}-router", ns, {"data": {"routes.json": "{"}})
     with pytest.raises(ValueError, match="route config"):
-        source.poll()
+        changed(source, lambda s: False)
+
+    # At rest, the routes come from the watches: polls make no request (one list and one watch
+    # per kind, and a new watch per watch timeout, 5 minutes by default).
+    before = source.requests
+    time.sleep(2)
+    for _ in range(20):
+        assert source.poll() is None
+    assert source.requests == before == 4

@@ -507,12 +507,13 @@ def router_objects(
         "kind": "Role",
         "metadata": _metadata(svc, rname, "router"),
         "rules": [
-            {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]},
+            {"apiGroups": [""], "resources": ["pods"], "verbs": ["list", "watch"]},
+            # Its own routes only: list and watch by name (a field selector) pass resourceNames.
             {
                 "apiGroups": [""],
                 "resources": ["configmaps"],
                 "resourceNames": [rname],
-                "verbs": ["get"],
+                "verbs": ["list", "watch"],
             },
         ],
     }

@@ -147,10 +147,12 @@ def reconcile(
             befores.append(kube.get(obj["apiVersion"], kind, obj_name, namespace))
     status = body.get("status") or {}
     if befores and (None in befores or status.get("observedGeneration") != meta.get("generation")):
-        # A new set of objects or a new spec: the API server checks every object first (a
-        # server-side dry run), so a refusal leaves nothing half-created or half-updated. Only
-        # a permanent refusal stops here; anything else gets its answer from the real apply.
-        for obj in objects:
+        # A new set of objects or a new spec: the API server checks the Deployments first (a
+        # server-side dry run), so a refusal leaves nothing half-created or half-updated. They
+        # carry what users write (resources, node selector, tolerations, image, env); the other
+        # objects are the operator's own from validated names, so are not sent twice. Only a
+        # permanent refusal stops here; anything else gets its answer from the real apply.
+        for obj in (o for o in objects if o["kind"] == "Deployment"):
             problem = _apply(kube, obj, dry_run=True)[1]
             if problem is not None and problem.reason == "ApplyRejected":
                 out.problem = problem

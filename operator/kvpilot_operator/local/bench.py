@@ -1,12 +1,15 @@
-"""`kvpilot bench operator`: reconcile throughput on a real (local) control plane.
+"""`kvpilot bench operator`: the operator at scale on a real (local) control plane.
 
-Applies N LLMServices at once and measures the time until every one is reconciled (its
-Deployment, Service and PDB exist and status.observedGeneration matches), the time until the
-operator is idle again, and the operator's peak and final memory (RSS from /proc)."""
+Applies N LLMServices at once, with the autoscaler on (a real Prometheus) and canary rollouts on
+a quarter of them, and measures the time until every one is reconciled (its Deployment, Service
+and PDB exist and status.observedGeneration matches), the time for one more service applied
+after them, the operator's memory (RSS from /proc), and, from the API server's audit log, the
+requests per second the operator and one router make at rest."""
 
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import json
 import signal
 import subprocess
@@ -19,7 +22,8 @@ from typing import Any
 import yaml
 from tqdm import tqdm
 
-from kvpilot_operator.local.cluster import LocalCluster, ensure_binaries
+from kvpilot_operator.local.cluster import LocalCluster, ensure_binaries, free_ports
+from kvpilot_operator.local.prometheus import LocalPrometheus
 from kvpilot_operator.packaged import packaged
 
 
@@ -31,22 +35,38 @@ def _rss_kib(pid: int) -> tuple[int, int]:
     return int(fields["VmRSS"].split()[0]), int(fields["VmHWM"].split()[0])
 
 
-def _services(n: int, namespace: str) -> str:
+def _service(i: int, namespace: str) -> dict[str, Any]:
+    """A mix of the presets and no policy; every fourth service also has a canary rollout, so
+    the rollout loop has work as well as the autoscaler."""
     policies = ["interactive-chat", "copilot", "offline-batch", None]
-    docs = []
-    for i in range(n):
-        spec: dict[str, Any] = {"model": {"source": {"path": "smollm2"}}, "quantization": "none"}
-        if policies[i % 4]:
-            spec["policy"] = policies[i % 4]
-        docs.append(
-            {
-                "apiVersion": "kvpilot.io/v1alpha1",
-                "kind": "LLMService",
-                "metadata": {"name": f"svc-{i:04d}", "namespace": namespace},
-                "spec": spec,
-            }
-        )
-    return yaml.safe_dump_all(docs)
+    spec: dict[str, Any] = {"model": {"source": {"path": "smollm2"}}, "quantization": "none"}
+    if policies[i % 4]:
+        spec["policy"] = policies[i % 4]
+    if i % 4 == 1:
+        spec["rollout"] = {"canary": {"steps": [10, 50, 100], "stepSeconds": 60}}
+    return {
+        "apiVersion": "kvpilot.io/v1alpha1",
+        "kind": "LLMService",
+        "metadata": {"name": f"svc-{i:04d}", "namespace": namespace},
+        "spec": spec,
+    }
+
+
+def _services(n: int, namespace: str) -> str:
+    return yaml.safe_dump_all([_service(i, namespace) for i in range(n)])
+
+
+def requests_per_user(audit_log: Path, since: float, until: float) -> dict[str, int]:
+    """Requests the API server answered between two wall-clock times, by user name (the audit
+    log's JSON lines; one per answered request, a watch counted when it ends)."""
+    counts: dict[str, int] = {}
+    for line in audit_log.read_text().splitlines():
+        event = json.loads(line)
+        when = dt.datetime.fromisoformat(event["requestReceivedTimestamp"].replace("Z", "+00:00"))
+        if since <= when.timestamp() < until:
+            user = event["user"]["username"]
+            counts[user] = counts.get(user, 0) + 1
+    return counts
 
 
 def _reconciled(cluster: LocalCluster, namespace: str) -> int:
@@ -72,9 +92,35 @@ def _reconciled(cluster: LocalCluster, namespace: str) -> int:
     return done
 
 
-def run(n: int, timeout: float) -> dict[str, Any]:
+def _wait_reconciled(
+    cluster: LocalCluster, op: subprocess.Popen[bytes], log: Path, n: int, t0: float, timeout: float
+) -> int:
+    """Poll until n services are reconciled; returns the operator's peak RSS (KiB) meanwhile."""
+    done, peak = 0, 0
+    with tqdm(total=n, desc="reconciled", unit="svc") as bar:
+        while done < n:
+            if time.monotonic() - t0 > timeout:
+                raise TimeoutError(f"only {done}/{n} reconciled after {timeout:.0f}s")
+            if op.poll() is not None:
+                raise RuntimeError(f"operator exited {op.returncode}:\n" + log.read_text()[-3000:])
+            now = _reconciled(cluster, "bench")
+            bar.update(now - done)
+            done = now
+            peak = max(peak, _rss_kib(op.pid)[1])
+            time.sleep(0.25)
+    return peak
+
+
+def run(n: int, timeout: float, rest_s: float = 30.0) -> dict[str, Any]:
+    """N services with the autoscaler (a real, empty Prometheus: every evaluation holds) and,
+    on a quarter of them, canary rollouts; then one more service; then a quiet window in which
+    the API server's audit log counts the operator's and one router's requests."""
     ensure_binaries()
-    with LocalCluster() as cluster, tempfile.TemporaryDirectory() as tmp:
+    with (
+        LocalCluster(audit=True) as cluster,
+        LocalPrometheus() as prom,
+        tempfile.TemporaryDirectory() as tmp,
+    ):
         cluster.kubectl("apply", "--validate=false", "-f", str(packaged("crds")))  # CEL: 1.25+
         cluster.kubectl(
             "wait", "--for=condition=Established", "--timeout=60s", "crd/llmservices.kvpilot.io"
@@ -82,24 +128,17 @@ def run(n: int, timeout: float) -> dict[str, Any]:
         cluster.kubectl("apply", "-f", str(packaged("policies")))
         cluster.kubectl("create", "namespace", "bench")
         log = Path(tmp) / "operator.log"
+        env = {**cluster.env(), "KUBECONFIG": str(cluster.kubeconfigs["operator"])}
         with log.open("wb") as out:
             op = subprocess.Popen(
                 [
-                    sys.executable,
-                    "-m",
-                    "kvpilot_engine.cli",
-                    "operator",
-                    "--kubeconfig",
-                    str(cluster.kubeconfig),
-                    "--health-port",
-                    "0",
-                    "--metrics-port",
-                    "0",
+                    sys.executable, "-m", "kvpilot_engine.cli", "operator",
+                    "--health-port", "0", "--metrics-port", "0",
+                    "--prometheus-url", prom.url,
                 ],
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                env=cluster.env(),
-            )
+                stdout=out, stderr=subprocess.STDOUT, env=env,
+            )  # fmt: skip
+        router = None
         try:
             time.sleep(3)  # kopf's initial listing of an empty cluster
             idle_rss, _ = _rss_kib(op.pid)
@@ -108,23 +147,33 @@ def run(n: int, timeout: float) -> dict[str, Any]:
             t0 = time.monotonic()
             cluster.kubectl("apply", "-f", str(manifest))
             applied_s = time.monotonic() - t0
-            done, peak = 0, idle_rss
-            with tqdm(total=n, desc="reconciled", unit="svc") as bar:
-                while done < n:
-                    if time.monotonic() - t0 > timeout:
-                        raise TimeoutError(f"only {done}/{n} reconciled after {timeout:.0f}s")
-                    if op.poll() is not None:
-                        raise RuntimeError(
-                            f"operator exited {op.returncode}:\n" + log.read_text()[-3000:]
-                        )
-                    now = _reconciled(cluster, "bench")
-                    bar.update(now - done)
-                    done = now
-                    peak = max(peak, _rss_kib(op.pid)[1])
-                    time.sleep(0.5)
+            peak = _wait_reconciled(cluster, op, log, n, t0, timeout)
             all_s = time.monotonic() - t0
+            # One more, into an operator that now evaluates n services every interval.
+            late = Path(tmp) / "late.yaml"
+            late.write_text(yaml.safe_dump(_service(n, "bench")))
+            t1 = time.monotonic()
+            cluster.kubectl("apply", "-f", str(late))
+            peak = max(peak, _wait_reconciled(cluster, op, log, n + 1, t1, timeout))
+            late_s = time.monotonic() - t1
+            router_env = {**cluster.env(), "KUBECONFIG": str(cluster.kubeconfigs["router"])}
+            router = subprocess.Popen(
+                [
+                    sys.executable, "-m", "kvpilot_engine.cli", "router", "--host", "127.0.0.1",
+                    "--port", str(free_ports(1)[0]), "--namespace", "bench",
+                    "--service", "svc-0000",
+                ],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=router_env,
+            )  # fmt: skip
+            time.sleep(10)  # both settle: the router's first reads, the loops' first passes
+            since = time.time()
+            time.sleep(rest_s)
+            counts = requests_per_user(cluster.audit_log, since, time.time())
             rss, peak = _rss_kib(op.pid)
         finally:
+            if router is not None:
+                router.terminate()
+                router.wait(timeout=30)
             op.send_signal(signal.SIGTERM)
             op.wait(timeout=30)
     return {
@@ -132,9 +181,12 @@ def run(n: int, timeout: float) -> dict[str, Any]:
         "kubectl_apply_s": round(applied_s, 2),
         "all_reconciled_s": round(all_s, 2),
         "services_per_s": round(n / all_s, 1),
+        "one_more_reconciled_s": round(late_s, 2),
         "operator_rss_idle_mib": round(idle_rss / 1024, 1),
         "operator_rss_after_mib": round(rss / 1024, 1),
         "operator_rss_peak_mib": round(peak / 1024, 1),
+        "operator_api_requests_per_s_at_rest": round(counts.get("kvpilot-operator", 0) / rest_s, 2),
+        "router_api_requests_per_s_at_rest": round(counts.get("kvpilot-router", 0) / rest_s, 2),
     }
 
 

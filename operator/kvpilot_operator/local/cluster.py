@@ -48,6 +48,14 @@ if TYPE_CHECKING:
 KUBE_VERSION = "1.20.2"
 BINARIES = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubectl")
 SERVICE_CIDR = "10.96.0.0/16"
+ADMINS = ("admin", "operator", "router")
+# Every request's metadata, once it is answered (watches: when they end).
+AUDIT_POLICY = """apiVersion: audit.k8s.io/v1
+kind: Policy
+omitStages: ["RequestReceived", "ResponseStarted"]
+rules:
+  - level: Metadata
+"""
 SERVICE_ACCOUNT_ISSUER = "https://kubernetes.default.svc"
 DEFAULT_START_TIMEOUT_S = 120.0
 
@@ -141,9 +149,13 @@ class LocalCluster:
     keep: bool = False
     bin_dir: Path | None = None
     start_timeout_s: float = DEFAULT_START_TIMEOUT_S
+    # Log every request's metadata to workdir/audit.log (JSON lines), to count who asks what.
+    audit: bool = False
 
     server: str = field(init=False, default="")
     kubeconfig: Path = field(init=False, default=Path())
+    # Admin kubeconfigs by identity: "admin" (as `kubeconfig`), "operator", "router".
+    kubeconfigs: dict[str, Path] = field(init=False, default_factory=dict)
     startup_s: float = field(init=False, default=0.0)
     # Seconds from the start of start() at which each start-up milestone was reached.
     timings: dict[str, float] = field(init=False, default_factory=dict)
@@ -262,6 +274,23 @@ class LocalCluster:
 
     # --- start-up ------------------------------------------------------------------------------
 
+    def _audit_args(self, wd: Path) -> list[str]:
+        if not self.audit:
+            return []
+        policy = wd / "audit-policy.yaml"
+        policy.write_text(AUDIT_POLICY)
+        return [
+            f"--audit-policy-file={policy}",
+            f"--audit-log-path={wd / 'audit.log'}",
+            "--audit-log-format=json",
+            "--audit-log-mode=blocking",
+        ]
+
+    @property
+    def audit_log(self) -> Path:
+        assert self.workdir is not None
+        return self.workdir / "audit.log"
+
     def _start(self, t0: float) -> None:
         assert self.workdir is not None and self.bin_dir is not None
         wd = self.workdir
@@ -273,7 +302,7 @@ class LocalCluster:
 
         self.kubeconfig = wd / "admin.kubeconfig"
         kubeconfigs = {"admin": self.kubeconfig}
-        for role in ("controller-manager", "scheduler"):
+        for role in ("controller-manager", "scheduler", "operator", "router"):
             kubeconfigs[role] = wd / f"{role}.kubeconfig"
         for role, path in kubeconfigs.items():
             path.write_text(
@@ -282,6 +311,7 @@ class LocalCluster:
                 )
             )
             path.chmod(0o600)
+        self.kubeconfigs = {k: v for k, v in kubeconfigs.items() if k in ADMINS}
 
         etcd_url = f"http://127.0.0.1:{self.ports['etcd']}"
         peer_url = f"http://127.0.0.1:{self.ports['etcd-peer']}"
@@ -333,6 +363,7 @@ class LocalCluster:
                 f"--service-cluster-ip-range={SERVICE_CIDR}",
                 "--allow-privileged=true",
                 "--profiling=false",
+                *self._audit_args(wd),
             ],
         )
         # The controller-manager gives up if the apiserver is not healthy within 10 s of its

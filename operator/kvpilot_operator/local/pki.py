@@ -144,6 +144,10 @@ def generate_pki(pki: Path) -> dict[str, Path]:
             ips=("127.0.0.1", "10.96.0.1"),
         ),
         "admin": leaf(ca, name("kvpilot-admin", "system:masters")),
+        # Admins under their own names, so the audit log tells the operator's and a router's
+        # requests apart (`kvpilot bench operator`).
+        "operator": leaf(ca, name("kvpilot-operator", "system:masters")),
+        "router": leaf(ca, name("kvpilot-router", "system:masters")),
         "controller-manager": leaf(ca, name("system:kube-controller-manager")),
         "scheduler": leaf(ca, name("system:kube-scheduler")),
         # What the apiserver presents to kubelets (logs, exec), for when a node agent exists.

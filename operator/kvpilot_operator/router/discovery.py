@@ -4,7 +4,7 @@ Two sources make the same snapshot (a RouteConfig and the endpoints):
 - static, `--config FILE`: the JSON file, re-read whenever it changes, so weights can be moved
   live by rewriting it (tests, drills, routers outside Kubernetes);
 - Kubernetes, `--namespace NS --service NAME`: the ConfigMap `<NAME>-router` (key routes.json)
-  the operator writes, and the service's ready engine and shadow pods.
+  the operator writes, and the service's ready engine and shadow pods, both watched.
 Load comes from the engines' own /metrics (KV usage, queue), scraped every few seconds.
 """
 
@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,41 +76,154 @@ def _pod_endpoint(pod: Any) -> Endpoint | None:
 
 
 class KubernetesSource:
-    def __init__(self, namespace: str, service: str, kubeconfig: str | None = None):
+    """Routes and endpoints from the API server, kept current by two watches, as an informer
+    does (list, then watch from that version; a watch that ends or expires is resumed, a 410
+    Gone lists again): the ConfigMap `<service>-router` and the service's engine and shadow
+    pods. `poll()` reads the cached state and makes no request, so a router at rest costs the
+    API server one request per watch timeout, not several a second."""
+
+    def __init__(
+        self,
+        namespace: str,
+        service: str,
+        kubeconfig: str | None = None,
+        watch_timeout_s: int = 300,
+        sync_timeout_s: float = 10.0,
+    ):
         from kubernetes import client
 
         from kvpilot_operator.controller.kube import api_client
 
         self.namespace, self.service = namespace, service
         self.core = client.CoreV1Api(api_client(kubeconfig))
+        self.watch_timeout_s, self.sync_timeout_s = watch_timeout_s, sync_timeout_s
+        self._lock = threading.Lock()
+        self._routes: str | None = None  # the ConfigMap's routes.json; None: no ConfigMap
+        self._pods: dict[str, Any] = {}
+        self._version = 0  # bumped by every change either watch sees
+        self._seen = -1
+        self._synced = {"configmap": threading.Event(), "pods": threading.Event()}
+        self._error = ""
+        self._threads: list[threading.Thread] = []
+        self._watches: dict[str, Any] = {}
+        self._stopping = threading.Event()
+        self.requests = 0  # lists and watches started, for tests and benchmarks
 
-    def _config(self) -> RouteConfig | None:
+    def _lists(self) -> dict[str, tuple[Callable[..., Any], dict[str, Any]]]:
+        pods = f"{SERVICE_LABEL}={self.service},{COMPONENT_LABEL} in (engine,shadow)"
+        # By name, which a Role limited to that one ConfigMap (resourceNames) may list and watch.
+        configmap = f"metadata.name={self.service}-router"
+        return {
+            "configmap": (self.core.list_namespaced_config_map, {"field_selector": configmap}),
+            "pods": (self.core.list_namespaced_pod, {"label_selector": pods}),
+        }
+
+    def _replace(self, kind: str, items: list[Any]) -> None:
+        with self._lock:
+            if kind == "configmap":
+                self._routes = (items[0].data or {}).get(ROUTES_KEY, "") if items else None
+            else:
+                self._pods = {p.metadata.name: p for p in items}
+            self._version += 1
+
+    def _event(self, kind: str, type_: str, obj: Any) -> None:
+        with self._lock:
+            if kind == "configmap":
+                gone = type_ == "DELETED"
+                self._routes = None if gone else (obj.data or {}).get(ROUTES_KEY, "")
+            elif type_ == "DELETED":
+                self._pods.pop(obj.metadata.name, None)
+            else:
+                self._pods[obj.metadata.name] = obj
+            self._version += 1
+
+    def _follow(self, kind: str) -> None:
+        from kubernetes import watch
         from kubernetes.client.exceptions import ApiException
 
-        try:
-            cm = self.core.read_namespaced_config_map(f"{self.service}-router", self.namespace)
-        except ApiException as e:
-            if e.status == 404:
+        list_fn, selector = self._lists()[kind]
+        version = None
+        while not self._stopping.is_set():
+            try:
+                if version is None:
+                    self.requests += 1
+                    listing = list_fn(self.namespace, **selector)
+                    self._replace(kind, listing.items)
+                    version = listing.metadata.resource_version
+                    self._synced[kind].set()
+                self.requests += 1
+                self._watches[kind] = w = watch.Watch()
+                stream = w.stream(
+                    list_fn, self.namespace, resource_version=version,
+                    timeout_seconds=self.watch_timeout_s, **selector,
+                )  # fmt: skip
+                for event in stream:
+                    obj = event["object"]
+                    version = obj.metadata.resource_version
+                    self._event(kind, event["type"], obj)
+                self._error = ""
+            except ApiException as e:
+                if e.status == 410:  # too old to resume: list again
+                    version = None
+                    continue
+                self._fail(kind, e)
+                version = None
+            except Exception as e:  # the API server restarting, a dropped connection
+                self._fail(kind, e)
+                version = None
+
+    def stop(self) -> None:
+        """End the watches (each returns at its next event or timeout; the threads are daemons,
+        so an exiting router does not wait for them)."""
+        self._stopping.set()
+        for w in list(self._watches.values()):
+            w.stop()
+
+    def _fail(self, kind: str, error: Exception) -> None:
+        if self._stopping.is_set():
+            return
+        message = f"{kind}: {error}"
+        if message != self._error:
+            log.error("watch failed; keeping the last good routes", error=message)
+        self._error = message
+        time.sleep(1.0)
+
+    def _start(self) -> None:
+        for kind in self._synced:
+            t = threading.Thread(target=self._follow, args=(kind,), daemon=True, name=kind)
+            t.start()
+            self._threads.append(t)
+
+    def poll(self) -> Snapshot | None:
+        """The routes and endpoints if either changed since the last poll, else None. The first
+        call starts the watches and waits for their first listing (blocking: call it in a
+        thread)."""
+        if not self._threads:
+            self._start()
+        deadline = time.monotonic() + self.sync_timeout_s
+        for kind, synced in self._synced.items():
+            if not synced.wait(max(0.0, deadline - time.monotonic())):
+                raise RuntimeError(f"no first listing of the {kind} yet: {self._error}")
+        with self._lock:
+            if self._version == self._seen:
                 return None
-            raise
-        text = (cm.data or {}).get(ROUTES_KEY)
-        if text is None:
-            raise ValueError(f"ConfigMap {self.service}-router has no {ROUTES_KEY}")
-        return RouteConfig.from_json(text)
-
-    def _endpoints(self, component: str) -> list[Endpoint]:
-        selector = f"{SERVICE_LABEL}={self.service},{COMPONENT_LABEL}={component}"
-        pods = self.core.list_namespaced_pod(self.namespace, label_selector=selector).items
-        return [ep for ep in map(_pod_endpoint, pods) if ep is not None]
-
-    def poll(self) -> Snapshot:
-        """Blocking (the client is synchronous): call it in a thread."""
-        config = self._config()
-        engines = self._endpoints("engine")
-        if config is None:  # no ConfigMap: spread over whatever is there
+            self._seen = self._version
+            routes, pods = self._routes, list(self._pods.values())
+        by_component: dict[str, list[Endpoint]] = {"engine": [], "shadow": []}
+        for pod in pods:
+            ep = _pod_endpoint(pod)
+            component = (pod.metadata.labels or {}).get(COMPONENT_LABEL)
+            if ep is not None and component in by_component:
+                by_component[component].append(ep)
+        engines = by_component["engine"]
+        if routes is None:  # no ConfigMap: spread over whatever is there
             config = RouteConfig.implicit(self.service, (e.revision for e in engines))
+        elif not routes:
+            raise ValueError(f"ConfigMap {self.service}-router has no {ROUTES_KEY}")
+        else:
+            config = RouteConfig.from_json(routes)
         # Shadow pods carry their own component, so user traffic selectors never match them.
-        endpoints = sorted(engines + self._endpoints("shadow"), key=lambda e: e.url)
+        endpoints = sorted(engines + by_component["shadow"], key=lambda e: e.url)
         return Snapshot(config, tuple(endpoints))
 
 
