@@ -162,12 +162,12 @@ def test_router_objects_grant_only_what_the_router_reads() -> None:
     assert container["securityContext"]["readOnlyRootFilesystem"] is True
     rules = out["Role/chat-router"]["rules"]
     assert rules == [
-        {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]},
+        {"apiGroups": [""], "resources": ["pods"], "verbs": ["list", "watch"]},
         {
             "apiGroups": [""],
             "resources": ["configmaps"],
             "resourceNames": ["chat-router"],
-            "verbs": ["get"],
+            "verbs": ["list", "watch"],
         },
     ]
     assert out["RoleBinding/chat-router"]["subjects"][0]["name"] == "chat-router"
