@@ -31,6 +31,8 @@ def cmd_operator(ns: argparse.Namespace) -> int:
         engine_image=ns.engine_image,
         router_image=ns.router_image,
         pdb_api_version=kube.pdb_api_version(),
+        scraper_pod_labels=ns.metrics_scraper_pod_labels,
+        scraper_namespace_labels=ns.metrics_scraper_namespace_labels,
     )
     from kvpilot_operator.observability.prometheus import PrometheusSource
     from kvpilot_operator.rollout.controller import RolloutController
@@ -143,6 +145,14 @@ def _header(text: str) -> tuple[str, str]:
         return parse_header(text)
     except ValueError as err:
         raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def _labels(text: str) -> dict[str, str]:
+    """`k=v,k2=v2` as a label map; empty is {} (a selector that matches everything)."""
+    pairs = [part.strip() for part in text.split(",") if part.strip()]
+    if any("=" not in p for p in pairs):
+        raise argparse.ArgumentTypeError(f"expected k=v[,k2=v2], got {text!r}")
+    return dict(p.split("=", 1) for p in pairs)
 
 
 def cmd_crds(ns: argparse.Namespace) -> int:
@@ -328,6 +338,19 @@ def add_commands(sub: Any, bench: Any) -> None:
         "--router-image",
         default=os.environ.get("KVPILOT_ROUTER_IMAGE", DEFAULT_ROUTER_IMAGE),
         help="image of the routers (`kvpilot router`); the chart passes the operator's own",
+    )
+    o.add_argument(
+        "--metrics-scraper-pod-labels",
+        type=_labels,
+        default={"app.kubernetes.io/name": "prometheus"},
+        help="k=v,...: pods allowed past the engines' NetworkPolicy to scrape them (empty: any "
+        "pod in the namespaces below; default: app.kubernetes.io/name=prometheus)",
+    )
+    o.add_argument(
+        "--metrics-scraper-namespace-labels",
+        type=_labels,
+        default={},
+        help="k=v,...: namespaces those pods may be in (default: empty, any namespace)",
     )
     o.add_argument("--health-port", type=int, default=8080, help="kopf /healthz; 0 disables")
     o.add_argument("--metrics-port", type=int, default=9090, help="Prometheus; 0 disables")

@@ -200,6 +200,7 @@ def on_deployment_event(body: kopf.Body, type: str | None, **_: Any) -> None:
 @kopf.on.event("rbac.authorization.k8s.io", "v1", "roles", labels=OWNED)
 @kopf.on.event("rbac.authorization.k8s.io", "v1", "rolebindings", labels=OWNED)
 @kopf.on.event("policy", "poddisruptionbudgets", labels=OWNED)
+@kopf.on.event("networking.k8s.io", "v1", "networkpolicies", labels=OWNED)
 def on_owned_event(body: kopf.Body, type: str | None, **_: Any) -> None:
     if type not in ("MODIFIED", "DELETED"):
         return

@@ -204,7 +204,7 @@ def test_examples_render(example: Path) -> None:
     ).stdout
     kinds = [d["kind"] for d in yaml.safe_load_all(out)]
     assert kinds[0] == "Deployment"  # the stable engines; canary/shadow only with a rollout
-    assert kinds[-7:] == [
+    assert kinds[-9:] == [
         "ConfigMap",
         "ServiceAccount",
         "Role",
@@ -212,6 +212,8 @@ def test_examples_render(example: Path) -> None:
         "Deployment",
         "Service",
         "PodDisruptionBudget",
+        "NetworkPolicy",
+        "NetworkPolicy",
     ]
 
 
@@ -398,3 +400,66 @@ def test_the_api_key_secret_reaches_routers_and_every_engine() -> None:
     # Without a Secret nobody needs a key, engines included.
     plain = rendered(make_service())["Deployment"]
     assert "KVPILOT_API_KEY" not in _env(plain)
+
+
+def _selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    """A LabelSelector (matchLabels, and matchExpressions with In) applied to labels."""
+    if not selector.get("matchLabels", {}).items() <= labels.items():
+        return False
+    return all(
+        e["operator"] == "In" and labels.get(e["key"]) in e["values"]
+        for e in selector.get("matchExpressions", [])
+    )
+
+
+def test_network_policies_let_only_routers_and_prometheus_reach_engines() -> None:
+    svc = make_service(rollout={"shadow": {"replicas": 1}})
+    objs = render(svc, resolve_spec(svc.spec, None), RenderOptions())
+    policies = {o["metadata"]["name"]: o for o in objs if o["kind"] == "NetworkPolicy"}
+    assert set(policies) == {"chat-engine", "chat-router"}
+    for policy in policies.values():
+        assert policy["apiVersion"] == "networking.k8s.io/v1"
+        assert policy["metadata"]["namespace"] == "team-a"
+        assert policy["metadata"]["ownerReferences"][0]["uid"] == "u-1"
+        assert policy["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "kvpilot-operator"
+        assert policy["spec"]["policyTypes"] == ["Ingress"]
+    pods = {
+        o["metadata"]["name"]: o["spec"]["template"]["metadata"]["labels"]
+        for o in objs
+        if o["kind"] == "Deployment"
+    }
+    engine_policy = policies["chat-engine"]["spec"]
+    # Every engine pod (stable, shadow) is covered, no router pod.
+    for name, labels in pods.items():
+        assert _selects(engine_policy["podSelector"], labels) == (name != "chat-router"), name
+    assert _selects(policies["chat-router"]["spec"]["podSelector"], pods["chat-router"])
+    from_routers, from_scraper = engine_policy["ingress"]
+    assert from_routers["ports"] == from_scraper["ports"] == [{"protocol": "TCP", "port": 8000}]
+    (routers,) = from_routers["from"]
+    assert set(routers) == {"podSelector"}  # this namespace only
+    assert _selects(routers["podSelector"], pods["chat-router"])
+    other = {**pods["chat-router"], "kvpilot.io/llmservice": "other"}
+    assert not _selects(routers["podSelector"], other)  # another service's routers
+    # Prometheus (as the Prometheus Operator labels it) in any namespace, by default.
+    assert from_scraper["from"] == [
+        {
+            "podSelector": {"matchLabels": {"app.kubernetes.io/name": "prometheus"}},
+            "namespaceSelector": {},  # `matchLabels: {}` would churn on every apply
+        }
+    ]
+    # Routers take clients from anywhere, on their port only.
+    assert policies["chat-router"]["spec"]["ingress"] == [
+        {"ports": [{"protocol": "TCP", "port": 8000}]}
+    ]
+    # The scraper is configurable: a monitoring namespace, any pod in it.
+    opts = RenderOptions(scraper_pod_labels={}, scraper_namespace_labels={"team": "monitoring"})
+    objs = render(svc, resolve_spec(svc.spec, None), opts)
+    engine_policy = next(
+        o for o in objs if o["metadata"]["name"] == "chat-engine" and o["kind"] == "NetworkPolicy"
+    )
+    assert engine_policy["spec"]["ingress"][1]["from"] == [
+        {
+            "podSelector": {},
+            "namespaceSelector": {"matchLabels": {"team": "monitoring"}},
+        }
+    ]

@@ -60,6 +60,7 @@ def owned(cluster: LocalCluster, name: str, ns: str) -> dict[str, dict | None]:
         "Deployment": get(cluster, "deployment", f"{name}-engine", ns),
         "Service": get(cluster, "service", name, ns),
         "PodDisruptionBudget": get(cluster, "pdb", f"{name}-engine", ns),
+        "NetworkPolicy": get(cluster, "networkpolicy", f"{name}-engine", ns),
     }
 
 
@@ -94,7 +95,9 @@ def test_apply_update_delete(cluster: LocalCluster, operator: Operator, ns: str)
     sample = yaml.safe_load((ROOT / "docs/examples/smollm2-chat.yaml").read_text())
     apply(cluster, sample, ns)
     name = sample["metadata"]["name"]
-    objs = wait_for("Deployment, Service and PDB", lambda: all_owned(cluster, name, ns))
+    objs = wait_for(
+        "Deployment, Service, PDB and NetworkPolicy", lambda: all_owned(cluster, name, ns)
+    )
     svc = get(cluster, "llmservice", name, ns)
     assert svc is not None
     for obj in objs.values():
@@ -120,6 +123,7 @@ def test_apply_update_delete(cluster: LocalCluster, operator: Operator, ns: str)
     assert pod["containers"][0]["resources"]["requests"] == {"cpu": "2", "memory": "4Gi"}
     assert objs["Service"]["spec"]["ports"][0]["port"] == 8000
     assert objs["PodDisruptionBudget"]["spec"]["maxUnavailable"] == 1
+    assert objs["NetworkPolicy"]["spec"]["policyTypes"] == ["Ingress"]
 
     status = wait_for("status", lambda: (get(cluster, "llmservice", name, ns) or {}).get("status"))
     assert status["observedGeneration"] == svc["metadata"]["generation"]
@@ -426,8 +430,10 @@ def test_printer_columns_and_conditions_follow_the_deployment(
     act_as_kubelet(cluster, ns, status["selector"], ready=1)
     wait_for(
         "RouterUnavailable",
-        lambda: condition(get(cluster, "llmservice", "ready", ns), "Ready").get("reason")
-        == "RouterUnavailable",
+        lambda: (
+            condition(get(cluster, "llmservice", "ready", ns), "Ready").get("reason")
+            == "RouterUnavailable"
+        ),
     )
     routers = "kvpilot.io/llmservice=ready,app.kubernetes.io/component=router"
     wait_for("router pod", lambda: engine_pods(cluster, ns, routers))

@@ -27,6 +27,8 @@ OWNED = {
     ("RoleBinding", router_name(NAME)),
     ("Service", NAME),
     ("PodDisruptionBudget", engine_name(NAME)),
+    ("NetworkPolicy", engine_name(NAME)),
+    ("NetworkPolicy", router_name(NAME)),
 }
 
 

@@ -6,6 +6,7 @@ tests check it field by field. `serve_args` is the operator's side of the `kvpil
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -16,10 +17,12 @@ from kvpilot_engine.contracts import BUNDLED_KV_HEADS, QUANTIZATIONS, bundled_na
 
 from kvpilot_operator import __version__
 from kvpilot_operator.api.names import (
+    COMPONENT_LABEL,
     ENGINE_PORT,
     REVISION_LABEL,
     ROUTER_PORT,
     ROUTES_KEY,
+    SERVICE_LABEL,
     SPEC_ANNOTATION,
     TRACK_LABEL,
     common_labels,
@@ -50,6 +53,14 @@ class RenderOptions:
     router_image: str = DEFAULT_ROUTER_IMAGE
     pdb_api_version: str = "policy/v1"  # policy/v1beta1 on clusters older than 1.21
     cluster_domain: str = "cluster.local"
+    # Who may scrape the engines' /metrics through their NetworkPolicy (it is the API's port):
+    # pods with these labels (empty: any pod) in namespaces with these labels (empty: any
+    # namespace; None: the service's own). The default is Prometheus as the Prometheus Operator
+    # and the prometheus-community chart label it, wherever it runs.
+    scraper_pod_labels: dict[str, str] = dataclasses.field(
+        default_factory=lambda: {"app.kubernetes.io/name": "prometheus"}
+    )
+    scraper_namespace_labels: dict[str, str] | None = dataclasses.field(default_factory=dict)
 
 
 def revision_of(svc: LLMService, spec: LLMServiceSpec, salt: str = "") -> str:
@@ -441,6 +452,62 @@ def pod_disruption_budget(
     }
 
 
+def _label_selector(labels: dict[str, str]) -> dict[str, Any]:
+    # Everything is `{}`, not `{"matchLabels": {}}`: the API server stores the empty map away, so
+    # every server-side apply of the latter would look like a change (and wake the operator).
+    return {"matchLabels": dict(labels)} if labels else {}
+
+
+def _scraper_peer(opts: RenderOptions) -> dict[str, Any]:
+    peer: dict[str, Any] = {"podSelector": _label_selector(opts.scraper_pod_labels)}
+    if opts.scraper_namespace_labels is not None:
+        peer["namespaceSelector"] = _label_selector(opts.scraper_namespace_labels)
+    return peer
+
+
+def network_policies(svc: LLMService, opts: RenderOptions) -> list[dict[str, Any]]:
+    """Ingress rules for the service's pods. Engines (stable, canary, shadow) take connections
+    only from this service's routers and the metrics scraper, so the router's API key, admission
+    and canary weights cannot be gone around from elsewhere on the pod network; the routers take
+    them from anywhere (a namespace's default-deny policy would otherwise cut clients off).
+    Enforced by the cluster's network plugin; the kubelet's probes come from the node and are
+    not subject to it on the common plugins."""
+    name = svc.metadata.name
+    engine_port = [{"protocol": "TCP", "port": ENGINE_PORT}]
+    engines = {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": _metadata(svc, engine_name(name)),
+        "spec": {
+            "podSelector": {
+                "matchLabels": {SERVICE_LABEL: name},
+                "matchExpressions": [
+                    {"key": COMPONENT_LABEL, "operator": "In", "values": ["engine", "shadow"]}
+                ],
+            },
+            "policyTypes": ["Ingress"],
+            "ingress": [
+                {
+                    "from": [{"podSelector": {"matchLabels": selector_labels(name, "router")}}],
+                    "ports": engine_port,
+                },
+                {"from": [_scraper_peer(opts)], "ports": engine_port},
+            ],
+        },
+    }
+    routers = {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": _metadata(svc, router_name(name), "router"),
+        "spec": {
+            "podSelector": {"matchLabels": selector_labels(name, "router")},
+            "policyTypes": ["Ingress"],
+            "ingress": [{"ports": [{"protocol": "TCP", "port": ROUTER_PORT}]}],
+        },
+    }
+    return [engines, routers]
+
+
 @dataclass(frozen=True)
 class Plan:
     """Which revisions serve now. Decided by reconcile from the spec, the live stable Deployment
@@ -622,6 +689,7 @@ def render(
         *router_objects(svc, spec, plan, opts),
         service(svc, spec, opts),
         pod_disruption_budget(svc, spec, opts),
+        *network_policies(svc, opts),
     ]
 
 
