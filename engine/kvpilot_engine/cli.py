@@ -131,8 +131,11 @@ def cmd_serve(ns: argparse.Namespace) -> int:
     from kvpilot_engine.server.api_server import run_server
     from kvpilot_engine.server.guard import API_KEY_ENV, GuardSettings
 
-    # The environment is how a Secret reaches the pod without showing in its command line.
-    guard = GuardSettings(api_key=ns.api_key or os.environ.get(API_KEY_ENV) or None)
+    guard = GuardSettings(
+        # The environment is how a Secret reaches the pod without showing in its command line.
+        api_key=ns.api_key or os.environ.get(API_KEY_ENV) or None,
+        max_request_bytes=ns.max_request_bytes,
+    )
 
     return run_server(
         args,
@@ -257,6 +260,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="require Authorization: Bearer KEY on /v1/* (default: $KVPILOT_API_KEY; probes and "
         "/metrics stay open)",
+    )
+    s.add_argument(
+        "--max-request-bytes",
+        type=_positive_int,
+        default=8 * 2**20,
+        help="larger request bodies get 413 (default: 8 MiB)",
     )
     s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     s.add_argument(

@@ -540,6 +540,12 @@ def add_router_commands(sub: Any, bench: Any) -> None:
     )
     r.add_argument("--queue-timeout", type=float, default=60.0, help="seconds a request may wait")
     r.add_argument(
+        "--max-request-bytes",
+        type=int,
+        default=8 * 2**20,
+        help="larger request bodies get 413, read no further (default: 8 MiB, as the engine's)",
+    )
+    r.add_argument(
         "--failover-wait",
         type=float,
         default=10.0,

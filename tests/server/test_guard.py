@@ -3,8 +3,11 @@ an API key, and a real `kvpilot router` in front of it holding that key for the 
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import openai
@@ -89,3 +92,97 @@ def test_the_router_sends_its_upstream_key_to_engines_and_shadows(
         assert total(router.metrics(), "kvpilot_router_upstream_errors_total") == 0
     # The engine saw only keyed requests: no 401 reached it from the router.
     assert total(scrape(keyed.url), "vllm:request_success_total") >= 6
+
+
+# ---- bounds -------------------------------------------------------------------------------------
+AUTH = {"authorization": f"Bearer {KEY}"}
+LIMIT = 8 * 2**20  # the default --max-request-bytes
+
+
+def test_bodies_past_the_limit_get_413_and_the_server_carries_on(keyed: Server) -> None:
+    url = f"{keyed.url}/v1/completions"
+    big = {"model": MODEL, "prompt": "x" * LIMIT, "max_tokens": 1}
+    r = httpx.post(url, json=big, headers=AUTH, timeout=60)  # refused by its Content-Length
+    assert r.status_code == 413, r.text
+    assert r.json()["error"] == {
+        "message": f"the request body is larger than {LIMIT} bytes",
+        "type": "invalid_request_error",
+        "param": None,
+        "code": "request_too_large",
+    }
+
+    def chunked() -> Iterator[bytes]:  # no Content-Length: refused once past the limit
+        yield b'{"model": "smollm2", "prompt": "'
+        for _ in range(9):
+            yield b"x" * 2**20
+        yield b'"}'
+
+    r = httpx.post(url, content=chunked(), headers=AUTH, timeout=60)
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+    ok = httpx.post(url, json=TINY, headers=AUTH, timeout=60)
+    assert ok.status_code == 200, ok.text
+
+
+def test_list_lengths_are_bounded(keyed: Server) -> None:
+    c = client(keyed, KEY)
+    hi = [{"role": "user", "content": "Hi"}]
+    refused: list[tuple[str, dict[str, Any]]] = [
+        ("stop", {"stop": ["a", "b", "c", "d", "e"]}),  # OpenAI's limit: 4
+        ("stop_token_ids", {"extra_body": {"stop_token_ids": list(range(65))}}),
+    ]
+    for param, kw in refused:
+        with pytest.raises(openai.BadRequestError) as err:
+            c.completions.create(model=MODEL, prompt="Hi", max_tokens=1, **kw)
+        assert err.value.body["param"] == param  # type: ignore[index]
+        with pytest.raises(openai.BadRequestError) as err:
+            c.chat.completions.create(model=MODEL, messages=hi, max_tokens=1, **kw)  # type: ignore[arg-type]
+        assert err.value.body["param"] == param  # type: ignore[index]
+    with pytest.raises(openai.BadRequestError) as err:
+        c.chat.completions.create(model=MODEL, messages=hi * 2049, max_tokens=1)  # type: ignore[arg-type]
+    assert err.value.body["param"] == "messages"  # type: ignore[index]
+    assert "at most 2048" in err.value.body["message"]  # type: ignore[index]
+
+    # At the bounds: accepted (2048 messages are past this model's context, which is its own 400).
+    out = c.completions.create(
+        model=MODEL,
+        prompt="Hi",
+        max_tokens=1,
+        stop=["a", "b", "c", "d"],
+        extra_body={"stop_token_ids": list(range(64))},
+    )
+    assert len(out.choices) == 1
+    with pytest.raises(openai.BadRequestError) as err:
+        c.chat.completions.create(model=MODEL, messages=hi * 2048, max_tokens=1)  # type: ignore[arg-type]
+    assert err.value.body["code"] == "context_length_exceeded"  # type: ignore[index]
+
+
+def test_health_answers_while_large_prompts_are_tokenised(keyed: Server) -> None:
+    """Six ~4 MB prompts (900k tokens each, about 1.5 s of tokenising apiece) at once: templated
+    and tokenised on worker threads, without the GIL, so /health answers meanwhile."""
+    text = "The quick brown fox jumps over the lazy dog. " * 90_000
+    bodies = [
+        ("/v1/completions", {"model": MODEL, "prompt": text, "max_tokens": 1}),
+        ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": text}]}),
+    ] * 3
+
+    async def main() -> tuple[float, int, list[httpx.Response]]:
+        async with (
+            httpx.AsyncClient(base_url=keyed.url, headers=AUTH, timeout=300) as c,
+            httpx.AsyncClient(base_url=keyed.url, timeout=30) as probe,
+        ):
+            work = [asyncio.create_task(c.post(path, json=body)) for path, body in bodies]
+            worst, probes = 0.0, 0
+            while not all(t.done() for t in work):
+                t0 = time.perf_counter()
+                r = await probe.get("/health")
+                worst = max(worst, time.perf_counter() - t0)
+                assert r.status_code == 200
+                probes += 1
+                await asyncio.sleep(0.05)
+            return worst, probes, await asyncio.gather(*work)
+
+    worst, probes, results = asyncio.run(main())
+    for r in results:  # all read, templated and tokenised, and then too long for this model
+        assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+    assert probes >= 5, "the prompts were handled too fast to tell"
+    assert worst < 1.0, f"/health took {worst:.2f}s while prompts were tokenised"

@@ -97,8 +97,8 @@ def build_app(
         app.add_middleware(ApiKeyMiddleware, api_key=guard.api_key)
     app.add_middleware(RequestIdMiddleware)
     add_exception_handlers(app)
-    completion = OpenAIServingCompletion(engine, served_model_name, metrics)
-    chat = OpenAIServingChat(engine, served_model_name, metrics)
+    completion = OpenAIServingCompletion(engine, served_model_name, metrics, guard)
+    chat = OpenAIServingChat(engine, served_model_name, metrics, guard)
 
     @app.get("/health")
     async def health() -> Response:

@@ -18,6 +18,12 @@ from kvpilot_engine.sampling_params import MAX_LOGIT_BIAS
 # hog the KV cache. A request's sequences are admitted together, so this also bounds admission.
 MAX_N = 16
 MAX_LOGPROBS = 20  # the engine's top-k logprobs limit
+# List lengths, so that a body within the size limit still cannot ask for unbounded work: OpenAI's
+# limit on stop sequences, and generous caps on the others (each stop token id is checked per
+# step, each message is templated).
+MAX_STOP = 4
+MAX_STOP_TOKEN_IDS = 64
+MAX_MESSAGES = 2048
 
 
 class _Request(BaseModel):
@@ -52,10 +58,18 @@ class _SamplingRequest(_Request):
     min_p: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
     min_tokens: Annotated[int, Field(ge=0)] = 0
     ignore_eos: bool = False
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: Annotated[list[int], Field(max_length=MAX_STOP_TOKEN_IDS)] | None = None
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     priority: int = 0
+
+    @field_validator("stop")
+    @classmethod
+    def _check_stop(cls, stop: str | list[str] | None) -> str | list[str] | None:
+        # A validator rather than a bound in the type: in the union, the error would name `str`.
+        if isinstance(stop, list) and len(stop) > MAX_STOP:
+            raise ValueError(f"at most {MAX_STOP} stop sequences, got {len(stop)}")
+        return stop
 
     @field_validator("logit_bias")
     @classmethod
@@ -96,7 +110,7 @@ class ChatMessage(_Request):
 
 
 class ChatCompletionRequest(_SamplingRequest):
-    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=MAX_MESSAGES)]
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
     logprobs: bool = False
     top_logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None

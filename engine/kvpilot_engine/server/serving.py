@@ -1,10 +1,13 @@
 """OpenAIServing: what the completion and chat endpoints share.
 
-Request bodies are parsed here with pydantic (not by FastAPI), so malformed JSON, invalid UTF-8
-and wrong types all become the same OpenAI-shaped 400. Then: the model name and a loaded engine
-are checked, the request's sampling fields become SamplingParams, its prompts are submitted as
-engine requests on one stream, and the stream is read back, either whole (the choices collected
-into one response, cancelled if the client hangs up first) or choice by choice for SSE.
+Request bodies are read with a limit (413 past it) and parsed here with pydantic (not by
+FastAPI), so malformed JSON, invalid UTF-8 and wrong types all become the same OpenAI-shaped 400;
+a large body is parsed on a worker thread, as prompts are templated and tokenised, so that the
+event loop keeps answering /health and streaming tokens meanwhile. Then: the model name and a
+loaded engine are checked, the request's sampling fields become SamplingParams, its prompts are
+submitted as engine requests on one stream, and the stream is read back, either whole (the
+choices collected into one response, cancelled if the client hangs up first) or choice by choice
+for SSE.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from kvpilot_engine.server.async_engine import (
     RequestStream,
 )
 from kvpilot_engine.server.errors import APIError, from_engine_error, validation_error
+from kvpilot_engine.server.guard import GuardSettings, read_body
 from kvpilot_engine.server.metrics import ServerMetrics
 from kvpilot_engine.server.protocol import ChatCompletionRequest, CompletionRequest, UsageInfo
 
@@ -40,11 +44,28 @@ MIN_LOGPROB = -9999.0  # OpenAI's floor; -inf is not JSON
 T = TypeVar("T", bound=BaseModel)
 
 
+# Bodies above this are parsed off the event loop (a thread hop costs more than parsing less).
+OFFLOAD_BYTES = 64 * 1024
+
+
 class OpenAIServing:
-    def __init__(self, engine: AsyncLLMEngine, served_model_name: str, metrics: ServerMetrics):
+    def __init__(
+        self,
+        engine: AsyncLLMEngine,
+        served_model_name: str,
+        metrics: ServerMetrics,
+        guard: GuardSettings,
+    ):
         self.engine = engine
         self.served_model_name = served_model_name
         self.metrics = metrics
+        self.guard = guard
+
+    async def parse(self, request: Request, model: type[T]) -> T:
+        body = await read_body(request, self.guard.max_request_bytes)
+        if len(body) > OFFLOAD_BYTES:
+            return await asyncio.to_thread(_validate, model, body)
+        return _validate(model, body)
 
     def check_model(self, name: str) -> None:
         served = self.served_model_name
@@ -80,9 +101,9 @@ class OpenAIServing:
         return stream
 
 
-async def parse(request: Request, model: type[T]) -> T:
+def _validate(model: type[T], body: bytes) -> T:
     try:
-        return model.model_validate_json(await request.body())
+        return model.model_validate_json(body)
     except ValidationError as e:
         raise validation_error(e) from None
 

@@ -6,6 +6,7 @@ The rendered messages are one engine request, so an engine refusal that names th
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -38,7 +39,6 @@ from kvpilot_engine.server.serving import (
     choice_outputs,
     clamp_logprob,
     full_response,
-    parse,
     sampling_params,
     sse,
     until_disconnect,
@@ -48,7 +48,7 @@ from kvpilot_engine.server.serving import (
 class OpenAIServingChat(OpenAIServing):
     async def create_chat_completion(self, request: Request) -> Response:
         arrival = time.monotonic()
-        req = await parse(request, ChatCompletionRequest)
+        req = await self.parse(request, ChatCompletionRequest)
         self.check_model(req.model)
         llm = self.loaded_engine()
         if req.top_logprobs is not None and not req.logprobs:
@@ -56,7 +56,9 @@ class OpenAIServingChat(OpenAIServing):
         k = (req.top_logprobs or 0) if req.logprobs else None
         max_tokens = req.max_completion_tokens or req.max_tokens
         params = sampling_params(req, max_tokens, k)
-        prompt = _chat_prompt(llm, req)
+        # Off the event loop: a template over thousands of messages and the tokenisation of
+        # megabytes of text take long enough to stall every stream and probe on this server.
+        prompt = await asyncio.to_thread(_chat_prompt, llm, req)
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         try:
             stream = await self.submit([rid], [prompt], [params], req.priority, arrival)
@@ -102,7 +104,7 @@ def _chat_prompt(engine: LLMEngine, req: ChatCompletionRequest) -> list[int]:
         text = engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
     except Exception as e:  # the template's raise_exception, or no template: the input's fault
         raise APIError(400, f"cannot apply the chat template: {e}", param="messages") from None
-    return engine.tokenizer.encode(text, add_special_tokens=False)
+    return engine.tokenizer.encode_unlocked(text, add_special_tokens=False)
 
 
 def _chat_logprobs(token_ids: list[int], entries: list[dict[int, Logprob]], k: int) -> ChatLogprobs:

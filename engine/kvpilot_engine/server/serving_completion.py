@@ -6,6 +6,7 @@ Every prompt is its own engine request; the choices are numbered across them as 
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -33,7 +34,6 @@ from kvpilot_engine.server.serving import (
     choice_outputs,
     clamp_logprob,
     full_response,
-    parse,
     sampling_params,
     sse,
     until_disconnect,
@@ -43,17 +43,20 @@ from kvpilot_engine.server.serving import (
 class OpenAIServingCompletion(OpenAIServing):
     async def create_completion(self, request: Request) -> Response:
         arrival = time.monotonic()
-        req = await parse(request, CompletionRequest)
+        req = await self.parse(request, CompletionRequest)
         self.check_model(req.model)
         llm = self.loaded_engine()
         _check_completion_options(req)
         prompts = _completion_prompts(req)
         params = sampling_params(req, req.max_tokens, req.logprobs)
         rid = f"cmpl-{uuid.uuid4().hex}"
+        # Tokenised here, on a worker thread, rather than by the engine: on its thread a long text
+        # would hold up every running sequence's next step, on the event loop every stream.
+        token_ids = await asyncio.to_thread(_tokenize, llm, prompts)
         # Each prompt its own params: the engine fills in max_tokens per prompt.
         stream = await self.submit(
             [f"{rid}-{i}" for i in range(len(prompts))],
-            prompts,
+            token_ids,
             [replace(params) for _ in prompts],
             req.priority,
             arrival,
@@ -118,6 +121,11 @@ def _completion_prompts(req: CompletionRequest) -> list[str | list[int]]:
             code="invalid_value",
         )
     return prompts
+
+
+def _tokenize(engine: LLMEngine, prompts: list[str | list[int]]) -> list[str | list[int]]:
+    """Text prompts as token ids, as the engine would encode them (special tokens added)."""
+    return [engine.tokenizer.encode_unlocked(p) if isinstance(p, str) else p for p in prompts]
 
 
 def _check_completion_options(req: CompletionRequest) -> None:

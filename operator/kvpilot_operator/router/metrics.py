@@ -74,7 +74,7 @@ class RouterMetrics:
         self.waiting.set_function(waiting)
         self.rejected = Counter(
             "kvpilot_router_rejected_total",
-            "Requests refused: queue_full, queue_timeout, unauthorized, bad_request.",
+            "Requests refused: queue_full, queue_timeout, unauthorized, bad_request, too_large.",
             ["reason"],
             registry=r,
         )

@@ -80,6 +80,7 @@ class ProxySettings:
     max_in_flight: int = 1024
     max_queue: int = 1024
     queue_timeout: float = 60.0
+    max_request_bytes: int = 8 * 2**20  # the engine's default: what it takes, we take
     failover_wait: float = 10.0
     api_keys: tuple[str, ...] = ()
     upstream_api_key: str | None = None  # what the engines' `kvpilot serve --api-key` expects
@@ -171,13 +172,27 @@ class Exchange:
     mirrored: asyncio.Future[Outcome | None] | None = None  # gets `outcome` when mirrored
 
 
-async def _read_body(receive: Receive) -> bytes | None:
+class BodyTooLarge(Exception):
+    pass
+
+
+async def _read_body(scope: Scope, receive: Receive, limit: int) -> bytes | None:
+    """The body (None if the client left), read before admission, so bounded: BodyTooLarge as
+    soon as it is known to pass `limit` bytes, by its declared length or while reading it."""
+    declared = dict(scope["headers"]).get(b"content-length", b"")
+    if declared.isdigit() and int(declared) > limit:
+        raise BodyTooLarge
     chunks: list[bytes] = []
+    size = 0
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
             return None
-        chunks.append(message.get("body", b""))
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise BodyTooLarge
+        chunks.append(chunk)
         if not message.get("more_body", False):
             return b"".join(chunks)
 
@@ -372,7 +387,14 @@ class Router:
             self.metrics.rejected.labels("unauthorized").inc()
             await self._reply(ex, send, 401, _UNAUTHORIZED)
             return
-        body = await _read_body(receive)
+        limit = self.settings.max_request_bytes
+        try:
+            body = await _read_body(scope, receive, limit)
+        except BodyTooLarge:
+            self.metrics.rejected.labels("too_large").inc()
+            message = f"the request body is larger than {limit} bytes"
+            await self._reply(ex, send, 413, error_body(413, message, "request_too_large"))
+            return
         if body is None:
             ex.status = 499
             return

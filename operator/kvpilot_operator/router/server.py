@@ -33,6 +33,7 @@ def settings_from(ns: argparse.Namespace) -> ProxySettings:
         max_in_flight=ns.max_in_flight,
         max_queue=ns.max_queue,
         queue_timeout=ns.queue_timeout,
+        max_request_bytes=ns.max_request_bytes,
         failover_wait=ns.failover_wait,
         api_keys=api_keys(ns),
         # Read whole, not split on commas: it must equal the engines' `--api-key` as it is.

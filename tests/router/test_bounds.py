@@ -1,0 +1,44 @@
+"""The router reads a body before admission, so it reads it with a limit: a real `kvpilot router`
+(no engine needed: the refusal comes before routing)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.support.engine import free_port
+from tests.support.router import routes, run_router, value
+
+pytestmark = pytest.mark.slow
+
+
+def test_bodies_past_the_limit_get_413_before_admission(tmp_path: Path) -> None:
+    nowhere = f"http://127.0.0.1:{free_port()}"
+    doc = routes({"stable": (100, [nowhere])})
+    with run_router(tmp_path, doc, "--max-request-bytes", "1000", "--retries", "0") as router:
+        url = f"{router.url}/v1/chat/completions"
+        big = {"model": "m", "messages": [{"role": "user", "content": "x" * 1000}]}
+        r = httpx.post(url, json=big, timeout=30)  # by its Content-Length
+        assert r.status_code == 413
+        assert r.json()["error"] == {
+            "message": "the request body is larger than 1000 bytes",
+            "type": "invalid_request_error",
+            "param": None,
+            "code": "request_too_large",
+        }
+
+        def chunked() -> Iterator[bytes]:  # no Content-Length: refused once past the limit
+            for _ in range(20):
+                yield b"x" * 100
+
+        r = httpx.post(url, content=chunked(), timeout=30)
+        assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+        # Within the limit, a request goes on to routing (here: to an engine that is not there).
+        small = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+        assert httpx.post(url, json=small, timeout=30).status_code == 502
+        m = router.metrics()
+        assert value(m, "kvpilot_router_rejected_total", reason="too_large") == 2
+        assert value(m, "kvpilot_router_requests_total", revision="", code="413") == 2
