@@ -19,6 +19,7 @@ With several operator replicas, all of this runs in the holder of the Lease only
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
 import socket
 import threading
@@ -28,7 +29,13 @@ from typing import Any
 
 import kopf
 
-from kvpilot_operator.api.names import MANAGED_BY, SERVICE_LABEL, engine_name
+from kvpilot_operator.api.names import (
+    COMPONENT_LABEL,
+    MANAGED_BY,
+    SERVICE_LABEL,
+    TRACK_LABEL,
+    engine_name,
+)
 from kvpilot_operator.api.types import GROUP, VERSION
 from kvpilot_operator.autoscaler.loop import Autoscaler
 from kvpilot_operator.controller import events
@@ -127,8 +134,30 @@ async def llmservices(
         (namespace, name): {
             "ref": events.object_ref(dict(body)),
             "rollout": bool(spec.get("rollout")),
+            # The object as the watch last saw it: the loops and the owned objects' handlers
+            # read it here instead of asking the API server each time.
+            "body": copy.deepcopy(dict(body)),
         }
     }
+
+
+@kopf.index(GROUP, VERSION, "servingpolicies")
+async def servingpolicies(body: kopf.Body, name: str, **_: Any) -> dict[str, dict[str, Any]]:
+    return {name: copy.deepcopy(dict(body))}
+
+
+@kopf.index("apps", "v1", "deployments", labels={**OWNED, TRACK_LABEL: "stable"})
+async def engines(body: kopf.Body, namespace: str, labels: kopf.Labels, **_: Any) -> Any:
+    """Each service's stable engine Deployment (the autoscaler reads its ready replicas)."""
+    if labels.get(COMPONENT_LABEL) != "engine" or SERVICE_LABEL not in labels:
+        return None
+    return {(namespace, labels[SERVICE_LABEL]): copy.deepcopy(dict(body))}
+
+
+def _one(index: kopf.Index, key: Any) -> Any:
+    """The value an index holds for `key` (one per key here), or None."""
+    store = index.get(key)
+    return next(iter(store), None) if store is not None else None
 
 
 def _services(index: kopf.Index, *, rollout: bool = False) -> dict[Key, dict[str, Any]]:
@@ -151,7 +180,7 @@ def _sweeps(index: kopf.Index) -> Iterator[tuple[Sweep, Any]]:
         sweep = Sweep(
             "autoscaler",
             scaler.interval,
-            evaluate=lambda key, svc: scaler.tick(*key, emit(svc)),
+            evaluate=lambda key, svc: scaler.tick(*key, emit(svc), svc["body"]),
             forget=lambda key: scaler.forget(*key),
         )
         yield sweep, lambda: _services(index)
@@ -159,27 +188,30 @@ def _sweeps(index: kopf.Index) -> Iterator[tuple[Sweep, Any]]:
         sweep = Sweep(
             "rollouts",
             rollouts.interval,
-            evaluate=lambda key, svc: rollouts.tick(*key, emit(svc)),
+            evaluate=lambda key, svc: rollouts.tick(*key, emit(svc), svc["body"]),
             forget=lambda key: rollouts.forget(*key),
         )
         yield sweep, lambda: _services(index, rollout=True)
 
 
-def _owner(body: kopf.Body) -> dict[str, Any] | None:
+def _owner(body: kopf.Body, llmservices: kopf.Index) -> dict[str, Any] | None:
     name = (body.get("metadata", {}).get("labels") or {}).get(SERVICE_LABEL)
     if not name:
         return None
-    owner = State.kube.get_llmservice(body["metadata"]["namespace"], name)
+    found = _one(llmservices, (body["metadata"]["namespace"], name))
+    owner = found["body"] if found is not None else None
     if owner is None or owner["metadata"].get("deletionTimestamp"):
         return None  # being garbage-collected with its owner: nothing to restore
     return owner
 
 
 @kopf.on.event("apps", "v1", "deployments", labels=OWNED)
-def on_deployment_event(body: kopf.Body, type: str | None, **_: Any) -> None:
+def on_deployment_event(
+    body: kopf.Body, type: str | None, llmservices: kopf.Index, **_: Any
+) -> None:
     if type is None:  # the initial listing: the owners' resume handlers cover it
         return
-    owner = _owner(body)
+    owner = _owner(body, llmservices)
     if owner is None:
         return
     meta = body["metadata"]
@@ -201,10 +233,10 @@ def on_deployment_event(body: kopf.Body, type: str | None, **_: Any) -> None:
 @kopf.on.event("rbac.authorization.k8s.io", "v1", "rolebindings", labels=OWNED)
 @kopf.on.event("policy", "poddisruptionbudgets", labels=OWNED)
 @kopf.on.event("networking.k8s.io", "v1", "networkpolicies", labels=OWNED)
-def on_owned_event(body: kopf.Body, type: str | None, **_: Any) -> None:
+def on_owned_event(body: kopf.Body, type: str | None, llmservices: kopf.Index, **_: Any) -> None:
     if type not in ("MODIFIED", "DELETED"):
         return
-    owner = _owner(body)
+    owner = _owner(body, llmservices)
     if owner is not None:
         _reconcile_body(owner)
 
@@ -237,8 +269,19 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
 
 
 @kopf.on.startup()
-async def start_loops(memo: kopf.Memo, llmservices: kopf.Index, **_: Any) -> None:
-    """The autoscaler's and the rollouts' loops, fed by the index (filled once watching starts)."""
+async def start_loops(
+    memo: kopf.Memo,
+    llmservices: kopf.Index,
+    servingpolicies: kopf.Index,
+    engines: kopf.Index,
+    **_: Any,
+) -> None:
+    """The autoscaler's and the rollouts' loops, fed by the index (filled once watching starts).
+    They read services, policies and engine Deployments from the indexes: at rest, an
+    evaluation asks the API server nothing (Prometheus is asked)."""
+    if State.autoscaler is not None:
+        State.autoscaler.policies = lambda name: _one(servingpolicies, name)
+        State.autoscaler.engines = lambda namespace, name: _one(engines, (namespace, name))
     memo.loops_stopped = asyncio.Event()
     memo.loops = [
         asyncio.create_task(sweep.run(services, memo.loops_stopped), name=f"kvpilot {sweep.name}")

@@ -430,10 +430,8 @@ def test_printer_columns_and_conditions_follow_the_deployment(
     act_as_kubelet(cluster, ns, status["selector"], ready=1)
     wait_for(
         "RouterUnavailable",
-        lambda: (
-            condition(get(cluster, "llmservice", "ready", ns), "Ready").get("reason")
-            == "RouterUnavailable"
-        ),
+        lambda: condition(get(cluster, "llmservice", "ready", ns), "Ready").get("reason")
+        == "RouterUnavailable",
     )
     routers = "kvpilot.io/llmservice=ready,app.kubernetes.io/component=router"
     wait_for("router pod", lambda: engine_pods(cluster, ns, routers))

@@ -93,8 +93,9 @@ def latency_section(folder: Path, steps: dict[str, tuple[int, int]]) -> list[str
     for r in data["results"]:
         method, share = r["quantization"], r["share_of_peak"]
         if method == "none":
-            target, verdict = f">= {BF16_SHARE_OF_PEAK:.0%} of peak", _verdict(
-                share, BF16_SHARE_OF_PEAK
+            target, verdict = (
+                f">= {BF16_SHARE_OF_PEAK:.0%} of peak",
+                _verdict(share, BF16_SHARE_OF_PEAK),
             )
         elif method in QUANT_SPEEDUP:
             target = f">= {QUANT_SPEEDUP[method]}x"

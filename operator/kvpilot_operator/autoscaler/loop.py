@@ -94,19 +94,34 @@ class Autoscaler:
     # Per service, by (namespace, name): written only by that service's evaluation, which never
     # runs twice at once.
     loops: dict[tuple[str, str], ServiceLoop] = field(default_factory=dict)
+    # Reads of what the operator's watches already hold (kopf indexes), so that an evaluation at
+    # rest asks the API server nothing; None: ask it.
+    policies: Callable[[str], dict[str, Any] | None] | None = None
+    engines: Callable[[str, str], dict[str, Any] | None] | None = None
 
-    def tick(self, namespace: str, name: str, emit: Emit) -> Decision | None:
-        """One evaluation of the service, carrying on from its earlier ones."""
+    def tick(
+        self, namespace: str, name: str, emit: Emit, body: dict[str, Any] | None = None
+    ) -> Decision | None:
+        """One evaluation of the service, carrying on from its earlier ones. `body`: the
+        LLMService as last seen by a watch (else read)."""
         loop = self.loops.setdefault((namespace, name), ServiceLoop())
-        return self.evaluate(namespace, name, loop, emit)
+        return self.evaluate(namespace, name, loop, emit, body)
 
     def forget(self, namespace: str, name: str) -> None:
         """The service is gone (or no longer watched): its state and its series go too."""
         self.loops.pop((namespace, name), None)
         forget_metrics(namespace, name)
 
-    def evaluate(self, namespace: str, name: str, loop: ServiceLoop, emit: Emit) -> Decision | None:
-        body = self.kube.get_llmservice(namespace, name)
+    def evaluate(
+        self,
+        namespace: str,
+        name: str,
+        loop: ServiceLoop,
+        emit: Emit,
+        body: dict[str, Any] | None = None,
+    ) -> Decision | None:
+        if body is None:
+            body = self.kube.get_llmservice(namespace, name)
         if body is None or body["metadata"].get("deletionTimestamp"):
             return None
         resolved = self._resolve(body)
@@ -114,7 +129,10 @@ class Autoscaler:
             return None  # the reconcile reports the invalid spec (Degraded)
         spec, params = resolved
         replicas = desired_replicas(spec)
-        deployment = self.kube.get("apps/v1", "Deployment", engine_name(name), namespace)
+        if self.engines is not None:
+            deployment = self.engines(namespace, name)
+        else:
+            deployment = self.kube.get("apps/v1", "Deployment", engine_name(name), namespace)
         ready = ((deployment or {}).get("status") or {}).get("readyReplicas") or 0
         window = _duration_seconds((spec.slo.window if spec.slo else None) or "5m")
         obs, slo = self.source.observe(
@@ -141,13 +159,13 @@ class Autoscaler:
                 able = ("False", "FailedUpdateScale", msg)
                 emit("Warning", "FailedUpdateScale", msg)
         self._record(
-            namespace, name, decision, obs.ready, obs.missing, slo, applied, able, loop, emit
+            namespace, name, decision, obs.ready, obs.missing, slo, applied, able, loop, emit, body
         )
         return decision
 
     def _resolve(self, body: dict[str, Any]) -> tuple[Any, ScalingParams] | None:
         try:
-            _, spec = resolve(body, self.kube.get_policy)
+            _, spec = resolve(body, self.policies or self.kube.get_policy)
         except Unresolved:
             return None  # the reconcile reports why
         return spec, ScalingParams.from_spec(spec)
@@ -164,6 +182,7 @@ class Autoscaler:
         able: tuple[str, str, str],
         loop: ServiceLoop,
         emit: Emit,
+        seen: dict[str, Any],
     ) -> None:
         labels = (namespace, name)
         DESIRED.labels(*labels).set(d.desired)
@@ -199,39 +218,55 @@ class Autoscaler:
             emit("Warning", missing[0], f"holding {d.current} replicas: {missing[1]}")
         loop.last_reason = missing[0] if missing else ""
 
+        if not self._status_patch(seen, d, able, slo, record, applied):
+            return  # as last seen, nothing would change: no read, no write
         with self.lock(namespace, name):
+            # Conditions are patched as one list: build it on the live status, not the cache's.
             live = self.kube.get_llmservice(namespace, name)
             if live is None:
                 return
-            status = live.get("status") or {}
-            patch: dict[str, Any] = {}
-            conds = [
-                condition(SCALING_ACTIVE, d.scaling_active),
-                condition(ABLE_TO_SCALE, able),
-                condition(SLO_MET, d.slo_met),
-            ]
-            merged = merge_conditions(status.get("conditions"), conds, now_iso())
-            if strip_times(merged) != strip_times(status.get("conditions") or []):
-                patch["conditions"] = merged
-            figures = {
-                "ttftP95Ms": _ms(slo.ttft_p95),
-                "tpotP95Ms": _ms(slo.tpot_p95),
-                "sloMet": d.slo_met[0],
-            }
-            patch.update({k: v for k, v in figures.items() if status.get(k) != v})
-            if record:
-                entry = {
-                    "time": now_iso(),
-                    "from": d.current,
-                    "to": d.desired,
-                    "reason": d.reason,
-                    "applied": applied,
-                }
-                patch["lastDecisions"] = [*(status.get("lastDecisions") or []), entry][
-                    -MAX_DECISIONS:
-                ]
+            patch = self._status_patch(live, d, able, slo, record, applied)
             if patch:
                 self.kube.patch_llmservice_status(namespace, name, patch)
+
+    @staticmethod
+    def _status_patch(
+        body: dict[str, Any],
+        d: Decision,
+        able: tuple[str, str, str],
+        slo: SLOFigures,
+        record: bool,
+        applied: bool,
+    ) -> dict[str, Any]:
+        """What of the autoscaler's status differs from `body`'s (empty: nothing to write)."""
+        status = body.get("status") or {}
+        patch: dict[str, Any] = {}
+        conds = [
+            condition(SCALING_ACTIVE, d.scaling_active),
+            condition(ABLE_TO_SCALE, able),
+            condition(SLO_MET, d.slo_met),
+        ]
+        merged = merge_conditions(status.get("conditions"), conds, now_iso())
+        if strip_times(merged) != strip_times(status.get("conditions") or []):
+            patch["conditions"] = merged
+        figures = {
+            "ttftP95Ms": _ms(slo.ttft_p95),
+            "tpotP95Ms": _ms(slo.tpot_p95),
+            "sloMet": d.slo_met[0],
+        }
+        patch.update({k: v for k, v in figures.items() if status.get(k) != v})
+        if record:
+            entry = {
+                "time": now_iso(),
+                "from": d.current,
+                "to": d.desired,
+                "reason": d.reason,
+                "applied": applied,
+            }
+            patch["lastDecisions"] = [*(status.get("lastDecisions") or []), entry][
+                -MAX_DECISIONS:
+            ]
+        return patch
 
 
 def _ms(seconds: float | None) -> float | None:

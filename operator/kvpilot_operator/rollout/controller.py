@@ -47,13 +47,20 @@ class RolloutController:
     # When each service's shadow is next summarised, by (namespace, name).
     next_shadow: dict[tuple[str, str], float] = field(default_factory=dict)
 
-    def tick(self, namespace: str, name: str, emit: Callable[[str, str, str], None]) -> None:
-        """One evaluation of the service; its shadow summarised every SHADOW_EVERY_S only."""
+    def tick(
+        self,
+        namespace: str,
+        name: str,
+        emit: Callable[[str, str, str], None],
+        body: dict[str, Any] | None = None,
+    ) -> None:
+        """One evaluation of the service; its shadow summarised every SHADOW_EVERY_S only.
+        `body`: the LLMService as last seen by a watch (else read)."""
         key = (namespace, name)
         shadow = time.monotonic() >= self.next_shadow.get(key, 0.0)
         if shadow:
             self.next_shadow[key] = time.monotonic() + SHADOW_EVERY_S
-        self.evaluate(namespace, name, emit, shadow=shadow)
+        self.evaluate(namespace, name, emit, shadow=shadow, body=body)
 
     def forget(self, namespace: str, name: str) -> None:
         self.next_shadow.pop((namespace, name), None)
@@ -65,8 +72,10 @@ class RolloutController:
         emit: Callable[[str, str, str], None],
         *,
         shadow: bool = True,
+        body: dict[str, Any] | None = None,
     ) -> None:
-        body = self.kube.get_llmservice(namespace, name)
+        if body is None:
+            body = self.kube.get_llmservice(namespace, name)
         if body is None or body["metadata"].get("deletionTimestamp"):
             return
         try:
