@@ -135,6 +135,7 @@ def cmd_serve(ns: argparse.Namespace) -> int:
         # The environment is how a Secret reaches the pod without showing in its command line.
         api_key=ns.api_key or os.environ.get(API_KEY_ENV) or None,
         max_request_bytes=ns.max_request_bytes,
+        trust_priority_header=ns.trust_priority_header,
     )
 
     return run_server(
@@ -266,6 +267,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive_int,
         default=8 * 2**20,
         help="larger request bodies get 413 (default: 8 MiB)",
+    )
+    s.add_argument(
+        "--trust-priority-header",
+        action="store_true",
+        help="schedule by the X-KVPilot-Priority header (set by kvpilot router from the caller's "
+        "API key; lower first); a request body's `priority` is refused either way",
     )
     s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     s.add_argument(

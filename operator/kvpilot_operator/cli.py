@@ -557,6 +557,12 @@ def add_router_commands(sub: Any, bench: Any) -> None:
         help="require Authorization: Bearer KEY on /v1/* (repeat; also KVPILOT_API_KEY=k1,k2)",
     )
     r.add_argument(
+        "--default-priority",
+        type=int,
+        default=0,
+        help="X-KVPilot-Priority sent to the engines for callers without a tier (lower first)",
+    )
+    r.add_argument(
         "--upstream-api-key",
         help="send Authorization: Bearer KEY to the engines and shadows, whose `kvpilot serve "
         "--api-key` it is (default: $KVPILOT_UPSTREAM_API_KEY)",

@@ -180,12 +180,16 @@ def test_engine_args_are_accepted_by_kvpilot_serve() -> None:
     assert (engine.max_num_batched_tokens, engine.max_num_seqs, engine.block_size) == (300, 9, 32)
     assert engine.enable_prefix_caching is False and engine.enable_chunked_prefill is False
     assert engine.scheduling_policy == "priority" and engine.kv_cache_memory == "1GiB"
+    # Scheduling by priority: the engines take it from the routers' header (by API key tier).
+    assert ns.trust_priority_header is True
     # The pod waits for the engine's drain before it is killed.
     pod = objs["Deployment"]["spec"]["template"]["spec"]
     assert pod["terminationGracePeriodSeconds"] > 12
 
 
 def test_unset_engine_knobs_leave_the_engine_defaults() -> None:
+    default = rendered(make_service())["Deployment"]["spec"]["template"]["spec"]["containers"][0]
+    assert "--trust-priority-header" not in default["args"]  # FCFS: no priority to trust
     args = rendered(make_service())["Deployment"]["spec"]["template"]["spec"]["containers"][0][
         "args"
     ]

@@ -4,6 +4,7 @@ an API key, and a real `kvpilot router` in front of it holding that key for the 
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,7 +15,7 @@ import openai
 import pytest
 from openai import OpenAI
 
-from tests.support.engine import MODEL, Server, run_server, scrape
+from tests.support.engine import MODEL, Server, metric, run_server, samples, scrape
 from tests.support.kube import wait_for
 from tests.support.router import routes, run_router, total, value
 
@@ -27,7 +28,10 @@ TINY = {"model": MODEL, "prompt": "Hello", "max_tokens": 1}
 @pytest.fixture(scope="module")
 def keyed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     log = tmp_path_factory.mktemp("keyed") / "serve.log"
-    with run_server(log, "--api-key", KEY, "--max-num-seqs", "8") as s:
+    # As the operator runs engines that schedule by priority; one sequence at a time, so that a
+    # queue forms on demand.
+    flags = ["--scheduling-policy", "priority", "--trust-priority-header", "--max-num-seqs", "1"]
+    with run_server(log, "--api-key", KEY, *flags) as s:
         yield s
 
 
@@ -158,31 +162,115 @@ def test_list_lengths_are_bounded(keyed: Server) -> None:
 
 def test_health_answers_while_large_prompts_are_tokenised(keyed: Server) -> None:
     """Six ~4 MB prompts (900k tokens each, about 1.5 s of tokenising apiece) at once: templated
-    and tokenised on worker threads, without the GIL, so /health answers meanwhile."""
+    and tokenised on worker threads, without the GIL, so /health answers meanwhile (on the event
+    loop, tokenising them held /health up for 7 s)."""
     text = "The quick brown fox jumps over the lazy dog. " * 90_000
     bodies = [
         ("/v1/completions", {"model": MODEL, "prompt": text, "max_tokens": 1}),
         ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": text}]}),
     ] * 3
 
-    async def main() -> tuple[float, int, list[httpx.Response]]:
-        async with (
-            httpx.AsyncClient(base_url=keyed.url, headers=AUTH, timeout=300) as c,
-            httpx.AsyncClient(base_url=keyed.url, timeout=30) as probe,
-        ):
-            work = [asyncio.create_task(c.post(path, json=body)) for path, body in bodies]
-            worst, probes = 0.0, 0
-            while not all(t.done() for t in work):
-                t0 = time.perf_counter()
-                r = await probe.get("/health")
-                worst = max(worst, time.perf_counter() - t0)
-                assert r.status_code == 200
-                probes += 1
-                await asyncio.sleep(0.05)
-            return worst, probes, await asyncio.gather(*work)
+    async def flood() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=keyed.url, headers=AUTH, timeout=300) as c:
+            return await asyncio.gather(*(c.post(path, json=body) for path, body in bodies))
 
-    worst, probes, results = asyncio.run(main())
+    # The prompts go from a thread of their own, so that sending them does not delay the probes.
+    results: list[httpx.Response] = []
+    sender = threading.Thread(target=lambda: results.extend(asyncio.run(flood())))
+    sender.start()
+    worst, probes = 0.0, 0
+    with httpx.Client(base_url=keyed.url, timeout=30) as probe:
+        while sender.is_alive():
+            t0 = time.perf_counter()
+            assert probe.get("/health").status_code == 200
+            worst = max(worst, time.perf_counter() - t0)
+            probes += 1
+            time.sleep(0.05)
+    sender.join()
+    assert len(results) == len(bodies)
     for r in results:  # all read, templated and tokenised, and then too long for this model
         assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
     assert probes >= 5, "the prompts were handled too fast to tell"
     assert worst < 1.0, f"/health took {worst:.2f}s while prompts were tokenised"
+
+
+# ---- priority -----------------------------------------------------------------------------------
+def test_a_client_cannot_set_its_priority(keyed: Server) -> None:
+    c = client(keyed, KEY)
+    with pytest.raises(openai.BadRequestError) as err:
+        c.completions.create(model=MODEL, prompt="Hi", max_tokens=1, extra_body={"priority": -5})
+    assert err.value.body["param"] == "priority"  # type: ignore[index]
+    with pytest.raises(openai.BadRequestError) as err:
+        c.chat.completions.create(
+            model=MODEL,
+            messages=[{"role": "user", "content": "Hi"}],
+            max_tokens=1,
+            extra_body={"priority": 3},
+        )
+    assert err.value.body["param"] == "priority"  # type: ignore[index]
+    # The default (0) is what vLLM clients send when they mean nothing by it.
+    c.completions.create(model=MODEL, prompt="Hi", max_tokens=1, extra_body={"priority": 0})
+    r = httpx.post(
+        f"{keyed.url}/v1/completions",
+        json=TINY,
+        headers={**AUTH, "x-kvpilot-priority": "high"},
+        timeout=60,
+    )
+    assert r.status_code == 400 and "x-kvpilot-priority" in r.json()["error"]["message"]
+
+
+def test_priority_follows_the_callers_key_tier_not_its_headers(
+    keyed: Server, tmp_path: Path
+) -> None:
+    """Behind a router with two tiers: a batch caller that forges X-KVPilot-Priority: -100 still
+    waits behind a gold caller who came after it (the engine runs one sequence at a time)."""
+    env = {"KVPILOT_PRIORITY_KEYS": "10=batch-key,-10=gold-key", "KVPILOT_UPSTREAM_API_KEY": KEY}
+    with run_router(tmp_path, routes({"stable": (100, [keyed.url])}), env=env) as router:
+
+        async def main() -> list[str]:
+            order: list[str] = []
+            async with (
+                httpx.AsyncClient(base_url=router.url, timeout=300) as c,
+                httpx.AsyncClient(base_url=keyed.url, timeout=30) as engine,
+            ):
+
+                async def until(name: str, value: float) -> None:
+                    for _ in range(600):
+                        m = samples((await engine.get("/metrics")).text)
+                        if metric(m, name) >= value:
+                            return
+                        await asyncio.sleep(0.05)
+                    raise AssertionError(f"{name} never reached {value}")
+
+                async def call(label: str, key: str, tokens: int, **headers: str) -> None:
+                    body = {
+                        "model": MODEL,
+                        "prompt": "Count: one two three",
+                        "max_tokens": tokens,
+                        "ignore_eos": True,
+                    }
+                    auth = {"authorization": f"Bearer {key}", **headers}
+                    r = await c.post("/v1/completions", json=body, headers=auth)
+                    assert r.status_code == 200, r.text
+                    order.append(label)
+
+                occupant = asyncio.create_task(call("occupant", "batch-key", 48))
+                await until("vllm:num_requests_running", 1)
+                forged = asyncio.create_task(
+                    call("forged", "batch-key", 4, **{"x-kvpilot-priority": "-100"})
+                )
+                await until("vllm:num_requests_waiting", 1)
+                gold = asyncio.create_task(call("gold", "gold-key", 4))
+                await until("vllm:num_requests_waiting", 2)
+                await asyncio.gather(occupant, forged, gold)
+            return order
+
+        assert asyncio.run(main()) == ["occupant", "gold", "forged"]
+        # Unknown keys are still refused; the tier keys are API keys of their own.
+        r = httpx.post(f"{router.url}/v1/completions", json=TINY, timeout=30)
+        assert r.status_code == 401
+        assert httpx.get(f"{router.url}/router/state", timeout=10).status_code == 401
+        state = httpx.get(
+            f"{router.url}/router/state", headers={"authorization": "Bearer gold-key"}, timeout=10
+        )
+        assert state.status_code == 200

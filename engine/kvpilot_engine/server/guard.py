@@ -14,7 +14,7 @@ one place its scheduling priority may come from.
 from __future__ import annotations
 
 import hmac
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -81,3 +81,28 @@ async def read_body(request: Request, limit: int) -> bytes:
             raise _too_large(limit)
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+def request_priority(
+    headers: Mapping[str, str], body_priority: int, settings: GuardSettings
+) -> int:
+    """The priority to schedule a request with (lower is served first)."""
+    if body_priority != 0:
+        raise APIError(
+            400,
+            "priority is not taken from the request body: it is set by the operator "
+            "(the router's X-KVPilot-Priority, from the API key's tier); leave it out",
+            param="priority",
+            code="unsupported",
+        )
+    if not settings.trust_priority_header:
+        return 0
+    raw = headers.get(PRIORITY_HEADER)
+    if raw is None:
+        return 0
+    try:
+        return int(raw)
+    except ValueError:
+        raise APIError(
+            400, f"{PRIORITY_HEADER} must be an integer, got {raw!r}", code="invalid_value"
+        ) from None

@@ -18,6 +18,7 @@ from kvpilot_engine.llm_engine import LLMEngine
 from kvpilot_engine.outputs import Logprob
 from kvpilot_engine.server.async_engine import RequestStream
 from kvpilot_engine.server.errors import APIError, sse_error
+from kvpilot_engine.server.guard import request_priority
 from kvpilot_engine.server.protocol import (
     ChatChoice,
     ChatCompletionChunk,
@@ -50,6 +51,7 @@ class OpenAIServingChat(OpenAIServing):
         arrival = time.monotonic()
         req = await self.parse(request, ChatCompletionRequest)
         self.check_model(req.model)
+        priority = request_priority(request.headers, req.priority, self.guard)
         llm = self.loaded_engine()
         if req.top_logprobs is not None and not req.logprobs:
             raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
@@ -61,7 +63,13 @@ class OpenAIServingChat(OpenAIServing):
         prompt = await asyncio.to_thread(_chat_prompt, llm, req)
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         try:
-            stream = await self.submit([rid], [prompt], [params], req.priority, arrival)
+            stream = await self.submit(
+                [rid],
+                [prompt],
+                [params],
+                priority,
+                arrival,
+            )
         except APIError as e:
             if e.param == "prompt":  # the prompt is the rendered messages
                 e.param = "messages"

@@ -19,6 +19,7 @@ from kvpilot_engine.llm_engine import LLMEngine
 from kvpilot_engine.outputs import Logprob
 from kvpilot_engine.server.async_engine import RequestStream
 from kvpilot_engine.server.errors import APIError, sse_error
+from kvpilot_engine.server.guard import request_priority
 from kvpilot_engine.server.protocol import (
     MAX_N,
     CompletionChoice,
@@ -45,6 +46,7 @@ class OpenAIServingCompletion(OpenAIServing):
         arrival = time.monotonic()
         req = await self.parse(request, CompletionRequest)
         self.check_model(req.model)
+        priority = request_priority(request.headers, req.priority, self.guard)
         llm = self.loaded_engine()
         _check_completion_options(req)
         prompts = _completion_prompts(req)
@@ -58,7 +60,7 @@ class OpenAIServingCompletion(OpenAIServing):
             [f"{rid}-{i}" for i in range(len(prompts))],
             token_ids,
             [replace(params) for _ in prompts],
-            req.priority,
+            priority,
             arrival,
         )
         created = int(time.time())

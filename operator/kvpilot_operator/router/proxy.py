@@ -57,13 +57,16 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
 _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")  # the engine's rule
+# The engine's scheduling priority (lower first), which it trusts with --trust-priority-header:
+# set here from the caller's API key, and never passed on from a client.
+PRIORITY_HEADER = b"x-kvpilot-priority"
 # Not forwarded upstream: hop-by-hop headers, and what the proxy sets itself. The client's key
 # is for the router; the engines get the router's own (`upstream_api_key`).
 _DROP_REQUEST_HEADERS = frozenset(
     {
         b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization", b"te",
         b"trailer", b"trailers", b"transfer-encoding", b"upgrade", b"host", b"content-length",
-        b"authorization", b"x-request-id",
+        b"authorization", b"x-request-id", PRIORITY_HEADER,
     }
 )  # fmt: skip
 _FORWARD_RESPONSE_HEADERS = frozenset(
@@ -83,6 +86,8 @@ class ProxySettings:
     max_request_bytes: int = 8 * 2**20  # the engine's default: what it takes, we take
     failover_wait: float = 10.0
     api_keys: tuple[str, ...] = ()
+    priority_keys: tuple[tuple[str, int], ...] = ()  # (key, priority): tiers, keys themselves
+    default_priority: int = 0  # for api_keys, and for everyone when no key is required
     upstream_api_key: str | None = None  # what the engines' `kvpilot serve --api-key` expects
     refresh_interval: float = 1.0
     scrape_interval: float = 2.0
@@ -226,7 +231,8 @@ class Router:
         self.metrics = RouterMetrics(lambda: self.admission.waiting)
         self.client: httpx.AsyncClient | None = None
         self.mirror: Mirror | None = None
-        self._keys = [k.encode() for k in settings.api_keys]
+        self._keys = [(k.encode(), settings.default_priority) for k in settings.api_keys]
+        self._keys += [(k.encode(), p) for k, p in settings.priority_keys]
         self._upstream_auth: list[tuple[bytes, bytes]] = []
         if settings.upstream_api_key:
             bearer = b"Bearer " + settings.upstream_api_key.encode()
@@ -311,6 +317,9 @@ class Router:
         return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     async def state(self, request: Request) -> Response:
+        # Behind the key: it lists the endpoints, which the key is there to keep callers off.
+        if self._priority(request.scope) is None:
+            return Response(_UNAUTHORIZED, 401, media_type="application/json")
         shadow = self.mirror.summary.to_dict() if self.mirror else {}
         return JSONResponse(
             {
@@ -327,7 +336,7 @@ class Router:
 
     async def models(self, request: Request) -> Response:
         rid = self._request_id(request.scope)
-        if not self._authorized(request.scope):
+        if self._priority(request.scope) is None:
             self.metrics.rejected.labels("unauthorized").inc()
             self.metrics.requests.labels("", "401").inc()
             return Response(_UNAUTHORIZED, 401, {"x-request-id": rid}, "application/json")
@@ -356,18 +365,20 @@ class Router:
         return Response(body, 503, {"retry-after": "5", "x-request-id": rid}, "application/json")
 
     # ---- auth and ids -------------------------------------------------------------------------
-    def _authorized(self, scope: Scope) -> bool:
+    def _priority(self, scope: Scope) -> int | None:
+        """The caller's priority, by its API key's tier; None for a caller without a valid key."""
         if not self._keys:
-            return True
+            return self.settings.default_priority
         value = dict(scope["headers"]).get(b"authorization", b"")
         scheme, _, token = value.partition(b" ")
         if scheme.lower() != b"bearer":
-            return False
+            return None
         token = token.strip()
-        ok = False
-        for key in self._keys:  # no early exit: the time taken says nothing about which key
-            ok |= hmac.compare_digest(token, key)
-        return ok
+        found = None
+        for key, priority in self._keys:  # no early exit: the time says nothing about which key
+            if hmac.compare_digest(token, key) and found is None:
+                found = priority
+        return found
 
     @staticmethod
     def _request_id(scope: Scope) -> str:
@@ -383,7 +394,8 @@ class Router:
             self._record(ex)
 
     async def _generate(self, ex: Exchange, scope: Scope, receive: Receive, send: Send) -> None:
-        if not self._authorized(scope):
+        priority = self._priority(scope)
+        if priority is None:
             self.metrics.rejected.labels("unauthorized").inc()
             await self._reply(ex, send, 401, _UNAUTHORIZED)
             return
@@ -410,6 +422,7 @@ class Router:
         ]
         ex.upstream_headers += [
             *self._upstream_auth,  # shadows get it too: they are engines behind the same key
+            (PRIORITY_HEADER, str(priority).encode()),
             (b"x-request-id", ex.rid.encode()),
             (b"content-length", str(len(body)).encode()),  # else httpx would send it chunked
         ]

@@ -17,6 +17,25 @@ log = structlog.get_logger("kvpilot.router")
 
 API_KEY_ENV = "KVPILOT_API_KEY"
 UPSTREAM_API_KEY_ENV = "KVPILOT_UPSTREAM_API_KEY"
+# Tiers: `PRIORITY=KEY,PRIORITY=KEY` (e.g. `-10=k-gold,10=k-batch`); each key is also accepted.
+PRIORITY_KEYS_ENV = "KVPILOT_PRIORITY_KEYS"
+
+
+def priority_keys(text: str) -> tuple[tuple[str, int], ...]:
+    """KVPILOT_PRIORITY_KEYS as (key, priority) pairs; split on the first `=`, as keys (base64)
+    may end in `=`. Raises ValueError, naming the variable, for anything else."""
+    out = []
+    for item in (part.strip() for part in text.split(",")):
+        if not item:
+            continue
+        priority, sep, key = item.partition("=")
+        try:
+            out.append((key, int(priority)))
+        except ValueError:
+            sep = ""
+        if not sep or not key:
+            raise ValueError(f"{PRIORITY_KEYS_ENV}: expected PRIORITY=KEY, got {item[:8]!r}...")
+    return tuple(out)
 
 
 def api_keys(ns: argparse.Namespace) -> tuple[str, ...]:
@@ -36,6 +55,8 @@ def settings_from(ns: argparse.Namespace) -> ProxySettings:
         max_request_bytes=ns.max_request_bytes,
         failover_wait=ns.failover_wait,
         api_keys=api_keys(ns),
+        priority_keys=priority_keys(os.environ.get(PRIORITY_KEYS_ENV, "")),
+        default_priority=ns.default_priority,
         # Read whole, not split on commas: it must equal the engines' `--api-key` as it is.
         upstream_api_key=ns.upstream_api_key or os.environ.get(UPSTREAM_API_KEY_ENV) or None,
         refresh_interval=ns.refresh_interval,
