@@ -406,6 +406,44 @@ def test_the_api_key_secret_reaches_routers_and_every_engine() -> None:
     assert "KVPILOT_API_KEY" not in _env(plain)
 
 
+def _engine_pod(svc: LLMService, policy: str | None = None) -> dict[str, Any]:
+    return rendered(svc, policy)["Deployment"]["spec"]["template"]["spec"]
+
+
+def test_engines_without_resources_get_default_requests_not_best_effort() -> None:
+    (container,) = _engine_pod(make_service())["containers"]
+    # Requests (Burstable, not BestEffort), and no memory limit a larger model could hit.
+    assert container["resources"] == {"requests": {"cpu": "1", "memory": "2Gi"}}
+    # Each default fills only what is missing; what is set keeps its limit.
+    (container,) = _engine_pod(make_service(resources={"memory": "6Gi"}))["containers"]
+    assert container["resources"] == {
+        "requests": {"cpu": "1", "memory": "6Gi"},
+        "limits": {"memory": "6Gi"},
+    }
+    (container,) = _engine_pod(make_service(resources={"cpu": "3"}))["containers"]
+    assert container["resources"] == {"requests": {"cpu": "3", "memory": "2Gi"}}
+    # GPU engines too: QoS looks only at cpu and memory.
+    gpu = make_service(resources={"gpu": {"count": 1}})
+    (container,) = _engine_pod(gpu)["containers"]
+    assert container["resources"]["requests"] == {
+        "cpu": "1",
+        "memory": "2Gi",
+        "nvidia.com/gpu": "1",
+    }
+
+
+def test_tensor_parallel_pods_get_a_memory_backed_dev_shm() -> None:
+    svc = make_service(parallelism={"tensor": 2}, resources={"gpu": {"count": 2}})
+    pod = _engine_pod(svc)
+    assert {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "2Gi"}} in pod["volumes"]
+    mounts = pod["containers"][0]["volumeMounts"]
+    assert {"name": "dshm", "mountPath": "/dev/shm"} in mounts
+    # One rank: nothing to exchange, the container's own /dev/shm will do.
+    single = _engine_pod(make_service())
+    assert all(v["name"] != "dshm" for v in single["volumes"])
+    assert all(m["mountPath"] != "/dev/shm" for m in single["containers"][0]["volumeMounts"])
+
+
 def _selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
     """A LabelSelector (matchLabels, and matchExpressions with In) applied to labels."""
     if not selector.get("matchLabels", {}).items() <= labels.items():

@@ -250,16 +250,27 @@ def _metadata(svc: LLMService, name: str, component: str = "engine") -> dict[str
     return meta
 
 
+# Requests for what neither the service nor its policy sets: without any, an engine pod is
+# BestEffort, the first evicted under memory pressure, and packed onto nodes with no regard for
+# it. Modest (SmolLM2 on CPU fits in them), and requests only: a default memory limit could
+# OOM-kill a larger model, which the user has not sized.
+DEFAULT_ENGINE_REQUESTS = {"cpu": "1", "memory": "2Gi"}
+# Tensor-parallel ranks exchange activations through /dev/shm (NCCL's shared-memory transport);
+# a container's own is 64 MiB. Memory-backed, so it counts against the pod's memory.
+SHM_SIZE_LIMIT = "2Gi"
+
+
 def _container_resources(spec: LLMServiceSpec) -> dict[str, Any]:
     res = spec.resources
     requests: dict[str, str] = {}
     limits: dict[str, str] = {}
-    if res.cpu is not None:
-        requests["cpu"] = str(res.cpu)
+    requests["cpu"] = str(res.cpu) if res.cpu is not None else DEFAULT_ENGINE_REQUESTS["cpu"]
     if res.memory is not None:
         # Memory is not compressible: the limit equals the request so the KV pool sized at
         # start-up is never OOM-killed later by a neighbour.
         requests["memory"] = limits["memory"] = str(res.memory)
+    else:
+        requests["memory"] = DEFAULT_ENGINE_REQUESTS["memory"]
     if res.gpu.count:
         requests[res.gpu.resource_name] = limits[res.gpu.resource_name] = str(res.gpu.count)
     out: dict[str, Any] = {}
@@ -348,6 +359,10 @@ def deployment(
             }
         )
         mounts.append({"name": "models", "mountPath": MODELS_MOUNT, "readOnly": True})
+    if spec.parallelism.tensor > 1:
+        shm = {"medium": "Memory", "sizeLimit": SHM_SIZE_LIMIT}
+        volumes.append({"name": "dshm", "emptyDir": shm})
+        mounts.append({"name": "dshm", "mountPath": "/dev/shm"})
     http_get = {"port": "http"}
     container: dict[str, Any] = {
         "name": "engine",
