@@ -250,7 +250,7 @@ def _metadata(svc: LLMService, name: str, component: str = "engine") -> dict[str
     return meta
 
 
-# Requests for what neither the service nor its policy sets: without any, an engine pod is
+# Requests for what the service does not set (a policy has no resources): without any, a pod is
 # BestEffort, the first evicted under memory pressure, and packed onto nodes with no regard for
 # it. Modest (SmolLM2 on CPU fits in them), and requests only: a default memory limit could
 # OOM-kill a larger model, which the user has not sized.
