@@ -42,6 +42,7 @@ from kvpilot_operator.controller import events
 from kvpilot_operator.controller.kube import Kube
 from kvpilot_operator.controller.manifests import RenderOptions
 from kvpilot_operator.controller.reconcile import Outcome, reconcile
+from kvpilot_operator.controller.status import find_condition
 from kvpilot_operator.controller.sweep import Key, Sweep
 from kvpilot_operator.observability import slo_series
 from kvpilot_operator.rollout.controller import RolloutController
@@ -68,13 +69,21 @@ def _kopf_emit(body: Any) -> events.Emit:
     return emit
 
 
-def _report(out: Outcome, emit: events.Emit) -> None:
-    for action in out.actions:
-        emit("Normal", "Applied", action)
-    if out.problem is not None:
+def _report(out: Outcome, emit: events.Emit, before: dict[str, Any]) -> None:
+    """Events for what changed: the objects applied, and Ready or Degraded when they flip (not
+    at every reconcile: a service's events would be one per status refresh)."""
+    if out.actions:  # one event per pass (a new service creates ten objects)
+        emit("Normal", "Applied", "; ".join(out.actions))
+    patched = {c["type"]: c for c in (out.status or {}).get("conditions") or []}
+
+    def flipped(kind: str, *fields: str) -> dict[str, Any] | None:
+        new, old = patched.get(kind), find_condition(before, kind) or {}
+        return new if new and any(new.get(f) != old.get(f) for f in fields) else None
+
+    if out.problem is not None and flipped("Degraded", "status", "reason", "message"):
         emit("Warning", out.problem.reason, out.problem.message)
-    if out.status and "conditions" in out.status:
-        ready = next(c for c in out.status["conditions"] if c["type"] == "Ready")
+    ready = flipped("Ready", "status", "reason")
+    if ready is not None:
         emit("Normal", f"Ready{ready['status']}", f"{ready['reason']}: {ready['message']}")
 
 
@@ -99,7 +108,7 @@ def _reconcile_body(
             body = {**body, "status": live.get("status")}
         out = reconcile(State.kube, body, State.opts, **kwargs)
     slo_series.export(meta["namespace"], meta["name"], out.spec)
-    _report(out, emit or _kopf_emit(body))
+    _report(out, emit or _kopf_emit(body), body)
     if out.problem is not None and out.problem.reason == "ApplyFailed":
         # Transient (API server, admission, quota): retry with back-off, never crash.
         raise kopf.TemporaryError(out.problem.message, delay=15)
@@ -215,9 +224,10 @@ def on_deployment_event(
     if owner is None:
         return
     meta = body["metadata"]
-    drifted = type == "DELETED" or (
-        (body.get("status") or {}).get("observedGeneration") != meta.get("generation")
-    )
+    # A spec the deployment controller has not caught up with: someone changed it. Not one it
+    # has never observed (the operator's own creation, whose first events are its annotations).
+    seen = (body.get("status") or {}).get("observedGeneration")
+    drifted = type == "DELETED" or (seen is not None and seen != meta.get("generation"))
     if drifted:
         _reconcile_body(owner)
     elif meta["name"] == engine_name(owner["metadata"]["name"]):
@@ -235,6 +245,11 @@ def on_deployment_event(
 @kopf.on.event("networking.k8s.io", "v1", "networkpolicies", labels=OWNED)
 def on_owned_event(body: kopf.Body, type: str | None, llmservices: kopf.Index, **_: Any) -> None:
     if type not in ("MODIFIED", "DELETED"):
+        return
+    seen = (body.get("status") or {}).get("observedGeneration")
+    if type == "MODIFIED" and seen is not None and seen == body["metadata"].get("generation"):
+        # A controller writing status (the disruption controller's PDB status, every few
+        # seconds per service), not a change of what the operator wrote: nothing to correct.
         return
     owner = _owner(body, llmservices)
     if owner is not None:
