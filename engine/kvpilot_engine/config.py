@@ -192,8 +192,6 @@ def resolve_dtype(
     return names[dtype]
 
 
-
-
 @dataclass
 class EngineArgs:
     """Everything `LLM(...)` and `kvpilot serve` accept besides the model. vLLM's names."""
