@@ -111,7 +111,7 @@ def _wait_reconciled(
     return peak
 
 
-def run(n: int, timeout: float, rest_s: float = 30.0) -> dict[str, Any]:
+def run(n: int, timeout: float, rest_s: float = 30.0, settle_s: float = 60.0) -> dict[str, Any]:
     """N services with the autoscaler (a real, empty Prometheus: every evaluation holds) and,
     on a quarter of them, canary rollouts; then one more service; then a quiet window in which
     the API server's audit log counts the operator's and one router's requests."""
@@ -165,7 +165,9 @@ def run(n: int, timeout: float, rest_s: float = 30.0) -> dict[str, Any]:
                 ],
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=router_env,
             )  # fmt: skip
-            time.sleep(10)  # both settle: the router's first reads, the loops' first passes
+            # Both settle: the router's first listing, the status refreshes that the controllers'
+            # writes to 200 new Deployments cause, the loops' first passes over every service.
+            time.sleep(settle_s)
             since = time.time()
             time.sleep(rest_s)
             counts = requests_per_user(cluster.audit_log, since, time.time())
