@@ -259,8 +259,10 @@ def on_owned_event(body: kopf.Body, type: str | None, llmservices: kopf.Index, *
 @kopf.on.create(GROUP, VERSION, "servingpolicies")
 @kopf.on.update(GROUP, VERSION, "servingpolicies")
 @kopf.on.delete(GROUP, VERSION, "servingpolicies", optional=True)
-def on_policy(name: str, **_: Any) -> None:
-    for svc in State.kube.list_llmservices():
+def on_policy(name: str, llmservices: kopf.Index, **_: Any) -> None:
+    # From the index, not a list: with watchNamespaces the operator may not list LLMServices
+    # across the cluster, and the index holds exactly those it serves.
+    for svc in [v["body"] for store in llmservices.values() for v in store]:
         if (svc.get("spec") or {}).get("policy") == name:
             _reconcile_body(svc)
 

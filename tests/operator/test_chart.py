@@ -350,29 +350,27 @@ def _expand(group: str, resources: str, verbs: str) -> set[tuple[str, str, str]]
     return {(group, r, v) for r in resources.split() for v in verbs.split()}
 
 
-# What the operator does in the API, and nothing more.
-CLUSTER_GRANTS = set().union(
-    _expand("kvpilot.io", "llmservices", "get list watch patch update"),
-    _expand("kvpilot.io", "llmservices/status llmservices/scale", "get patch update"),
-    _expand("kvpilot.io", "servingpolicies", "get list watch"),
-    _expand("apps", "deployments", "get list watch create patch update delete"),
-    _expand("", "services", "get list watch create patch update delete"),
-    _expand("policy", "poddisruptionbudgets", "get list watch create patch update delete"),
-    _expand("networking.k8s.io", "networkpolicies", "get list watch create patch update delete"),
-    # the router of each LLMService: routes ConfigMap, ServiceAccount, Role, RoleBinding
-    _expand("", "configmaps serviceaccounts", "get list watch create patch update delete"),
-    _expand(
-        "rbac.authorization.k8s.io",
-        "roles rolebindings",
-        "get list watch create patch update delete",
-    ),
+# What the operator does in the API, and nothing more (tests/operator/test_rbac.py runs it under
+# these grants): writes are patches (server-side apply creates too), never updates.
+WRITES = "get list watch create patch delete"
+NAMESPACED_GRANTS = set().union(
+    _expand("kvpilot.io", "llmservices", "get list watch patch"),
+    _expand("kvpilot.io", "llmservices/status llmservices/scale", "get patch"),
+    _expand("apps", "deployments", WRITES),
+    _expand("", "services configmaps serviceaccounts", WRITES),
+    _expand("policy", "poddisruptionbudgets", WRITES),
+    _expand("networking.k8s.io", "networkpolicies", WRITES),
+    # the router of each LLMService: its Role and RoleBinding
+    _expand("rbac.authorization.k8s.io", "roles rolebindings", WRITES),
+    _expand("", "pods", "list watch"),
     _expand("", "events", "create patch"),
     _expand("events.k8s.io", "events", "create patch"),
-    _expand("", "pods endpoints", "get list watch"),
-    _expand("discovery.k8s.io", "endpointslices", "get list watch"),
-    _expand("apiextensions.k8s.io", "customresourcedefinitions", "get list watch"),
-    _expand("", "namespaces", "get list watch"),
 )
+CLUSTER_ONLY_GRANTS = set().union(
+    _expand("kvpilot.io", "servingpolicies", "get list watch"),
+    _expand("apiextensions.k8s.io", "customresourcedefinitions", "get list watch"),
+)
+CLUSTER_GRANTS = NAMESPACED_GRANTS | CLUSTER_ONLY_GRANTS
 LEASE_GRANTS = _expand("coordination.k8s.io", "leases", "get create update")
 
 
@@ -390,6 +388,22 @@ def test_rbac_is_least_privilege(helm: str) -> None:
     assert _grants(one(docs, "Role")) == LEASE_GRANTS
     cluster_resources = {r for _, r, _ in CLUSTER_GRANTS}
     assert not cluster_resources & {"secrets", "leases", "clusterroles", "clusterrolebindings"}
+
+
+def test_watched_namespaces_get_roles_not_cluster_grants(helm: str) -> None:
+    docs = template(helm, "--set", "operator.watchNamespaces={team-a,team-b}")
+    assert _grants(one(docs, "ClusterRole")) == CLUSTER_ONLY_GRANTS
+    roles = {d["metadata"]["namespace"]: d for d in docs if d["kind"] == "Role"}
+    assert set(roles) == {"team-a", "team-b", "kvpilot-system"}
+    assert _grants(roles["kvpilot-system"]) == LEASE_GRANTS
+    for namespace in ("team-a", "team-b"):
+        assert _grants(roles[namespace]) == NAMESPACED_GRANTS
+        (binding,) = [
+            d for d in docs
+            if d["kind"] == "RoleBinding" and d["metadata"]["namespace"] == namespace
+        ]  # fmt: skip
+        assert binding["roleRef"]["name"] == roles[namespace]["metadata"]["name"]
+        assert binding["subjects"][0]["namespace"] == "kvpilot-system"
 
 
 def test_toggles_drop_their_objects(helm: str) -> None:
@@ -646,12 +660,14 @@ def test_helm_install_into_local_cluster(helm: str, cluster: LocalCluster) -> No
             return out == "yes"
 
         assert can("patch", "llmservices.kvpilot.io", "--subresource=scale", "-A")
-        assert can("update", "llmservices.kvpilot.io", "--subresource=status", "-n", "default")
+        assert can("patch", "llmservices.kvpilot.io", "--subresource=status", "-n", "default")
+        assert not can("update", "llmservices.kvpilot.io", "--subresource=status", "-n", "default")
         assert can("watch", "servingpolicies.kvpilot.io")
         assert can("delete", "deployments.apps", "-n", "default")
         assert can("create", "poddisruptionbudgets.policy", "-n", "default")
         assert can("create", "events.events.k8s.io", "-n", "default")
-        assert can("list", "endpointslices.discovery.k8s.io", "-A")
+        assert can("list", "pods", "-A")
+        assert not can("list", "endpointslices.discovery.k8s.io", "-A")
         assert can("update", "leases.coordination.k8s.io", "-n", ns)
         assert not can("update", "leases.coordination.k8s.io", "-n", "default")
         assert not can("create", "servingpolicies.kvpilot.io")

@@ -17,6 +17,8 @@ from kvpilot_operator.local.cluster import LocalCluster
 from kvpilot_operator.router.config import Endpoint, Revision, Shadow
 from kvpilot_operator.router.discovery import KubernetesSource, Snapshot
 
+from tests.support.kube import service_account_kubeconfig
+
 pytestmark = pytest.mark.slow
 
 SERVICE = "chat"
@@ -151,8 +153,6 @@ def test_the_router_role_allows_its_watches(
 ) -> None:
     """Discovery as the router's own ServiceAccount, with the Role the operator renders: the
     watches of its one ConfigMap (by name) and the pods are allowed, and nothing more is."""
-    import base64
-
     from kvpilot_operator.api.policies import resolve_spec
     from kvpilot_operator.api.types import LLMService
     from kvpilot_operator.controller.manifests import render
@@ -163,19 +163,9 @@ def test_the_router_role_allows_its_watches(
     for obj in render(svc, resolve_spec(svc.spec, None)):
         if obj["kind"] in wanted:
             cluster.kubectl("apply", "-n", ns, "-f", "-", input=json.dumps(obj))
-    core = client.CoreV1Api(config.new_client_from_config(str(cluster.kubeconfig)))
-
-    def token() -> str | None:
-        secrets = core.read_namespaced_service_account(f"{SERVICE}-router", ns).secrets or []
-        return secrets[0].name if secrets else None
-
-    secret = core.read_namespaced_secret(wait_for_value(token), ns)
-    admin = json.loads(cluster.kubeconfig.read_text())
-    admin["users"] = [{"name": "router", "user": {
-        "token": base64.b64decode(secret.data["token"]).decode()}}]  # fmt: skip
-    admin["contexts"][0]["context"]["user"] = "router"
-    kubeconfig = tmp_path / "router.kubeconfig"
-    kubeconfig.write_text(json.dumps(admin))
+    kubeconfig = service_account_kubeconfig(
+        cluster, ns, f"{SERVICE}-router", tmp_path / "router.kubeconfig"
+    )
     source = KubernetesSource(ns, SERVICE, str(kubeconfig))
     request.addfinalizer(source.stop)
     snap = changed(source, lambda s: s.config.service == SERVICE)
@@ -185,10 +175,3 @@ def test_the_router_role_allows_its_watches(
         as_router.list_namespaced_config_map(ns)  # not by name: every ConfigMap
     assert refused.value.status == 403
 
-
-def wait_for_value(fn: Callable[[], Any], timeout: float = 30) -> Any:
-    deadline = time.monotonic() + timeout
-    while (value := fn()) is None:
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.2)
-    return value

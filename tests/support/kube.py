@@ -3,6 +3,7 @@ apply and read objects with kubectl, wait for conditions, and stream users throu
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import os
@@ -39,8 +40,15 @@ def wait_for(
 class Operator:
     """`kvpilot operator` as a subprocess against the test cluster."""
 
-    def __init__(self, cluster: LocalCluster, log: Path, extra_args: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self,
+        cluster: LocalCluster,
+        log: Path,
+        extra_args: tuple[str, ...] = (),
+        kubeconfig: Path | None = None,  # default: the cluster's admin
+    ) -> None:
         self.cluster, self.log, self.extra_args = cluster, log, extra_args
+        self.kubeconfig = kubeconfig or cluster.kubeconfig
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
@@ -50,7 +58,7 @@ class Operator:
             "kvpilot_engine.cli",
             "operator",
             "--kubeconfig",
-            str(self.cluster.kubeconfig),
+            str(self.kubeconfig),
             "--health-port",
             "0",
             "--metrics-port",
@@ -104,6 +112,25 @@ def running_operator(cluster: LocalCluster, log: Path, *args: str) -> Iterator[O
         code = op.stop()
         print(op.log_text()[-6000:])
         assert code in (0, -15), f"operator exited {code}"
+
+
+def service_account_kubeconfig(cluster: LocalCluster, ns: str, account: str, path: Path) -> Path:
+    """A kubeconfig that acts as a ServiceAccount (its token, which the 1.20 token controller
+    puts in a Secret once the account exists), to run something under the RBAC it is given."""
+    from kubernetes import client, config
+
+    core = client.CoreV1Api(config.new_client_from_config(str(cluster.kubeconfig)))
+    secret = wait_for(
+        f"a token for {ns}/{account}",
+        lambda: (core.read_namespaced_service_account(account, ns).secrets or [None])[0],
+        timeout=30,
+    )
+    token = core.read_namespaced_secret(secret.name, ns).data["token"]
+    kubeconfig = json.loads(cluster.kubeconfig.read_text())
+    kubeconfig["users"] = [{"name": account, "user": {"token": base64.b64decode(token).decode()}}]
+    kubeconfig["contexts"][0]["context"]["user"] = account
+    path.write_text(json.dumps(kubeconfig))
+    return path
 
 
 def get(cluster: LocalCluster, kind: str, name: str, ns: str | None = None) -> dict | None:

@@ -81,3 +81,46 @@ else the chart's appVersion. Call with (dict "image" .Values.image "context" $).
 {{- define "kvpilot.engineImage" -}}
 {{- include "kvpilot.image" (dict "image" .Values.engine.image "context" .) }}
 {{- end }}
+
+{{/*
+What the operator does in a namespace whose LLMServices it serves: in the ClusterRole when it
+watches every namespace, in a Role per namespace when operator.watchNamespaces is set.
+*/}}
+{{- define "kvpilot.namespacedRules" -}}
+# LLMServices: reconciled (kopf's annotations), their status and replica count patched.
+- apiGroups: ["kvpilot.io"]
+  resources: ["llmservices"]
+  verbs: ["get", "list", "watch", "patch"]
+- apiGroups: ["kvpilot.io"]
+  resources: ["llmservices/status", "llmservices/scale"]
+  verbs: ["get", "patch"]
+# The objects an LLMService owns (server-side apply: create and patch), watched for drift.
+- apiGroups: ["apps"]
+  resources: ["deployments"]
+  verbs: ["get", "list", "watch", "create", "patch", "delete"]
+- apiGroups: [""]
+  resources: ["services", "configmaps", "serviceaccounts"]
+  verbs: ["get", "list", "watch", "create", "patch", "delete"]
+- apiGroups: ["policy"]
+  resources: ["poddisruptionbudgets"]
+  verbs: ["get", "list", "watch", "create", "patch", "delete"]
+- apiGroups: ["networking.k8s.io"]
+  resources: ["networkpolicies"]
+  verbs: ["get", "list", "watch", "create", "patch", "delete"]
+# Each router's Role and RoleBinding (RBAC lets the operator grant no more than it holds: the
+# router's pods and ConfigMap watches are among the grants here).
+- apiGroups: ["rbac.authorization.k8s.io"]
+  resources: ["roles", "rolebindings"]
+  verbs: ["get", "list", "watch", "create", "patch", "delete"]
+# Engine pods: why they do not start (Degraded=EngineFailing).
+- apiGroups: [""]
+  resources: ["pods"]
+  verbs: ["list", "watch"]
+# Events on LLMServices, through both the core and the events.k8s.io APIs.
+- apiGroups: [""]
+  resources: ["events"]
+  verbs: ["create", "patch"]
+- apiGroups: ["events.k8s.io"]
+  resources: ["events"]
+  verbs: ["create", "patch"]
+{{- end }}
