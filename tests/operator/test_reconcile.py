@@ -272,3 +272,43 @@ def test_an_engine_that_fails_to_start_says_why(kube: MemoryKube) -> None:
     kube.set_status("apps/v1", "Deployment", engine_name(NAME), NS, ready)
     reconcile(kube, live(kube), OPTS, apply=False)
     assert cond(kube, "Degraded")["status"] == "False"
+
+
+@pytest.mark.parametrize(
+    ("spec", "says"),
+    [
+        ({"image": "docker.io/someone/engine:1"}, "spec.image: 'docker.io/someone/engine:1'"),
+        ({"engine": {"extraArgs": ["--trust-remote-code"]}}, "spec.engine.extraArgs: --trust"),
+        (
+            {"rollout": {"shadow": {"image": "ghcr.io/x/y:2"}}},
+            "spec.rollout.shadow.image: 'ghcr.io/x/y:2'",
+        ),
+    ],
+)
+def test_a_policys_limits_refuse_what_they_do_not_allow(
+    kube: MemoryKube, spec: dict[str, Any], says: str
+) -> None:
+    limits = {"images": ["registry.corp/kvpilot/"], "extraArgs": ["--max-loras"]}
+    kube.create(
+        {
+            "apiVersion": API_VERSION,
+            "kind": "ServingPolicy",
+            "metadata": {"name": "guarded"},
+            "spec": {"limits": limits, "engine": {"maxNumSeqs": 4}},
+        }
+    )
+    kube.create(service(policy="guarded", **spec))
+    out = reconcile(kube, live(kube), OPTS)
+    assert out.problem is not None and out.problem.reason == "NotAllowed"
+    assert (
+        out.problem.message.startswith(says) and "in ServingPolicy guarded" in out.problem.message
+    )
+    assert owned(kube) == set()
+    # What the limits allow is served.
+    allowed = {
+        "image": "registry.corp/kvpilot/engine:0.2",
+        "engine": {"extraArgs": ["--max-loras=4"]},
+    }
+    kube.update_spec(NS, NAME, service(policy="guarded", **allowed)["spec"])
+    out = reconcile(kube, live(kube), OPTS)
+    assert out.problem is None and owned(kube) == OWNED

@@ -15,7 +15,13 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from kvpilot_operator.api.types import LLMService, LLMServiceSpec, ServingPolicy, ServingPolicySpec
+from kvpilot_operator.api.types import (
+    LLMService,
+    LLMServiceSpec,
+    PolicyLimits,
+    ServingPolicy,
+    ServingPolicySpec,
+)
 from kvpilot_operator.packaged import packaged
 
 # What a service gets when neither it nor its policy says otherwise. Engine knobs are left to the
@@ -66,6 +72,7 @@ def _wire(model: LLMServiceSpec | ServingPolicySpec) -> dict[str, Any]:
 def resolve_spec(spec: LLMServiceSpec, policy: ServingPolicySpec | None) -> LLMServiceSpec:
     policy_fields = _wire(policy) if policy is not None else {}
     policy_fields.pop("description", None)
+    policy_fields.pop("limits", None)  # checked against the service (`check_limits`), not merged
     merged = deep_merge(deep_merge(BUILTIN_DEFAULTS, policy_fields), _wire(spec))
     return LLMServiceSpec.model_validate(merged)
 
@@ -111,7 +118,8 @@ def resolve(
 ) -> tuple[LLMService, LLMServiceSpec]:
     """An LLMService body -> (the service, its effective spec), fetching the ServingPolicy it
     names with `get_policy` (a policy body, or None when there is none). Raises `Unresolved`
-    (InvalidSpec, PolicyNotFound or InvalidPolicy) with a message that names the field."""
+    (InvalidSpec, PolicyNotFound, InvalidPolicy or NotAllowed: the policy's limits) with a
+    message that names the field."""
     try:
         svc = parse(body)
     except ValidationError as err:
@@ -133,10 +141,41 @@ def resolve(
             where = f"spec.policy: ServingPolicy {svc.spec.policy}: spec"
             raise Unresolved("InvalidPolicy", validation_message(err, where), svc) from err
     try:
-        return svc, resolve_spec(svc.spec, policy)
+        spec = resolve_spec(svc.spec, policy)
     except ValidationError as err:
         # The service's fields merged over its policy's: a rule across both (min/max replicas).
         message = validation_message(err, "spec")
         if policy is not None:
             message += f" (with ServingPolicy {svc.spec.policy}'s values)"
         raise Unresolved("InvalidSpec", message, svc) from err
+    if policy is not None and policy.limits is not None:
+        refused = check_limits(spec, policy.limits)
+        if refused is not None:
+            raise Unresolved("NotAllowed", f"{refused}, in ServingPolicy {svc.spec.policy}", svc)
+    return svc, spec
+
+
+def check_limits(spec: LLMServiceSpec, limits: PolicyLimits) -> str | None:
+    """What in `spec` its policy's limits do not allow (naming the field), or None."""
+    shadow = spec.rollout.shadow if spec.rollout else None
+    images = [("spec.image", spec.image)]
+    args = [("spec.engine.extraArgs", spec.engine.extra_args if spec.engine else None)]
+    if shadow is not None:
+        images.append(("spec.rollout.shadow.image", shadow.image))
+        args.append(
+            (
+                "spec.rollout.shadow.engine.extraArgs",
+                shadow.engine.extra_args if shadow.engine else None,
+            )
+        )
+    if limits.images is not None:
+        for field, image in images:
+            if image is not None and not any(image.startswith(p) for p in limits.images):
+                return f"{field}: {image!r} is not an allowed image (limits.images)"
+    if limits.extra_args is not None:
+        for field, given in args:
+            for arg in given or []:
+                flag = arg.split("=", 1)[0]
+                if flag.startswith("-") and flag not in limits.extra_args:
+                    return f"{field}: {flag} is not an allowed flag (limits.extraArgs)"
+    return None

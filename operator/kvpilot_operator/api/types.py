@@ -626,6 +626,24 @@ class LLMService(_Model):
 # --- ServingPolicy ----------------------------------------------------------------------------
 
 
+class PolicyLimits(_Model):
+    """What the services that name a policy may ask for: a platform team's guard rails, checked
+    by the operator (Degraded=NotAllowed, nothing applied) whatever the service's own fields say."""
+
+    images: list[Annotated[str, Field(min_length=1, max_length=1024)]] | None = Field(
+        None,
+        max_length=64,
+        description="Engine image prefixes a service may set in `image` or a shadow's "
+        "(e.g. `registry.corp/kvpilot/`); unset: any image.",
+    )
+    extra_args: list[Annotated[str, Field(pattern=r"^--[a-z0-9-]+$")]] | None = Field(
+        None,
+        max_length=256,
+        description="`kvpilot serve` flags a service may pass in `engine.extraArgs` (e.g. "
+        "`--max-loras`); unset: any flag, empty: none.",
+    )
+
+
 class ServingPolicySpec(_Model):
     """Cluster-wide serving presets that an LLMService names in spec.policy."""
 
@@ -634,6 +652,9 @@ class ServingPolicySpec(_Model):
     quantization: Quantization | None = None
     engine: EngineSpec | None = None
     scaling: ScalingSpec | None = None
+    limits: PolicyLimits | None = Field(
+        None, description="What services naming this policy may use (not a preset: not merged)."
+    )
 
 
 class ServingPolicy(_Model):
