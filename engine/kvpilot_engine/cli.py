@@ -136,6 +136,8 @@ def cmd_serve(ns: argparse.Namespace) -> int:
         api_key=ns.api_key or os.environ.get(API_KEY_ENV) or None,
         max_request_bytes=ns.max_request_bytes,
         trust_priority_header=ns.trust_priority_header,
+        max_connections=ns.max_connections,
+        max_header_bytes=ns.max_header_bytes,
     )
 
     return run_server(
@@ -267,6 +269,19 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive_int,
         default=8 * 2**20,
         help="larger request bodies get 413 (default: 8 MiB)",
+    )
+    s.add_argument(
+        "--max-connections",
+        type=_positive_int,
+        default=2048,
+        help="connections served at once; beyond, 503 at once (default: 2048)",
+    )
+    s.add_argument(
+        "--max-header-bytes",
+        type=_positive_int,
+        default=64 * 2**10,
+        help="request lines and headers still incomplete past this are refused with 400 (a slow "
+        "trickle, or a block longer than one read; default: 64 KiB)",
     )
     s.add_argument(
         "--trust-priority-header",

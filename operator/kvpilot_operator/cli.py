@@ -546,6 +546,19 @@ def add_router_commands(sub: Any, bench: Any) -> None:
         help="larger request bodies get 413, read no further (default: 8 MiB, as the engine's)",
     )
     r.add_argument(
+        "--max-connections",
+        type=int,
+        default=4096,
+        help="client connections served at once; beyond, 503 at once (default: 4096)",
+    )
+    r.add_argument(
+        "--max-header-bytes",
+        type=int,
+        default=64 * 2**10,
+        help="request lines and headers still incomplete past this are refused with 400 (a slow "
+        "trickle, or a block longer than one read; default: 64 KiB)",
+    )
+    r.add_argument(
         "--failover-wait",
         type=float,
         default=10.0,

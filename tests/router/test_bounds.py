@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -42,3 +43,37 @@ def test_bodies_past_the_limit_get_413_before_admission(tmp_path: Path) -> None:
         m = router.metrics()
         assert value(m, "kvpilot_router_rejected_total", reason="too_large") == 2
         assert value(m, "kvpilot_router_requests_total", revision="", code="413") == 2
+
+
+def test_oversized_headers_and_too_many_connections_are_refused(tmp_path: Path) -> None:
+    """Header bytes are bounded before they are parsed, and connections past the limit get a 503
+    at once rather than queueing without bound (an idle open connection counts)."""
+    import socket
+
+    nowhere = f"http://127.0.0.1:{free_port()}"
+    doc = routes({"stable": (100, [nowhere])})
+    limits = ("--max-header-bytes", "2048", "--max-connections", "2")
+    with run_router(tmp_path, doc, *limits) as router:
+        assert httpx.get(f"{router.url}/health", timeout=10).status_code == 200
+        host, port = router.url.removeprefix("http://").split(":")
+        # h11 bounds headers still incomplete past the limit: a slow client's trickle, or any
+        # header block longer than one read brings (256 KiB for asyncio). The server answers 400
+        # and closes, perhaps before the client is done sending (a reset); never a 200.
+        with socket.create_connection((host, int(port)), timeout=10) as sock:
+            answer = b""
+            try:
+                head = b"GET /health HTTP/1.1\r\nHost: x\r\nX-Filler: " + b"y" * 1_000_000
+                sock.sendall(head + b"\r\n\r\n")
+                answer = sock.recv(100)
+            except (ConnectionResetError, BrokenPipeError):
+                pass
+            assert answer == b"" or answer.startswith(b"HTTP/1.1 400"), answer
+        idle = [socket.create_connection((host, int(port))) for _ in range(2)]
+        try:
+            time.sleep(0.3)  # accepted by the server
+            assert httpx.get(f"{router.url}/health", timeout=10).status_code == 503
+        finally:
+            for s in idle:
+                s.close()
+        time.sleep(0.3)
+        assert httpx.get(f"{router.url}/health", timeout=10).status_code == 200

@@ -204,6 +204,10 @@ def run_server(
         access_log=False,  # RequestIdMiddleware logs each request with its id
         timeout_graceful_shutdown=10,
         timeout_keep_alive=5,
+        # h11 whatever else is installed: its header bound is the one these settings set.
+        http="h11",
+        limit_concurrency=guard.max_connections,
+        h11_max_incomplete_event_size=guard.max_header_bytes,
     )
     server = _DrainingServer(config, engine, drain_timeout)
     engine.on_fatal = server.stop

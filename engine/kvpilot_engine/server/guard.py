@@ -29,11 +29,20 @@ PRIORITY_HEADER = "x-kvpilot-priority"
 DEFAULT_MAX_REQUEST_BYTES = 8 * 2**20
 
 
+DEFAULT_MAX_CONNECTIONS = 2048
+DEFAULT_MAX_HEADER_BYTES = 64 * 2**10
+
+
 @dataclass(frozen=True)
 class GuardSettings:
     api_key: str | None = None
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
     trust_priority_header: bool = False
+    # Connections (and requests) served at once; beyond, 503 at once instead of a pile-up.
+    max_connections: int = DEFAULT_MAX_CONNECTIONS
+    # A request line and headers still incomplete past this are refused (400): a client trickling
+    # headers, or a block longer than one read (h11's bound on an incomplete event).
+    max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES
 
 
 def bearer_matches(authorization: bytes, key: bytes) -> bool:

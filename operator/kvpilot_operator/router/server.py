@@ -98,6 +98,9 @@ def run_router(ns: argparse.Namespace) -> int:
         # SIGTERM: stop accepting, let streams in flight finish (the pod's grace period is 60 s).
         timeout_graceful_shutdown=50,
         timeout_keep_alive=30,
+        http="h11",  # whatever else is installed: its header bound is --max-header-bytes
+        limit_concurrency=ns.max_connections,
+        h11_max_incomplete_event_size=ns.max_header_bytes,
     )
     log.info(
         "starting",
