@@ -516,7 +516,11 @@ def add_router_commands(sub: Any, bench: Any) -> None:
     )
     r.add_argument("--kubeconfig", help="default: in-cluster, then KUBECONFIG, ~/.kube/config")
     r.add_argument(
-        "--refresh-interval", type=float, default=1.0, help="seconds between reads of the routes"
+        "--refresh-interval",
+        type=float,
+        default=1.0,
+        help="seconds between looks at the routes (the file's stamp; in a cluster, the watches' "
+        "cache: no request)",
     )
     r.add_argument(
         "--scrape-interval", type=float, default=2.0, help="seconds between engine /metrics scrapes"

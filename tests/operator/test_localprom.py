@@ -10,14 +10,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from kvpilot_operator.local.procs import free_ports
 from kvpilot_operator.local.prometheus import (
     PROMETHEUS_VERSION,
     LocalPrometheus,
     PrometheusQueryError,
     ensure_prometheus,
 )
-from prometheus_client import CollectorRegistry, Counter, start_http_server
+from prometheus_client import CollectorRegistry, Counter
+
+from tests.support.metrics import serving
 
 pytestmark = pytest.mark.slow  # every test here starts processes
 
@@ -36,14 +37,8 @@ def metrics_endpoint() -> Iterator[str]:
     Counter(
         "kvpilot_test_requests", "Requests, for the local Prometheus test.", registry=registry
     ).inc(3)
-    port = free_ports(1)[0]
-    server, thread = start_http_server(port, addr="127.0.0.1", registry=registry)
-    try:
-        yield f"127.0.0.1:{port}"
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=5)
+    with serving(registry) as target:
+        yield target
 
 
 def gone(pid: int) -> bool:

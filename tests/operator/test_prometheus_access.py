@@ -22,7 +22,6 @@ from typing import Any
 import pytest
 from kvpilot_operator.autoscaler.decision import Observation, ScalingParams
 from kvpilot_operator.local.pki import generate_pki
-from kvpilot_operator.local.procs import free_ports
 from kvpilot_operator.local.prometheus import LocalPrometheus
 from kvpilot_operator.observability.connection import (
     BearerTokenFile,
@@ -30,7 +29,9 @@ from kvpilot_operator.observability.connection import (
     parse_header,
 )
 from kvpilot_operator.observability.prometheus import PrometheusSource
-from prometheus_client import CollectorRegistry, Gauge, start_http_server
+from prometheus_client import CollectorRegistry, Gauge
+
+from tests.support.metrics import serving
 
 TENANT = ("X-Scope-OrgID", "tenant-a")
 
@@ -167,14 +168,8 @@ def engine_target() -> Iterator[str]:
     """A /metrics endpoint standing for one engine: the autoscaler counts it as a target up."""
     registry = CollectorRegistry()
     Gauge("kvpilot_test_engine", "Stands for an engine.", registry=registry).set(1)
-    port = free_ports(1)[0]
-    server, thread = start_http_server(port, addr="127.0.0.1", registry=registry)
-    try:
-        yield f"127.0.0.1:{port}"
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=5)
+    with serving(registry) as target:
+        yield target
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -149,7 +150,7 @@ def test_discovery_follows_the_config_map_and_ready_pods(
 
 
 def test_the_router_role_allows_its_watches(
-    cluster: LocalCluster, ns: str, request: pytest.FixtureRequest, tmp_path: Any
+    cluster: LocalCluster, ns: str, request: pytest.FixtureRequest, tmp_path: Path
 ) -> None:
     """Discovery as the router's own ServiceAccount, with the Role the operator renders: the
     watches of its one ConfigMap (by name) and the pods are allowed, and nothing more is."""
@@ -174,4 +175,3 @@ def test_the_router_role_allows_its_watches(
     with pytest.raises(client.exceptions.ApiException) as refused:
         as_router.list_namespaced_config_map(ns)  # not by name: every ConfigMap
     assert refused.value.status == 403
-

@@ -146,8 +146,6 @@ class MemoryKube:
     def get_policy(self, name: str) -> dict[str, Any] | None:
         return self.get(API_VERSION, "ServingPolicy", name)
 
-    def list_llmservices(self) -> list[dict[str, Any]]:
-        return [copy.deepcopy(o) for k, o in self.objects.items() if k[1] == "LLMService"]
 
     def patch_llmservice_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:
         self.calls.append(("patch-status", "LLMService", name))

@@ -94,8 +94,6 @@ class Kube:
     def get_policy(self, name: str) -> dict[str, Any] | None:
         return self.get(API_VERSION, "ServingPolicy", name)
 
-    def list_llmservices(self) -> list[dict[str, Any]]:
-        return self.resource(API_VERSION, "LLMService").get().to_dict()["items"]
 
     def patch_llmservice_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:
         self.resource(API_VERSION, "LLMService").status.patch(

@@ -242,7 +242,7 @@ class Router:
 
     # ---- routes and lifecycle -------------------------------------------------------------------
     def apply(self, snap: Snapshot) -> None:
-        """A snapshot from discovery (the same one every second while nothing changes)."""
+        """A snapshot from discovery: a changed one (Kubernetes, a rewritten file), or at start."""
         self.table.update(snap.config, snap.endpoints)
         self.metrics.set_endpoints(self.table.ready_counts())
         self.admission.wake()  # endpoints may have appeared for queued requests
