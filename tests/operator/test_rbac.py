@@ -8,6 +8,7 @@ they are no more."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -29,6 +30,8 @@ from tests.support.kube import (
 
 pytestmark = pytest.mark.slow
 
+# How RBAC words a refusal, in kopf's log and (quotes escaped) in a JSON Status body.
+RBAC_DENIAL = re.compile(r'forbidden: User \\?"system:serviceaccount:')
 RBAC_KINDS = {"ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding"}
 
 
@@ -85,5 +88,8 @@ def under_the_charts_rbac(
     finally:
         op.stop()
         cluster.kubectl("delete", "namespace", home, "--wait=false")
-    log = op.log_text()
-    assert "Forbidden" not in log and " 403" not in log, log[-3000:]
+    # Only RBAC's denials count: a 403 for writing into a namespace another test is deleting
+    # (NamespaceTerminating) is the API server's, not the grants', and the cluster-wide operator
+    # sees every test's namespaces.
+    denials = [line for line in op.log_text().splitlines() if RBAC_DENIAL.search(line)]
+    assert not denials, "\n".join(denials[:20])
