@@ -2,29 +2,32 @@
 tensor-parallel worker processes.
 
 `Worker` is rank 0, in the engine's process: the LLMEngine builds one, steps the ModelRunner it
-hands over, and shuts it down. With tensor parallelism it first spawns ranks 1..n-1
+hands over, and shuts it down. With tensor parallelism it first starts ranks 1..n-1
 (`WorkerGroup`, one process each, running `_tensor_parallel_worker`), loads its own shard while
 they load theirs, and joins them in a process group (gloo on CPU, NCCL on GPUs). Rank 0 holds the
 most KV heads, so its share of a block bounds the others': it sizes the KV pool and tells them
 the size. Each step's inputs then go to every rank, which runs the same forward pass; the
 collectives inside it, and how the model is cut into shards, are parallel.py's.
 
-Step inputs travel over multiprocessing pipes, not torch.distributed, whose timeout would kill an
-idle server. The messages a rank serves: ("init", num_blocks), then ("step", StepInput) until
-("shutdown",) or the end of its pipe (rank 0 died).
+Step inputs travel over multiprocessing connections on socket pairs, not torch.distributed, whose
+timeout would kill an idle server. The messages a rank serves: ("init", num_blocks), then
+("step", StepInput) until ("shutdown",) or the end of its socket (rank 0 died).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import multiprocessing as mp
 import os
 import socket
+import subprocess
+import sys
 import time
 import weakref
 from collections.abc import Callable
 from datetime import timedelta
+from multiprocessing.connection import Connection
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -295,36 +298,46 @@ def init_distributed(rank: int, size: int, port: int, device: torch.device) -> N
 
 
 class WorkerGroup:
-    """Ranks 1..size-1 as spawned processes, each driven over its own pipe.
+    """Ranks 1..size-1 as child processes, each driven over its own socket pair.
 
-    `target(rank, size, port, conn, *args)` runs in each; it must answer ("ready",) or
+    Each rank is a fresh `python -m kvpilot_engine.tp_rank` rather than a multiprocessing child:
+    spawn re-imports the user's main module (a script without an `if __name__ == "__main__":`
+    guard would build its own engine inside the rank and die), and fork copies a process whose
+    OpenMP pool may already run. The first message a rank receives names what to run; the
+    target is `target(rank, size, port, conn, *args)`: it must answer ("ready",) or
     ("error", message) once its shard is loaded, then serve messages until ("shutdown",) or the
-    end of its pipe (this process died)."""
+    end of its socket (this process died)."""
 
     def __init__(self, target: Callable[..., None], size: int, port: int, args: tuple[Any, ...]):
-        ctx = mp.get_context("spawn")  # fork would copy a process that may already run threads
-        self.conns: list[Any] = []
-        self.procs: list[Any] = []
+        self.conns: list[Connection] = []
+        self.procs: list[subprocess.Popen[bytes]] = []
         self._closed = False
+        env = dict(os.environ)
+        # The child must import this very package, wherever the parent found it.
+        package_root = str(Path(__file__).resolve().parent.parent)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
         for rank in range(1, size):
-            parent, child = ctx.Pipe()
-            proc = ctx.Process(
-                target=target,
-                args=(rank, size, port, child, *args),
-                daemon=True,
-                name=f"kvpilot-tp-rank{rank}",
-            )
-            proc.start()
-            child.close()  # so a dead worker shows here as EOF on our end
-            self.conns.append(parent)
+            ours, theirs = socket.socketpair()
+            try:
+                proc = subprocess.Popen(
+                    [sys.executable, "-m", "kvpilot_engine.tp_rank", str(theirs.fileno())],
+                    pass_fds=(theirs.fileno(),),
+                    env=env,
+                    stdin=subprocess.DEVNULL,
+                )
+            finally:
+                theirs.close()  # so a dead rank shows here as EOF on our end
+            conn = Connection(ours.detach())
+            self.conns.append(conn)
             self.procs.append(proc)
+            conn.send((target.__module__, target.__qualname__, (rank, size, port, *args)))
 
     def wait_ready(self) -> None:
         for rank, (conn, proc) in enumerate(zip(self.conns, self.procs, strict=True), start=1):
             while not conn.poll(0.5):
-                if not proc.is_alive():
+                if proc.poll() is not None:
                     raise RuntimeError(
-                        f"tensor-parallel rank {rank} exited (code {proc.exitcode}) while loading"
+                        f"tensor-parallel rank {rank} exited (code {proc.returncode}) while loading"
                     )
             try:
                 msg = conn.recv()
@@ -349,10 +362,15 @@ class WorkerGroup:
             with contextlib.suppress(OSError, EOFError):  # already gone
                 conn.send(("shutdown",))
         for proc in self.procs:
-            proc.join(timeout)
-            if proc.is_alive():  # stuck in a collective whose peer is gone
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:  # stuck in a collective whose peer is gone
                 proc.terminate()
-                proc.join(timeout)
+                try:
+                    proc.wait(timeout)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
         for conn in self.conns:
             conn.close()
 
@@ -370,9 +388,13 @@ def _tensor_parallel_worker(
         dtype = resolve_dtype(args.dtype, ckpt.config.torch_dtype, device)
         model, _ = load_model(ckpt, args, dtype, device, Parallel.for_rank(ckpt.config, rank, size))
     except Exception as e:
-        conn.send(("error", f"{type(e).__name__}: {e}"))
+        with contextlib.suppress(OSError):  # rank 0 may be gone already
+            conn.send(("error", f"{type(e).__name__}: {e}"))
         return
-    conn.send(("ready",))
+    try:
+        conn.send(("ready",))
+    except OSError:  # rank 0 died while we loaded
+        return
     init_distributed(rank, size, port, device)
     try:
         msg = conn.recv()
