@@ -16,7 +16,8 @@ Modules, from the API down:
   collectives), `quantization`, `device`.
 - checkpoints and settings: `loader`, `gguf_reader`, `config` (ModelConfig, EngineArgs),
   `contracts` (torch-free: what the control plane may rely on).
-- commands: `cli` (`kvpilot`), `server` (`kvpilot serve`), `bench`, `eval`, `export`.
+- commands: `cli` (`kvpilot`), `server` (`kvpilot serve`), `batch` (`kvpilot run-batch`), `bench`,
+  `eval`, `export`.
 """
 
 from __future__ import annotations

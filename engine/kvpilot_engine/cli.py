@@ -153,6 +153,13 @@ def cmd_serve(ns: argparse.Namespace) -> int:
     )
 
 
+def cmd_run_batch(ns: argparse.Namespace) -> int:
+    args = engine_args_from(ns)
+    from kvpilot_engine.batch.run_batch import main as run_batch_main
+
+    return run_batch_main(ns, args)
+
+
 def cmd_bench_throughput(ns: argparse.Namespace) -> int:
     from kvpilot_engine.bench.throughput import run_throughput_bench
 
@@ -298,6 +305,27 @@ def build_parser() -> argparse.ArgumentParser:
         help="fault injection: sleep this long before every engine step (tests, canary drills)",
     )
     s.set_defaults(func=cmd_serve)
+
+    rb = sub.add_parser(
+        "run-batch",
+        help="answer an OpenAI batch file (JSONL) offline; resumable (vLLM's run-batch)",
+    )
+    add_engine_args(rb)
+    rb.add_argument("-i", "--input-file", required=True, help="batch requests, one JSON a line")
+    rb.add_argument(
+        "-o", "--output-file", required=True, help="results (appended; ids already there skipped)"
+    )
+    rb.add_argument(
+        "--served-model-name", default=None, help="the `model` the lines must name (default: MODEL)"
+    )
+    rb.add_argument(
+        "--max-inflight",
+        type=_positive_int,
+        default=1024,
+        help="engine requests in flight at once (default: 1024)",
+    )
+    rb.add_argument("--disable-progress-bar", action="store_true")
+    rb.set_defaults(func=cmd_run_batch)
 
     e = sub.add_parser("export", help="write a model (e.g. a GGUF) as a Hugging Face folder")
     e.add_argument("model", help="HF folder, GGUF file, or a bundled model")

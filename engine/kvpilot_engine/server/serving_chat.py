@@ -16,6 +16,7 @@ from fastapi.responses import Response, StreamingResponse
 
 from kvpilot_engine.llm_engine import LLMEngine
 from kvpilot_engine.outputs import Logprob
+from kvpilot_engine.sampling_params import SamplingParams
 from kvpilot_engine.server.async_engine import RequestStream
 from kvpilot_engine.server.errors import APIError, sse_error
 from kvpilot_engine.server.guard import request_priority
@@ -53,14 +54,10 @@ class OpenAIServingChat(OpenAIServing):
         self.check_model(req.model)
         priority = request_priority(request.headers, req.priority, self.guard)
         llm = self.loaded_engine()
-        if req.top_logprobs is not None and not req.logprobs:
-            raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
-        k = (req.top_logprobs or 0) if req.logprobs else None
-        max_tokens = req.max_completion_tokens or req.max_tokens
-        params = sampling_params(req, max_tokens, k)
+        params, k = chat_params(req)
         # Off the event loop: a template over thousands of messages and the tokenisation of
         # megabytes of text take long enough to stall every stream and probe on this server.
-        prompt = await asyncio.to_thread(_chat_prompt, llm, req)
+        prompt = await asyncio.to_thread(chat_prompt, llm, req)
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         try:
             stream = await self.submit(
@@ -84,29 +81,43 @@ class OpenAIServingChat(OpenAIServing):
             )
 
         def body(choices: list[Choice], usage: UsageInfo) -> ChatCompletionResponse:
-            return ChatCompletionResponse(
-                id=rid,
-                created=created,
-                model=req.model,
-                choices=[
-                    ChatChoice(
-                        index=i,
-                        message=ResponseMessage(content=c.text),
-                        logprobs=(
-                            _chat_logprobs(c.token_ids, c.logprobs, k) if k is not None else None
-                        ),
-                        finish_reason=c.finish_reason,
-                        stop_reason=c.stop_reason,
-                    )
-                    for i, c in enumerate(choices)
-                ],
-                usage=usage,
-            )
+            return chat_response(rid, created, req.model, choices, usage, k)
 
         return await until_disconnect(request, full_response(stream, req.n, body))
 
 
-def _chat_prompt(engine: LLMEngine, req: ChatCompletionRequest) -> list[int]:
+def chat_params(req: ChatCompletionRequest) -> tuple[SamplingParams, int | None]:
+    """The request's sampling parameters, and k top logprobs per token (None: no logprobs)."""
+    if req.top_logprobs is not None and not req.logprobs:
+        raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+    k = (req.top_logprobs or 0) if req.logprobs else None
+    max_tokens = req.max_completion_tokens or req.max_tokens
+    return sampling_params(req, max_tokens, k), k
+
+
+def chat_response(
+    rid: str, created: int, model: str, choices: list[Choice], usage: UsageInfo, k: int | None
+) -> ChatCompletionResponse:
+    """The non-streaming body (the server's, and each line of `kvpilot run-batch`)."""
+    return ChatCompletionResponse(
+        id=rid,
+        created=created,
+        model=model,
+        choices=[
+            ChatChoice(
+                index=i,
+                message=ResponseMessage(content=c.text),
+                logprobs=_chat_logprobs(c.token_ids, c.logprobs, k) if k is not None else None,
+                finish_reason=c.finish_reason,
+                stop_reason=c.stop_reason,
+            )
+            for i, c in enumerate(choices)
+        ],
+        usage=usage,
+    )
+
+
+def chat_prompt(engine: LLMEngine, req: ChatCompletionRequest) -> list[int]:
     messages = [{"role": m.role, "content": m.text()} for m in req.messages]
     try:
         text = engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True)

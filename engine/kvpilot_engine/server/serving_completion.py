@@ -17,6 +17,7 @@ from fastapi.responses import Response, StreamingResponse
 
 from kvpilot_engine.llm_engine import LLMEngine
 from kvpilot_engine.outputs import Logprob
+from kvpilot_engine.sampling_params import SamplingParams
 from kvpilot_engine.server.async_engine import RequestStream
 from kvpilot_engine.server.errors import APIError, sse_error
 from kvpilot_engine.server.guard import request_priority
@@ -48,13 +49,11 @@ class OpenAIServingCompletion(OpenAIServing):
         self.check_model(req.model)
         priority = request_priority(request.headers, req.priority, self.guard)
         llm = self.loaded_engine()
-        _check_completion_options(req)
-        prompts = _completion_prompts(req)
-        params = sampling_params(req, req.max_tokens, req.logprobs)
+        prompts, params = completion_params(req)
         rid = f"cmpl-{uuid.uuid4().hex}"
         # Tokenised here, on a worker thread, rather than by the engine: on its thread a long text
         # would hold up every running sequence's next step, on the event loop every stream.
-        token_ids = await asyncio.to_thread(_tokenize, llm, prompts)
+        token_ids = await asyncio.to_thread(tokenize, llm, prompts)
         # Each prompt its own params: the engine fills in max_tokens per prompt.
         stream = await self.submit(
             [f"{rid}-{i}" for i in range(len(prompts))],
@@ -66,8 +65,7 @@ class OpenAIServingCompletion(OpenAIServing):
         created = int(time.time())
         with_logprobs = req.logprobs is not None
         # Per choice, the text before what it generated: the prompt when echoing.
-        prefixes = [_echo_text(llm, p) if req.echo else "" for p in prompts]
-        echo = [text for text in prefixes for _ in range(req.n)]
+        echo = echo_prefixes(llm, req, prompts)
 
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -79,28 +77,53 @@ class OpenAIServingCompletion(OpenAIServing):
             )
 
         def body(choices: list[Choice], usage: UsageInfo) -> CompletionResponse:
-            return CompletionResponse(
-                id=rid,
-                created=created,
-                model=req.model,
-                choices=[
-                    CompletionChoice(
-                        index=i,
-                        text=echo[i] + c.text,
-                        logprobs=(
-                            _completion_logprobs(c.token_ids, c.logprobs, 0)
-                            if with_logprobs
-                            else None
-                        ),
-                        finish_reason=c.finish_reason,
-                        stop_reason=c.stop_reason,
-                    )
-                    for i, c in enumerate(choices)
-                ],
-                usage=usage,
-            )
+            return completion_response(rid, created, req.model, choices, usage, echo, with_logprobs)
 
         return await until_disconnect(request, full_response(stream, req.n, body))
+
+
+def completion_params(req: CompletionRequest) -> tuple[list[str | list[int]], SamplingParams]:
+    """The request's prompts and their sampling parameters, its options checked."""
+    _check_completion_options(req)
+    return _completion_prompts(req), sampling_params(req, req.max_tokens, req.logprobs)
+
+
+def echo_prefixes(
+    engine: LLMEngine, req: CompletionRequest, prompts: list[str | list[int]]
+) -> list[str]:
+    """Per choice, the text before what it generated: the prompt when echoing."""
+    prefixes = [_echo_text(engine, p) if req.echo else "" for p in prompts]
+    return [text for text in prefixes for _ in range(req.n)]
+
+
+def completion_response(
+    rid: str,
+    created: int,
+    model: str,
+    choices: list[Choice],
+    usage: UsageInfo,
+    echo: list[str],
+    with_logprobs: bool,
+) -> CompletionResponse:
+    """The non-streaming body (the server's, and each line of `kvpilot run-batch`)."""
+    return CompletionResponse(
+        id=rid,
+        created=created,
+        model=model,
+        choices=[
+            CompletionChoice(
+                index=i,
+                text=echo[i] + c.text,
+                logprobs=(
+                    _completion_logprobs(c.token_ids, c.logprobs, 0) if with_logprobs else None
+                ),
+                finish_reason=c.finish_reason,
+                stop_reason=c.stop_reason,
+            )
+            for i, c in enumerate(choices)
+        ],
+        usage=usage,
+    )
 
 
 def _completion_prompts(req: CompletionRequest) -> list[str | list[int]]:
@@ -125,7 +148,7 @@ def _completion_prompts(req: CompletionRequest) -> list[str | list[int]]:
     return prompts
 
 
-def _tokenize(engine: LLMEngine, prompts: list[str | list[int]]) -> list[str | list[int]]:
+def tokenize(engine: LLMEngine, prompts: list[str | list[int]]) -> list[str | list[int]]:
     """Text prompts as token ids, as the engine would encode them (special tokens added)."""
     return [engine.tokenizer.encode_unlocked(p) if isinstance(p, str) else p for p in prompts]
 
