@@ -4,10 +4,13 @@ run a model never import torch."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import json
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
@@ -21,6 +24,17 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         nargs="?",
         default=d.model,
         help="HF folder, GGUF file, or a bundled model (default: smollm2)",
+    )
+    p.add_argument(
+        "--revision",
+        default=None,
+        help="with a Hub model (org/repo): the branch, tag or commit (default: main)",
+    )
+    p.add_argument(
+        "--download-dir",
+        default=None,
+        help="with a Hub model: the Hugging Face cache to download into (default: HF_HOME's); "
+        "with an s3:// or pvc:// model: the folder (default: ~/.cache/kvpilot/models/...)",
     )
     p.add_argument("--dtype", default=d.dtype, choices=["auto", "float32", "float16", "bfloat16"])
     p.add_argument("--device", default=d.device, help="auto, cpu or cuda[:N]")
@@ -81,9 +95,50 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def fetch_model(ns: argparse.Namespace) -> None:
+    """A model that is not here (a Hub repo id `org/repo`, or an hf://, s3:// or pvc:// URI) is
+    downloaded first, as vLLM does, and `ns.model` becomes the local folder; the served name
+    stays what the user wrote."""
+    from kvpilot_engine.contracts import BUNDLED_ALIASES, BUNDLED_MODELS
+
+    model = ns.model
+    if (
+        not model
+        or os.path.exists(os.path.expanduser(model))
+        or BUNDLED_ALIASES.get(model.lower(), model.lower()) in BUNDLED_MODELS
+    ):
+        return
+    from kvpilot_engine.sources import REPO_ID, SourceError, download, parse_uri
+
+    revision = getattr(ns, "revision", None)
+    download_dir = getattr(ns, "download_dir", None)
+    try:
+        if "://" not in model and "/" in model and REPO_ID.match(model):
+            model = f"hf://{model}"
+        if model.startswith("hf://"):
+            from kvpilot_engine.sources.hub import snapshot_to_cache
+
+            src = parse_uri(model)
+            path = str(snapshot_to_cache(src.location, revision or src.revision, download_dir))
+        elif "://" in model:
+            import hashlib
+
+            key = hashlib.sha256(model.encode()).hexdigest()[:16]
+            path = download_dir or os.path.join(os.path.expanduser("~/.cache/kvpilot/models"), key)
+            download(model, path, revision=revision)
+        else:
+            return  # the loader says what is wrong with it
+    except SourceError as e:
+        raise ValueError(f"{e.reason}: {e}") from e
+    if getattr(ns, "served_model_name", "") is None:
+        ns.served_model_name = ns.model
+    ns.model = path
+
+
 def engine_args_from(ns: argparse.Namespace):
     from kvpilot_engine.config import EngineArgs
 
+    fetch_model(ns)
     names = {f.name for f in dataclasses.fields(EngineArgs)}
     return EngineArgs(**{k: v for k, v in vars(ns).items() if k in names})
 
@@ -158,6 +213,25 @@ def cmd_run_batch(ns: argparse.Namespace) -> int:
     from kvpilot_engine.batch.run_batch import main as run_batch_main
 
     return run_batch_main(ns, args)
+
+
+def cmd_download(ns: argparse.Namespace) -> int:
+    from kvpilot_engine.sources import SourceError, download
+    from kvpilot_engine.sources.progress import log_event
+
+    try:
+        fetched = download(ns.uri, ns.dest, revision=ns.revision, log_interval=ns.log_interval)
+    except SourceError as e:
+        # The last line: a failed init container's termination message, read by the operator.
+        log_event("download failed", uri=ns.uri, reason=e.reason, error=f"{e.reason}: {e}")
+        return 1
+    summary = json.dumps(fetched.summary(), sort_keys=True)
+    print(summary)
+    if ns.termination_message_path:
+        # What the pod's status carries to the operator (the resolved revision).
+        with contextlib.suppress(OSError):
+            Path(ns.termination_message_path).write_text(summary)
+    return 0
 
 
 def cmd_bench_throughput(ns: argparse.Namespace) -> int:
@@ -326,6 +400,29 @@ def build_parser() -> argparse.ArgumentParser:
     )
     rb.add_argument("--disable-progress-bar", action="store_true")
     rb.set_defaults(func=cmd_run_batch)
+
+    dl = sub.add_parser(
+        "download",
+        help="fetch a model (hf://org/repo[@rev], s3://bucket/prefix, pvc://claim/path) into "
+        "a folder: pinned, resumable, checksums verified",
+    )
+    dl.add_argument("uri", help="hf://org/repo[@revision], s3://bucket[/prefix], pvc://claim/path")
+    dl.add_argument("dest", help="folder to download into (a second run resumes or reuses it)")
+    dl.add_argument(
+        "--revision",
+        default=None,
+        help="pin: a Hub branch, tag or commit (wins over the URI's @revision), or the "
+        "revision an S3 or PVC download reported (the source must not have changed)",
+    )
+    dl.add_argument(
+        "--log-interval", type=float, default=5.0, help="seconds between progress lines"
+    )
+    dl.add_argument(
+        "--termination-message-path",
+        default=None,
+        help="write the result (JSON: uri, revision, bytes) here too, e.g. /dev/termination-log",
+    )
+    dl.set_defaults(func=cmd_download)
 
     e = sub.add_parser("export", help="write a model (e.g. a GGUF) as a Hugging Face folder")
     e.add_argument("model", help="HF folder, GGUF file, or a bundled model")

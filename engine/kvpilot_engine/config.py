@@ -216,7 +216,9 @@ class EngineArgs:
     seed: int = 0
     # Weight storage: none | int8 | int4 | fp8 | gguf (keep a GGUF file's Q8_0/Q4_0/Q4_1 grids).
     quantization: str = "none"
-    quantization_group_size: int = 128  # int4 groups (shrunk to divide a row if needed)
+    # int4 groups (shrunk to divide a row if needed); None: the source's grid for an already
+    # quantized checkpoint, else 128 (quantization.default_int4_group).
+    quantization_group_size: int | None = None
     # Ranks (processes; one GPU each on CUDA) the model is sharded over.
     tensor_parallel_size: int = 1
 
@@ -236,7 +238,7 @@ class EngineArgs:
                 f"quantization must be one of {', '.join(QUANTIZATIONS)}, got {self.quantization!r}"
             )
         g = self.quantization_group_size
-        if g < 2 or g & (g - 1):
+        if g is not None and (g < 2 or g & (g - 1)):
             raise ValueError(f"quantization_group_size must be a power of two >= 2, got {g}")
         if self.tensor_parallel_size < 1:
             raise ValueError(

@@ -32,12 +32,33 @@ from kvpilot_engine.attention import use_triton
 DEFAULT_INT4_GROUP = 128
 # GGUF tensor types kept on their own grid: type id -> (method, group size).
 GGUF_KEPT = {8: ("int8", 32), 2: ("int4", 32), 3: ("int4", 32)}  # Q8_0, Q4_0, Q4_1
+GGUF_FLOAT_TYPES = {0, 1, 30}  # F32, F16, BF16: every other GGUF type is a quantized grid
+# int4 groups for a checkpoint that is already quantized: every GGUF grid (Q4_0..Q8_0 blocks, the
+# K-quants' sub-blocks) is 32 wide or divides 32, so 32-wide groups never straddle two of its
+# scales. At 128 a second, misaligned grid lands on the first (+31.9% perplexity on SmolLM2's
+# Q4_1 file against +0.03% at 32: docs/benchmarks.md).
+QUANTIZED_SOURCE_INT4_GROUP = 32
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 _INT4_KERNEL_GROUPS = (32, 64, 128, 256)
 
 
 class QuantizationError(ValueError):
     pass
+
+
+def default_int4_group(quant_types: dict[str, int]) -> tuple[int, str]:
+    """The int4 group size when the user sets none, and why: the source's grid when the
+    checkpoint's linear weights are already quantized, else DEFAULT_INT4_GROUP."""
+    linear = [t for name, t in quant_types.items() if ".layers." in name]
+    quantized = [t for t in linear if t not in GGUF_FLOAT_TYPES]
+    if quantized:
+        return (
+            QUANTIZED_SOURCE_INT4_GROUP,
+            f"the checkpoint's weights are already quantized ({len(quantized)} of {len(linear)} "
+            f"layer tensors on GGUF grids): int4 keeps {QUANTIZED_SOURCE_INT4_GROUP}-wide groups "
+            "aligned with them",
+        )
+    return DEFAULT_INT4_GROUP, "float checkpoint"
 
 
 def int4_group_size(in_features: int, wanted: int) -> int:

@@ -40,6 +40,7 @@ from kvpilot_engine.parallel import Parallel
 from kvpilot_engine.quantization import (
     QuantizationError,
     check_supported,
+    default_int4_group,
     quantize_model,
     weight_bytes,
 )
@@ -183,8 +184,15 @@ def load_model(
             "quantization 'gguf' keeps a GGUF file's quantized tensors; "
             f"{ckpt.path} is not a GGUF file (use int8, int4 or fp8)"
         )
+    group = args.quantization_group_size
+    if group is None:
+        group, why = default_int4_group(ckpt.quant_types())
+        if method == "int4" and parallel.rank == 0:
+            logger.info(
+                "int4 group size %d: %s (--quantization-group-size overrides)", group, why
+            )
     # After sharding: each rank quantizes only its own slice.
-    quantized = quantize_model(model, method, args.quantization_group_size, ckpt.quant_types())
+    quantized = quantize_model(model, method, group, ckpt.quant_types())
     return model.eval(), quantized
 
 
