@@ -16,6 +16,7 @@ import sysconfig
 from pathlib import Path
 
 import pytest
+import tomllib
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -117,13 +118,29 @@ def test_no_import_cycles(package: str) -> None:
     assert cycles(graph) == []
 
 
+def test_every_subpackage_is_in_the_wheel() -> None:
+    """pyproject lists the packages the wheel carries: a new subpackage missing there works in an
+    editable install and is absent from the wheel (and the images)."""
+    listed = set(
+        tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    )
+    found = {
+        ".".join(init.parent.relative_to(base).parts)
+        for package, base in PACKAGES.items()
+        for init in (base / package).rglob("__init__.py")
+    }
+    assert found - listed == set(), "add these to [tool.setuptools] packages in pyproject.toml"
+
+
 def test_module_names_resolve() -> None:
     """The graph above sees the imports it should (a guard against a finder that sees nothing)."""
     found = modules("kvpilot_operator")
     known = set(found)
-    reconcile = imports("kvpilot_operator.controller.reconcile", found[
-        "kvpilot_operator.controller.reconcile"
-    ], known)
+    reconcile = imports(
+        "kvpilot_operator.controller.reconcile",
+        found["kvpilot_operator.controller.reconcile"],
+        known,
+    )
     assert {"kvpilot_operator.api.policies", "kvpilot_operator.rollout.plan"} <= reconcile
 
 
@@ -149,9 +166,7 @@ def test_an_installed_wheel_works_without_a_checkout(tmp_path: Path) -> None:
     (wheel,) = wheels.glob("kvpilot-*.whl")
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
-    site = Path(
-        sysconfig.get_path("purelib", vars={"base": str(venv), "platbase": str(venv)})
-    )
+    site = Path(sysconfig.get_path("purelib", vars={"base": str(venv), "platbase": str(venv)}))
     # This environment's dependencies, but not its editable kvpilot (a .pth line adds a path; the
     # editable hook is itself a .pth file in that folder, which Python does not process).
     (site / "deps.pth").write_text(sysconfig.get_path("purelib") + "\n")
