@@ -85,7 +85,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         "--quantization-group-size",
         type=int,
         default=d.quantization_group_size,
-        help="int4 group size along the input dimension (default 128)",
+        help="int4 group size along the input dimension (default: 32 when the checkpoint is "
+        "already quantized, keeping its grid; else 128)",
     )
     p.add_argument(
         "--tensor-parallel-size",
@@ -208,13 +209,6 @@ def cmd_serve(ns: argparse.Namespace) -> int:
     )
 
 
-def cmd_run_batch(ns: argparse.Namespace) -> int:
-    args = engine_args_from(ns)
-    from kvpilot_engine.batch.run_batch import main as run_batch_main
-
-    return run_batch_main(ns, args)
-
-
 def cmd_download(ns: argparse.Namespace) -> int:
     from kvpilot_engine.sources import SourceError, download
     from kvpilot_engine.sources.progress import log_event
@@ -232,6 +226,13 @@ def cmd_download(ns: argparse.Namespace) -> int:
         with contextlib.suppress(OSError):
             Path(ns.termination_message_path).write_text(summary)
     return 0
+
+
+def cmd_run_batch(ns: argparse.Namespace) -> int:
+    args = engine_args_from(ns)
+    from kvpilot_engine.batch.run_batch import main as run_batch_main
+
+    return run_batch_main(ns, args)
 
 
 def cmd_bench_throughput(ns: argparse.Namespace) -> int:

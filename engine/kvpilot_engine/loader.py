@@ -1,6 +1,7 @@
 """Finding and reading checkpoints: a Hugging Face folder or a GGUF file, and bundled aliases.
 
-kvpilot never downloads: a model is a local path or a model bundled in an installed package.
+A model here is a local path or a model bundled in an installed package; `kvpilot serve org/repo`
+and `kvpilot download` fetch others first (kvpilot_engine.sources).
 Every reader yields HF-named float tensors, so the model has one weight-loading path.
 """
 
@@ -42,8 +43,17 @@ def resolve_model_path(model: str) -> Path:
     if not path.exists():
         raise FileNotFoundError(
             f"model {model!r} is neither a local path nor a bundled model "
-            f"({', '.join(BUNDLED_MODELS)}); kvpilot does not download models"
+            f"({', '.join(BUNDLED_MODELS)}); `kvpilot serve` downloads a Hub model named org/repo "
+            "or an hf://, s3:// or pvc:// URI"
         )
+    if path.is_dir() and not (path / "config.json").exists():
+        # A downloaded GGUF repo or bucket prefix: its one GGUF file is the model.
+        ggufs = sorted(path.rglob("*.gguf"))
+        if len(ggufs) > 1:
+            names = ", ".join(str(g.relative_to(path)) for g in ggufs)
+            raise FileNotFoundError(f"{path} holds several GGUF files ({names}); name one")
+        if ggufs:
+            return ggufs[0]
     return path
 
 
