@@ -587,6 +587,9 @@ def add_router_commands(sub: Any, bench: Any) -> None:
     r.add_argument("--shadow-timeout", type=float, default=120.0, help="per mirrored request")
     r.add_argument("--shadow-max-concurrency", type=int, default=64, help="beyond: dropped_busy")
     r.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    from kvpilot_operator.router.batch.api import add_batch_args
+
+    add_batch_args(r)
     r.set_defaults(func=cmd_router)
 
     b = bench.add_parser(

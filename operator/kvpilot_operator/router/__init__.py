@@ -8,7 +8,8 @@ ConfigMap `<service>-router` and the service's ready pods.
 
 Modules: `config` (the route JSON), `table` (routing state and choices), `admission` (bounded
 in-flight and queue), `sse` (events and generated text), `discovery` (sources and load scraping),
-`metrics`, `shadow`, `proxy` (the ASGI app), `server` (`run_router`), `bench`.
+`metrics`, `shadow`, `proxy` (the ASGI app), `server` (`run_router`), `bench`, and `batch`
+(OpenAI's Batch API, run through the proxy at low priority; a package of its own).
 No torch here, and nothing from the engine but its torch-free `contracts` (the histogram
-buckets) and `server.logs` (the one structlog setup).
+buckets), `server.logs` (the one structlog setup) and `batch.protocol` (the batch file format).
 """

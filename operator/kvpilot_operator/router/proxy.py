@@ -38,6 +38,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from kvpilot_operator.router.admission import Admission, Rejected
+from kvpilot_operator.router.batch.api import BatchService, BatchSettings
 from kvpilot_operator.router.discovery import Snapshot, Source, follow, scrape_loop
 from kvpilot_operator.router.metrics import RouterMetrics
 from kvpilot_operator.router.shadow import (
@@ -93,6 +94,7 @@ class ProxySettings:
     scrape_interval: float = 2.0
     shadow_timeout: float = DEFAULT_SHADOW_TIMEOUT
     shadow_concurrency: int = DEFAULT_SHADOW_CONCURRENCY
+    batch: BatchSettings | None = None  # the Batch API, when it has somewhere to keep files
 
 
 def _unavailable(body: bytes) -> bool:
@@ -239,6 +241,9 @@ class Router:
             self._upstream_auth = [(b"authorization", bearer)]
         self._tasks: list[asyncio.Task[None]] = []
         self._applied: Snapshot | None = None
+        self.batch = (
+            BatchService(settings.batch, self.metrics.registry, self) if settings.batch else None
+        )
 
     # ---- routes and lifecycle -------------------------------------------------------------------
     def apply(self, snap: Snapshot) -> None:
@@ -280,9 +285,13 @@ class Router:
         self._tasks.append(
             asyncio.create_task(scrape_loop(self.table, self.client, s.scrape_interval))
         )
+        if self.batch is not None:
+            self.batch.start()
         try:
             yield
         finally:
+            if self.batch is not None:
+                await self.batch.aclose()
             for task in self._tasks:
                 task.cancel()
             await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -298,6 +307,7 @@ class Router:
             Route("/ready", self.ready, methods=["GET"]),
             Route("/metrics", self.prometheus, methods=["GET"]),
             Route("/router/state", self.state, methods=["GET"]),
+            *(self.batch.routes() if self.batch is not None else ()),
         ]
         return Starlette(routes=routes, lifespan=self.lifespan)
 
@@ -366,7 +376,10 @@ class Router:
 
     # ---- auth and ids -------------------------------------------------------------------------
     def _priority(self, scope: Scope) -> int | None:
-        """The caller's priority, by its API key's tier; None for a caller without a valid key."""
+        """The caller's priority, by its API key's tier; None for a caller without a valid key.
+        The Batch API's own requests (in-process, never from a client) carry theirs."""
+        if "kvpilot.priority" in scope:
+            return int(scope["kvpilot.priority"])
         if not self._keys:
             return self.settings.default_priority
         value = dict(scope["headers"]).get(b"authorization", b"")

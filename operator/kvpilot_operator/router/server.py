@@ -9,6 +9,7 @@ import structlog
 import uvicorn
 from kvpilot_engine.server.logs import configure_logging
 
+from kvpilot_operator.router.batch.api import batch_settings
 from kvpilot_operator.router.discovery import KubernetesSource, Snapshot, Source, StaticSource
 from kvpilot_operator.router.proxy import ProxySettings, Router
 from kvpilot_operator.router.table import RouteTable
@@ -63,6 +64,7 @@ def settings_from(ns: argparse.Namespace) -> ProxySettings:
         scrape_interval=ns.scrape_interval,
         shadow_timeout=ns.shadow_timeout,
         shadow_concurrency=ns.shadow_max_concurrency,
+        batch=batch_settings(ns),
     )
 
 

@@ -1,0 +1,194 @@
+"""OpenAI's Batch API on `kvpilot router`, driven by the official `openai` client against real
+engines: upload, create, poll, download; answers equal to the same requests sent one by one; a
+router killed mid-batch and started again on the same directory loses and repeats nothing; cancel
+stops the work and reports its counts; bad files are refused or fail whole, with their lines
+named."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+from openai.types import Batch
+
+from tests.support.engine import MODEL, Server
+from tests.support.router import Router, routes, run_router, value
+
+pytestmark = pytest.mark.slow
+
+
+def _client(router: Router) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{router.url}/v1", api_key="none", max_retries=0)
+
+
+def _chat_lines(n: int, max_tokens: int, prefix: str = "q") -> list[dict]:
+    return [
+        {
+            "custom_id": f"{prefix}-{i}",
+            "method": "POST",
+            "url": "/v1/chat/completions",
+            "body": {
+                "model": MODEL,
+                "messages": [{"role": "user", "content": f"Name a colour, number {i}."}],
+                "max_tokens": max_tokens,
+                "temperature": 0,
+            },
+        }
+        for i in range(n)
+    ]
+
+
+def _jsonl(lines: list[dict]) -> bytes:
+    return "\n".join(json.dumps(x) for x in lines).encode() + b"\n"
+
+
+def _wait(what: str, check: Callable[[], bool], timeout: float = 180.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.2)
+
+
+def test_batch_survives_a_router_killed_mid_batch(
+    slow_engine: Server, engine_a: Server, tmp_path: Path
+) -> None:
+    lines = _chat_lines(20, max_tokens=5)
+    store = tmp_path / "batches"
+    flags = ("--batch-dir", str(store), "--batch-max-in-flight", "4")
+    doc = routes({"stable": (100, [slow_engine.url])})
+    with run_router(tmp_path, doc, *flags) as router:
+        client = _client(router)
+        f = client.files.create(file=("requests.jsonl", _jsonl(lines)), purpose="batch")
+        assert f.purpose == "batch" and f.bytes == len(_jsonl(lines))
+        assert client.files.retrieve(f.id).filename == "requests.jsonl"
+        assert client.files.content(f.id).content == _jsonl(lines)
+        batch = client.batches.create(
+            input_file_id=f.id,
+            endpoint="/v1/chat/completions",
+            completion_window="24h",
+            metadata={"job": "colours"},
+        )
+        assert batch.status == "in_progress" and batch.request_counts.total == len(lines)
+        _wait(
+            "a few answers", lambda: client.batches.retrieve(batch.id).request_counts.completed >= 4
+        )
+        router.proc.kill()  # no drain: requests in flight are lost with the process
+        router.proc.wait(10)
+        before = len((store / "batches" / f"{batch.id}.output.jsonl").read_text().splitlines())
+        assert 4 <= before < len(lines)
+
+    with run_router(tmp_path, doc, *flags) as router:
+        client = _client(router)
+
+        def done() -> bool:
+            return client.batches.retrieve(batch.id).status == "completed"
+
+        _wait("the batch to finish after the restart", done)
+        batch = client.batches.retrieve(batch.id)
+        assert batch.request_counts.completed == len(lines) and batch.request_counts.failed == 0
+        assert batch.error_file_id is None and batch.metadata == {"job": "colours"}
+        assert [b.id for b in client.batches.list()] == [batch.id]
+        out = [json.loads(x) for x in client.files.content(batch.output_file_id).text.splitlines()]
+        m = router.metrics()
+        assert (
+            value(m, "kvpilot_batch_requests_finished_total", result="completed")
+            == len(lines) - before
+        )
+        assert value(m, "kvpilot_batch_tokens_total", kind="completion") > 0
+
+    ids = [r["custom_id"] for r in out]
+    assert sorted(ids) == sorted(x["custom_id"] for x in lines)  # each exactly once
+    got = {r["custom_id"]: r["response"] for r in out}
+    with httpx.Client(base_url=engine_a.url, timeout=60) as direct:  # the oracle: one by one
+        for line in lines:
+            want = direct.post(line["url"], json=line["body"]).json()
+            resp = got[line["custom_id"]]
+            assert resp["status_code"] == 200
+            have = resp["body"]["choices"][0]["message"]["content"]
+            assert have == want["choices"][0]["message"]["content"], line
+
+
+def test_cancel_bad_files_and_refused_lines(slow_engine: Server, tmp_path: Path) -> None:
+    flags = ("--batch-dir", str(tmp_path / "b"), "--batch-max-in-flight", "2",
+             "--batch-max-file-bytes", "20000")  # fmt: skip
+    with run_router(tmp_path, routes({"stable": (100, [slow_engine.url])}), *flags) as router:
+        client = _client(router)
+
+        def create(data: bytes, endpoint: str = "/v1/chat/completions") -> Batch:
+            f = client.files.create(file=("in.jsonl", data), purpose="batch")
+            return client.batches.create(
+                input_file_id=f.id,
+                endpoint=endpoint,  # type: ignore[arg-type]
+                completion_window="24h",
+            )
+
+        # A file that cannot run fails whole, naming its lines; nothing of it is sent.
+        good = _chat_lines(2, 2)
+        other = {**good[1], "custom_id": "x", "url": "/v1/completions"}
+        cases = {
+            "invalid_json": b"{nope\n" + _jsonl(good),
+            "duplicate_custom_id": _jsonl([*good, good[0]]),
+            "invalid_url": _jsonl([*good, {**good[0], "custom_id": "e", "url": "/v1/embeddings"}]),
+            "mismatched_endpoint": _jsonl([*good, other]),
+            "mismatched_model": _jsonl([*good, {**good[0], "custom_id": "m",
+                                                "body": {**good[0]["body"], "model": "gpt-4o"}}]),
+            "empty_file": b"\n",
+        }  # fmt: skip
+        for code, data in cases.items():
+            b = create(data)
+            assert b.status == "failed" and b.errors is not None, code
+            assert code in [e.code for e in b.errors.data], (code, b.errors)
+        dup = create(cases["duplicate_custom_id"])
+        assert dup.errors is not None and dup.errors.data[0].line == 3
+        with pytest.raises(openai.APIStatusError) as e:
+            client.files.create(file=("big.jsonl", b"x" * 30000), purpose="batch")
+        assert e.value.status_code == 413
+        with pytest.raises(openai.BadRequestError):
+            client.files.create(file=("in.jsonl", _jsonl(good)), purpose="fine-tune")
+        with pytest.raises(openai.NotFoundError):
+            client.batches.create(
+                input_file_id="file-none", endpoint="/v1/chat/completions", completion_window="24h"
+            )
+        with pytest.raises(openai.BadRequestError):
+            create(_jsonl(good), endpoint="/v1/embeddings")
+        with pytest.raises(openai.NotFoundError):
+            client.batches.retrieve("batch_none")
+
+        # A request the engine refuses is a line in the error file; the others run.
+        refused = {**good[1], "body": {**good[1]["body"], "temperature": "hot"}}
+        b = create(_jsonl([good[0], refused]))
+        _wait("the small batch", lambda: client.batches.retrieve(b.id).status == "completed")
+        b = client.batches.retrieve(b.id)
+        assert (b.request_counts.completed, b.request_counts.failed) == (1, 1)
+        (err,) = [json.loads(x) for x in client.files.content(b.error_file_id).text.splitlines()]
+        assert err["custom_id"] == "q-1" and err["response"]["status_code"] == 400
+        assert err["response"]["body"]["error"]["param"] == "temperature"
+
+        # Cancel: the work stops, the counts say how far it got, the answers so far are kept.
+        many = create(_jsonl(_chat_lines(30, max_tokens=8, prefix="c")))
+        _wait("an answer", lambda: client.batches.retrieve(many.id).request_counts.completed >= 1)
+        assert client.batches.cancel(many.id).status == "cancelling"
+        _wait("the cancel", lambda: client.batches.retrieve(many.id).status == "cancelled", 60)
+        many = client.batches.retrieve(many.id)
+        n = many.request_counts.completed
+        assert 1 <= n < 30 and many.cancelled_at is not None
+        time.sleep(2)  # nothing more arrives
+        assert client.batches.retrieve(many.id).request_counts.completed == n
+        text = client.files.content(many.output_file_id).text
+        assert len(text.splitlines()) == n
+        with pytest.raises(openai.APIStatusError) as e:
+            client.batches.cancel(b.id)  # completed
+        assert e.value.status_code == 409
+    # Behind the router's key, like the generation routes.
+    doc = routes({"stable": (100, [slow_engine.url])})
+    with (
+        run_router(tmp_path, doc, *flags, "--api-key", "k") as router,
+        pytest.raises(openai.AuthenticationError),
+    ):
+        _client(router).batches.list()
