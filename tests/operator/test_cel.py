@@ -26,7 +26,7 @@ CAUGHT_BY_CEL = {
     "absolute pvc path", "pvc path escapes", "fp8 without gpu", "pipeline", "tensor vs gpus",
     "extra --port", "extra --host=", "extra --model", "extra duplicates a field",
     "toleration Exists with a value", "toleration seconds without NoExecute", "min over max",
-    "canary steps decrease", "canary steps repeat",
+    "canary steps decrease", "canary steps repeat", "uri and path", "secret without uri",
 }  # fmt: skip
 
 

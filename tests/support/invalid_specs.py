@@ -32,6 +32,17 @@ CASES: list[tuple[str, dict[str, Any], str]] = [
         "spec.model.source.path",
     ),
     ("empty claim", {"model": {"source": {"pvc": {"claimName": ""}}}}, "claimName"),
+    ("unknown source scheme", {"model": {"source": {"uri": "gs://b/m"}}}, "spec.model.source.uri"),
+    (
+        "uri and path",
+        {"model": {"source": {"uri": "s3://models/m", "path": "m"}}},
+        "spec.model.source",
+    ),
+    (
+        "secret without uri",
+        {"model": {"source": {"path": "m", "secretName": "creds"}}},
+        "spec.model.source",
+    ),
     # --- policy
     ("policy name", {"policy": "Interactive_Chat"}, "spec.policy"),
     ("missing policy", {"policy": "no-such-policy"}, "spec.policy"),

@@ -19,6 +19,7 @@ No torch here: the download init container and `kvpilot download` stay light.
 
 from __future__ import annotations
 
+import fcntl
 import json
 from pathlib import Path
 
@@ -56,11 +57,19 @@ def download(
     `revision` pins what the URI may resolve to (a Hub commit, branch or tag; an S3 or PVC
     listing hash a previous download reported): a source that has moved on is a
     RevisionMismatch, not other weights."""
-    from kvpilot_engine.sources.progress import Progress
-
     src = parse_uri(uri)
     out = Path(dest)
     out.mkdir(parents=True, exist_ok=True)
+    # Replicas sharing a cache (a ReadWriteMany claim) take turns: the first downloads, the
+    # others then find its manifest and reuse the files.
+    with (out / ".kvpilot-lock").open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _download(src, out, revision, log_interval)
+
+
+def _download(src: SourceURI, out: Path, revision: str | None, log_interval: float) -> Fetched:
+    from kvpilot_engine.sources.progress import Progress
+
     progress = Progress(str(src), out, interval=log_interval)
     if src.scheme == "hf":
         from kvpilot_engine.sources.hub import fetch_hub

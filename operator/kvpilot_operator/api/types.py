@@ -60,6 +60,7 @@ IMAGE_PATTERN = (
 # The `--quantization` methods this release's engine implements (the engine's own list).
 Quantization = Literal[QUANTIZATIONS]  # type: ignore[valid-type]
 
+
 def _quantity(value: int | str) -> int | str:
     if isinstance(value, int) and value < 0:
         raise ValueError("a quantity cannot be negative")
@@ -127,18 +128,38 @@ class PVCSource(_Model):
     claim_name: str = Field(min_length=1, description="PersistentVolumeClaim holding the model.")
 
 
+# A model source URI (kvpilot_engine.sources): the schemes `kvpilot download` fetches, with the
+# same shapes its parser accepts, so an unknown scheme is refused at `kubectl apply`.
+SOURCE_URI_PATTERN = (
+    r"^(hf://([A-Za-z0-9][-\w.]{0,95}/)?[A-Za-z0-9][-\w.]{0,95}(@[-\w./]+)?"
+    r"|s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/.*)?"
+    r"|pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?(/.*)?)$"
+)
+# Only with `uri`: where a download comes from and goes to.
+URI_ONLY = ("secretName", "endpoint", "region", "cache")
+
+
 class ModelSource(_Model):
-    # The API server checks "path or pvc" with this; pydantic with the validator below.
+    # At least one kind (the API server checks it with anyOf; pydantic with the validator
+    # below); not two (CEL on 1.25+, the operator on older clusters).
     model_config = ConfigDict(
         json_schema_extra={
-            "anyOf": [{"required": ["path"]}, {"required": ["pvc"]}],
+            "anyOf": [{"required": ["path"]}, {"required": ["pvc"]}, {"required": ["uri"]}],
             **cel(
                 (
                     "!has(self.pvc) || !has(self.path) || "
                     "(!self.path.startsWith('/') && !self.path.contains('..'))",
                     "spec.model.source.path: with pvc, a path relative to the claim's root "
                     "(no leading / and no ..)",
-                )
+                ),
+                (
+                    "!has(self.uri) || (!has(self.path) && !has(self.pvc))",
+                    "spec.model.source: one kind of source: uri, or path (with or without pvc)",
+                ),
+                (
+                    "has(self.uri) || (" + " && ".join(f"!has(self.{f})" for f in URI_ONLY) + ")",
+                    "spec.model.source: secretName, endpoint, region and cache go with uri",
+                ),
             ),
         }
     )
@@ -154,6 +175,46 @@ class ModelSource(_Model):
             "bundled model name such as `smollm2`. With `pvc`, relative to the volume."
         ),
     )
+    uri: str | None = Field(
+        None,
+        max_length=2048,
+        pattern=SOURCE_URI_PATTERN,
+        description=(
+            "Weights to download before the engine starts (`kvpilot download` in an init "
+            "container, into the model cache): `hf://org/repo[@revision]`, "
+            "`s3://bucket[/prefix]`, or `pvc://claim[/path]` (mounted, not copied). Pin a Hub "
+            "commit (`@<sha>`) so that replicas started later serve the same weights."
+        ),
+    )
+    secret_name: str | None = Field(
+        None,
+        min_length=1,
+        max_length=253,
+        pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$",
+        description=(
+            "Secret in the service's namespace with the download's credentials: `HF_TOKEN` "
+            "for hf://; `AWS_ACCESS_KEY_ID` and `AWS_SECRET_ACCESS_KEY` (and optionally "
+            "`AWS_SESSION_TOKEN`) for s3://. Passed as environment (secretKeyRef) to the "
+            "download container only."
+        ),
+    )
+    endpoint: str | None = Field(
+        None,
+        max_length=2048,
+        pattern=r"^https?://[^\s]+$",
+        description="s3://: an S3-compatible store's endpoint URL (AWS_ENDPOINT_URL), e.g. "
+        "`http://minio.storage:9000`.",
+    )
+    region: str | None = Field(
+        None, max_length=64, pattern=r"^[a-z0-9-]+$", description="s3://: the region (AWS_REGION)."
+    )
+    cache: PVCSource | None = Field(
+        None,
+        description=(
+            "A ReadWriteMany claim the replicas share as the download cache, so a scale-up "
+            "finds the weights there (default: an emptyDir per pod, downloaded by each)."
+        ),
+    )
 
     @field_validator("path")
     @classmethod
@@ -163,11 +224,38 @@ class ModelSource(_Model):
             raise ValueError("with pvc, a path relative to the claim's root (no / first, no ..)")
         return path
 
+    @field_validator("uri")
+    @classmethod
+    def _source_uri(cls, uri: str | None) -> str | None:
+        if uri is not None:
+            from kvpilot_engine.sources.base import SourceError, parse_uri
+
+            try:
+                parse_uri(uri)
+            except SourceError as e:
+                raise ValueError(str(e)) from e
+        return uri
+
     @model_validator(mode="after")
-    def _path_or_pvc(self) -> ModelSource:
-        if self.path is None and self.pvc is None:
-            raise ValueError("model.source needs `path` or `pvc`")
+    def _one_kind(self) -> ModelSource:
+        if self.path is None and self.pvc is None and self.uri is None:
+            raise ValueError("model.source needs `uri`, `path` or `pvc`")
+        if self.uri is not None and (self.path is not None or self.pvc is not None):
+            raise ValueError(
+                "spec.model.source: one kind of source: uri, or path (with or without pvc)"
+            )
+        if self.uri is None:
+            stray = [f for f in URI_ONLY if getattr(self, _snake(f)) is not None]
+            if stray:
+                raise ValueError(
+                    f"spec.model.source.{stray[0]}: secretName, endpoint, region and cache "
+                    "go with uri"
+                )
         return self
+
+
+def _snake(name: str) -> str:
+    return re.sub(r"([A-Z])", lambda m: "_" + m.group(1).lower(), name)
 
 
 class ModelSpec(_Model):

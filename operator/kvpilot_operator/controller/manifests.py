@@ -33,6 +33,19 @@ from kvpilot_operator.api.names import (
 from kvpilot_operator.api.types import API_VERSION, LLMService, LLMServiceSpec
 
 MODELS_MOUNT = "/models"
+# Where `spec.model.source.uri` downloads go: the init container writes, the engine reads.
+MODEL_CACHE_MOUNT = "/model-cache"
+DOWNLOAD_CONTAINER = "model-download"
+# The download's credentials, by scheme: (env and Secret key, optional).
+SOURCE_SECRET_KEYS: dict[str, list[tuple[str, bool]]] = {
+    "hf": [("HF_TOKEN", False)],
+    "s3": [
+        ("AWS_ACCESS_KEY_ID", False),
+        ("AWS_SECRET_ACCESS_KEY", False),
+        ("AWS_SESSION_TOKEN", True),
+    ],
+}
+DOWNLOAD_RESOURCES = {"requests": {"cpu": "250m", "memory": "512Mi"}, "limits": {"memory": "2Gi"}}
 DEFAULT_ENGINE_IMAGE = f"kvpilot/engine:{__version__}"
 # The router ships in the operator's image (no torch in it).
 DEFAULT_ROUTER_IMAGE = f"kvpilot/operator:{__version__}"
@@ -72,6 +85,8 @@ def revision_of(svc: LLMService, spec: LLMServiceSpec, salt: str = "") -> str:
         "pvc": spec.model.source.pvc.claim_name if spec.model.source.pvc else None,
         "salt": salt,
     }
+    if spec.model.source.uri is not None:  # only then: other services' revisions stay as they were
+        serving["source"] = spec.model.source.model_dump(mode="json", exclude_none=True)
     return hashlib.sha256(json.dumps(serving, sort_keys=True).encode()).hexdigest()[:10]
 
 
@@ -130,7 +145,8 @@ def check_servable(spec: LLMServiceSpec) -> None:
             f"spec.parallelism.tensor ({spec.parallelism.tensor}) must equal "
             f"spec.resources.gpu.count ({gpus}): one GPU per tensor-parallel rank"
         )
-    bundled = bundled_name(model_path(spec)) if spec.model.source.pvc is None else None
+    from_path = spec.model.source.pvc is None and spec.model.source.uri is None
+    bundled = bundled_name(model_path(spec)) if from_path else None
     tensor = spec.parallelism.tensor
     if bundled is not None and tensor > BUNDLED_KV_HEADS[bundled]:
         problems.append(
@@ -139,7 +155,12 @@ def check_servable(spec: LLMServiceSpec) -> None:
         )
     if spec.quantization == "fp8" and not gpus:
         problems.append("spec.quantization fp8 needs a Hopper GPU: set spec.resources.gpu.count")
-    elif spec.quantization == "gguf" and not _is_gguf(model_path(spec)):
+    elif (
+        spec.quantization == "gguf"
+        and not _is_gguf(model_path(spec))
+        # A download's files are known once it ran (the engine says if none is a GGUF).
+        and download_uri(spec) is None
+    ):
         problems.append(
             f"spec.quantization gguf keeps a GGUF file's quantized tensors, but the model "
             f"{model_path(spec)!r} is not a .gguf file; use int8 or int4 for other checkpoints"
@@ -165,12 +186,40 @@ def desired_replicas(spec: LLMServiceSpec) -> int:
     return max(low, min(high, wanted))
 
 
+def model_claim(spec: LLMServiceSpec) -> tuple[str, str] | None:
+    """(claim, path in it) of a model served from a PersistentVolumeClaim: `pvc` with `path`,
+    or a `pvc://claim/path` URI (mounted as it is, not copied)."""
+    source = spec.model.source
+    if source.pvc is not None:
+        return source.pvc.claim_name, source.path or ""
+    if source.uri is not None and source.uri.startswith("pvc://"):
+        claim, _, path = source.uri.removeprefix("pvc://").strip("/").partition("/")
+        return claim, path
+    return None
+
+
+def download_uri(spec: LLMServiceSpec) -> str | None:
+    """The URI an init container downloads before the engine starts (hf://, s3://), or None."""
+    uri = spec.model.source.uri
+    return uri if uri is not None and not uri.startswith("pvc://") else None
+
+
+def cache_dir(uri: str) -> str:
+    """The download's folder in the model cache: one per URI, so a shared cache holds several
+    models and a changed URI never reuses another's files."""
+    return f"{MODEL_CACHE_MOUNT}/{hashlib.sha256(uri.encode()).hexdigest()[:16]}"
+
+
 def model_path(spec: LLMServiceSpec) -> str:
     source = spec.model.source
-    if source.pvc is None:
+    uri = download_uri(spec)
+    if uri is not None:
+        return cache_dir(uri)
+    claim = model_claim(spec)
+    if claim is None:
         assert source.path is not None
         return source.path
-    return f"{MODELS_MOUNT}/{(source.path or '').lstrip('/')}".rstrip("/")
+    return f"{MODELS_MOUNT}/{claim[1].lstrip('/')}".rstrip("/")
 
 
 def _is_gguf(path: str) -> bool:
@@ -348,17 +397,20 @@ def deployment(
     drain = (spec.engine.drain_timeout_seconds if spec.engine else None) or DEFAULT_DRAIN_SECONDS
     volumes: list[dict[str, Any]] = [{"name": "tmp", "emptyDir": {}}]
     mounts: list[dict[str, Any]] = [{"name": "tmp", "mountPath": "/tmp"}]
-    if spec.model.source.pvc is not None:
+    claim = model_claim(spec)
+    if claim is not None:
         volumes.append(
             {
                 "name": "models",
-                "persistentVolumeClaim": {
-                    "claimName": spec.model.source.pvc.claim_name,
-                    "readOnly": True,
-                },
+                "persistentVolumeClaim": {"claimName": claim[0], "readOnly": True},
             }
         )
         mounts.append({"name": "models", "mountPath": MODELS_MOUNT, "readOnly": True})
+    init_containers: list[dict[str, Any]] = []
+    if download_uri(spec) is not None:
+        volumes.append(_model_cache_volume(spec))
+        mounts.append({"name": "model-cache", "mountPath": MODEL_CACHE_MOUNT, "readOnly": True})
+        init_containers.append(download_container(spec, opts))
     if spec.parallelism.tensor > 1:
         shm = {"medium": "Memory", "sizeLimit": SHM_SIZE_LIMIT}
         volumes.append({"name": "dshm", "emptyDir": shm})
@@ -391,6 +443,7 @@ def deployment(
         "terminationMessagePolicy": "FallbackToLogsOnError",
     }
     pod_spec: dict[str, Any] = {
+        **({"initContainers": init_containers} if init_containers else {}),
         "containers": [container],
         "volumes": volumes,
         "securityContext": POD_SECURITY,
@@ -438,6 +491,57 @@ def deployment(
                 "spec": pod_spec,
             },
         },
+    }
+
+
+def _model_cache_volume(spec: LLMServiceSpec) -> dict[str, Any]:
+    cache = spec.model.source.cache
+    if cache is not None:  # ReadWriteMany, shared: a scale-up finds the weights downloaded
+        return {"name": "model-cache", "persistentVolumeClaim": {"claimName": cache.claim_name}}
+    return {"name": "model-cache", "emptyDir": {}}
+
+
+def download_container(spec: LLMServiceSpec, opts: RenderOptions) -> dict[str, Any]:
+    """The init container that fetches spec.model.source.uri into the model cache: `kvpilot
+    download` from the engine image, credentials from the named Secret by reference (the
+    operator never reads Secrets), its result (the pinned revision) in the termination message
+    and, when it fails, its last log line (the reason)."""
+    source = spec.model.source
+    uri = download_uri(spec)
+    assert uri is not None
+    env: list[dict[str, Any]] = [
+        {"name": "HOME", "value": "/tmp"},
+        {"name": "PYTHONUNBUFFERED", "value": "1"},
+    ]
+    if source.endpoint:
+        env.append({"name": "AWS_ENDPOINT_URL", "value": source.endpoint})
+    if source.region:
+        env.append({"name": "AWS_REGION", "value": source.region})
+    if source.secret_name:
+        for key, optional in SOURCE_SECRET_KEYS.get(uri.split("://", 1)[0], []):
+            ref = {"name": source.secret_name, "key": key}
+            if optional:
+                ref["optional"] = True
+            env.append({"name": key, "valueFrom": {"secretKeyRef": ref}})
+    return {
+        "name": DOWNLOAD_CONTAINER,
+        "image": spec.image or opts.engine_image,
+        "command": ["kvpilot", "download"],
+        "args": [
+            uri,
+            cache_dir(uri),
+            "--termination-message-path",
+            "/dev/termination-log",
+        ],
+        "env": env,
+        "resources": DOWNLOAD_RESOURCES,
+        "volumeMounts": [
+            {"name": "tmp", "mountPath": "/tmp"},
+            {"name": "model-cache", "mountPath": MODEL_CACHE_MOUNT},
+        ],
+        "securityContext": CONTAINER_SECURITY,
+        "terminationMessagePath": "/dev/termination-log",
+        "terminationMessagePolicy": "FallbackToLogsOnError",
     }
 
 

@@ -61,15 +61,25 @@ def engine_failure(pods: list[dict[str, Any]]) -> str | None:
     termination message, an image that cannot be pulled, a crash loop), or None."""
     for pod in pods:
         name = pod["metadata"]["name"]
-        for cs in (pod.get("status") or {}).get("containerStatuses") or []:
+        status = pod.get("status") or {}
+        # Init containers first: the model download (spec.model.source.uri) runs before the
+        # engine, and a failed one is why the engine never starts.
+        statuses = [
+            *(status.get("initContainerStatuses") or []),
+            *(status.get("containerStatuses") or []),
+        ]
+        for cs in statuses:
+            what = f"engine pod {name}"
+            if cs.get("name") == "model-download":
+                what = f"model download in engine pod {name}"
             for state in (cs.get("state") or {}, cs.get("lastState") or {}):
                 ended = state.get("terminated") or {}
                 if ended.get("exitCode"):
                     why = _condense(ended.get("message") or "") or ended.get("reason") or "Error"
-                    return f"engine pod {name} exited with code {ended['exitCode']}: {why}"
+                    return f"{what} exited with code {ended['exitCode']}: {why}"
             waiting = (cs.get("state") or {}).get("waiting") or {}
             if waiting.get("reason") in STUCK_WAITING:
-                return f"engine pod {name}: {waiting['reason']}: {waiting.get('message', '')}"
+                return f"{what}: {waiting['reason']}: {waiting.get('message', '')}"
     return None
 
 
