@@ -168,6 +168,17 @@ class BlockManager:
                 self._cached[h] = block.block_id
         seq.num_registered_blocks = num_full
 
+    def trim(self, seq: Sequence, num_tokens: int) -> None:
+        """Free the blocks past the first `num_tokens` tokens' (rejected drafts' slots). They were
+        allocated for uncomputed tokens, so none is registered in the prefix cache."""
+        keep = self.blocks_needed(num_tokens)
+        while len(seq.block_table) > keep:
+            block = self.blocks[seq.block_table.pop()]
+            block.ref_count -= 1
+            if block.ref_count == 0:
+                self._free[block.block_id] = None
+                self._free.move_to_end(block.block_id, last=block.block_hash is not None)
+
     def free(self, seq: Sequence) -> None:
         # Tail first, so a sequence's prefix blocks are the last of its blocks to be evicted.
         for block_id in reversed(seq.block_table):

@@ -94,6 +94,13 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         default=d.tensor_parallel_size,
         help="processes (GPUs on CUDA) to shard the model over",
     )
+    p.add_argument(
+        "--speculative-config",
+        default=None,
+        metavar="JSON",
+        help='speculative decoding, e.g. \'{"method": "ngram", "num_speculative_tokens": 5}\' '
+        '(methods: ngram, suffix, draft_model with "model")',
+    )
 
 
 def fetch_model(ns: argparse.Namespace) -> None:
@@ -186,6 +193,10 @@ def cmd_serve(ns: argparse.Namespace) -> int:
     args = engine_args_from(ns)  # flag errors surface before the server starts
     from kvpilot_engine.server.api_server import run_server
     from kvpilot_engine.server.guard import API_KEY_ENV, GuardSettings
+    from kvpilot_engine.server.tools import ToolSettings
+
+    if ns.enable_auto_tool_choice and not ns.tool_call_parser:
+        raise SystemExit("kvpilot serve: --enable-auto-tool-choice needs --tool-call-parser")
 
     guard = GuardSettings(
         # The environment is how a Secret reaches the pod without showing in its command line.
@@ -206,6 +217,7 @@ def cmd_serve(ns: argparse.Namespace) -> int:
         log_level=ns.log_level,
         inject_step_delay=ns.inject_step_delay,
         guard=guard,
+        tools=ToolSettings(ns.enable_auto_tool_choice, ns.tool_call_parser),
     )
 
 
@@ -370,6 +382,19 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="schedule by the X-KVPilot-Priority header (set by kvpilot router from the caller's "
         "API key; lower first); a request body's `priority` is refused either way",
+    )
+    s.add_argument(
+        "--enable-auto-tool-choice",
+        action="store_true",
+        help='let the model decide when to call tools (tool_choice "auto"); needs '
+        "--tool-call-parser",
+    )
+    s.add_argument(
+        "--tool-call-parser",
+        choices=["hermes", "llama3_json", "mistral"],
+        default=None,
+        help="how the model writes tool calls: hermes (<tool_call> JSON; also the format of "
+        "kvpilot's tool prompt for templates without tool support), llama3_json, mistral",
     )
     s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     s.add_argument(

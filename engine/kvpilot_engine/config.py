@@ -221,8 +221,14 @@ class EngineArgs:
     quantization_group_size: int | None = None
     # Ranks (processes; one GPU each on CUDA) the model is sharded over.
     tensor_parallel_size: int = 1
+    # Speculative decoding: {"method": "ngram" | "suffix" | "draft_model", ...} (a dict, a JSON
+    # string or a SpeculativeConfig; parsed into the last), None for off.
+    speculative_config: Any = None
 
     def __post_init__(self) -> None:
+        from kvpilot_engine.spec_decode.config import SpeculativeConfig
+
+        self.speculative_config = SpeculativeConfig.parse(self.speculative_config)
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a positive power of two, got {self.block_size}")
         if self.max_num_seqs < 1:

@@ -23,6 +23,7 @@ from kvpilot_engine.sampler import SampleResult
 from kvpilot_engine.sampling_params import RequestOutputKind, SamplingParams
 from kvpilot_engine.scheduler import ScheduledSeq, Scheduler, SchedulerOutput
 from kvpilot_engine.sequence import Sequence, SequenceStatus
+from kvpilot_engine.spec_decode import Speculator, make_speculator
 from kvpilot_engine.tokenizer import IncrementalDetokenizer, Tokenizer
 from kvpilot_engine.worker import Worker
 
@@ -107,6 +108,7 @@ class LLMEngine:
             policy=args.scheduling_policy,
             enable_chunked_prefill=args.enable_chunked_prefill,
         )
+        self.speculator: Speculator | None = make_speculator(args, self)
         self.requests: dict[str, _RequestState] = {}
         self._seq_ids = itertools.count()
         self._seqs: dict[int, _RequestState] = {}
@@ -249,6 +251,8 @@ class LLMEngine:
             return
         for seq in self.scheduler.abort(ids):
             self.model_runner.release(seq)
+            if self.speculator is not None:
+                self.speculator.on_finished(seq)
         for rid in ids:
             state = self.requests.pop(rid)
             for s in state.seqs:
@@ -266,6 +270,8 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         outputs, self._pending_outputs = self._pending_outputs, []
         t0 = time.perf_counter()
+        if self.speculator is not None:
+            self.speculator.propose(self.scheduler.running)
         sched = self.scheduler.schedule()
         if sched.is_empty:
             if self.scheduler.has_unfinished() and not self.scheduler.running:
@@ -280,16 +286,23 @@ class LLMEngine:
                 st.metrics.first_scheduled_time = now
                 st.metrics.num_cached_tokens = s.seq.num_cached_tokens
         decode_tokens, prefill_tokens = sched.num_decode_tokens, sched.num_prefill_tokens
+        t_exec = time.perf_counter()
         results = self.model_runner.execute(sched)
+        t_exec = time.perf_counter() - t_exec
         self.scheduler.update(sched)
 
         now = time.monotonic()
         touched: dict[str, _RequestState] = {}
-        for seq_id, result in results.items():
+        for seq_id, tokens in results.items():
             state = self._seqs[seq_id]
             seq_state = next(s for s in state.seqs if s.seq.seq_id == seq_id)
-            self._append_token(state, seq_state, result, now)
+            for result in tokens:  # more than one when drafts were accepted
+                self._append_token(state, seq_state, result, now)
+                if seq_state.seq.is_finished:
+                    break
             touched[state.request_id] = state
+        if self.speculator is not None:
+            self._after_verification(sched, results, t_exec)
         for state in touched.values():
             if state.finished:
                 state.metrics.finished_time = now
@@ -304,6 +317,26 @@ class LLMEngine:
         self.stats.step_decode_tokens = decode_tokens
         self._update_stats(sched, time.perf_counter() - t0)
         return outputs
+
+    def _after_verification(
+        self, sched: SchedulerOutput, results: dict[int, list[SampleResult]], seconds: float
+    ) -> None:
+        """Accepted drafts' K/V were computed in this step: count them computed (and offer their
+        full blocks to the prefix cache); free the blocks only rejected drafts used."""
+        assert self.speculator is not None
+        self.speculator.observe_step(sched.num_batched_tokens, seconds)
+        for s in sched.scheduled:
+            seq, num_drafts = s.seq, len(s.spec_token_ids)
+            seq.spec_token_ids = []
+            if not num_drafts or seq.seq_id not in results:
+                continue
+            accepted = len(results[seq.seq_id]) - 1
+            self.speculator.on_verified(seq, num_drafts, accepted)
+            if seq.is_finished:
+                continue
+            seq.num_computed_tokens += accepted
+            self.block_manager.cache_full_blocks(seq)
+            self.block_manager.trim(seq, len(seq))
 
     def _update_stats(self, sched: SchedulerOutput, step_time: float) -> None:
         st = self.stats
@@ -365,6 +398,8 @@ class LLMEngine:
         if status is not None:
             self.scheduler.finish(seq, status)
             self.model_runner.release(seq)
+            if self.speculator is not None:
+                self.speculator.on_finished(seq)
 
     @staticmethod
     def _find_stop(text: str, old_len: int, params: SamplingParams) -> tuple[int, str] | None:

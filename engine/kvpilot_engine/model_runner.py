@@ -26,6 +26,7 @@ from kvpilot_engine.models.llama import LlamaForCausalLM
 from kvpilot_engine.sampler import Sampler, SampleResult
 from kvpilot_engine.scheduler import SchedulerOutput
 from kvpilot_engine.sequence import Sequence
+from kvpilot_engine.spec_decode.verify import num_accepted, rewind
 from kvpilot_engine.step_input import StepInput
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
@@ -126,16 +127,22 @@ class ModelRunner:
             seq = s.seq
             start = seq.num_computed_tokens
             end = start + s.num_tokens
+            # Drafts follow the sequence's last token as if they were part of it; every row
+            # from that token on is sampled to verify them.
+            num_spec = len(s.spec_token_ids)
+            stop = end + num_spec
             step.input_ids.extend(seq.token_ids[start:end])
-            step.positions.extend(range(start, end))
+            step.input_ids.extend(s.spec_token_ids)
+            step.positions.extend(range(start, stop))
             table = seq.block_table
-            step.slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
-            step.query_start_loc.append(step.query_start_loc[-1] + s.num_tokens)
-            step.context_lens.append(end)
+            step.slots.extend(table[p // bs] * bs + p % bs for p in range(start, stop))
+            step.query_start_loc.append(step.query_start_loc[-1] + stop - start)
+            step.context_lens.append(stop)
             step.block_tables.append(list(table))
-            (step.decode_seqs if s.num_tokens == 1 else step.prefill_seqs).append(i)
+            (step.decode_seqs if stop - start == 1 else step.prefill_seqs).append(i)
             if end == len(seq):
-                step.sample_rows.append(step.query_start_loc[-1] - 1)
+                last = step.query_start_loc[-1]
+                step.sample_rows.extend(range(last - 1 - num_spec, last))
         step.all_rows = all_rows
         return step
 
@@ -192,24 +199,51 @@ class ModelRunner:
             self.broadcast(step)
         return self.run(step)
 
-    def execute(self, out: SchedulerOutput) -> dict[int, SampleResult]:
-        """Run one step; return the sampled token of every sequence whose chunk reached its end."""
+    def execute(self, out: SchedulerOutput) -> dict[int, list[SampleResult]]:
+        """Run one step; return the tokens of every sequence whose chunk reached its end: one
+        sampled token, or with drafts the accepted ones and the token after them."""
         logits = self._run_everywhere(self.build_step(out))
         if logits is None:
             return {}
-        sampling = [
-            s.seq for s in out.scheduled if s.seq.num_computed_tokens + s.num_tokens == len(s.seq)
-        ]
+        sampling = [s for s in out.scheduled if s.samples]
+        # One row per sampled position: a speculating sequence's rows see the drafts before
+        # them as its tokens (penalties count them), and share its generator.
+        params, gens, tokens, prompts = [], [], [], []
+        states: dict[int, torch.Tensor] = {}
+        for s in sampling:
+            seq, spec = s.seq, s.spec_token_ids
+            g = self.generator_for(seq)
+            if spec and g is not None and not seq.sampling_params.greedy:
+                states[seq.seq_id] = g.get_state()
+            for j in range(len(spec) + 1):
+                params.append(seq.sampling_params)
+                gens.append(g)
+                penalized = j and seq.sampling_params.has_penalties
+                tokens.append(seq.token_ids + spec[:j] if penalized else seq.token_ids)
+                prompts.append(seq.num_prompt_tokens)
         with torch.inference_mode():
-            results = self.sampler(
+            rows = self.sampler(
                 logits,
-                [seq.sampling_params for seq in sampling],
-                [self.generator_for(seq) for seq in sampling],
+                params,
+                gens,
                 self.default_generator,
-                token_ids=[seq.token_ids for seq in sampling],
-                num_prompt_tokens=[seq.num_prompt_tokens for seq in sampling],
+                token_ids=tokens,
+                num_prompt_tokens=prompts,
             )
-        return {seq.seq_id: r for seq, r in zip(sampling, results, strict=True)}
+        results: dict[int, list[SampleResult]] = {}
+        row = 0
+        for s in sampling:
+            spec = s.spec_token_ids
+            mine = rows[row : row + len(spec) + 1]
+            row += len(spec) + 1
+            if spec:
+                keep = num_accepted(spec, [r.token_id for r in mine]) + 1
+                mine = mine[:keep]
+                state = states.get(s.seq.seq_id)
+                if state is not None and keep < len(spec) + 1:
+                    rewind(self.generator_for(s.seq), state, keep, logits.shape[-1])
+            results[s.seq.seq_id] = mine
+        return results
 
     def all_logits(self, out: SchedulerOutput) -> torch.Tensor:
         """Logits of every scheduled token, [num_tokens, vocab] (scoring and the oracle tests)."""

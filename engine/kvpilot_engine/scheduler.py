@@ -20,6 +20,8 @@ from kvpilot_engine.sequence import Sequence, SequenceStatus
 class ScheduledSeq:
     seq: Sequence
     num_tokens: int  # tokens of this sequence computed in this step
+    # Drafts scored after them (a decode with speculation); their slots are allocated too.
+    spec_token_ids: list[int] = field(default_factory=list)
 
     @property
     def samples(self) -> bool:
@@ -34,7 +36,11 @@ class SchedulerOutput:
 
     @property
     def num_batched_tokens(self) -> int:
-        return sum(s.num_tokens for s in self.scheduled)
+        return sum(s.num_tokens + len(s.spec_token_ids) for s in self.scheduled)
+
+    @property
+    def num_spec_tokens(self) -> int:
+        return sum(len(s.spec_token_ids) for s in self.scheduled)
 
     @property
     def num_decode_tokens(self) -> int:
@@ -50,7 +56,7 @@ class SchedulerOutput:
 
     @property
     def num_prefill_tokens(self) -> int:
-        return self.num_batched_tokens - self.num_decode_tokens
+        return self.num_batched_tokens - self.num_decode_tokens - self.num_spec_tokens
 
     @property
     def is_empty(self) -> bool:
@@ -111,8 +117,13 @@ class Scheduler:
         while idx < len(self.running) and budget > 0:
             seq = self.running[idx]
             num_new = min(seq.num_uncomputed_tokens, budget)
+            # Drafts only follow a decode, and take what budget is left after it.
+            spec = seq.spec_token_ids[: budget - 1] if seq.num_uncomputed_tokens == 1 else []
             scheduled = True
-            while not bm.allocate_slots(seq, num_new):
+            while not bm.allocate_slots(seq, num_new + len(spec)):
+                if spec:  # drafts are optional: drop them before preempting anyone
+                    spec = []
+                    continue
                 victim = self._pick_victim()
                 self._preempt(victim)
                 out.preempted.append(victim)
@@ -121,8 +132,8 @@ class Scheduler:
                     break
             if not scheduled:
                 break
-            out.scheduled.append(ScheduledSeq(seq, num_new))
-            budget -= num_new
+            out.scheduled.append(ScheduledSeq(seq, num_new, spec))
+            budget -= num_new + len(spec)
             idx += 1
 
         # 2. Waiting sequences, unless this step already had to preempt: the pool is full.
@@ -163,6 +174,7 @@ class Scheduler:
         self.running.remove(seq)
         self.block_manager.free(seq)
         seq.num_computed_tokens = 0
+        seq.spec_token_ids = []
         seq.num_preemptions += 1
         self.num_preemptions += 1
         self.add(seq)

@@ -46,6 +46,9 @@ class Sequence:
     num_preemptions: int = 0
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
+    # Drafts to verify in the coming step (speculative decoding): not in token_ids, which holds
+    # only accepted tokens, so the block hashes and the detokenizer never see a rejected one.
+    spec_token_ids: list[int] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.token_ids)

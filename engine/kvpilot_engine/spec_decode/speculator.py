@@ -1,0 +1,128 @@
+"""Speculator: the engine's side of speculative decoding, between steps.
+
+Before a step it gives each decoding sequence its drafts (`Sequence.spec_token_ids`), as many as
+the adaptive plan finds worth verifying; the scheduler budgets them, the model runner scores and
+verifies them. After the step it is told how many each sequence had accepted, keeps the
+acceptance estimates, the cost model and the counters behind vLLM's spec_decode metrics.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from kvpilot_engine.sequence import Sequence
+from kvpilot_engine.spec_decode.adaptive import AcceptanceEstimate, StepCostModel, plan_drafts
+from kvpilot_engine.spec_decode.config import SpeculativeConfig
+
+
+class Proposer(Protocol):
+    def propose(self, seqs: list[Sequence], num_tokens: list[int]) -> list[list[int]]:
+        """Up to num_tokens[i] drafts to follow seqs[i]'s tokens."""
+        ...
+
+    def finish(self, seq: Sequence) -> None:
+        """`seq` is done (its output can feed later proposals)."""
+        ...
+
+
+@dataclass
+class SpecDecodeStats:
+    """Cumulative, as vLLM's vllm:spec_decode_* counters."""
+
+    num_drafts: int = 0  # verify steps of a sequence with at least one draft
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
+    accepted_per_pos: list[int] = field(default_factory=list)  # [k] accepted at position k
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.num_accepted_tokens / self.num_draft_tokens if self.num_draft_tokens else 0.0
+
+
+class Speculator:
+    def __init__(self, config: SpeculativeConfig, proposer: Proposer, max_model_len: int):
+        self.config = config
+        self.proposer = proposer
+        self.max_model_len = max_model_len
+        self.stats = SpecDecodeStats(accepted_per_pos=[0] * config.num_speculative_tokens)
+        self.cost = StepCostModel()
+        # The engine-wide acceptance, a new sequence's first estimate. Starts optimistic so a
+        # workload gets tried; it falls within a few steps where lookups miss.
+        self.prior = AcceptanceEstimate(accepted=1.0, rejected=1.0, decay=0.95)
+        self._estimates: dict[int, AcceptanceEstimate] = {}
+        self.draft_cost = 0.0  # seconds per draft token to propose (a draft model's steps)
+
+    def _max_drafts(self, seq: Sequence) -> int:
+        if seq.num_uncomputed_tokens != 1 or seq.num_output_tokens == 0:
+            return 0  # a prefill (or a recompute after preemption) is not decoding
+        params = seq.sampling_params
+        left = (params.max_tokens or 0) - seq.num_output_tokens - 1
+        room = self.max_model_len - len(seq) - 1
+        return max(0, min(self.config.num_speculative_tokens, left, room))
+
+    def propose(self, running: list[Sequence], prefill_tokens: int = 0) -> None:
+        """Set every running sequence's drafts for the coming step."""
+        cfg = self.config
+        caps = [self._max_drafts(s) for s in running]
+        decoding = sum(1 for c in caps if c > 0)
+        if not decoding or (cfg.disable_by_batch_size and decoding > cfg.disable_by_batch_size):
+            for s in running:
+                s.spec_token_ids = []
+            return
+        alphas = [self._estimate(s).alpha for s in running]
+        if cfg.adaptive:
+            # Plan before proposing, with every cap available: a draft model's cost is then
+            # only paid for drafts the plan wants.
+            base = sum(1 for s in running if s.num_uncomputed_tokens == 1) + prefill_tokens
+            caps = plan_drafts(caps, alphas, base, self.cost.c0, self.cost.c1, self.draft_cost)
+        idx = [i for i, c in enumerate(caps) if c > 0]
+        drafts = self.proposer.propose([running[i] for i in idx], [caps[i] for i in idx])
+        for s in running:
+            s.spec_token_ids = []
+        for i, d in zip(idx, drafts, strict=True):
+            running[i].spec_token_ids = d[: caps[i]]
+
+    def _estimate(self, seq: Sequence) -> AcceptanceEstimate:
+        est = self._estimates.get(seq.seq_id)
+        if est is None:
+            est = AcceptanceEstimate(self.prior.accepted, self.prior.rejected)
+            # Scale the prior to a couple of observations' weight, so a sequence's own
+            # acceptance takes over quickly.
+            total = est.accepted + est.rejected
+            if total > 0:
+                est.accepted, est.rejected = 2 * est.accepted / total, 2 * est.rejected / total
+            self._estimates[seq.seq_id] = est
+        return est
+
+    def observe_step(self, num_tokens: int, seconds: float) -> None:
+        self.cost.observe(num_tokens, seconds)
+
+    def on_verified(self, seq: Sequence, num_drafts: int, num_accepted: int) -> None:
+        st = self.stats
+        st.num_drafts += 1
+        st.num_draft_tokens += num_drafts
+        st.num_accepted_tokens += num_accepted
+        for pos in range(num_accepted):
+            st.accepted_per_pos[pos] += 1
+        self._estimate(seq).update(num_drafts, num_accepted)
+        self.prior.update(num_drafts, num_accepted)
+
+    def on_finished(self, seq: Sequence) -> None:
+        self._estimates.pop(seq.seq_id, None)
+        self.proposer.finish(seq)
+
+
+class NgramSpeculation:
+    """Proposer adapter for the n-gram lookup (it needs nothing but a sequence's tokens)."""
+
+    def __init__(self, config: SpeculativeConfig):
+        from kvpilot_engine.spec_decode.ngram import NgramProposer
+
+        self.lookup = NgramProposer(config.prompt_lookup_min, config.prompt_lookup_max)
+
+    def propose(self, seqs: list[Sequence], num_tokens: list[int]) -> list[list[int]]:
+        return [self.lookup.propose(s.token_ids, k) for s, k in zip(seqs, num_tokens, strict=True)]
+
+    def finish(self, seq: Sequence) -> None:
+        pass
