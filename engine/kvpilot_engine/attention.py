@@ -9,6 +9,8 @@ tokens already in the cache (its own earlier chunks or prefix-cache hits).
 Cache layout per layer: key and value tensors of shape [num_blocks, block_size, num_kv_heads,
 head_dim]. A token at position p of a sequence lives in slot block_table[p // bs] * bs + p % bs.
 
+Decode rows on CPU go to the C++ kernel of kernels/cpu_decode.py when it is built (it reads the
+blocks in place); this module's gather + SDPA path is its reference and fallback.
 CUDA tensors go to the Triton kernels in kernels/attention.py instead: ModelRunner.prepare then
 fills the metadata's device tensors (query_start_loc_t, seq_lens_t, int32 block tables) and no
 decode groups. `KVPILOT_FORCE_TRITON=1` sends CPU tensors there too, for tests that run the whole
@@ -22,6 +24,8 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+
+from kvpilot_engine.kernels import cpu_decode
 
 
 @dataclass
@@ -56,13 +60,24 @@ class AttentionMetadata:
     seq_lens_t: torch.Tensor | None = None  # int32 [num_seqs]; 0 marks a graph's padding row
     max_query_len: int = 0
     num_splits: int | None = None  # split-K partitions for decode (None: the kernel's choice)
+    # The C++ CPU decode kernel's inputs (kernels/cpu_decode.py), instead of decode groups:
+    # context lengths of every sequence, and the decode sequences with their query rows.
+    cpu_decode: CpuDecodeIndex | None = None
 
     @property
     def num_seqs(self) -> int:
         return len(self.context_lens)
 
 
+@dataclass
+class CpuDecodeIndex:
+    context_lens: torch.Tensor  # [num_seqs] int64
+    seq_ids: torch.Tensor  # [num_decodes] int64
+    rows: torch.Tensor  # [num_decodes] int64 query rows in the flattened batch
+
+
 DECODE_GROUP_SIZE = 16
+CPU_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def use_triton(device: torch.device) -> bool:
@@ -71,10 +86,18 @@ def use_triton(device: torch.device) -> bool:
 
 
 def build_decode_groups(
-    meta: AttentionMetadata, block_size: int, workspace: Workspace
+    meta: AttentionMetadata, block_size: int, workspace: Workspace, cpu_kernel: bool = True
 ) -> list[DecodeGroup]:
     """Sort decode rows by context length and cut them into groups, so padding to the longest
-    context in a group wastes little."""
+    context in a group wastes little. With the C++ CPU kernel there are no groups: it reads the
+    blocks in place, and `meta.cpu_decode` gets its index instead."""
+    if cpu_kernel and workspace.dtype in CPU_KERNEL_DTYPES and cpu_decode.load():
+        meta.cpu_decode = CpuDecodeIndex(
+            context_lens=torch.tensor(meta.context_lens, dtype=torch.long),
+            seq_ids=torch.tensor(meta.decode_seqs, dtype=torch.long),
+            rows=torch.tensor([meta.query_start_loc[i] for i in meta.decode_seqs]),
+        )
+        return []
     order = sorted(meta.decode_seqs, key=lambda i: meta.context_lens[i])
     groups: list[DecodeGroup] = []
     offset = 0
@@ -201,6 +224,12 @@ def paged_attention(
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
         out[start:end] = o.transpose(0, 1)
 
+    if meta.cpu_decode is not None:
+        c = meta.cpu_decode
+        cpu_decode.paged_decode(
+            out, query, key_cache, value_cache, meta.block_tables, c.context_lens, c.seq_ids,
+            c.rows, scale,
+        )  # fmt: skip
     for g in meta.decode_groups:
         batch = g.rows.shape[0]
         torch.index_select(key_cache, 0, g.block_ids, out=g.key_buf)

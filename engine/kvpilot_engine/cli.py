@@ -259,6 +259,12 @@ def cmd_bench_latency(ns: argparse.Namespace) -> int:
     return run_latency_bench(ns, engine_args_from(ns))
 
 
+def cmd_bench_decode_attention(ns: argparse.Namespace) -> int:
+    from kvpilot_engine.bench.decode_attention import run_decode_attention_bench
+
+    return run_decode_attention_bench(ns)
+
+
 def cmd_export(ns: argparse.Namespace) -> int:
     import torch
 
@@ -506,6 +512,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     lat.add_argument("--json", default=None, help="also write the figures to this file")
     lat.set_defaults(func=cmd_bench_latency)
+
+    da = bench.add_parser(
+        "decode-attention", help="CPU decode attention: the C++ kernel vs the PyTorch reference"
+    )
+    from kvpilot_engine.bench.decode_attention import add_arguments as decode_attention_args
+
+    decode_attention_args(da)
+    da.set_defaults(func=cmd_bench_decode_attention)
 
     b = bench.add_parser("serve", help="online load against any OpenAI-compatible server(s)")
     b.add_argument(

@@ -1,4 +1,5 @@
-"""The paged-attention reference against dense causal attention on contiguous K/V."""
+"""Paged attention against dense causal attention on contiguous K/V: the PyTorch reference
+(gather + SDPA) and the C++ CPU decode kernel that reads the blocks in place."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from kvpilot_engine.attention import (
     paged_attention,
     write_kv_cache,
 )
+from kvpilot_engine.kernels import cpu_decode
 
 
 def dense_reference(q, k, v, q_len, scale):
@@ -26,15 +28,22 @@ def dense_reference(q, k, v, q_len, scale):
     return torch.einsum("hqk,khd->qhd", scores.softmax(-1), v)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("heads", [(4, 4), (6, 2), (8, 2)])
-def test_mixed_batch_matches_dense(dtype, heads):
+def test_the_cpu_kernel_builds() -> None:
+    # A machine with a C++ compiler (CI's does) must get the kernel, not the silent fallback.
+    assert cpu_decode.load()
+
+
+@pytest.mark.parametrize("cpu_kernel", [False, True], ids=["reference", "cpu-kernel"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("heads", [(4, 4), (6, 2), (8, 2), (9, 3)])
+def test_mixed_batch_matches_dense(dtype, heads, cpu_kernel):
     torch.manual_seed(0)
     num_heads, num_kv_heads = heads
     head_dim, bs, num_blocks = 64, 16, 64
     # (cached tokens before this step, query tokens this step): decodes, a whole prefill,
     # prefill chunks after a cached prefix, lengths on and one past a block boundary.
     seqs = [(15, 1), (16, 1), (40, 1), (0, 33), (16, 17), (31, 1), (0, 16), (47, 2), (100, 1)]
+    seqs += [(0, 1), (63, 1), (64, 1)]  # a first token alone; the last block exactly full
     key_cache = torch.zeros(num_blocks, bs, num_kv_heads, head_dim, dtype=dtype)
     value_cache = torch.zeros_like(key_cache)
     perm = torch.randperm(num_blocks).tolist()  # blocks scattered through the pool
@@ -77,7 +86,9 @@ def test_mixed_batch_matches_dense(dtype, heads):
         max_context_len=max(c + q for c, q in seqs),
     )
     ws = Workspace((bs, num_kv_heads, head_dim), dtype, torch.device("cpu"))
-    meta.decode_groups = build_decode_groups(meta, bs, ws)
+    meta.decode_groups = build_decode_groups(meta, bs, ws, cpu_kernel=cpu_kernel)
+    assert (meta.cpu_decode is not None) == cpu_kernel
+    assert bool(meta.decode_groups) != cpu_kernel
     scale = head_dim**-0.5
     out = paged_attention(torch.cat(queries), key_cache, value_cache, meta, scale)
     tol = 1e-5 if dtype == torch.float32 else 2e-2

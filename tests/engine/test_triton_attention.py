@@ -136,7 +136,7 @@ def reference(batch: Batch, scale: float) -> torch.Tensor:
     )
     block_shape = batch.key_cache.shape[1:]
     ws = Workspace(block_shape, torch.float32, torch.device(DEVICE))
-    meta.decode_groups = build_decode_groups(meta, BLOCK_SIZE, ws)
+    meta.decode_groups = build_decode_groups(meta, BLOCK_SIZE, ws, cpu_kernel=False)
     # The reference gathers whole padded block-table rows for its decode groups and masks the
     # keys after; zero the NaN poison for it (the kernels must never read it).
     key_cache = batch.key_cache.float().nan_to_num(0.0)
