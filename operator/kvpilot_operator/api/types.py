@@ -545,6 +545,33 @@ class RouterSpec(_Model):
     )
 
 
+class BatchStorage(_Model):
+    claim_name: str | None = Field(
+        None,
+        pattern=DNS_LABEL,
+        max_length=253,
+        description="PersistentVolumeClaim the router keeps batch files, records and results in "
+        "(ReadWriteMany with more than one router). Without it an emptyDir: kept across router "
+        "restarts, lost with the pod.",
+    )
+
+
+class BatchSpec(_Model):
+    enabled: bool = Field(
+        False, description="Serve OpenAI's Batch API (/v1/files, /v1/batches) on the router."
+    )
+    storage: BatchStorage | None = Field(None, description="Where batches are kept.")
+    max_file_bytes: int | None = Field(
+        None, ge=1, le=2**31, description="Largest batch file accepted (default 100 MiB)."
+    )
+    max_concurrent_requests: int | None = Field(
+        None,
+        ge=1,
+        le=4096,
+        description="Batch requests sent to the engines at once, over all batches (default 16).",
+    )
+
+
 class LLMServiceSpec(_Model):
     """An OpenAI-compatible LLM endpoint held to TTFT/TPOT SLOs, served by kvpilot engines."""
 
@@ -598,6 +625,9 @@ class LLMServiceSpec(_Model):
         default_factory=RouterSpec,
         json_schema_extra={"default": {}},
         description="The OpenAI-compatible router in front of the engines.",
+    )
+    batch: BatchSpec | None = Field(
+        None, description="OpenAI's Batch API on the router, run at low priority."
     )
     image: str | None = Field(
         None,
@@ -740,6 +770,7 @@ class ServingPolicySpec(_Model):
     quantization: Quantization | None = None
     engine: EngineSpec | None = None
     scaling: ScalingSpec | None = None
+    batch: BatchSpec | None = None
     limits: PolicyLimits | None = Field(
         None, description="What services naming this policy may use (not a preset: not merged)."
     )

@@ -30,7 +30,7 @@ from kvpilot_operator.api.names import (
     router_name,
     selector_labels,
 )
-from kvpilot_operator.api.types import API_VERSION, LLMService, LLMServiceSpec
+from kvpilot_operator.api.types import API_VERSION, BatchSpec, LLMService, LLMServiceSpec
 
 MODELS_MOUNT = "/models"
 # Where `spec.model.source.uri` downloads go: the init container writes, the engine reads.
@@ -672,6 +672,26 @@ def routes(svc: LLMService, spec: LLMServiceSpec, plan: Plan) -> dict[str, Any]:
     }
 
 
+BATCH_DIR = "/var/lib/kvpilot/batch"
+
+
+def batch_args(batch: BatchSpec) -> list[str]:
+    """`kvpilot router`'s Batch API flags for spec.batch."""
+    args = ["--batch-dir", BATCH_DIR]
+    if batch.max_file_bytes is not None:
+        args += ["--batch-max-file-bytes", str(batch.max_file_bytes)]
+    if batch.max_concurrent_requests is not None:
+        args += ["--batch-max-in-flight", str(batch.max_concurrent_requests)]
+    return args
+
+
+def batch_volume(batch: BatchSpec) -> dict[str, Any]:
+    claim = batch.storage.claim_name if batch.storage is not None else None
+    if claim:
+        return {"name": "batch", "persistentVolumeClaim": {"claimName": claim}}
+    return {"name": "batch", "emptyDir": {}}
+
+
 def router_objects(
     svc: LLMService, spec: LLMServiceSpec, plan: Plan, opts: RenderOptions
 ) -> list[dict[str, Any]]:
@@ -733,6 +753,12 @@ def router_objects(
     ]
     if spec.router.prefix_chars is not None:
         args += ["--prefix-chars", str(spec.router.prefix_chars)]
+    volumes: list[dict[str, Any]] = []
+    mounts: list[dict[str, Any]] = []
+    if spec.batch is not None and spec.batch.enabled:
+        args += batch_args(spec.batch)
+        volumes.append(batch_volume(spec.batch))
+        mounts.append({"name": "batch", "mountPath": BATCH_DIR})
     env: list[dict[str, Any]] = [
         {"name": "PYTHONUNBUFFERED", "value": "1"},
         *_api_key_env(spec, "KVPILOT_API_KEY"),  # what clients must send
@@ -748,6 +774,7 @@ def router_objects(
         "resources": {"requests": {"cpu": "250m", "memory": "256Mi"}, "limits": {"memory": "1Gi"}},
         **_probes(),
         "securityContext": CONTAINER_SECURITY,
+        **({"volumeMounts": mounts} if mounts else {}),
     }
     labels = common_labels(name, "router")
     router = {
@@ -766,6 +793,7 @@ def router_objects(
                 "metadata": {"labels": labels, "annotations": _scrape_annotations(ROUTER_PORT)},
                 "spec": {
                     "containers": [container],
+                    **({"volumes": volumes} if volumes else {}),
                     "serviceAccountName": rname,
                     # The router reads its routes and the engine pods from the API server.
                     "automountServiceAccountToken": True,

@@ -1,7 +1,7 @@
 """The Grafana dashboard the chart ships: one dashboard per LLMService (namespace and service
 variables) with its SLO lines, error budget, replicas, queue, KV cache, throughput, canary by
-revision and shadow panels. Generated, so the panels and the metric names they read cannot drift
-apart."""
+revision, shadow and Batch API panels. Generated, so the panels and the metric names they read
+cannot drift apart."""
 
 from __future__ import annotations
 
@@ -176,6 +176,33 @@ def dashboard() -> dict[str, Any]:
             "short",
             12,
             y + 24,
+        ),
+        _panel(
+            "Batch API: requests",
+            [
+                ("{{state}}", f"sum by (state) (kvpilot_batch_requests{{{routers}}})"),
+                (
+                    "{{result}}/s",
+                    "sum by (result) "
+                    f"(rate(kvpilot_batch_requests_finished_total{{{routers}}}[{RI}]))",
+                ),
+            ],
+            "short",
+            0,
+            y + 32,
+        ),
+        _panel(
+            "Batch API: tokens/s and the nearest deadline",
+            [
+                (
+                    "{{kind}} tokens/s",
+                    f"sum by (kind) (rate(kvpilot_batch_tokens_total{{{routers}}}[{RI}]))",
+                ),
+                ("deadline (s)", f"min(kvpilot_batch_deadline_seconds{{{routers}}} > 0)"),
+            ],
+            "short",
+            12,
+            y + 32,
         ),
     ]
     for i, panel in enumerate(panels):
