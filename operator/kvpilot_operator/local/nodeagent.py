@@ -5,7 +5,12 @@ Each pod gets its own loopback address (127.x.y.z), so every pod can listen on i
 port as it would in a cluster. The container's command and args come from the pod spec (a
 `--host` argument is pointed at the pod's address; `kvpilot` is this Python's `kvpilot`). The
 agent reports what a kubelet would: phase Running, podIP, and the Ready condition from the
-container's HTTP readiness probe; a process that exits turns its pod Failed. Pods that disappear
+container's HTTP readiness probe; a process that exits turns its pod Failed. Init containers
+run first, one after the other (a failed one fails the pod, with its termination message); emptyDir
+and PersistentVolumeClaim volumes are local folders (a claim's shared by every pod naming it), and
+arguments and env values under a mount path, or naming the termination message file, point there;
+env from a Secret is read as a kubelet reads it (a missing one: CreateContainerConfigError).
+Pods that disappear
 (the local control plane has no nodes, so unbound pods are deleted at once) get SIGTERM, then
 SIGKILL after their grace period.
 
@@ -14,6 +19,7 @@ This is for tests and the one-machine quickstart only; it has none of a kubelet'
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import http.client
 import itertools
@@ -51,6 +57,13 @@ class PodProcess:
     message_policy: str = "File"  # the container's terminationMessagePolicy
     ready: bool = False
     failed: bool = False
+    # Init containers: those still to run (the main container runs after them), the statuses of
+    # those done, the running one's name, and the termination message file of the running one.
+    pending_init: list[dict[str, Any]] = field(default_factory=list)
+    init_statuses: list[dict[str, Any]] = field(default_factory=list)
+    running_init: str | None = None
+    pod: dict[str, Any] = field(default_factory=dict)
+    message_path: Path | None = None
 
     def log_tail(self, n: int = 30) -> str:
         try:
@@ -61,7 +74,12 @@ class PodProcess:
 
 def pod_command(pod: dict[str, Any], ip: str, commands: dict[str, list[str]]) -> list[str]:
     """The first container's command and args, bound to `ip`."""
-    container = pod["spec"]["containers"][0]
+    return container_command(pod["spec"]["containers"][0], ip, commands)
+
+
+def container_command(
+    container: dict[str, Any], ip: str, commands: dict[str, list[str]]
+) -> list[str]:
     command = list(container.get("command") or [])
     args = list(container.get("args") or [])
     if command and command[0] in commands:
@@ -177,50 +195,162 @@ class NodeAgent:
                 if (pod.get("status") or {}).get("phase") in ("Failed", "Succeeded"):
                     continue
                 running = self._launch(pod)
-            self._report(running)
+            if running is not None:  # None: waiting (a missing Secret), tried again next sync
+                self._report(running)
 
-    def _launch(self, pod: dict[str, Any]) -> PodProcess:
-        namespace, name = pod["metadata"]["namespace"], pod["metadata"]["name"]
-        n = next(self._ips)
-        ip = f"{self.subnet}.{n // 250}.{n % 250 + 1}"
+    def _volume_dirs(self, pod: dict[str, Any]) -> dict[str, Path]:
+        """The pod's emptyDir and PersistentVolumeClaim volumes as local folders."""
+        meta = pod["metadata"]
+        own = self.log_dir / "volumes" / f"{meta['namespace']}_{meta['name']}_{meta['uid'][:8]}"
+        dirs: dict[str, Path] = {}
+        for vol in pod["spec"].get("volumes") or []:
+            if "emptyDir" in vol:
+                dirs[vol["name"]] = own / vol["name"]
+            elif "persistentVolumeClaim" in vol:
+                claim = vol["persistentVolumeClaim"]["claimName"]
+                dirs[vol["name"]] = self.log_dir / "claims" / meta["namespace"] / claim
+        return dirs
+
+    def _secret_env(self, namespace: str, var: dict[str, Any]) -> str | None:
+        """A secretKeyRef's value, read as a kubelet reads it; None when optional and absent.
+        Raises LookupError (-> CreateContainerConfigError) when required and absent."""
+        from kubernetes.client.exceptions import ApiException
+
+        ref = var["valueFrom"]["secretKeyRef"]
+        try:
+            secret = self.api.read_namespaced_secret(ref["name"], namespace)
+        except ApiException as e:
+            if e.status != 404:
+                raise
+            if ref.get("optional"):
+                return None
+            raise LookupError(f'secret "{ref["name"]}" not found') from e
+        data = secret.data or {}
+        if ref["key"] not in data:
+            if ref.get("optional"):
+                return None
+            raise LookupError(f"couldn't find key {ref['key']} in Secret {namespace}/{ref['name']}")
+        return base64.b64decode(data[ref["key"]]).decode()
+
+    def _start(self, p: PodProcess, container: dict[str, Any], *, init: bool) -> None:
+        """Run one of the pod's containers (an init container, or the main one) as p's process."""
+        pod = p.pod
         env = {**os.environ, "OMP_NUM_THREADS": "1", **self.env}
-        for var in pod["spec"]["containers"][0].get("env") or []:
+        dirs = self._volume_dirs(pod)
+        mounts = {
+            m["mountPath"].rstrip("/"): dirs[m["name"]]
+            for m in container.get("volumeMounts") or []
+            if m["name"] in dirs and m["mountPath"] != "/tmp"  # /tmp: the host's, as before
+        }
+        for d in mounts.values():
+            d.mkdir(parents=True, exist_ok=True)
+        message_file = str(container.get("terminationMessagePath") or "/dev/termination-log")
+        suffix = f".{container.get('name', 'init')}" if init else ""
+        p.message_path = self.log_dir / f"{p.namespace}_{p.name}{suffix}.termination"
+        p.message_path.unlink(missing_ok=True)
+
+        def local(value: str) -> str:
+            if value == message_file:
+                return str(p.message_path)
+            for path, d in sorted(mounts.items(), key=lambda kv: -len(kv[0])):
+                if value == path or value.startswith(path + "/"):
+                    return str(d) + value[len(path) :]
+            return value
+
+        for var in container.get("env") or []:
             if var.get("value") is not None:
-                env[var["name"]] = var["value"]
+                env[var["name"]] = local(var["value"])
+            elif "secretKeyRef" in (var.get("valueFrom") or {}):
+                value = self._secret_env(p.namespace, var)
+                if value is not None:
+                    env[var["name"]] = value
         env["HOME"] = os.environ.get("HOME", "/tmp")  # the pod's emptyDir /tmp is ours to share
-        cmd = pod_command(pod, ip, self.commands)
-        log_path = self.log_dir / f"{namespace}_{name}.log"
-        with log_path.open("ab") as out:
-            proc = subprocess.Popen(
+        cmd = [local(a) for a in container_command(container, p.ip, self.commands)]
+        p.log_path = self.log_dir / f"{p.namespace}_{p.name}{suffix}.log"
+        with p.log_path.open("ab") as out:
+            p.proc = subprocess.Popen(
                 cmd,
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 env=env,
                 preexec_fn=child_setup_factory(),
             )
+        p.container = container.get("name", "main")
+        p.image = container.get("image", "")
+        p.message_policy = container.get("terminationMessagePolicy", "File")
+        p.running_init = p.container if init else None
+        log.info("started %s of pod %s/%s on %s: %s", p.container, p.namespace, p.name, p.ip,
+                 " ".join(cmd))  # fmt: skip
+
+    def _launch(self, pod: dict[str, Any]) -> PodProcess | None:
+        namespace, name = pod["metadata"]["namespace"], pod["metadata"]["name"]
+        n = next(self._ips)
+        ip = f"{self.subnet}.{n // 250}.{n % 250 + 1}"
         grace = pod["spec"].get("terminationGracePeriodSeconds")
-        container = pod["spec"]["containers"][0]
+        inits = list(pod["spec"].get("initContainers") or [])
         running = PodProcess(
             namespace=namespace,
             name=name,
             uid=pod["metadata"]["uid"],
             ip=ip,
-            proc=proc,
-            log_path=log_path,
+            proc=None,  # type: ignore[arg-type]  # set by _start
+            log_path=self.log_dir / f"{namespace}_{name}.log",
             probe=readiness_probe(pod),
             grace_s=30.0 if grace is None else float(grace),
-            container=container.get("name", "main"),
-            image=container.get("image", ""),
-            message_policy=container.get("terminationMessagePolicy", "File"),
+            pending_init=inits[1:],
+            pod=pod,
         )
+        try:
+            if inits:
+                self._start(running, inits[0], init=True)
+            else:
+                self._start(running, pod["spec"]["containers"][0], init=False)
+        except LookupError as e:  # a missing Secret: the pod waits, as a kubelet's does
+            first = inits[0] if inits else pod["spec"]["containers"][0]
+            self._waiting(pod, ip, first, "CreateContainerConfigError", str(e), init=bool(inits))
+            return None
         with self._lock:
             self.pods[f"{namespace}/{name}"] = running
-        log.info("started pod %s/%s on %s: %s", namespace, name, ip, " ".join(cmd))
-        self._patch(running, phase="Running", ready=False)
+        self._patch(running, phase="Pending" if inits else "Running", ready=False)
         return running
+
+    def _waiting(
+        self, pod: dict[str, Any], ip: str, container: dict[str, Any], reason: str, message: str,
+        *, init: bool,
+    ) -> None:  # fmt: skip
+        state = {"waiting": {"reason": reason, "message": message}}
+        cs = {"name": container.get("name", "main"), "ready": False, "restartCount": 0,
+              "image": container.get("image", ""), "imageID": "", "state": state}  # fmt: skip
+        status: dict[str, Any] = {"phase": "Pending", "podIP": ip, "hostIP": "127.0.0.1"}
+        status["initContainerStatuses" if init else "containerStatuses"] = [cs]
+        with contextlib.suppress(Exception):
+            self.api.patch_namespaced_pod_status(
+                pod["metadata"]["name"], pod["metadata"]["namespace"], {"status": status}
+            )
+
+    def _next_container(self, p: PodProcess) -> None:
+        """An init container exited 0: record it, then run the next one or the main container."""
+        now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        p.init_statuses.append(self._container_status(p, now, ready=False))
+        nxt = p.pending_init.pop(0) if p.pending_init else None
+        try:
+            if nxt is not None:
+                self._start(p, nxt, init=True)
+            else:
+                self._start(p, p.pod["spec"]["containers"][0], init=False)
+        except LookupError as e:
+            p.failed = True
+            container = nxt or p.pod["spec"]["containers"][0]
+            self._waiting(p.pod, p.ip, container, "CreateContainerConfigError", str(e),
+                          init=nxt is not None)  # fmt: skip
+            return
+        self._patch(p, phase="Pending" if nxt is not None else "Running", ready=False)
 
     def _report(self, p: PodProcess) -> None:
         if p.failed:
+            return
+        if p.running_init is not None and p.proc.poll() == 0:
+            self._next_container(p)
             return
         if p.proc.poll() is not None:
             p.failed, p.ready = True, False
@@ -242,6 +372,36 @@ class NodeAgent:
             {"type": "Ready", "status": flag, "lastTransitionTime": now},
         ]
         running = phase == "Running"
+        initializing = p.running_init is not None
+        init_statuses = p.init_statuses
+        if initializing:  # running, or failed (then the main container never started)
+            init_statuses = [*init_statuses, self._container_status(p, now, ready=False)]
+        if initializing:
+            main = p.pod["spec"]["containers"][0]
+            conditions[1]["status"] = "False"
+            status_init: dict[str, Any] = {
+                "phase": "Failed" if phase == "Failed" else "Pending",
+                "podIP": p.ip,
+                "podIPs": [{"ip": p.ip}],
+                "hostIP": "127.0.0.1",
+                "startTime": now,
+                "conditions": conditions,
+                "initContainerStatuses": init_statuses,
+                "containerStatuses": [
+                    {
+                        "name": main.get("name", "main"),
+                        "ready": False,
+                        "started": False,
+                        "restartCount": 0,
+                        "image": main.get("image", ""),
+                        "imageID": "",
+                        "state": {"waiting": {"reason": "PodInitializing"}},
+                    }
+                ],
+            }
+            with contextlib.suppress(Exception):
+                self.api.patch_namespaced_pod_status(p.name, p.namespace, {"status": status_init})
+            return
         state = {"running": {"startedAt": now}} if running else {"terminated": self._ended(p, now)}
         status = {
             "phase": phase,
@@ -263,8 +423,23 @@ class NodeAgent:
                 }
             ],
         }
+        if init_statuses:
+            status["initContainerStatuses"] = init_statuses
         with contextlib.suppress(Exception):  # the pod may be gone already
             self.api.patch_namespaced_pod_status(p.name, p.namespace, {"status": status})
+
+    def _container_status(self, p: PodProcess, now: str, *, ready: bool) -> dict[str, Any]:
+        done = p.proc.poll() is not None
+        state = {"terminated": self._ended(p, now)} if done else {"running": {"startedAt": now}}
+        return {
+            "name": p.container,
+            "ready": ready,
+            "started": not done,
+            "restartCount": 0,
+            "image": p.image,
+            "imageID": "",
+            "state": state,
+        }
 
     @staticmethod
     def _ended(p: PodProcess, now: str) -> dict[str, Any]:
@@ -276,7 +451,13 @@ class NodeAgent:
             "reason": "Error" if code else "Completed",
             "finishedAt": now,
         }
-        if code and p.message_policy == "FallbackToLogsOnError":
+        written = ""
+        if p.message_path is not None:
+            with contextlib.suppress(OSError):
+                written = p.message_path.read_text(errors="replace")[:4096]
+        if written:  # what the container wrote to its terminationMessagePath
+            ended["message"] = written
+        elif code and p.message_policy == "FallbackToLogsOnError":
             tail = p.log_tail(80)
             ended["message"] = tail.encode()[-2048:].decode(errors="ignore")
         return ended
