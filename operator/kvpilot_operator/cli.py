@@ -488,6 +488,9 @@ def add_commands(sub: Any, bench: Any) -> None:
     b.set_defaults(func=cmd_bench_operator)
 
     add_router_commands(sub, bench)
+    from kvpilot_operator.images.build import add_commands as add_image_commands
+
+    add_image_commands(sub)
 
 
 def cmd_router(ns: argparse.Namespace) -> int:
