@@ -205,6 +205,7 @@ def cmd_serve(ns: argparse.Namespace) -> int:
         trust_priority_header=ns.trust_priority_header,
         max_connections=ns.max_connections,
         max_header_bytes=ns.max_header_bytes,
+        header_timeout=ns.header_timeout,
     )
 
     return run_server(
@@ -320,6 +321,13 @@ def _positive_int(value: str) -> int:
     return n
 
 
+def _positive_float(value: str) -> float:
+    x = float(value)
+    if not x > 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
+    return x
+
+
 def build_parser() -> argparse.ArgumentParser:
     from kvpilot_engine.contracts import QUANTIZATIONS
 
@@ -382,6 +390,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=64 * 2**10,
         help="request lines and headers still incomplete past this are refused with 400 (a slow "
         "trickle, or a block longer than one read; default: 64 KiB)",
+    )
+    s.add_argument(
+        "--header-timeout",
+        type=_positive_float,
+        default=30.0,
+        help="seconds a connection has to send each request's headers, from connecting or the "
+        "last response; past it 408 and close (default: 30)",
     )
     s.add_argument(
         "--trust-priority-header",

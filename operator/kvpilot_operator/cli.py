@@ -566,6 +566,13 @@ def add_router_commands(sub: Any, bench: Any) -> None:
         "trickle, or a block longer than one read; default: 64 KiB)",
     )
     r.add_argument(
+        "--header-timeout",
+        type=float,
+        default=30.0,
+        help="seconds a client connection has to send each request's headers, from connecting or "
+        "the last response; past it 408 and close (default: 30)",
+    )
+    r.add_argument(
         "--failover-wait",
         type=float,
         default=10.0,

@@ -21,6 +21,7 @@ from typing import Any
 from fastapi import Request
 
 from kvpilot_engine.server.errors import APIError, error_response
+from kvpilot_engine.server.http import DEFAULT_HEADER_TIMEOUT
 
 API_KEY_ENV = "KVPILOT_API_KEY"
 PRIORITY_HEADER = "x-kvpilot-priority"
@@ -43,6 +44,8 @@ class GuardSettings:
     # A request line and headers still incomplete past this are refused (400): a client trickling
     # headers, or a block longer than one read (h11's bound on an incomplete event).
     max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES
+    # Seconds a connection has to complete each request's line and headers (server/http.py).
+    header_timeout: float = DEFAULT_HEADER_TIMEOUT
 
 
 def bearer_matches(authorization: bytes, key: bytes) -> bool:

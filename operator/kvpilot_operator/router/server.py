@@ -7,6 +7,7 @@ import os
 
 import structlog
 import uvicorn
+from kvpilot_engine.server.http import h11_with_header_timeout
 from kvpilot_engine.server.logs import configure_logging
 
 from kvpilot_operator.router.batch.api import batch_settings
@@ -100,7 +101,9 @@ def run_router(ns: argparse.Namespace) -> int:
         # SIGTERM: stop accepting, let streams in flight finish (the pod's grace period is 60 s).
         timeout_graceful_shutdown=50,
         timeout_keep_alive=30,
-        http="h11",  # whatever else is installed: its header bound is --max-header-bytes
+        # h11 whatever else is installed (its header bound is --max-header-bytes), with a deadline
+        # for each request's headers (--header-timeout).
+        http=h11_with_header_timeout(ns.header_timeout),
         limit_concurrency=ns.max_connections,
         h11_max_incomplete_event_size=ns.max_header_bytes,
     )
