@@ -24,6 +24,7 @@ from kvpilot_engine.sampling_params import RequestOutputKind, SamplingParams
 from kvpilot_engine.scheduler import ScheduledSeq, Scheduler, SchedulerOutput
 from kvpilot_engine.sequence import Sequence, SequenceStatus
 from kvpilot_engine.spec_decode import Speculator, make_speculator
+from kvpilot_engine.structured import GrammarBackend, GrammarError
 from kvpilot_engine.tokenizer import IncrementalDetokenizer, Tokenizer
 from kvpilot_engine.worker import Worker
 
@@ -109,6 +110,7 @@ class LLMEngine:
             enable_chunked_prefill=args.enable_chunked_prefill,
         )
         self.speculator: Speculator | None = make_speculator(args, self)
+        self._grammar_backend: GrammarBackend | None = None  # made on first use
         self.requests: dict[str, _RequestState] = {}
         self._seq_ids = itertools.count()
         self._seqs: dict[int, _RequestState] = {}
@@ -137,6 +139,27 @@ class LLMEngine:
     def from_engine_args(cls, args: EngineArgs) -> LLMEngine:
         return cls(args)
 
+    @property
+    def grammar_backend(self) -> GrammarBackend:
+        """Compiles structured-output specs against this model's vocabulary."""
+        if self._grammar_backend is None:
+            self._grammar_backend = GrammarBackend(
+                self.tokenizer, self.model_config.vocab_size, self.model_config.eos_token_ids
+            )
+        return self._grammar_backend
+
+    def compile_structured_outputs(self, params: SamplingParams) -> None:
+        """Compile (and cache) the request's grammar, or raise InvalidRequestError naming the
+        parameter it came from. Thread-safe: the server calls it off the engine thread."""
+        so = params.structured_outputs
+        if so is None:
+            return
+        assert not isinstance(so, dict)
+        try:
+            self.grammar_backend.compile(so)
+        except GrammarError as e:
+            raise InvalidRequestError(str(e), param=so.source_param or e.field) from None
+
     def shutdown(self) -> None:
         """Stop the tensor-parallel worker processes (a no-op with one rank). Idempotent; also
         runs when the engine is collected or the interpreter exits."""
@@ -160,6 +183,7 @@ class LLMEngine:
         else:
             text, token_ids = None, list(prompt)
         self._validate(token_ids, params)
+        self.compile_structured_outputs(params)
         if params.max_tokens is None:
             params.max_tokens = self.max_model_len - len(token_ids)
         now = time.monotonic()
@@ -184,6 +208,8 @@ class LLMEngine:
                 priority=priority,
                 arrival_time=arrival,
             )
+            if params.structured_outputs is not None:
+                seq.grammar = self.grammar_backend.grammar(params.structured_outputs)
             detok = IncrementalDetokenizer(self.tokenizer, token_ids, params.skip_special_tokens)
             state.seqs.append(
                 _SeqState(
@@ -357,6 +383,14 @@ class LLMEngine:
         seq, params = ss.seq, state.params
         token = result.token_id
         seq.token_ids.append(token)
+        grammar_done = False
+        if seq.grammar is not None:
+            # A refusal means the mask let a token through that the grammar does not take; end
+            # the sequence rather than go on producing output that cannot match.
+            accepted = seq.grammar.accept_token(token)
+            if not accepted:
+                logger.warning("request %s: token %d outside its grammar", seq.request_id, token)
+            grammar_done = not accepted or seq.grammar.is_terminated
         if state.metrics.first_token_time is None:
             state.metrics.first_token_time = now
         state.metrics.last_token_time = now
@@ -385,6 +419,8 @@ class LLMEngine:
                 status = SequenceStatus.FINISHED_STOPPED
             elif token in params.stop_token_ids:
                 status, seq.stop_reason = SequenceStatus.FINISHED_STOPPED, token
+        if status is None and grammar_done:
+            status = SequenceStatus.FINISHED_STOPPED
         if status is None and (n_out >= params.max_tokens or len(seq) >= self.max_model_len):
             status = SequenceStatus.FINISHED_LENGTH
         if status is not None:

@@ -28,6 +28,7 @@ from kvpilot_engine.scheduler import SchedulerOutput
 from kvpilot_engine.sequence import Sequence
 from kvpilot_engine.spec_decode.verify import num_accepted, rewind
 from kvpilot_engine.step_input import StepInput
+from kvpilot_engine.structured import fill_structured_bitmask
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 
@@ -221,6 +222,11 @@ class ModelRunner:
                 penalized = j and seq.sampling_params.has_penalties
                 tokens.append(seq.token_ids + spec[:j] if penalized else seq.token_ids)
                 prompts.append(seq.num_prompt_tokens)
+        # Grammar masks are filled here, between launching the forward pass and the sampler's
+        # first read of the logits, so on a GPU they overlap the forward pass.
+        bitmask, structured_rows = fill_structured_bitmask(
+            [(s.seq, s.spec_token_ids) for s in sampling], logits.shape[-1]
+        )
         with torch.inference_mode():
             rows = self.sampler(
                 logits,
@@ -229,6 +235,8 @@ class ModelRunner:
                 self.default_generator,
                 token_ids=tokens,
                 num_prompt_tokens=prompts,
+                token_bitmask=bitmask,
+                structured_rows=structured_rows,
             )
         results: dict[int, list[SampleResult]] = {}
         row = 0

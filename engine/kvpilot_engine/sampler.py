@@ -20,6 +20,7 @@ import torch
 
 from kvpilot_engine.device import to_device
 from kvpilot_engine.sampling_params import SamplingParams
+from kvpilot_engine.structured.backend import apply_token_bitmask
 
 
 @dataclass
@@ -39,11 +40,18 @@ class Sampler:
         default_generator: torch.Generator,
         token_ids: Sequence[list[int]] | None = None,
         num_prompt_tokens: Sequence[int] | None = None,
+        token_bitmask: torch.Tensor | None = None,
+        structured_rows: Sequence[int] = (),
     ) -> list[SampleResult]:
         """`token_ids[i]` is row i's prompt followed by its generated tokens so far, and
-        `num_prompt_tokens[i]` where the prompt ends; only rows with penalties read them."""
+        `num_prompt_tokens[i]` where the prompt ends; only rows with penalties read them.
+        `token_bitmask` (packed, one row per logits row) limits `structured_rows` to the tokens
+        their grammars allow; the other rows are not touched."""
         raw = logits.float()
         logits = process_logits(raw, params, token_ids, num_prompt_tokens)
+        if token_bitmask is not None and structured_rows:
+            logits = logits.clone() if logits is raw else logits
+            apply_token_bitmask(logits, token_bitmask, list(structured_rows))
         dev = logits.device
         greedy = [p.greedy for p in params]
         random_rows = [i for i, g in enumerate(greedy) if not g]

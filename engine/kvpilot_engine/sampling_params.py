@@ -5,6 +5,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import Any
+
+from kvpilot_engine.structured.params import StructuredOutputsParams
 
 MAX_LOGIT_BIAS = 100.0  # OpenAI's bound on |logit_bias| values
 
@@ -41,6 +44,9 @@ class SamplingParams:
     logprobs: int | None = None  # top-k logprobs per generated token (plus the sampled one)
     skip_special_tokens: bool = True
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
+    # What the output must match (JSON Schema, regex, choice, grammar): the sampler masks every
+    # other token. A dict is taken as StructuredOutputsParams' fields.
+    structured_outputs: StructuredOutputsParams | dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -55,6 +61,8 @@ class SamplingParams:
         if self.logit_bias is not None:
             # JSON object keys are strings; the sampler wants token ids. Empty means none.
             self.logit_bias = {int(t): float(b) for t, b in self.logit_bias.items()} or None
+        if isinstance(self.structured_outputs, dict):
+            self.structured_outputs = StructuredOutputsParams(**self.structured_outputs)
         self._verify()
 
     def _verify(self) -> None:

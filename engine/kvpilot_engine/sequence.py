@@ -5,8 +5,12 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import TYPE_CHECKING
 
 from kvpilot_engine.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from kvpilot_engine.structured import Grammar
 
 
 class SequenceStatus(Enum):
@@ -46,6 +50,8 @@ class Sequence:
     num_preemptions: int = 0
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
+    # Where the sequence is in its structured-output grammar (None: unconstrained).
+    grammar: Grammar | None = None
     # Drafts to verify in the coming step (speculative decoding): not in token_ids, which holds
     # only accepted tokens, so the block hashes and the detokenizer never see a rejected one.
     spec_token_ids: list[int] = field(default_factory=list)

@@ -29,11 +29,11 @@ from kvpilot_engine.llm_engine import LLMEngine
 from kvpilot_engine.server.async_engine import AsyncLLMEngine
 from kvpilot_engine.server.errors import add_exception_handlers, error_response
 from kvpilot_engine.server.guard import ApiKeyMiddleware, GuardSettings
-from kvpilot_engine.server.http import h11_with_header_timeout
 from kvpilot_engine.server.logs import configure_logging
 from kvpilot_engine.server.metrics import ServerMetrics
 from kvpilot_engine.server.protocol import ModelCard, ModelList
 from kvpilot_engine.server.serving_chat import OpenAIServingChat
+from kvpilot_engine.server.tools import ToolSettings
 from kvpilot_engine.server.serving_completion import OpenAIServingCompletion
 
 log = structlog.get_logger("kvpilot.server")
@@ -83,6 +83,7 @@ def build_app(
     served_model_name: str,
     metrics: ServerMetrics,
     guard: GuardSettings | None = None,
+    tools: ToolSettings | None = None,
 ) -> FastAPI:
     guard = guard or GuardSettings()
 
@@ -99,7 +100,7 @@ def build_app(
     app.add_middleware(RequestIdMiddleware)
     add_exception_handlers(app)
     completion = OpenAIServingCompletion(engine, served_model_name, metrics, guard)
-    chat = OpenAIServingChat(engine, served_model_name, metrics, guard)
+    chat = OpenAIServingChat(engine, served_model_name, metrics, guard, tools)
 
     @app.get("/health")
     async def health() -> Response:
@@ -191,12 +192,13 @@ def run_server(
     log_level: str = "info",
     inject_step_delay: float = 0.0,
     guard: GuardSettings | None = None,
+    tools: ToolSettings | None = None,
 ) -> int:
     guard = guard or GuardSettings()
     configure_logging(log_level)
     metrics = ServerMetrics(served_model_name)
     engine = AsyncLLMEngine(lambda: LLMEngine(engine_args), metrics, max_waiting, inject_step_delay)
-    app = build_app(engine, served_model_name, metrics, guard)
+    app = build_app(engine, served_model_name, metrics, guard, tools)
     config = uvicorn.Config(
         app,
         host=host,
@@ -206,7 +208,7 @@ def run_server(
         timeout_graceful_shutdown=10,
         timeout_keep_alive=5,
         # h11 whatever else is installed: its header bound is the one these settings set.
-        http=h11_with_header_timeout(guard.header_timeout),
+        http="h11",
         limit_concurrency=guard.max_connections,
         h11_max_incomplete_event_size=guard.max_header_bytes,
     )

@@ -1,8 +1,10 @@
 """OpenAI request and response bodies (pydantic v2).
 
-Requests are strict and closed: a field we do not know, or a value of the wrong JSON type, is a
-400 that names the field, rather than being silently ignored or coerced ("0.5" is not a number).
-Bounds live here too, so the error can name the offending parameter.
+Requests are strict: a value of the wrong JSON type is a 400 that names the field, rather than
+being coerced ("0.5" is not a number). Bounds live here too, so the error can name the offending
+parameter. A top-level field we do not know is accepted and ignored with a logged warning (as
+vLLM does, so a newer client does not break); one we know but do not implement is a 400 naming it
+(server/extra_fields.py). Nested objects stay closed.
 """
 
 from __future__ import annotations
@@ -24,10 +26,73 @@ MAX_LOGPROBS = 20  # the engine's top-k logprobs limit
 MAX_STOP = 4
 MAX_STOP_TOKEN_IDS = 64
 MAX_MESSAGES = 2048
+MAX_TOOLS = 128  # OpenAI's limit
 
 
 class _Request(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class _OpenRequest(BaseModel):
+    """A top-level body or a message: unknown fields kept in model_extra for the server to judge."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+
+
+# ---- structured outputs and tools ---------------------------------------------------------------
+class JsonSchemaFormat(_Request):
+    name: str = "response"
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Request):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StructuredOutputsRequest(_Request):
+    """vLLM's `structured_outputs` body field: StructuredOutputsParams' fields."""
+
+    json_: str | dict[str, Any] | None = Field(default=None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+    disable_any_whitespace: bool | None = None
+
+
+class FunctionDefinition(_Request):
+    name: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[a-zA-Z0-9_-]+$")]
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ChatTool(_Request):
+    type: Literal["function"] = "function"
+    function: FunctionDefinition
+
+
+class FunctionName(_Request):
+    name: str
+
+
+class NamedToolChoice(_Request):
+    type: Literal["function"] = "function"
+    function: FunctionName
+
+
+class FunctionCall(_Request):
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+class ToolCall(_Request):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
 
 
 class StreamOptions(_Request):
@@ -36,7 +101,7 @@ class StreamOptions(_Request):
 
 
 # Sampling fields shared by both endpoints: OpenAI's names, plus vLLM's extras that clients use.
-class _SamplingRequest(_Request):
+class _SamplingRequest(_OpenRequest):
     model: str
     max_tokens: Annotated[int, Field(ge=1)] | None = None
     temperature: Annotated[float, Field(ge=0.0, le=2.0)] | None = None
@@ -62,6 +127,13 @@ class _SamplingRequest(_Request):
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     priority: int = 0
+    # Structured outputs: OpenAI's response_format, vLLM's guided_* extras and their newer form.
+    response_format: ResponseFormat | None = None
+    guided_json: str | dict[str, Any] | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    structured_outputs: StructuredOutputsRequest | None = None
 
     @field_validator("stop")
     @classmethod
@@ -98,12 +170,17 @@ class TextPart(_Request):
     text: str
 
 
-class ChatMessage(_Request):
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart]
+class ChatMessage(_OpenRequest):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    # None only on an assistant message that carries tool_calls (the server checks).
+    content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None  # an assistant's calls, sent back with the results
+    tool_call_id: str | None = None  # a tool message: which call this is the result of
 
     def text(self) -> str:
+        if self.content is None:
+            return ""
         if isinstance(self.content, str):
             return self.content
         return "".join(p.text for p in self.content)
@@ -114,6 +191,9 @@ class ChatCompletionRequest(_SamplingRequest):
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
     logprobs: bool = False
     top_logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
+    tools: Annotated[list[ChatTool], Field(max_length=MAX_TOOLS)] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
 
 
 # ---- responses (plain models: we build them, nothing to validate) ------------------------------
@@ -180,7 +260,8 @@ class ChatLogprobs(BaseModel):
 
 class ResponseMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCall] = Field(default_factory=list)
 
 
 class ChatChoice(_ChoiceBase):
@@ -194,9 +275,22 @@ class ChatCompletionResponse(_ResponseBase):
     usage: UsageInfo
 
 
+class DeltaFunctionCall(BaseModel):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class DeltaToolCall(BaseModel):
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: DeltaFunctionCall
+
+
 class DeltaMessage(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
 
 
 class ChatStreamChoice(BaseModel):

@@ -36,6 +36,7 @@ from kvpilot_engine.server.errors import APIError, from_engine_error, validation
 from kvpilot_engine.server.guard import GuardSettings, read_body
 from kvpilot_engine.server.metrics import ServerMetrics
 from kvpilot_engine.server.protocol import ChatCompletionRequest, CompletionRequest, UsageInfo
+from kvpilot_engine.server.structured_outputs import check_extra_fields, structured_outputs
 
 log = structlog.get_logger("kvpilot.server")
 
@@ -64,8 +65,22 @@ class OpenAIServing:
     async def parse(self, request: Request, model: type[T]) -> T:
         body = await read_body(request, self.guard.max_request_bytes)
         if len(body) > OFFLOAD_BYTES:
-            return await asyncio.to_thread(_validate, model, body)
-        return _validate(model, body)
+            req = await asyncio.to_thread(_validate, model, body)
+        else:
+            req = _validate(model, body)
+        if isinstance(req, CompletionRequest | ChatCompletionRequest):
+            check_extra_fields(req)
+        return req
+
+    async def compile_grammar(self, llm: LLMEngine, params: SamplingParams) -> None:
+        """Compile the request's structured-output grammar on a worker thread (a 400 naming
+        the parameter if it does not compile), so the engine thread finds it in the cache."""
+        if params.structured_outputs is None:
+            return
+        try:
+            await asyncio.to_thread(llm.compile_structured_outputs, params)
+        except ValueError as e:
+            raise from_engine_error(e) from None
 
     def check_model(self, name: str) -> None:
         served = self.served_model_name
@@ -132,6 +147,7 @@ def sampling_params(
             include_stop_str_in_output=req.include_stop_str_in_output,
             logprobs=logprobs,
             skip_special_tokens=req.skip_special_tokens,
+            structured_outputs=structured_outputs(req),
         )
     except ValueError as e:
         raise APIError(400, str(e), code="invalid_value") from None

@@ -54,6 +54,7 @@ class OpenAIServingCompletion(OpenAIServing):
         # Tokenised here, on a worker thread, rather than by the engine: on its thread a long text
         # would hold up every running sequence's next step, on the event loop every stream.
         token_ids = await asyncio.to_thread(tokenize, llm, prompts)
+        await self.compile_grammar(llm, params)
         # Each prompt its own params: the engine fills in max_tokens per prompt.
         stream = await self.submit(
             [f"{rid}-{i}" for i in range(len(prompts))],
