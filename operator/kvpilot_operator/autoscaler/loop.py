@@ -25,6 +25,7 @@ from prometheus_client import Counter, Gauge
 
 from kvpilot_operator.api.names import engine_name
 from kvpilot_operator.api.policies import Unresolved, resolve
+from kvpilot_operator.autoscaler.deadline import with_deadline
 from kvpilot_operator.autoscaler.decision import (
     Decision,
     ScalerState,
@@ -145,6 +146,9 @@ class Autoscaler:
             slo_window=window,
         )
         decision, loop.state = decide(params, loop.state, obs)
+        if obs.missing is None and spec.batch is not None and spec.batch.enabled:
+            backlog = self.source.batch_backlog(namespace, name)
+            decision = with_deadline(decision, backlog, obs.ready, params.max_replicas)
         if slo.window is not None and obs.missing is None:
             # SLOMet is judged over the SLO's own window, not the autoscaler's.
             decision = dataclasses.replace(decision, slo_met=slo_condition(params, slo.window))
@@ -263,9 +267,7 @@ class Autoscaler:
                 "reason": d.reason,
                 "applied": applied,
             }
-            patch["lastDecisions"] = [*(status.get("lastDecisions") or []), entry][
-                -MAX_DECISIONS:
-            ]
+            patch["lastDecisions"] = [*(status.get("lastDecisions") or []), entry][-MAX_DECISIONS:]
         return patch
 
 

@@ -18,6 +18,7 @@ from prometheus_api_client import PrometheusApiClientException, PrometheusConnec
 
 from kvpilot_operator.api.names import ENGINE_SERIES, PROMETHEUS_SELECTOR, ROUTER_SERIES
 from kvpilot_operator.api.types import CanaryAnalysis, ShadowStatus
+from kvpilot_operator.autoscaler.deadline import BatchBacklog
 from kvpilot_operator.autoscaler.decision import Observation, ScalingParams, Window
 from kvpilot_operator.observability.connection import PrometheusAccess
 
@@ -135,6 +136,23 @@ class PrometheusSource:
         except PrometheusApiClientException as err:
             return replace(obs, missing=("PrometheusError", _brief(err))), SLOFigures()
         return replace(obs, short=short, long=long), slo
+
+    def batch_backlog(self, namespace: str, name: str) -> BatchBacklog | None:
+        """The Batch API's backlog on the service's routers; None without one (or without
+        Prometheus: the deadline then asks for nothing, and the SLO decision stands)."""
+        sel = f"{self.selector.format(namespace=namespace, name=name)},{ROUTER_SERIES}"
+        v = self._value
+        try:
+            backlog = v(f"sum(kvpilot_batch_requests{{{sel}}})")
+            if not backlog:
+                return None
+            return BatchBacklog(
+                requests=backlog,
+                seconds_left=v(f"min(kvpilot_batch_deadline_seconds{{{sel}}} > 0)"),
+                finish_rate=v(f"sum(rate(kvpilot_batch_requests_finished_total{{{sel}}}[5m]))"),
+            )
+        except (requests.exceptions.RequestException, PrometheusApiClientException):
+            return None
 
     def _slo(self, sel: str, seconds: float, ttft_q: float, tpot_q: float) -> SLOFigures:
         w = _seconds(seconds)

@@ -1,0 +1,50 @@
+"""Deadline-aware scaling for batches, as a pure function: replicas added when the rate batches
+finish at would miss the nearest completion window, within maxReplicas, and nothing asked for
+without a backlog, a deadline or a measured rate."""
+
+from __future__ import annotations
+
+from kvpilot_operator.autoscaler.deadline import BatchBacklog, deadline_replicas, with_deadline
+from kvpilot_operator.autoscaler.decision import Decision
+
+OK = ("True", "x", "")
+
+
+def _decision(desired: int, current: int = 1) -> Decision:
+    return Decision(desired, current, "slo", OK, OK, OK)
+
+
+def test_enough_capacity_asks_for_nothing_more() -> None:
+    # 1000 requests at 2/s: 500 s of work, an hour left.
+    advice = deadline_replicas(BatchBacklog(1000, 3600, 2.0), ready=1, max_replicas=8)
+    assert advice.replicas == 1 and "finishes in ~500s" in advice.reason
+    assert with_deadline(_decision(1), BatchBacklog(1000, 3600, 2.0), 1, 8).desired == 1
+
+
+def test_a_deadline_that_would_be_missed_adds_replicas() -> None:
+    # 3600 requests at 1/s on 2 replicas (0.5/s each); 1200 s left, with the 1.25 margin:
+    # 3600 * 1.25 / 1200 = 3.75/s needed -> 8 replicas.
+    backlog = BatchBacklog(3600, 1200, 1.0)
+    advice = deadline_replicas(backlog, ready=2, max_replicas=10)
+    assert advice.replicas == 8, advice
+    d = with_deadline(_decision(2, current=2), backlog, 2, 10)
+    assert d.desired == 8 and d.changed and "3600" in d.reason
+    # The SLO decision's answer wins when it is larger.
+    assert with_deadline(_decision(9, current=2), backlog, 2, 10).desired == 9
+
+
+def test_capped_at_max_replicas_and_says_so() -> None:
+    advice = deadline_replicas(BatchBacklog(3600, 1200, 1.0), ready=2, max_replicas=4)
+    assert advice.replicas == 4 and "capped at maxReplicas 4" in advice.reason
+
+
+def test_no_backlog_no_deadline_no_rate() -> None:
+    assert deadline_replicas(BatchBacklog(0, 100, 1.0), 2, 8).replicas == 0
+    assert deadline_replicas(BatchBacklog(50, None, 1.0), 2, 8).replicas == 0
+    # No rate measured yet: hold rather than guess.
+    assert deadline_replicas(BatchBacklog(50, 100, None), 2, 8).replicas == 0
+    assert with_deadline(_decision(2, current=2), None, 2, 8).desired == 2
+    # Scaled to zero with a backlog: one replica to start on it.
+    assert deadline_replicas(BatchBacklog(50, 100, None), 0, 8).replicas == 1
+    # A window about to close counts as a minute, not as a division by almost nothing.
+    assert deadline_replicas(BatchBacklog(60, 1, 1.0), 1, 100).replicas == 2
