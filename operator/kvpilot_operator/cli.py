@@ -105,8 +105,8 @@ def cmd_up(ns: argparse.Namespace) -> int:
     workdir = Path(ns.workdir) if ns.workdir else stack.default_workdir()
     sample = None if ns.no_sample else (Path(ns.file) if ns.file else stack.SAMPLE)
     if ns.foreground:
-        return stack.run_foreground(workdir, sample)
-    return stack.up(workdir, sample)
+        return stack.run_foreground(workdir, sample, ns.containers)
+    return stack.up(workdir, sample, ns.containers)
 
 
 def cmd_down(ns: argparse.Namespace) -> int:
@@ -428,6 +428,12 @@ def add_commands(sub: Any, bench: Any) -> None:
     up.add_argument("--no-sample", action="store_true", help="apply no LLMService")
     up.add_argument("--workdir", help="state, logs and data (default ~/.cache/kvpilot/stack)")
     up.add_argument("--foreground", action="store_true", help="run in this terminal until Ctrl-C")
+    up.add_argument(
+        "--containers",
+        action="store_true",
+        help="run the pods as podman containers from kvpilot's images (built first, cached) "
+        "instead of local processes",
+    )
     up.set_defaults(func=cmd_up)
     down = sub.add_parser("down", help="stop what `kvpilot up` started")
     down.add_argument("--workdir", help="as given to `kvpilot up`")

@@ -7,7 +7,9 @@ Three steps, each cached under ~/.cache/kvpilot/images:
    tagged with a hash of how it was made;
 2. the kvpilot wheel (`pip wheel --no-deps`; it carries the package's data files), placed in the
    build context as `dist/`;
-3. `buildah bud --isolation chroot` per image. Each image carries a label with a hash of its
+3. `buildah bud --isolation chroot --layers` per image: the dependencies (torch, the bundled
+   model, the wheel's requirements) in layers of their own, reused when only kvpilot's code
+   changed, kvpilot's wheel above them. Each image carries a label with a hash of its
    inputs (the Containerfile, the wheel's contents, the base image's id, the build arguments but
    the revision); an image whose label matches is not rebuilt, so a second run takes seconds.
 
@@ -175,7 +177,25 @@ def build_wheel(root: Path, context: Path, env: dict[str, str]) -> Path:
     with zipfile.ZipFile(wheel) as z:
         if not any(n.startswith("kvpilot_operator/data/crds/") for n in z.namelist()):
             raise BuildError(f"{wheel.name} carries no kvpilot_operator/data/ (package-data?)")
+        (meta,) = (n for n in z.namelist() if n.endswith(".dist-info/METADATA"))
+        metadata = z.read(meta).decode()
+    for extra in ("engine", "operator"):
+        (dist / f"requirements-{extra}.txt").write_text("\n".join(requirements(metadata, extra)))
     return wheel
+
+
+def requirements(metadata: str, extra: str) -> list[str]:
+    """The wheel's Requires-Dist for `extra` (and the unconditional ones): the images install
+    these in a layer of their own, cached until they change, and the wheel with --no-deps."""
+    out = []
+    for line in metadata.splitlines():
+        if not line.startswith("Requires-Dist:"):
+            continue
+        req, _, marker = line.removeprefix("Requires-Dist:").strip().partition(";")
+        marker = marker.strip()
+        if not marker or re.fullmatch(rf"""extra == ["']{extra}["']""", marker):
+            out.append(req.strip())
+    return out
 
 
 def wheel_digest(wheel: Path) -> str:
@@ -351,7 +371,8 @@ def _build_one(
         return tag
     _say(f"{spec.name:<11} building {tag} from images/{spec.containerfile} ...")
     start = time.monotonic()
-    cmd = ["buildah", "bud", "--isolation", "chroot", "--layers=false", "-f", str(containerfile)]
+    # --layers: the dependency layers are reused when only kvpilot's own code changed.
+    cmd = ["buildah", "bud", "--isolation", "chroot", "--layers", "-f", str(containerfile)]
     if CA_BUNDLE.is_file():
         cmd += ["--secret", f"id=ca,src={CA_BUNDLE}"]
     cmd += volumes
@@ -363,13 +384,7 @@ def _build_one(
     _say(
         f"{spec.name:<11} {tag} built in {time.monotonic() - start:.0f}s, {int(size) / 1e6:.0f} MB"
     )
-    _prune(env)
     return tag
-
-
-def _prune(env: dict[str, str]) -> None:
-    """Drop the images a rebuild left untagged (their layers are most of the storage)."""
-    subprocess.run(["podman", "image", "prune", "-f"], env=env, capture_output=True, check=False)
 
 
 def storage_size(work: Path) -> str:

@@ -14,7 +14,10 @@ Pods that disappear
 (the local control plane has no nodes, so unbound pods are deleted at once) get SIGTERM, then
 SIGKILL after their grace period.
 
-This is for tests and the one-machine quickstart only; it has none of a kubelet's isolation.
+This is for tests and the one-machine quickstart only; it has none of a kubelet's isolation. In
+container mode (`containers=True`, `kvpilot up --containers`) each container runs instead with
+podman from the image the pod names, read-only and as the pod's user as its securityContext says,
+its volumes mounted from the same local folders (local/containers.py builds the command line).
 """
 
 from __future__ import annotations
@@ -64,6 +67,7 @@ class PodProcess:
     running_init: str | None = None
     pod: dict[str, Any] = field(default_factory=dict)
     message_path: Path | None = None
+    container_name: str | None = None  # container mode: the podman container now running
 
     def log_tail(self, n: int = 30) -> str:
         try:
@@ -126,6 +130,9 @@ class NodeAgent:
     env: dict[str, str] = field(default_factory=dict)  # on top of this process's and the pod's
     subnet: str = "127.77"  # pods get 127.77.0.1, 127.77.0.2, ...
     interval: float = 0.5
+    # Run each container with podman from its image (`kvpilot images build`), honouring its
+    # securityContext, instead of as a local process (local/containers.py).
+    containers: bool = False
 
     pods: dict[str, PodProcess] = field(init=False, default_factory=dict)
     _stop: threading.Event = field(init=False, default_factory=threading.Event)
@@ -234,6 +241,9 @@ class NodeAgent:
 
     def _start(self, p: PodProcess, container: dict[str, Any], *, init: bool) -> None:
         """Run one of the pod's containers (an init container, or the main one) as p's process."""
+        if self.containers:
+            self._start_container(p, container, init=init)
+            return
         pod = p.pod
         env = {**os.environ, "OMP_NUM_THREADS": "1", **self.env}
         dirs = self._volume_dirs(pod)
@@ -281,6 +291,70 @@ class NodeAgent:
         p.running_init = p.container if init else None
         log.info("started %s of pod %s/%s on %s: %s", p.container, p.namespace, p.name, p.ip,
                  " ".join(cmd))  # fmt: skip
+
+    def _start_container(self, p: PodProcess, container: dict[str, Any], *, init: bool) -> None:
+        """Container mode: `podman run` in the foreground as p's process (signals reach the
+        container through podman's proxy; `_terminate` removes what a SIGKILL leaves)."""
+        from kvpilot_operator.images.runtime import container_env
+        from kvpilot_operator.local.containers import podman_argv, security
+
+        pod = p.pod
+        sc = security(pod, container)
+        owner = (int(sc.get("runAsUser") or 0), int(pod["spec"].get("securityContext", {}).get(
+            "fsGroup", sc.get("runAsGroup") or 0)))  # fmt: skip
+        dirs = self._volume_dirs(pod)
+        mounts: dict[str, str] = {}
+        for m in container.get("volumeMounts") or []:
+            if m["name"] in dirs:
+                d = dirs[m["name"]]
+                d.mkdir(parents=True, exist_ok=True)
+                os.chown(d, *owner)  # fsGroup: the volume is the pod user's to write
+                mounts[m["mountPath"].rstrip("/") or "/"] = str(d)
+        suffix = f".{container.get('name', 'init')}" if init else ""
+        p.message_path = self.log_dir / f"{p.namespace}_{p.name}{suffix}.termination"
+        p.message_path.write_text("")
+        os.chown(p.message_path, *owner)
+        message_file = str(container.get("terminationMessagePath") or "/dev/termination-log")
+        mounts[message_file] = str(p.message_path)
+        values: dict[str, str] = {"OMP_NUM_THREADS": "1"}
+        for var in container.get("env") or []:
+            if var.get("value") is not None:
+                values[var["name"]] = var["value"]
+            elif "secretKeyRef" in (var.get("valueFrom") or {}):
+                value = self._secret_env(p.namespace, var)
+                if value is not None:
+                    values[var["name"]] = value
+        read_only: dict[str, str] = {}
+        kubeconfig = self.env.get("KUBECONFIG")
+        if kubeconfig and pod["spec"].get("automountServiceAccountToken") is not False:
+            # The stand-in for a service account token: the agent's kubeconfig, readable by the
+            # pod's user (its credentials are embedded).
+            copy = self.log_dir / f"{p.namespace}_{p.name}.kubeconfig"
+            copy.write_bytes(Path(kubeconfig).read_bytes())
+            os.chown(copy, *owner)
+            copy.chmod(0o400)
+            read_only["/var/run/kvpilot/kubeconfig"] = str(copy)
+            values["KUBECONFIG"] = "/var/run/kvpilot/kubeconfig"
+        name = f"kvpilot-{p.namespace}-{p.name}{suffix.replace('.', '-')}"[:120]
+        args = container_command(container, p.ip, {})
+        cmd = podman_argv(pod, container, name=name, args=args, env_names=sorted(values),
+                          mounts=mounts, read_only_mounts=read_only)  # fmt: skip
+        p.log_path = self.log_dir / f"{p.namespace}_{p.name}{suffix}.log"
+        with p.log_path.open("ab") as out:
+            p.proc = subprocess.Popen(
+                cmd,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env={**container_env(), **values},
+                preexec_fn=child_setup_factory(),
+            )
+        p.container_name = name
+        p.container = container.get("name", "main")
+        p.image = container.get("image", "")
+        p.message_policy = container.get("terminationMessagePolicy", "File")
+        p.running_init = p.container if init else None
+        log.info("started container %s of pod %s/%s on %s: %s", p.container, p.namespace,
+                 p.name, p.ip, " ".join(cmd))  # fmt: skip
 
     def _launch(self, pod: dict[str, Any]) -> PodProcess | None:
         namespace, name = pod["metadata"]["namespace"], pod["metadata"]["name"]
@@ -470,4 +544,9 @@ class NodeAgent:
             except subprocess.TimeoutExpired:
                 signal_group(p.proc, signal.SIGKILL)
                 p.proc.wait(timeout=10)
+        if p.container_name is not None:  # a killed podman client leaves its container running
+            from kvpilot_operator.images.runtime import container_env
+
+            subprocess.run(["podman", "rm", "-f", "-t", "0", p.container_name],
+                           env=container_env(), capture_output=True, check=False)  # fmt: skip
         log.info("stopped pod %s (exit %s)", p.name, p.proc.returncode)

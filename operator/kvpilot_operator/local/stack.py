@@ -55,21 +55,31 @@ class Stack:
     autoscale_interval: float = 5.0
     rollout_interval: float = 2.0
     scrape_interval: float = 2.0
+    # Pods as podman containers from kvpilot's images (built first, cached) instead of processes.
+    containers: bool = False
 
     cluster: LocalCluster | None = field(init=False, default=None)
     prometheus: LocalPrometheus | None = field(init=False, default=None)
     operator: subprocess.Popen[bytes] | None = field(init=False, default=None)
     agent: NodeAgent | None = field(init=False, default=None)
     operator_metrics_port: int = field(init=False, default=0)
+    images: dict[str, str] = field(init=False, default_factory=dict)
 
     # Each step: (what the progress bar says, the method).
     def steps(self) -> list[tuple[str, Callable[[], None]]]:
-        out = [
+        out = [("container images (kvpilot images build, cached)", self._build_images)]
+        out = out if self.containers else []
+        out += [
             ("control plane (etcd, kube-apiserver 1.20, controllers)", self._start_cluster),
             ("CRDs and ServingPolicy presets", self._apply_api),
             ("Prometheus (pods discovered through the API server, chart rules)", self._start_prom),
             ("kvpilot operator (autoscaler, rollouts)", self._start_operator),
-            ("node agent (pods as local processes)", self._start_agent),
+            (
+                "node agent (pods as podman containers)"
+                if self.containers
+                else "node agent (pods as local processes)",
+                self._start_agent,
+            ),
         ]
         if self.sample is not None:
             out += [
@@ -184,8 +194,21 @@ class Stack:
         self.prometheus.set_targets([(f"127.0.0.1:{self.operator_metrics_port}", {})])
         self.prometheus.start()
 
+    def _build_images(self) -> None:
+        from kvpilot_operator.images.build import build
+        from kvpilot_operator.packaged import source_tree
+
+        root = source_tree()
+        if root is None:
+            raise RuntimeError("--containers builds kvpilot's images: run it from a checkout")
+        self.images = build(("operator", "engine-cpu"), root=root)
+
     def _start_operator(self) -> None:
         assert self.prometheus is not None
+        images = []
+        if self.containers:  # the pods name the images just built
+            images = ["--engine-image", self.images["engine-cpu"],
+                      "--router-image", self.images["operator"]]  # fmt: skip
         cmd = [
             sys.executable, "-m", "kvpilot_engine.cli", "operator",
             "--kubeconfig", str(self.kubeconfig),
@@ -195,6 +218,7 @@ class Stack:
             "--metrics-port", str(self.operator_metrics_port),
             "--health-port", "0",
             "--log-format", "json",
+            *images,
         ]  # fmt: skip
         with (self.workdir / "operator.log").open("ab") as log:
             self.operator = subprocess.Popen(
@@ -212,6 +236,7 @@ class Stack:
             self.workdir / "pods",
             # The routers' stand-in for an in-cluster service account token.
             env={"KUBECONFIG": str(self.kubeconfig)},
+            containers=self.containers,
         ).start()
 
     def _apply_sample(self) -> None:
@@ -273,11 +298,11 @@ def _alive(pid: int | None) -> bool:
     return True
 
 
-def run_foreground(workdir: Path, sample: Path | None) -> int:
+def run_foreground(workdir: Path, sample: Path | None, containers: bool = False) -> int:
     """The supervisor: start the stack, report progress in state.json, serve until SIGTERM."""
     # Inherited by every process the stack starts: how `kvpilot down`'s test finds leftovers.
     os.environ[STACK_ENV] = str(workdir)
-    stack = Stack(workdir=workdir, sample=sample)
+    stack = Stack(workdir=workdir, sample=sample, containers=containers)
     steps = len(stack.steps())
     done = 0
 
@@ -324,7 +349,7 @@ def run_foreground(workdir: Path, sample: Path | None) -> int:
         raise
 
 
-def up(workdir: Path, sample: Path | None) -> int:
+def up(workdir: Path, sample: Path | None, containers: bool = False) -> int:
     """Start the supervisor in the background and follow it until the stack is ready."""
     from tqdm import tqdm
 
@@ -347,6 +372,8 @@ def up(workdir: Path, sample: Path | None) -> int:
         cmd.append("--no-sample")
     elif sample != SAMPLE:
         cmd += ["-f", str(sample)]
+    if containers:
+        cmd.append("--containers")
     with (workdir / "stack.log").open("ab") as log:
         proc = subprocess.Popen(
             cmd,
