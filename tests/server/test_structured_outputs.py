@@ -270,3 +270,27 @@ def test_bad_input_is_a_400_naming_the_param(server: Server, body: dict, param: 
     assert r.status_code == 400, r.text
     err = r.json()["error"]
     assert err["param"] == param, err
+
+
+def test_through_the_router(server: Server, tmp_path: Path):
+    """The router passes these bodies through untouched and streams tool-call deltas."""
+    from tests.support.router import routes, run_router
+
+    with run_router(tmp_path, routes({"stable": (100, [server.url])})) as router:
+        via = openai.OpenAI(base_url=f"{router.url}/v1", api_key="none", max_retries=0,
+                            timeout=300)  # fmt: skip
+        schema = SCHEMAS[9][1]
+        text = ask_json(via, SCHEMAS[9][0], schema, 0.8)
+        jsonschema.validate(json.loads(text), schema)
+        calls, finish = stream_calls(
+            via, messages=ASK, tools=[WEATHER, TIME], tool_choice="required", max_tokens=200,
+            temperature=0.8,
+        )  # fmt: skip
+        assert finish == "tool_calls" and calls
+        for c in calls.values():
+            jsonschema.validate(json.loads(c["arguments"]), TOOL_SCHEMAS[c["name"]])
+        with pytest.raises(openai.BadRequestError) as err:
+            via.chat.completions.create(
+                model=MODEL, messages=ASK, tools=[WEATHER, WEATHER], max_tokens=2
+            )
+        assert err.value.body["param"] == "tools"
