@@ -7,6 +7,7 @@ prefix each turn it Degraded with the reason."""
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -48,7 +49,7 @@ def s3_endpoint(smollm2_path: str) -> Iterator[str]:
         server.stop()
 
 
-def source(endpoint: str, uri: str, secret: str) -> dict[str, Any]:
+def model(endpoint: str, uri: str, secret: str) -> dict[str, Any]:
     return {
         "source": {"uri": uri, "secretName": secret, "endpoint": endpoint, "region": "us-east-1"},
         "servedName": "smollm2",
@@ -68,18 +69,18 @@ def test_s3_source_serves_and_bad_sources_say_why(
     engine = {"kvCacheMemory": "64MiB", "maxNumSeqs": 4, "drainTimeoutSeconds": 1}
     scaling = {"minReplicas": 1, "maxReplicas": 1}
     docs = {
-        "chat": source(s3_endpoint, "s3://models/smollm2", "s3-creds"),
-        "no-secret": source(s3_endpoint, "s3://models/smollm2", "absent"),
-        "empty": source(s3_endpoint, "s3://models/nothing-here", "s3-creds"),
+        "chat": model(s3_endpoint, "s3://models/smollm2", "s3-creds"),
+        "no-secret": model(s3_endpoint, "s3://models/smollm2", "absent"),
+        "empty": model(s3_endpoint, "s3://models/nothing-here", "s3-creds"),
     }
     with running_operator(cluster, tmp_path / "operator.log"):
         agent = NodeAgent(
             cluster.kubeconfig, ns, tmp_path / "pods", env={"KUBECONFIG": str(cluster.kubeconfig)}
         ).start()
         try:
-            for name, model in docs.items():
+            for name, spec_model in docs.items():
                 doc = service_doc(
-                    name, model=model, quantization="none", engine=engine, scaling=scaling
+                    name, model=spec_model, quantization="none", engine=engine, scaling=scaling
                 )
                 apply(cluster, doc, ns)
 
@@ -125,6 +126,15 @@ def test_s3_source_serves_and_bad_sources_say_why(
             )
             want = hashlib.sha256(Path(smollm2_path).read_bytes()).hexdigest()
             assert hashlib.sha256(got.read_bytes()).hexdigest() == want
+            # The status names the revision the download pinned (its manifest's).
+            pinned = json.loads((got.parent / ".kvpilot-source.json").read_text())["revision"]
+
+            def source() -> dict[str, Any] | None:
+                st = (get(cluster, "llmservice", "chat", ns) or {}).get("status") or {}
+                return st.get("source") if (st.get("source") or {}).get("revision") else None
+
+            shown = wait_for("status.source.revision", source, timeout=60)
+            assert shown == {"uri": "s3://models/smollm2", "revision": pinned, "downloading": 0}
         finally:
             for name in docs:
                 cluster.kubectl("delete", "llmservice", name, "-n", ns, "--wait=true", check=False)

@@ -186,3 +186,22 @@ def test_a_failed_download_is_the_engines_failure() -> None:
         },
     }
     assert 'secret "hf" not found' in (engine_failure([no_secret]) or "")
+
+
+def test_source_status_reads_the_download_results() -> None:
+    from kvpilot_operator.controller.status import source_status
+
+    def pod(state: dict[str, Any]) -> dict[str, Any]:
+        return {"status": {"initContainerStatuses": [{"name": "model-download", "state": state}]}}
+
+    def done(revision: str) -> dict[str, Any]:
+        return pod({"terminated": {"exitCode": 0, "message": json.dumps({"revision": revision})}})
+
+    uri = "hf://org/m"
+    assert source_status(uri, [done("abc"), done("abc"), pod({"running": {}})]) == {
+        "uri": uri,
+        "revision": "abc",
+        "downloading": 1,
+    }
+    assert source_status(uri, [done("abc"), done("def")])["revisions"] == ["abc", "def"]
+    assert source_status(uri, []) == {"uri": uri, "downloading": 0}

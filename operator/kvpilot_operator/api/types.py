@@ -101,6 +101,8 @@ MANAGED_FLAGS: dict[str, str] = {
     "--no-enable-prefix-caching": "spec.engine.enablePrefixCaching",
     "--enable-chunked-prefill": "spec.engine.enableChunkedPrefill",
     "--no-enable-chunked-prefill": "spec.engine.enableChunkedPrefill",
+    "--enable-auto-tool-choice": "spec.engine.toolCallParser",
+    "--tool-call-parser": "spec.engine.toolCallParser",
 }
 
 
@@ -321,6 +323,12 @@ class EngineSpec(_Model):
     )
     drain_timeout_seconds: int | None = Field(
         None, ge=0, le=3600, description="On shutdown, time to let in-flight requests finish."
+    )
+    tool_call_parser: Literal["hermes", "llama3_json", "mistral"] | None = Field(
+        None,
+        description='Tool calling with tool_choice "auto": how the model writes tool calls '
+        "(hermes: <tool_call> JSON, also for models whose chat template has no tool support; "
+        'llama3_json; mistral). Unset: "required" and named tool choices only.',
     )
     extra_args: list[Annotated[str, Field(max_length=4096)]] | None = Field(
         None,
@@ -695,6 +703,20 @@ class ShadowStatus(_Model):
     ttft_delta_p50_ms: float | None = None
 
 
+class SourceStatus(_Model):
+    uri: str | None = Field(None, description="spec.model.source.uri, as downloaded.")
+    revision: str | None = Field(
+        None,
+        description="What the engine pods' downloads resolved the URI to (a Hub commit, an S3 "
+        "listing hash), when they agree.",
+    )
+    revisions: list[str] | None = Field(
+        None,
+        description="Every revision, when the pods' downloads resolved to different ones.",
+    )
+    downloading: int | None = Field(None, description="Engine pods downloading now.")
+
+
 class LLMServiceStatus(_Model):
     observed_generation: int | None = None
     # A list-map keyed by type (Kubernetes' convention): server-side apply merges by type.
@@ -717,6 +739,7 @@ class LLMServiceStatus(_Model):
     stable_revision: str | None = Field(None, description="Revision serving the stable traffic.")
     canary: CanaryStatus | None = None
     shadow: ShadowStatus | None = None
+    source: SourceStatus | None = Field(None, description="The downloaded model's revision.")
 
 
 class ObjectMeta(BaseModel):

@@ -26,13 +26,20 @@ from kvpilot_operator.controller.kube import Kube
 from kvpilot_operator.controller.manifests import (
     RenderOptions,
     SpecError,
+    download_uri,
     endpoint_url,
     optional_objects,
     render,
     revision_of,
     served_name,
 )
-from kvpilot_operator.controller.status import Problem, engine_failure, now_iso, status_patch
+from kvpilot_operator.controller.status import (
+    Problem,
+    engine_failure,
+    now_iso,
+    source_status,
+    status_patch,
+)
 from kvpilot_operator.rollout.plan import abandoned, plan_rollout
 
 
@@ -189,6 +196,12 @@ def reconcile(
         failure = engine_failure(kube.list_pods(namespace, engine_pods_selector(name)))
         if failure is not None:
             out.problem = Problem("EngineFailing", failure)
+    uri = download_uri(out.spec) if out.spec is not None else None
+    downloaded: dict[str, Any] = {}
+    if uri is not None:  # status refreshes too: a download ends while nothing is applied
+        # The revision the pods' downloads pinned, from their init containers' statuses.
+        pods = kube.list_pods(namespace, engine_pods_selector(name))
+        downloaded["source"] = source_status(uri, pods)
     model = served_name(svc) if svc is not None else name
     endpoint = endpoint_url(svc, opts) if svc is not None else ""
     out.status = status_patch(
@@ -199,7 +212,7 @@ def reconcile(
         selector=selector_string(name),
         endpoint=endpoint,
         model=model,
-        extra=extra if apply else {},
+        extra={**((extra or {}) if apply else {}), **downloaded},
         router=router,
     )
     if out.status is not None:

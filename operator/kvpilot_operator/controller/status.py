@@ -83,6 +83,34 @@ def engine_failure(pods: list[dict[str, Any]]) -> str | None:
     return None
 
 
+def source_status(uri: str, pods: list[dict[str, Any]]) -> dict[str, Any]:
+    """status.source for a downloaded model: the URI, the revision the engine pods' downloads
+    pinned it to (each init container's termination message is `kvpilot download`'s result),
+    every revision when the pods disagree, and how many pods are downloading now."""
+    revisions: set[str] = set()
+    downloading = 0
+    for pod in pods:
+        for cs in (pod.get("status") or {}).get("initContainerStatuses") or []:
+            if cs.get("name") != "model-download":
+                continue
+            state = cs.get("state") or {}
+            downloading += "running" in state
+            ended = state.get("terminated") or {}
+            if ended.get("exitCode") == 0:
+                try:
+                    revision = json.loads(ended.get("message") or "{}").get("revision")
+                except (ValueError, AttributeError):
+                    revision = None
+                if isinstance(revision, str) and revision:
+                    revisions.add(revision)
+    out: dict[str, Any] = {"uri": uri, "downloading": downloading}
+    if len(revisions) == 1:
+        out["revision"] = next(iter(revisions))
+    elif revisions:  # replicas serving different weights: a branch moved between their starts
+        out["revisions"] = sorted(revisions)
+    return out
+
+
 def router_unavailable(router: dict[str, Any] | None) -> str | None:
     """Why clients cannot reach the service through its routers, or None when they can: the
     engines may be up, but every request goes through a router (a router waiting on a missing
