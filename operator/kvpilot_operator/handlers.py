@@ -2,7 +2,8 @@
 
 - LLMService create/update/resume -> reconcile it.
 - An owned Deployment/Service/PDB changed or deleted by someone else -> reconcile its owner
-  (drift correction); a Deployment status change only refreshes the owner's status.
+  (drift correction); a Deployment status change only refreshes the owner's status, through a
+  queue that coalesces a burst of them into one refresh per owner (`controller.coalesce`).
 - A ServingPolicy created/changed/deleted -> reconcile every LLMService that names it.
 - An index of LLMServices feeds two operator-wide loops (`controller.sweep`), started at startup
   and stopped at cleanup, not a kopf daemon per service (a daemon holds a worker thread for its
@@ -39,6 +40,7 @@ from kvpilot_operator.api.names import (
 from kvpilot_operator.api.types import GROUP, VERSION
 from kvpilot_operator.autoscaler.loop import Autoscaler
 from kvpilot_operator.controller import events
+from kvpilot_operator.controller.coalesce import Coalescer
 from kvpilot_operator.controller.kube import Kube
 from kvpilot_operator.controller.manifests import RenderOptions
 from kvpilot_operator.controller.reconcile import Outcome, reconcile
@@ -58,6 +60,9 @@ class State:
     identity: str = socket.gethostname()  # this replica, in its events' reportingInstance
     autoscaler: Autoscaler | None = None
     rollouts: RolloutController | None = None
+    # Set while the loops run (start_loops): status refreshes go through it.
+    status_refresh: Coalescer | None = None
+    status_refresh_index: Any = None  # key -> the llmservices index's value
 
 
 def _kopf_emit(body: Any) -> events.Emit:
@@ -230,10 +235,27 @@ def on_deployment_event(
     drifted = type == "DELETED" or (seen is not None and seen != meta.get("generation"))
     if drifted:
         _reconcile_body(owner)
-    elif meta["name"] == engine_name(owner["metadata"]["name"]):
-        _reconcile_body(owner, apply=False, deployment=dict(body))
-    else:  # canary, shadow or router: status follows the stable engines, read afresh
-        _reconcile_body(owner, apply=False)
+        return
+    # A rollout's progress: only the owner's status follows, once per burst of such events and
+    # off kopf's threads, so that it never queues in front of a new service's creation.
+    stable = meta["name"] == engine_name(owner["metadata"]["name"])
+    deployment = dict(body) if stable else None  # else status reads the stable engines afresh
+    key = (meta["namespace"], owner["metadata"]["name"])
+    if State.status_refresh is None or not State.status_refresh.mark(key, deployment):
+        _reconcile_body(owner, apply=False, deployment=deployment)
+
+
+def _refresh_status(key: Key, deployment: dict[str, Any] | None) -> None:
+    """The status-refresh queue's work: the owner as the index holds it now."""
+    found = State.status_refresh_index(key) if State.status_refresh_index else None
+    owner = found["body"] if found is not None else None
+    if owner is None or owner["metadata"].get("deletionTimestamp"):
+        return
+    emit = events.emitter(State.kube, events.object_ref(owner), State.identity)
+    try:
+        _reconcile_body(owner, emit, apply=False, deployment=deployment)
+    except kopf.TemporaryError as e:  # only applies raise it; a refresh applies nothing
+        logging.getLogger("kvpilot.operator").warning("status refresh of %s/%s: %s", *key, e)
 
 
 @kopf.on.event("", "v1", "services", labels=OWNED)
@@ -304,6 +326,13 @@ async def start_loops(
         asyncio.create_task(sweep.run(services, memo.loops_stopped), name=f"kvpilot {sweep.name}")
         for sweep, services in _sweeps(llmservices)
     ]
+    State.status_refresh_index = lambda key: _one(llmservices, key)
+    State.status_refresh = Coalescer("status-refresh", _refresh_status)
+    memo.loops.append(
+        asyncio.create_task(
+            State.status_refresh.run(memo.loops_stopped), name="kvpilot status-refresh"
+        )
+    )
 
 
 @kopf.on.cleanup()
