@@ -188,3 +188,22 @@ def test_engine_refuses_a_bad_spec(llm):
         llm.llm_engine.add_request("bad", "hi", params)
     assert err.value.param == "x" and "regex" in str(err.value)
     assert "bad" not in llm.llm_engine.requests
+
+
+def test_speculative_drafts_are_checked_against_the_grammar(llm, make_smollm2):
+    """With n-gram drafts (adaptive planning off, so every step drafts), greedy constrained
+    output is the same as without speculation, and valid: drafts the grammar refuses are never
+    accepted."""
+    spec = make_smollm2(
+        speculative_config={"method": "ngram", "num_speculative_tokens": 4, "adaptive": False}
+    )
+    # A prompt that repeats the JSON it asks for gives the n-gram proposer drafts to offer.
+    example = '{"name":"Bob","age":41,"tags":["a","b"]}'
+    prompt = chat_prompt(llm, f"Example: {example} {example}. Now another person as JSON.")
+    params = SamplingParams(temperature=0.0, max_tokens=48, structured_outputs={"json": PERSON})
+    plain = llm.generate(prompt, params, use_tqdm=False)[0].outputs[0]
+    drafted = spec.generate(prompt, params, use_tqdm=False)[0].outputs[0]
+    assert drafted.token_ids == plain.token_ids
+    jsonschema.validate(json.loads(drafted.text), PERSON)
+    assert spec.llm_engine.stats.spec_num_draft_tokens > 0
+    spec.llm_engine.check_no_leaks()
