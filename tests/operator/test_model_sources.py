@@ -205,3 +205,17 @@ def test_source_status_reads_the_download_results() -> None:
     }
     assert source_status(uri, [done("abc"), done("def")])["revisions"] == ["abc", "def"]
     assert source_status(uri, []) == {"uri": uri, "downloading": 0}
+
+
+def test_oci_source_downloads_with_registry_credentials() -> None:
+    digest = "sha256:" + "a" * 64
+    svc = service({"uri": f"oci://registry.corp:5000/models/smol@{digest}", "secretName": "reg"})
+    (init,) = pod(deployments(svc)[0])["initContainers"]
+    assert init["args"][0] == f"oci://registry.corp:5000/models/smol@{digest}"
+    env = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in init["env"] if "valueFrom" in e}
+    assert env == {
+        "OCI_USERNAME": {"name": "reg", "key": "OCI_USERNAME"},
+        "OCI_PASSWORD": {"name": "reg", "key": "OCI_PASSWORD"},
+    }
+    with pytest.raises(ValidationError):
+        service({"uri": "oci://registry.corp/Models/UPPER"})

@@ -327,3 +327,53 @@ def test_cli_generate_downloads_hub_model(
     (got,) = (tmp_path / "dl").rglob("*.gguf")  # the Hub's cache layout, under --download-dir
     assert _sha256(got) == _sha256(Path(smollm2_path))
     assert hub_run.stdout.strip()
+
+
+# --- OCI -------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def oci(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
+    from tests.support.registry import registry
+
+    workdir = tmp_path_factory.mktemp("registry")
+    with registry(workdir) as address:
+        yield address, workdir / "data"
+
+
+@slow
+def test_oci_artifact_pinned_verified(oci: tuple[str, Path], tmp_path: Path) -> None:
+    from tests.support.registry import push_files
+
+    address, data = oci
+    weights = os.urandom(1 << 20)
+    files = {"model.gguf": weights, "README.md": b"a model"}
+    digest = push_files(address, "models/smol", "v1", files)
+    fetched = download(f"oci://{address}/models/smol:v1", tmp_path / "m", log_interval=0)
+    assert fetched.revision == digest
+    assert (tmp_path / "m/model.gguf").read_bytes() == weights
+    # By digest; and pinned: after the tag moved, the pin still gets the pinned weights.
+    assert download(f"oci://{address}/models/smol@{digest}", tmp_path / "d").revision == digest
+    moved = push_files(address, "models/smol", "v1", {"model.gguf": b"other weights"})
+    pinned = download(f"oci://{address}/models/smol:v1", tmp_path / "p", revision=digest)
+    assert pinned.revision == digest and (tmp_path / "p/model.gguf").read_bytes() == weights
+    assert download(f"oci://{address}/models/smol:v1", tmp_path / "n").revision == moved
+    cases = {
+        f"oci://{address}/models/none:v1": "NotFound",
+        f"oci://{address}/models/smol:v9": "NotFound",
+    }
+    push_files(address, "models/docs", "v1", {"README.md": b"no weights"})
+    cases[f"oci://{address}/models/docs:v1"] = "NoWeights"
+    for uri, reason in cases.items():
+        with pytest.raises(SourceError) as err:
+            download(uri, tmp_path / "x", log_interval=0)
+        assert (uri, err.value.reason) == (uri, reason)
+    # A blob rotten in the registry's storage: caught by its digest, removed.
+    blob = weights[:0] + os.urandom(1 << 16)
+    rotten = push_files(address, "models/rotten", "v1", {"model.gguf": blob})
+    (stored,) = data.rglob(f"blobs/sha256/*/{hashlib.sha256(blob).hexdigest()}/data")
+    stored.write_bytes(b"\0" + blob[1:])
+    with pytest.raises(SourceError) as err:
+        download(f"oci://{address}/models/rotten@{rotten}", tmp_path / "r", log_interval=0)
+    assert err.value.reason == "ChecksumMismatch" and "model.gguf" in str(err.value)
+    assert not (tmp_path / "r/model.gguf").exists()

@@ -13,6 +13,8 @@ what is missing or partial) and checked against the checksums the source publish
   listing (keys, sizes, ETags, version ids), objects are fetched by version id where the bucket
   keeps versions, and single-part ETags (an MD5) are checked.
 - `pvc://claim/path`: a claim mounted under `KVPILOT_PVC_ROOT` (default `/mnt/pvc`), copied.
+- `oci://registry/repository[:tag|@digest]`: an OCI artifact (one layer per file, as `oras push`
+  stores them); the revision is the manifest digest, every blob checked against its digest.
 
 No torch here: the download init container and `kvpilot download` stay light.
 """
@@ -79,6 +81,10 @@ def _download(src: SourceURI, out: Path, revision: str | None, log_interval: flo
         from kvpilot_engine.sources.s3 import fetch_s3
 
         fetched = fetch_s3(src, out, progress, revision=revision)
+    elif src.scheme == "oci":
+        from kvpilot_engine.sources.oci import fetch_oci
+
+        fetched = fetch_oci(src, out, progress, revision=revision)
     else:
         from kvpilot_engine.sources.pvc import fetch_pvc
 

@@ -10,13 +10,18 @@ from pathlib import Path
 from typing import Any
 
 MANIFEST = ".kvpilot-source.json"
-SCHEMES = ("hf", "s3", "pvc")
+SCHEMES = ("hf", "s3", "pvc", "oci")
 # What the engine loads (loader.py): Hugging Face safetensors folders and GGUF files.
 WEIGHT_SUFFIXES = (".safetensors", ".gguf")
 # A Hub repo id: [namespace/]name, as the Hub validates it.
 REPO_ID = re.compile(r"^([A-Za-z0-9][\w.-]{0,95}/)?[A-Za-z0-9][\w.-]{0,95}$")
 S3_BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+# registry[:port]/repository[:tag][@sha256:digest], as registries accept them.
+OCI_REFERENCE = re.compile(
+    r"^(?P<registry>[a-zA-Z0-9.-]+(:[0-9]+)?)/(?P<repo>[a-z0-9]+([._/-][a-z0-9]+)*)"
+    r"(:(?P<tag>[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}))?(@(?P<digest>sha256:[a-f0-9]{64}))?$"
+)
 
 
 class SourceError(Exception):
@@ -59,6 +64,8 @@ def parse_uri(uri: str) -> SourceURI:
         if not REPO_ID.match(repo) or (_ and not revision):
             raise SourceError("InvalidURI", f"{uri!r}: expected hf://org/repo[@revision]")
         return SourceURI("hf", repo, revision=revision or None)
+    if scheme == "oci" and not OCI_REFERENCE.match(rest):
+        raise SourceError("InvalidURI", f"{uri!r}: expected oci://registry/repository[:tag]")
     location, _, path = rest.partition("/")
     if scheme == "s3" and not S3_BUCKET.match(location):
         raise SourceError("InvalidURI", f"{uri!r}: expected s3://bucket[/prefix]")

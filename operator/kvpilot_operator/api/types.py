@@ -135,7 +135,9 @@ class PVCSource(_Model):
 SOURCE_URI_PATTERN = (
     r"^(hf://([A-Za-z0-9][-\w.]{0,95}/)?[A-Za-z0-9][-\w.]{0,95}(@[-\w./]+)?"
     r"|s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/.*)?"
-    r"|pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?(/.*)?)$"
+    r"|pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?(/.*)?"
+    r"|oci://[a-zA-Z0-9.-]+(:[0-9]+)?/[a-z0-9]+([._/-][a-z0-9]+)*"
+    r"(:[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?(@sha256:[a-f0-9]{64})?)$"
 )
 # Only with `uri`: where a download comes from and goes to.
 URI_ONLY = ("secretName", "endpoint", "region", "cache")
@@ -184,8 +186,10 @@ class ModelSource(_Model):
         description=(
             "Weights to download before the engine starts (`kvpilot download` in an init "
             "container, into the model cache): `hf://org/repo[@revision]`, "
-            "`s3://bucket[/prefix]`, or `pvc://claim[/path]` (mounted, not copied). Pin a Hub "
-            "commit (`@<sha>`) so that replicas started later serve the same weights."
+            "`s3://bucket[/prefix]`, `oci://registry/repository[:tag|@digest]` (an artifact, "
+            "one layer per file), or `pvc://claim[/path]` (mounted, not copied). Pin a Hub "
+            "commit (`@<sha>`) or an OCI digest so that replicas started later serve the same "
+            "weights."
         ),
     )
     secret_name: str | None = Field(
@@ -196,8 +200,8 @@ class ModelSource(_Model):
         description=(
             "Secret in the service's namespace with the download's credentials: `HF_TOKEN` "
             "for hf://; `AWS_ACCESS_KEY_ID` and `AWS_SECRET_ACCESS_KEY` (and optionally "
-            "`AWS_SESSION_TOKEN`) for s3://. Passed as environment (secretKeyRef) to the "
-            "download container only."
+            "`AWS_SESSION_TOKEN`) for s3://; `OCI_USERNAME` and `OCI_PASSWORD` for oci://. "
+            "Passed as environment (secretKeyRef) to the download container only."
         ),
     )
     endpoint: str | None = Field(

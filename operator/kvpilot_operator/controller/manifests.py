@@ -44,6 +44,7 @@ SOURCE_SECRET_KEYS: dict[str, list[tuple[str, bool]]] = {
         ("AWS_SECRET_ACCESS_KEY", False),
         ("AWS_SESSION_TOKEN", True),
     ],
+    "oci": [("OCI_USERNAME", False), ("OCI_PASSWORD", False)],
 }
 DOWNLOAD_RESOURCES = {"requests": {"cpu": "250m", "memory": "512Mi"}, "limits": {"memory": "2Gi"}}
 DEFAULT_ENGINE_IMAGE = f"kvpilot/engine:{__version__}"
@@ -264,8 +265,6 @@ def serve_args(svc: LLMService, spec: LLMServiceSpec) -> list[str]:
             args.append("--no-enable-prefix-caching")
         if engine.enable_chunked_prefill is False:
             args.append("--no-enable-chunked-prefill")
-        if engine.tool_call_parser is not None:
-            args += ["--enable-auto-tool-choice", "--tool-call-parser", engine.tool_call_parser]
         if engine.scheduling_policy == "priority":
             # Priority comes from the routers (X-KVPilot-Priority, by the caller's API key), which
             # drop a client's own; only they reach the engines (NetworkPolicy, API key).
