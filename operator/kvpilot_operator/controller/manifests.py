@@ -265,6 +265,8 @@ def serve_args(svc: LLMService, spec: LLMServiceSpec) -> list[str]:
             args.append("--no-enable-prefix-caching")
         if engine.enable_chunked_prefill is False:
             args.append("--no-enable-chunked-prefill")
+        if engine.tool_call_parser is not None:
+            args += ["--enable-auto-tool-choice", "--tool-call-parser", engine.tool_call_parser]
         if engine.scheduling_policy == "priority":
             # Priority comes from the routers (X-KVPilot-Priority, by the caller's API key), which
             # drop a client's own; only they reach the engines (NetworkPolicy, API key).
