@@ -260,6 +260,12 @@ def cmd_bench_latency(ns: argparse.Namespace) -> int:
     return run_latency_bench(ns, engine_args_from(ns))
 
 
+def cmd_bench_spec(ns: argparse.Namespace) -> int:
+    from kvpilot_engine.bench.spec_decode import run_spec_bench
+
+    return run_spec_bench(ns, engine_args_from(ns))
+
+
 def cmd_bench_decode_attention(ns: argparse.Namespace) -> int:
     from kvpilot_engine.bench.decode_attention import run_decode_attention_bench
 
@@ -527,6 +533,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     lat.add_argument("--json", default=None, help="also write the figures to this file")
     lat.set_defaults(func=cmd_bench_latency)
+
+    sp = bench.add_parser(
+        "spec", help="speculative against plain decoding: code editing and free chat, same run"
+    )
+    add_engine_args(sp)
+    sp.add_argument("--workloads", nargs="+", default=["edit", "chat"], choices=["edit", "chat"])
+    sp.add_argument("--concurrency", type=int, default=4, help="requests in flight besides 1")
+    sp.add_argument("--output-len", type=int, default=128)
+    sp.add_argument("--num-iters", type=int, default=2, help="timed runs per engine; best kept")
+    sp.add_argument("--json", default=None, help="also write the figures to this file")
+    sp.set_defaults(func=cmd_bench_spec)
 
     da = bench.add_parser(
         "decode-attention", help="CPU decode attention: the C++ kernel vs the PyTorch reference"

@@ -53,6 +53,11 @@ class EngineStats:
     step_prefill_tokens: int = 0
     step_decode_tokens: int = 0
     step_num_seqs: int = 0
+    # Speculative decoding, cumulative (vLLM's spec_decode counters); zero without it.
+    spec_num_drafts: int = 0
+    spec_num_draft_tokens: int = 0
+    spec_num_accepted_tokens: int = 0
+    spec_accepted_per_pos: tuple[int, ...] = ()
 
 
 @dataclass
@@ -372,6 +377,11 @@ class LLMEngine:
         st.prefix_cache_queries = self.block_manager.prefix_cache_queries
         st.prefix_cache_hits = self.block_manager.prefix_cache_hits
         st.num_preemptions = self.scheduler.num_preemptions
+        if self.speculator is not None:
+            sd = self.speculator.stats
+            st.spec_num_drafts, st.spec_num_draft_tokens = sd.num_drafts, sd.num_draft_tokens
+            st.spec_num_accepted_tokens = sd.num_accepted_tokens
+            st.spec_accepted_per_pos = tuple(sd.accepted_per_pos)
         if not sched.is_empty:
             st.num_steps += 1
             st.step_time = step_time

@@ -322,3 +322,65 @@ def test_seeded_rows_consume_their_stream_as_without_speculation():
             seq.token_ids.append(got[0].token_id)
         plain.append(tuple(seq.token_ids[2:10]))
     assert with_spec == plain
+
+
+def test_server_exports_vllm_spec_decode_counters():
+    from kvpilot_engine.llm_engine import EngineStats
+    from kvpilot_engine.server.metrics import ServerMetrics
+    from prometheus_client import generate_latest
+
+    m = ServerMetrics("smollm2")
+    m.baseline(EngineStats())
+    m.on_step(
+        EngineStats(
+            spec_num_drafts=3,
+            spec_num_draft_tokens=12,
+            spec_num_accepted_tokens=7,
+            spec_accepted_per_pos=(3, 2, 1, 1),
+        ),
+        0,
+        True,
+    )
+    m.on_step(
+        EngineStats(
+            spec_num_drafts=4,
+            spec_num_draft_tokens=16,
+            spec_num_accepted_tokens=8,
+            spec_accepted_per_pos=(4, 2, 1, 1),
+        ),
+        0,
+        True,
+    )
+    text = generate_latest(m.registry).decode()
+    assert 'vllm:spec_decode_num_drafts_total{model_name="smollm2"} 4.0' in text
+    assert 'vllm:spec_decode_num_draft_tokens_total{model_name="smollm2"} 16.0' in text
+    assert 'vllm:spec_decode_num_accepted_tokens_total{model_name="smollm2"} 8.0' in text
+    per_pos = 'vllm:spec_decode_num_accepted_tokens_per_pos_total{model_name="smollm2",position='
+    assert per_pos + '"0"} 4.0' in text
+    assert per_pos + '"3"} 1.0' in text
+
+
+def test_suffix_index_drafts_from_itself_then_recent_outputs():
+    from kvpilot_engine.spec_decode.suffix import SuffixSpeculation
+
+    cfg = SpeculativeConfig(method="suffix", prompt_lookup_min=2, prompt_lookup_max=4)
+    sp = SuffixSpeculation(cfg)
+
+    def seq(i: int, tokens: list[int], prompt: int) -> Sequence:
+        return Sequence(i, str(i), 0, tokens, prompt, SamplingParams())
+
+    a = seq(0, [1, 2, 3, 4, 5, 6, 7, 2, 3], 5)
+    assert sp.propose([a], [3]) == [[4, 5, 6]]  # its own earlier [2, 3]
+    a.token_ids += [4, 5]
+    assert sp.propose([a], [2]) == [[6, 7]]  # the index grew with the output
+    sp.finish(a)
+    # Another request whose prompt ends with an n-gram of a's output (and not of its own).
+    b = seq(1, [9, 9, 6, 7], 4)
+    assert sp.propose([b], [3]) == [[2, 3, 4]]
+    assert sp.propose([seq(2, [8, 8, 8, 1], 4)], [3]) == [[]]
+    # Evicted outputs are no longer drafted from.
+    small = SuffixSpeculation(SpeculativeConfig(method="suffix", suffix_cache_requests=1))
+    small.finish(seq(3, [1, 2, 10, 11, 12], 2))
+    small.finish(seq(4, [5, 6, 20, 21, 22], 2))
+    assert small.propose([seq(5, [10, 11], 2)], [1]) == [[]]
+    assert small.propose([seq(6, [20, 21], 2)], [1]) == [[22]]

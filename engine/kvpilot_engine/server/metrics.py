@@ -101,6 +101,21 @@ class ServerMetrics:
         self.step_decode = hist(
             "kvpilot_engine_step_decode_tokens", "Decode tokens in one engine step.", TOKEN_BUCKETS
         )
+        self.spec_drafts = counter(
+            "vllm:spec_decode_num_drafts", "Speculative verify steps with at least one draft."
+        )
+        self.spec_draft_tokens = counter(
+            "vllm:spec_decode_num_draft_tokens", "Draft tokens verified."
+        )
+        self.spec_accepted_tokens = counter(
+            "vllm:spec_decode_num_accepted_tokens", "Draft tokens accepted."
+        )
+        self._spec_per_pos = Counter(
+            "vllm:spec_decode_num_accepted_tokens_per_pos",
+            "Draft tokens accepted, by position in the draft.",
+            ["model_name", "position"],
+            registry=r,
+        )
         # The engine's cache counters are cumulative; we export their increments.
         self._last = EngineStats()
 
@@ -145,6 +160,23 @@ class ServerMetrics:
         last.prefix_cache_queries = stats.prefix_cache_queries
         last.prefix_cache_hits = stats.prefix_cache_hits
         last.num_preemptions = stats.num_preemptions
+        if stats.spec_num_drafts != last.spec_num_drafts:
+            self.spec_drafts.inc(max(0, stats.spec_num_drafts - last.spec_num_drafts))
+            self.spec_draft_tokens.inc(
+                max(0, stats.spec_num_draft_tokens - last.spec_num_draft_tokens)
+            )
+            self.spec_accepted_tokens.inc(
+                max(0, stats.spec_num_accepted_tokens - last.spec_num_accepted_tokens)
+            )
+            now_per_pos = stats.spec_accepted_per_pos
+            prev = last.spec_accepted_per_pos or (0,) * len(now_per_pos)
+            for pos, (now, before) in enumerate(zip(now_per_pos, prev, strict=True)):
+                if now > before:
+                    self._spec_per_pos.labels(self.model_name, str(pos)).inc(now - before)
+            last.spec_num_drafts = stats.spec_num_drafts
+            last.spec_num_draft_tokens = stats.spec_num_draft_tokens
+            last.spec_num_accepted_tokens = stats.spec_num_accepted_tokens
+            last.spec_accepted_per_pos = stats.spec_accepted_per_pos
         if stepped:
             self.step_time.observe(stats.step_time)
             self.step_prefill.observe(stats.step_prefill_tokens)

@@ -51,7 +51,6 @@ class Speculator:
         # workload gets tried; it falls within a few steps where lookups miss.
         self.prior = AcceptanceEstimate(accepted=1.0, rejected=1.0, decay=0.95)
         self._estimates: dict[int, AcceptanceEstimate] = {}
-        self.draft_cost = 0.0  # seconds per draft token to propose (a draft model's steps)
 
     def _max_drafts(self, seq: Sequence) -> int:
         if seq.num_uncomputed_tokens != 1 or seq.num_output_tokens == 0:
@@ -75,7 +74,9 @@ class Speculator:
             # Plan before proposing, with every cap available: a draft model's cost is then
             # only paid for drafts the plan wants.
             base = sum(1 for s in running if s.num_uncomputed_tokens == 1) + prefill_tokens
-            caps = plan_drafts(caps, alphas, base, self.cost.c0, self.cost.c1, self.draft_cost)
+            # A draft model's proposals cost a step of it per draft; lookups next to nothing.
+            draft_cost = getattr(self.proposer, "draft_cost", 0.0)
+            caps = plan_drafts(caps, alphas, base, self.cost.c0, self.cost.c1, draft_cost)
         idx = [i for i, c in enumerate(caps) if c > 0]
         drafts = self.proposer.propose([running[i] for i in idx], [caps[i] for i in idx])
         for s in running:
