@@ -207,3 +207,30 @@ def test_speculative_drafts_are_checked_against_the_grammar(llm, make_smollm2):
     jsonschema.validate(json.loads(drafted.text), PERSON)
     assert spec.llm_engine.stats.spec_num_draft_tokens > 0
     spec.llm_engine.check_no_leaks()
+
+
+def test_run_batch_takes_response_format_and_tool_choice(llm, tmp_path):
+    from kvpilot_engine.batch.run_batch import run_batch
+
+    tool = {"type": "function", "function": {"name": "add_person", "parameters": PERSON}}
+    ask = [{"role": "user", "content": "Add a person."}]
+    bodies = {
+        "schema": {"response_format": {"type": "json_schema",
+                                       "json_schema": {"name": "p", "schema": PERSON}}},
+        "tool": {"tools": [tool], "tool_choice": {"type": "function",
+                                                  "function": {"name": "add_person"}}},
+    }  # fmt: skip
+    src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    lines = [
+        {"custom_id": cid, "method": "POST", "url": "/v1/chat/completions",
+         "body": {"model": "smollm2", "messages": ask, "max_tokens": 60, **b}}
+        for cid, b in bodies.items()
+    ]  # fmt: skip
+    src.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    summary = run_batch(llm, str(src), str(dst), "smollm2", use_tqdm=False)
+    assert summary.succeeded == 2, dst.read_text()
+    out = {ln["custom_id"]: ln["response"]["body"] for ln in map(json.loads, dst.open())}
+    jsonschema.validate(json.loads(out["schema"]["choices"][0]["message"]["content"]), PERSON)
+    call = out["tool"]["choices"][0]["message"]["tool_calls"][0]["function"]
+    assert call["name"] == "add_person"
+    jsonschema.validate(json.loads(call["arguments"]), PERSON)

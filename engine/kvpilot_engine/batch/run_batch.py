@@ -42,6 +42,7 @@ from kvpilot_engine.server.serving_completion import (
     echo_prefixes,
     tokenize,
 )
+from kvpilot_engine.server.tools import tool_context
 
 T = TypeVar("T", bound=BaseModel)
 
@@ -138,12 +139,15 @@ class BatchRunner:
     ) -> tuple[_Pending, list[str | list[int]], SamplingParams, int]:
         req = _validate(ChatCompletionRequest, line.body)
         priority = self._check(req.model, req.stream, req.priority)
-        params, k = chat_params(req)
-        prompt = chat_prompt(self.engine, req)
+        # Tool choices "required" and named are grammars and work offline; "auto" has no parser
+        # flag here and is answered without the tools.
+        tools = tool_context(req, None)
+        params, k = chat_params(req, tools)
+        prompt = chat_prompt(self.engine, req, tools)
         rid, created = self._next_rid("chatcmpl"), int(time.time())
 
         def build(choices: list[Choice], usage: UsageInfo) -> BaseModel:
-            return chat_response(rid, created, req.model, choices, usage, k)
+            return chat_response(rid, created, req.model, choices, usage, k, tools)
 
         return _Pending(line.custom_id, [rid], build), [prompt], params, priority
 
