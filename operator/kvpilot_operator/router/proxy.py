@@ -148,6 +148,11 @@ def parse_request(body: bytes) -> ParsedRequest:
             for m in messages
             if isinstance(m, dict)
         )
+        tools = doc.get("tools")
+        if tools and doc.get("tool_choice") != "none":
+            # The engine renders the tools ahead of the messages: requests that share a tool list
+            # share that prefix of KV cache, so they should share an endpoint.
+            prompt = f"tools:{json.dumps(tools, sort_keys=True)}\n{prompt}"
     else:
         raw = doc.get("prompt", "")
         if isinstance(raw, list) and len(raw) == 1 and isinstance(raw[0], (str, list)):
