@@ -11,6 +11,7 @@ X-Error-Code RepoNotFound, an unknown revision a 404 with RevisionNotFound, as o
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import http.server
 import json
@@ -26,17 +27,17 @@ from typing import Any
 LFS_MIN_BYTES = 1 << 20  # the Hub stores large files (and weights) in LFS
 
 
-@dataclass
+@dataclass(eq=False)
 class HubFile:
     path: str
     data: bytes
     lfs: bool
 
-    @property
+    @functools.cached_property
     def blob_sha1(self) -> str:
         return hashlib.sha1(f"blob {len(self.data)}\0".encode() + self.data).hexdigest()
 
-    @property
+    @functools.cached_property
     def sha256(self) -> str:
         return hashlib.sha256(self.data).hexdigest()
 
@@ -46,16 +47,21 @@ class HubStandIn:
     repos: dict[str, Path]  # repo id -> a folder, served as its `main` branch
     corrupt: set[str] = field(default_factory=set)
     requests: list[str] = field(default_factory=list)  # "METHOD path", as served
+    _cache: dict[Any, list[HubFile]] = field(default_factory=dict, repr=False)
 
     def files(self, repo: str) -> list[HubFile]:
         root = self.repos[repo]
-        out = []
-        for p in sorted(root.rglob("*")):
-            if p.is_file():
+        paths = sorted(p for p in root.rglob("*") if p.is_file())
+        # Read and hashed once per version of the folder, not per request.
+        key = (repo, tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in paths))
+        if key not in self._cache:
+            out = []
+            for p in paths:
                 data = p.read_bytes()
                 lfs = len(data) >= LFS_MIN_BYTES or p.suffix in (".gguf", ".safetensors")
                 out.append(HubFile(str(p.relative_to(root)), data, lfs))
-        return out
+            self._cache[key] = out
+        return self._cache[key]
 
     def commit(self, repo: str) -> str:
         h = hashlib.sha1(repo.encode())

@@ -124,6 +124,9 @@ def fetch_hub(
     src: SourceURI, dest: Path, progress: Progress, *, revision: str | None = None
 ) -> Fetched:
     from huggingface_hub import snapshot_download
+    from huggingface_hub.utils import disable_progress_bars
+
+    disable_progress_bars()  # our JSON progress lines instead of tqdm's in the pod's log
 
     repo = src.location
     # A pinned revision (`--revision`, vLLM's flag) wins over the URI's.
