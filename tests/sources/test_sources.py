@@ -377,3 +377,27 @@ def test_oci_artifact_pinned_verified(oci: tuple[str, Path], tmp_path: Path) -> 
         download(f"oci://{address}/models/rotten@{rotten}", tmp_path / "r", log_interval=0)
     assert err.value.reason == "ChecksumMismatch" and "model.gguf" in str(err.value)
     assert not (tmp_path / "r/model.gguf").exists()
+
+
+def test_serve_fetches_a_uri_model_first(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`kvpilot serve URI` (and generate, run-batch): the model is downloaded into
+    --download-dir and served from there under the name the user wrote; local paths and
+    bundled names are left alone."""
+    from kvpilot_engine.cli import build_parser, fetch_model
+
+    monkeypatch.setenv("KVPILOT_PVC_ROOT", str(tmp_path / "mnt"))
+    (tmp_path / "mnt/weights/smol").mkdir(parents=True)
+    (tmp_path / "mnt/weights/smol/model.gguf").write_bytes(b"GGUF")
+    ns = build_parser().parse_args(
+        ["serve", "pvc://weights/smol", "--download-dir", str(tmp_path / "dl")]
+    )
+    fetch_model(ns)
+    assert ns.model == str(tmp_path / "dl") and ns.served_model_name == "pvc://weights/smol"
+    assert (tmp_path / "dl/model.gguf").read_bytes() == b"GGUF"
+    for model in ("smollm2", str(tmp_path / "dl")):
+        ns = build_parser().parse_args(["serve", model])
+        fetch_model(ns)
+        assert ns.model == model and ns.served_model_name is None
+    ns = build_parser().parse_args(["serve", "gs://bucket/model"])
+    with pytest.raises(ValueError, match="UnknownScheme"):
+        fetch_model(ns)
