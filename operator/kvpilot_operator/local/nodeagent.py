@@ -119,6 +119,35 @@ def probe_ok(ip: str, probe: tuple[str, int]) -> bool:
         conn.close()
 
 
+# Container mode: where a pod finds the agent's credentials (a service account token's stand-in).
+SERVICE_ACCOUNT_DIR = "/var/run/kvpilot"
+
+
+def write_credentials(kubeconfig: Path, folder: Path, owner: tuple[int, int], mount: str) -> None:
+    """The agent's kubeconfig for a container: its embedded certificates as files under `mount`,
+    because the Kubernetes client writes embedded ones to temporary files, which a read-only root
+    filesystem without a /tmp volume refuses (in a cluster the token and CA are files too)."""
+    import json
+
+    config = json.loads(kubeconfig.read_text())  # the local cluster's kubeconfigs are JSON
+    folder.mkdir(parents=True, exist_ok=True)
+    files = {
+        ("clusters", "cluster", "certificate-authority"): "ca.crt",
+        ("users", "user", "client-certificate"): "client.crt",
+        ("users", "user", "client-key"): "client.key",
+    }
+    for (section, inner, key), filename in files.items():
+        for entry in config.get(section) or []:
+            data = entry.get(inner, {}).pop(f"{key}-data", None)
+            if data is not None:
+                (folder / filename).write_bytes(base64.b64decode(data))
+                entry[inner][key] = f"{mount}/{filename}"
+    (folder / "kubeconfig").write_text(json.dumps(config))
+    for path in [folder, *folder.iterdir()]:
+        os.chown(path, *owner)
+        path.chmod(0o500 if path.is_dir() else 0o400)
+
+
 @dataclass
 class NodeAgent:
     kubeconfig: Path
@@ -327,14 +356,11 @@ class NodeAgent:
         read_only: dict[str, str] = {}
         kubeconfig = self.env.get("KUBECONFIG")
         if kubeconfig and pod["spec"].get("automountServiceAccountToken") is not False:
-            # The stand-in for a service account token: the agent's kubeconfig, readable by the
-            # pod's user (its credentials are embedded).
-            copy = self.log_dir / f"{p.namespace}_{p.name}.kubeconfig"
-            copy.write_bytes(Path(kubeconfig).read_bytes())
-            os.chown(copy, *owner)
-            copy.chmod(0o400)
-            read_only["/var/run/kvpilot/kubeconfig"] = str(copy)
-            values["KUBECONFIG"] = "/var/run/kvpilot/kubeconfig"
+            # The stand-in for a service account token, readable by the pod's user.
+            folder = self.log_dir / f"{p.namespace}_{p.name}.credentials"
+            write_credentials(Path(kubeconfig), folder, owner, SERVICE_ACCOUNT_DIR)
+            read_only[SERVICE_ACCOUNT_DIR] = str(folder)
+            values["KUBECONFIG"] = f"{SERVICE_ACCOUNT_DIR}/kubeconfig"
         name = f"kvpilot-{p.namespace}-{p.name}{suffix.replace('.', '-')}"[:120]
         args = container_command(container, p.ip, {})
         cmd = podman_argv(pod, container, name=name, args=args, env_names=sorted(values),
