@@ -142,3 +142,45 @@ def test_abort_mid_speculation_frees_every_block(spec):
     assert drafted
     assert engine.block_manager.usage == 0.0
     engine.check_no_leaks()
+
+
+def test_suffix_method_greedy_equal_and_drafts_from_earlier_requests(make_smollm2, plain):
+    suffix = make_smollm2(
+        max_num_batched_tokens=64,
+        speculative_config={"method": "suffix", "num_speculative_tokens": 4, "adaptive": False},
+    )
+    params = SamplingParams(temperature=0.0, max_tokens=24)
+    want = plain.generate(PROMPTS[2], params, use_tqdm=False)[0]
+    first = suffix.generate(PROMPTS[2], params, use_tqdm=False)[0]
+    stats = suffix.llm_engine.speculator.stats
+    accepted = stats.num_accepted_tokens
+    # The same question again: its answer is now in the shared index, drafted from the start.
+    second = suffix.generate(PROMPTS[2], params, use_tqdm=False)[0]
+    assert first.outputs[0].token_ids == second.outputs[0].token_ids == want.outputs[0].token_ids
+    assert stats.num_accepted_tokens - accepted >= 15  # of at most 23
+    suffix.llm_engine.check_no_leaks()
+
+
+def test_draft_model_smollm2_as_its_own_draft_accepts_everything(make_smollm2, plain):
+    llm = make_smollm2(
+        max_num_batched_tokens=64,
+        speculative_config={
+            "method": "draft_model",
+            "model": "smollm2",
+            "num_speculative_tokens": 3,
+            "adaptive": False,
+        },
+    )
+    params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
+    prompts = [PROMPTS[2], PROMPTS[1]]
+    want = plain.generate(prompts, params, use_tqdm=False)
+    got = llm.generate(prompts, params, use_tqdm=False)
+    assert _ids(got) == _ids(want)
+    stats = llm.llm_engine.speculator.stats
+    assert stats.num_draft_tokens > 0
+    # The same weights propose what they verify (float32 both ways; a near-tie could still
+    # differ between the draft's decode and the target's verify kernels).
+    assert stats.num_accepted_tokens >= 0.95 * stats.num_draft_tokens, stats
+    llm.llm_engine.check_no_leaks()
+    proposer = llm.llm_engine.speculator.proposer
+    assert proposer.block_manager.num_free_blocks == proposer.block_manager.num_blocks
