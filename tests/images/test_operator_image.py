@@ -86,3 +86,22 @@ def test_no_torch(images: dict[str, str], podman_env: dict[str, str]) -> None:
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["None", "kopf"]
+
+
+def test_installed_code_is_the_built_commit(
+    images: dict[str, str], podman_env: dict[str, str]
+) -> None:
+    """The wheel layer is rebuilt when the wheel changes (the layer cache cannot see into a bind
+    mount): the image's code is the commit `kvpilot images build` exported."""
+    from kvpilot_operator.images.runtime import images_dir
+
+    module = "kvpilot_operator/local/nodeagent.py"
+    out = _run(
+        images["operator"],
+        podman_env,
+        ["-c", f"import kvpilot_operator, pathlib; print(pathlib.Path(kvpilot_operator.__file__)"
+               f".parent.parent.joinpath('{module}').read_text(), end='')"],
+        entrypoint="python3",
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == (images_dir() / "src" / "operator" / module).read_text()

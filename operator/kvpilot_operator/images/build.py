@@ -349,7 +349,8 @@ def _build_one(
 ) -> str:
     containerfile = root / "images" / spec.containerfile
     tag = spec.tag(version)
-    args = {"WHEEL": wheel.name, "VERSION": version, "SOURCE": SOURCE_URL}
+    sha256 = hashlib.sha256(wheel.read_bytes()).hexdigest()
+    args = {"WHEEL": wheel.name, "WHEEL_SHA256": sha256, "VERSION": version, "SOURCE": SOURCE_URL}
     if spec.local_base:
         args["BASE"] = base
     volumes: list[str] = []
@@ -362,7 +363,13 @@ def _build_one(
             args |= {"TORCH": f"torch=={torch_version}", "TORCH_INDEX": ""}
         else:
             _say(f"{spec.name:<11} no local CPU torch wheel: torch from PyTorch's CPU index")
-    key = inputs_digest(containerfile, digest, base_id or base, args)
+    # The wheel counts by its contents (`digest`), not its bytes (zip timestamps differ per build).
+    key = inputs_digest(
+        containerfile,
+        digest,
+        base_id or base,
+        {k: v for k, v in args.items() if k != "WHEEL_SHA256"},
+    )
     have = _podman_ok(
         ["image", "inspect", "--format", f'{{{{index .Labels "{LABEL_INPUTS}"}}}}', tag], env
     )
