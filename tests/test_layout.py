@@ -205,3 +205,12 @@ def test_an_installed_wheel_works_without_a_checkout(tmp_path: Path) -> None:
                  and d["kind"] == "Deployment"]  # fmt: skip
     args = engine["spec"]["template"]["spec"]["containers"][0]["args"]
     assert args[args.index("--max-num-seqs") + 1] == "128"  # from the packaged preset
+
+
+@pytest.mark.slow
+def test_the_command_line_loads_no_torch() -> None:
+    """The operator image has no torch, and runs `kvpilot operator`, `router`, `render`, `crds`:
+    building the `kvpilot` parser (every subcommand's flags) must not import it."""
+    code = "import sys, kvpilot_engine.cli as c\nc.build_parser()\nprint('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False", out.stderr[-2000:]

@@ -548,9 +548,17 @@ def build_parser() -> argparse.ArgumentParser:
     da = bench.add_parser(
         "decode-attention", help="CPU decode attention: the C++ kernel vs the PyTorch reference"
     )
-    from kvpilot_engine.bench.decode_attention import add_arguments as decode_attention_args
-
-    decode_attention_args(da)
+    da.add_argument("--seqs", type=int, default=64)
+    da.add_argument("--min-len", type=int, default=200)
+    da.add_argument("--max-len", type=int, default=600)
+    da.add_argument("--heads", type=int, default=9)
+    da.add_argument("--kv-heads", type=int, default=3)
+    da.add_argument("--head-dim", type=int, default=64)
+    da.add_argument("--block-size", type=int, default=16)
+    da.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    da.add_argument("--iters", type=int, default=30)
+    da.add_argument("--seed", type=int, default=0)
+    da.add_argument("--json", default=None, help="also write the figures to this file")
     da.set_defaults(func=cmd_bench_decode_attention)
 
     b = bench.add_parser("serve", help="online load against any OpenAI-compatible server(s)")

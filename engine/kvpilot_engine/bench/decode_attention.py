@@ -97,17 +97,3 @@ def run_decode_attention_bench(ns: argparse.Namespace) -> int:
         with open(ns.json, "w") as f:
             json.dump(rows, f, indent=2)
     return 0
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--seqs", type=int, default=64)
-    p.add_argument("--min-len", type=int, default=200)
-    p.add_argument("--max-len", type=int, default=600)
-    p.add_argument("--heads", type=int, default=9)
-    p.add_argument("--kv-heads", type=int, default=3)
-    p.add_argument("--head-dim", type=int, default=64)
-    p.add_argument("--block-size", type=int, default=16)
-    p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
-    p.add_argument("--iters", type=int, default=30)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", default=None, help="also write the figures to this file")
