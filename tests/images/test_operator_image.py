@@ -33,7 +33,7 @@ def xfail_if_cli_needs_torch(stderr: str) -> None:
         pytest.xfail(f"kvpilot's CLI imports torch (the operator image has none): {last}")
 
 
-def test_render_matches_the_checkout(images: dict[str, str], podman_env: dict[str, str]) -> None:
+def test_render_from_the_wheel(images: dict[str, str], podman_env: dict[str, str]) -> None:
     inside = _run(
         images["operator"],
         podman_env,
