@@ -31,9 +31,7 @@ def test_quickstart_in_containers(tmp_path: Path) -> None:
         podman_run_args(operator, command=["router", "--help"]),
         env=container_env(), capture_output=True, text=True, timeout=120,
     )  # fmt: skip
-    if "No module named 'torch'" in probe.stderr:
-        pytest.xfail("kvpilot's CLI imports torch, which the operator image has none of")
-    assert probe.returncode == 0, probe.stderr
+    assert probe.returncode == 0, f"`kvpilot router` in the operator image:\n{probe.stderr}"
 
     with Stack(workdir=tmp_path / "stack", sample=SAMPLE, containers=True) as stack:
         url = stack.router_url(stack.sample_name())

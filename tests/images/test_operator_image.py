@@ -19,18 +19,7 @@ QUICKSTART = ROOT / "docs" / "examples" / "quickstart.yaml"
 
 def _run(image: str, env: dict[str, str], command: list[str], **kw) -> subprocess.CompletedProcess:
     argv = podman_run_args(image, command=command, **kw)
-    out = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=120)
-    if kw.get("entrypoint") is None:  # the image's own `kvpilot`
-        xfail_if_cli_needs_torch(out.stderr)
-    return out
-
-
-def xfail_if_cli_needs_torch(stderr: str) -> None:
-    """The operator image has no torch by design: a `kvpilot` that imports it to build its parser
-    is a bug in the engine's imports, reported here as such (and this passes once it is fixed)."""
-    if "No module named 'torch'" in stderr:
-        last = [line for line in stderr.splitlines() if 'File "' in line][-1:]
-        pytest.xfail(f"kvpilot's CLI imports torch (the operator image has none): {last}")
+    return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=120)
 
 
 def test_render_from_the_wheel(images: dict[str, str], podman_env: dict[str, str]) -> None:
