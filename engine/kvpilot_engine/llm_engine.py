@@ -355,7 +355,10 @@ class LLMEngine:
         """Accepted drafts' K/V were computed in this step: count them computed (and offer their
         full blocks to the prefix cache); free the blocks only rejected drafts used."""
         assert self.speculator is not None
-        self.speculator.observe_step(sched.num_batched_tokens, seconds)
+        if not sched.num_prefill_tokens:
+            # Decode and verify steps only: per token, a long prefill chunk is far cheaper than
+            # the few rows a draft adds, and fitting both would make drafts look nearly free.
+            self.speculator.observe_step(sched.num_batched_tokens, seconds)
         for s in sched.scheduled:
             seq, num_drafts = s.seq, len(s.spec_token_ids)
             seq.spec_token_ids = []
