@@ -161,6 +161,21 @@ def test_suffix_method_greedy_equal_and_drafts_from_earlier_requests(make_smollm
     suffix.llm_engine.check_no_leaks()
 
 
+def test_verification_through_triton_kernels(make_smollm2, plain, monkeypatch):
+    """The GPU path's wiring, in Triton's interpreter: a verify chunk (the last token and its
+    drafts after the cached context) goes through the same paged-attention kernel as prefill
+    chunks, mixed with another sequence's decode."""
+    params = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
+    prompts = [PROMPTS[1], PROMPTS[2]]
+    want = plain.generate(prompts, params, use_tqdm=False)
+    monkeypatch.setenv("KVPILOT_FORCE_TRITON", "1")
+    llm = make_smollm2(max_model_len=256, num_kv_blocks=64, speculative_config=NGRAM)
+    got = llm.generate(prompts, params, use_tqdm=False)
+    assert _ids(got) == _ids(want)
+    assert llm.llm_engine.speculator.stats.num_accepted_tokens > 0
+    llm.llm_engine.check_no_leaks()
+
+
 def test_draft_model_smollm2_as_its_own_draft_accepts_everything(make_smollm2, plain):
     llm = make_smollm2(
         max_num_batched_tokens=64,
