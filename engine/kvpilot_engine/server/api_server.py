@@ -29,12 +29,13 @@ from kvpilot_engine.llm_engine import LLMEngine
 from kvpilot_engine.server.async_engine import AsyncLLMEngine
 from kvpilot_engine.server.errors import add_exception_handlers, error_response
 from kvpilot_engine.server.guard import ApiKeyMiddleware, GuardSettings
+from kvpilot_engine.server.http import h11_with_header_timeout
 from kvpilot_engine.server.logs import configure_logging
 from kvpilot_engine.server.metrics import ServerMetrics
 from kvpilot_engine.server.protocol import ModelCard, ModelList
 from kvpilot_engine.server.serving_chat import OpenAIServingChat
-from kvpilot_engine.server.tools import ToolSettings
 from kvpilot_engine.server.serving_completion import OpenAIServingCompletion
+from kvpilot_engine.server.tools import ToolSettings
 
 log = structlog.get_logger("kvpilot.server")
 
@@ -208,7 +209,7 @@ def run_server(
         timeout_graceful_shutdown=10,
         timeout_keep_alive=5,
         # h11 whatever else is installed: its header bound is the one these settings set.
-        http="h11",
+        http=h11_with_header_timeout(guard.header_timeout),
         limit_concurrency=guard.max_connections,
         h11_max_incomplete_event_size=guard.max_header_bytes,
     )
