@@ -9,8 +9,9 @@ tokens already in the cache (its own earlier chunks or prefix-cache hits).
 Cache layout per layer: key and value tensors of shape [num_blocks, block_size, num_kv_heads,
 head_dim]. A token at position p of a sequence lives in slot block_table[p // bs] * bs + p % bs.
 
-Decode rows on CPU go to the C++ kernel of kernels/cpu_decode.py when it is built (it reads the
-blocks in place); this module's gather + SDPA path is its reference and fallback.
+Decode rows on CPU can go to the C++ kernel of kernels/cpu_decode.py instead (it reads the
+blocks in place; opt-in with KVPILOT_CPU_KERNELS=1); this module's gather + SDPA path is its
+reference and the default.
 CUDA tensors go to the Triton kernels in kernels/attention.py instead: ModelRunner.prepare then
 fills the metadata's device tensors (query_start_loc_t, seq_lens_t, int32 block tables) and no
 decode groups. `KVPILOT_FORCE_TRITON=1` sends CPU tensors there too, for tests that run the whole
@@ -86,11 +87,16 @@ def use_triton(device: torch.device) -> bool:
 
 
 def build_decode_groups(
-    meta: AttentionMetadata, block_size: int, workspace: Workspace, cpu_kernel: bool = True
+    meta: AttentionMetadata,
+    block_size: int,
+    workspace: Workspace,
+    cpu_kernel: bool | None = None,
 ) -> list[DecodeGroup]:
     """Sort decode rows by context length and cut them into groups, so padding to the longest
     context in a group wastes little. With the C++ CPU kernel there are no groups: it reads the
     blocks in place, and `meta.cpu_decode` gets its index instead."""
+    if cpu_kernel is None:  # the engine's choice: opt-in for now (cpu_decode.enabled)
+        cpu_kernel = cpu_decode.enabled()
     if cpu_kernel and workspace.dtype in CPU_KERNEL_DTYPES and cpu_decode.load():
         meta.cpu_decode = CpuDecodeIndex(
             context_lens=torch.tensor(meta.context_lens, dtype=torch.long),

@@ -50,7 +50,8 @@ void decode(at::Tensor& out, const at::Tensor& query, const at::Tensor& key_cach
   const int64_t* lens = context_lens.data_ptr<int64_t>();
   const int64_t* seqs = seq_ids.data_ptr<int64_t>();
   const int64_t* row_of = rows.data_ptr<int64_t>();
-  const float neg_inf = -std::numeric_limits<float>::infinity();
+  // -ffast-math assumes no infinities: "no score yet" is a finite number no real score reaches.
+  const float kNoScore = -1e30f;
 
   at::parallel_for(0, n * num_kv_heads, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> qf(group * head_dim), acc(group * head_dim);
@@ -61,7 +62,7 @@ void decode(at::Tensor& out, const at::Tensor& query, const at::Tensor& key_cach
       const T* qrow = q + row_of[i] * q_stride + h * group * head_dim;
       for (int64_t x = 0; x < group * head_dim; ++x) qf[x] = to_float(qrow[x]) * scale;
       std::fill(acc.begin(), acc.end(), 0.0f);
-      std::fill(m.begin(), m.end(), neg_inf);
+      std::fill(m.begin(), m.end(), kNoScore);
       std::fill(l.begin(), l.end(), 0.0f);
       for (int64_t b = 0; b * block_size < len; ++b) {
         const int64_t block = tables[seq * max_blocks + b];
@@ -82,13 +83,19 @@ void decode(at::Tensor& out, const at::Tensor& query, const at::Tensor& key_cach
           float* s = scores.data() + g * block_size;
           float block_max = *std::max_element(s, s + tokens);
           const float new_m = std::max(m[g], block_max);
-          const float corr = std::exp(m[g] - new_m);  // 0 on the first block (m = -inf)
+          const float corr = std::exp(m[g] - new_m);  // 0 on the first block (m = kNoScore)
           float* a = acc.data() + g * head_dim;
           float sum = l[g] * corr;
+#pragma omp simd
           for (int64_t d = 0; d < head_dim; ++d) a[d] *= corr;
+          // One vectorized exp over the block (libmvec under -ffast-math), not one call a token.
+#pragma omp simd reduction(+ : sum)
           for (int64_t t = 0; t < tokens; ++t) {
-            const float p = std::exp(s[t] - new_m);
-            sum += p;
+            s[t] = std::exp(s[t] - new_m);
+            sum += s[t];
+          }
+          for (int64_t t = 0; t < tokens; ++t) {
+            const float p = s[t];
             const T* v = vb + t * token_stride;
 #pragma omp simd
             for (int64_t d = 0; d < head_dim; ++d) a[d] += p * to_float(v[d]);
