@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 MANIFEST = ".kvpilot-source.json"
+CHUNK = 1 << 20  # read and write model files a MiB at a time (they run to gigabytes)
 SCHEMES = ("hf", "s3", "pvc", "oci")
 # What the engine loads (loader.py): Hugging Face safetensors folders and GGUF files.
 WEIGHT_SUFFIXES = (".safetensors", ".gguf")
@@ -22,6 +23,14 @@ OCI_REFERENCE = re.compile(
     r"^(?P<registry>[a-zA-Z0-9.-]+(:[0-9]+)?)/(?P<repo>[a-z0-9]+([._/-][a-z0-9]+)*)"
     r"(:(?P<tag>[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}))?(@(?P<digest>sha256:[a-f0-9]{64}))?$"
 )
+
+
+def hash_file(path: Path, h: Any) -> Any:
+    """`h` (a hashlib object) updated with the file's bytes, a chunk at a time."""
+    with path.open("rb") as f:
+        while chunk := f.read(CHUNK):
+            h.update(chunk)
+    return h
 
 
 class SourceError(Exception):

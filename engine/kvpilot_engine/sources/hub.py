@@ -13,6 +13,7 @@ from kvpilot_engine.sources.base import (
     SourceURI,
     check_weights,
     endpoint_hint,
+    hash_file,
     read_manifest,
 )
 from kvpilot_engine.sources.progress import Progress
@@ -20,7 +21,6 @@ from kvpilot_engine.sources.progress import Progress
 # With safetensors in a repo, its other formats are copies of the same weights: vLLM skips
 # them too (the pickled ones would not load here anyway).
 SKIPPED_WITH_SAFETENSORS = (".bin", ".pt", ".pth", ".h5", ".msgpack", ".ot", ".onnx")
-CHUNK = 1 << 20
 
 
 def _classify(repo: str, revision: str, err: Exception) -> SourceError:
@@ -57,19 +57,11 @@ def _classify(repo: str, revision: str, err: Exception) -> SourceError:
 
 
 def _git_blob_sha1(path: Path) -> str:
-    h = hashlib.sha1(f"blob {path.stat().st_size}\0".encode())
-    with path.open("rb") as f:
-        while chunk := f.read(CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
+    return hash_file(path, hashlib.sha1(f"blob {path.stat().st_size}\0".encode())).hexdigest()
 
 
 def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
+    return hash_file(path, hashlib.sha256()).hexdigest()
 
 
 def resolve(repo: str, revision: str | None) -> tuple[str, dict[str, dict[str, Any]]]:

@@ -16,11 +16,13 @@ from pathlib import Path
 from typing import Any
 
 from kvpilot_engine.sources.base import (
+    CHUNK,
     OCI_REFERENCE,
     Fetched,
     SourceError,
     SourceURI,
     check_weights,
+    hash_file,
     read_manifest,
 )
 from kvpilot_engine.sources.progress import Progress
@@ -32,7 +34,6 @@ MANIFEST_TYPES = ", ".join(
         "application/vnd.docker.distribution.manifest.v2+json",
     ]
 )
-CHUNK = 1 << 20
 PARTIAL = ".partial"
 
 
@@ -172,11 +173,7 @@ def _get_blob(reg: Registry, entry: dict[str, Any], target: Path, uri: str) -> N
                     f.write(chunk)
         finally:
             r.close()
-    h = hashlib.sha256()
-    with partial.open("rb") as f:
-        while chunk := f.read(CHUNK):
-            h.update(chunk)
-    got = "sha256:" + h.hexdigest()
+    got = "sha256:" + hash_file(partial, hashlib.sha256()).hexdigest()
     if got != entry["digest"]:
         partial.unlink(missing_ok=True)
         raise SourceError(

@@ -10,16 +10,17 @@ from pathlib import Path
 from typing import Any
 
 from kvpilot_engine.sources.base import (
+    CHUNK,
     Fetched,
     SourceError,
     SourceURI,
     check_weights,
     endpoint_hint,
+    hash_file,
     read_manifest,
 )
 from kvpilot_engine.sources.progress import Progress
 
-CHUNK = 1 << 20
 PARTIAL = ".partial"  # a file being downloaded: dest/name.partial, resumed with a Range request
 
 
@@ -93,19 +94,11 @@ def _revision(objects: dict[str, dict[str, Any]]) -> str:
 
 
 def _md5(path: Path) -> str:
-    h = hashlib.md5(usedforsecurity=False)
-    with path.open("rb") as f:
-        while chunk := f.read(CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
+    return hash_file(path, hashlib.md5(usedforsecurity=False)).hexdigest()
 
 
 def _sha256_b64(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(CHUNK):
-            h.update(chunk)
-    return base64.b64encode(h.digest()).decode()
+    return base64.b64encode(hash_file(path, hashlib.sha256()).digest()).decode()
 
 
 def _verify(path: Path, name: str, obj: dict[str, Any], uri: str) -> None:
