@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -151,22 +151,29 @@ class BatchService:
 
     # ---- routes --------------------------------------------------------------------------------
     def routes(self) -> list[Route]:
+        """Every route behind the router's API key: checked here once, not in each endpoint."""
+        guard = self._authorized
         return [
-            Route("/v1/files", self.create_file, methods=["POST"]),
-            Route("/v1/files/{file_id}", self.get_file, methods=["GET"]),
-            Route("/v1/files/{file_id}/content", self.file_content, methods=["GET"]),
-            Route("/v1/batches", self.create_batch, methods=["POST"]),
-            Route("/v1/batches", self.list_batches, methods=["GET"]),
-            Route("/v1/batches/{batch_id}", self.get_batch, methods=["GET"]),
-            Route("/v1/batches/{batch_id}/cancel", self.cancel_batch, methods=["POST"]),
+            Route("/v1/files", guard(self.create_file), methods=["POST"]),
+            Route("/v1/files/{file_id}", guard(self.get_file), methods=["GET"]),
+            Route("/v1/files/{file_id}/content", guard(self.file_content), methods=["GET"]),
+            Route("/v1/batches", guard(self.create_batch), methods=["POST"]),
+            Route("/v1/batches", guard(self.list_batches), methods=["GET"]),
+            Route("/v1/batches/{batch_id}", guard(self.get_batch), methods=["GET"]),
+            Route("/v1/batches/{batch_id}/cancel", guard(self.cancel_batch), methods=["POST"]),
         ]
 
-    def _authorized(self, request: Request) -> bool:
-        return self.router._priority(request.scope) is not None
+    def _authorized(
+        self, endpoint: Callable[[Request], Awaitable[Response]]
+    ) -> Callable[[Request], Awaitable[Response]]:
+        async def guarded(request: Request) -> Response:
+            if self.router._priority(request.scope) is None:  # no (valid) key
+                return _error(401, *_UNAUTHORIZED)
+            return await endpoint(request)
+
+        return guarded
 
     async def create_file(self, request: Request) -> Response:
-        if not self._authorized(request):
-            return _error(401, *_UNAUTHORIZED)
         limit = self.settings.max_file_bytes
         declared = request.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > limit + 64 * 1024:  # the form's own bytes
@@ -197,8 +204,6 @@ class BatchService:
         return JSONResponse(obj.model_dump())
 
     async def get_file(self, request: Request) -> Response:
-        if not self._authorized(request):
-            return _error(401, *_UNAUTHORIZED)
         fid = request.path_params["file_id"]
         obj = self.store.get_file(fid)
         if obj is None:
@@ -206,8 +211,6 @@ class BatchService:
         return JSONResponse(obj.model_dump())
 
     async def file_content(self, request: Request) -> Response:
-        if not self._authorized(request):
-            return _error(401, *_UNAUTHORIZED)
         fid = request.path_params["file_id"]
         data = await asyncio.to_thread(self.store.file_content, fid)
         if data is None:
@@ -215,8 +218,6 @@ class BatchService:
         return Response(data, media_type="application/jsonl")
 
     async def create_batch(self, request: Request) -> Response:
-        if not self._authorized(request):
-            return _error(401, *_UNAUTHORIZED)
         try:
             doc = json.loads(await request.body())
             if not isinstance(doc, dict):
@@ -269,8 +270,6 @@ class BatchService:
         return JSONResponse(batch.model_dump())
 
     async def get_batch(self, request: Request) -> Response:
-        if not self._authorized(request):
-            return _error(401, *_UNAUTHORIZED)
         bid = request.path_params["batch_id"]
         batch = self.store.get_batch(bid)
         if batch is None:
@@ -278,8 +277,6 @@ class BatchService:
         return JSONResponse(batch.model_dump())
 
     async def list_batches(self, request: Request) -> Response:
-        if not self._authorized(request):
-            return _error(401, *_UNAUTHORIZED)
         raw = request.query_params.get("limit", "20")
         if not raw.isdigit() or not 1 <= int(raw) <= 100:
             return _error(400, "limit must be between 1 and 100", "invalid_value", "limit")
@@ -295,8 +292,6 @@ class BatchService:
         return JSONResponse(page(items, first, last, len(batches) > limit))
 
     async def cancel_batch(self, request: Request) -> Response:
-        if not self._authorized(request):
-            return _error(401, *_UNAUTHORIZED)
         bid = request.path_params["batch_id"]
         batch = self.store.get_batch(bid)
         if batch is None:
