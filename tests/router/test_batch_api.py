@@ -194,6 +194,77 @@ def test_cancel_bad_files_and_refused_lines(slow_engine: Server, tmp_path: Path)
         _client(router).batches.list()
 
 
+def _results(client: openai.OpenAI, file_id: str | None) -> list[dict]:
+    if file_id is None:
+        return []
+    return [json.loads(x) for x in client.files.content(file_id).text.splitlines()]
+
+
+def _check_expired(client: openai.OpenAI, batch_id: str, ids: list[str]) -> tuple[int, int]:
+    """An expired batch as OpenAI reports one: the answers before the window closed in the output
+    file, every other request a `batch_expired` line in the error file, each id exactly once.
+    (answered, expired)."""
+    b = client.batches.retrieve(batch_id)
+    assert b.status == "expired" and b.expired_at is not None, b
+    out, err = _results(client, b.output_file_id), _results(client, b.error_file_id)
+    assert all(r["response"]["status_code"] == 200 and r["error"] is None for r in out)
+    assert all(r["response"] is None and r["error"]["code"] == "batch_expired" for r in err)
+    assert sorted(r["custom_id"] for r in out + err) == sorted(ids)
+    counts = b.request_counts
+    assert (counts.total, counts.completed, counts.failed) == (len(ids), len(out), len(err))
+    return len(out), len(err)
+
+
+def test_a_batch_past_its_completion_window_expires_across_a_restart(
+    slow_engine: Server, tmp_path: Path
+) -> None:
+    """A batch whose window closes while its router is down expires when a router finds it,
+    keeping the answers written before; one whose window closes while it runs expires there."""
+    store = tmp_path / "batches"
+    flags = ("--batch-dir", str(store), "--batch-max-in-flight", "2")
+    doc = routes({"stable": (100, [slow_engine.url])})
+    lines = _chat_lines(24, max_tokens=4)
+    ids = [x["custom_id"] for x in lines]
+    with run_router(tmp_path, doc, *flags) as router:
+        client = _client(router)
+        f = client.files.create(file=("in.jsonl", _jsonl(lines)), purpose="batch")
+        down = client.batches.create(
+            input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="8s"
+        )
+        assert down.expires_at == down.created_at + 8
+        _wait("an answer", lambda: client.batches.retrieve(down.id).request_counts.completed >= 1)
+        router.proc.kill()
+        router.proc.wait(10)
+    answered = len((store / "batches" / f"{down.id}.output.jsonl").read_text().splitlines())
+    time.sleep(max(0.0, down.expires_at + 1 - time.time()))  # the window closes meanwhile
+
+    with run_router(tmp_path, doc, *flags) as router:
+        client = _client(router)
+        _wait("the expiry", lambda: client.batches.retrieve(down.id).status == "expired", 30)
+        assert _check_expired(client, down.id, ids) == (answered, len(ids) - answered)
+
+        # The window closes while the batch runs: what is in flight is abandoned.
+        live = client.batches.create(
+            input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="4s"
+        )
+        _wait("the live expiry", lambda: client.batches.retrieve(live.id).status == "expired", 30)
+        done, expired = _check_expired(client, live.id, ids)
+        assert done >= 1 and expired >= 1, (done, expired)
+        m = router.metrics()
+        assert value(m, "kvpilot_batch_requests_finished_total", result="expired") == (
+            len(ids) - answered + expired
+        )
+        # The gauges, refreshed each poll: two expired batches, nothing active.
+        _wait(
+            "the gauges",
+            lambda: value(router.metrics(), "kvpilot_batch_batches", status="expired") == 2,
+            10,
+        )
+        m = router.metrics()
+        assert value(m, "kvpilot_batch_deadline_timestamp_seconds") == 0
+        assert value(m, "kvpilot_batch_active_requests", state="total") == 0
+
+
 def _ttfts(url: str, n: int) -> list[float]:
     """TTFT of `n` interactive streaming requests, one after the other, through the router."""
     out = []

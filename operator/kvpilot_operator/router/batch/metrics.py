@@ -20,7 +20,8 @@ class BatchMetrics:
         )
         self.finished = Counter(
             "kvpilot_batch_requests_finished_total",
-            "Batch requests answered, by result: completed (200) or failed (an error line).",
+            "Batch requests answered, by result: completed (200), failed (an error line) or "
+            "expired (its batch's completion window closed first).",
             ["result"],
             registry=registry,
         )
@@ -46,9 +47,22 @@ class BatchMetrics:
             "Seconds until the nearest active batch's completion window closes (0 with none).",
             registry=registry,
         )
+        self.deadline_at = Gauge(
+            "kvpilot_batch_deadline_timestamp_seconds",
+            "When the nearest active batch's completion window closes, Unix time (0 with none).",
+            registry=registry,
+        )
+        self.active_requests = Gauge(
+            "kvpilot_batch_active_requests",
+            "The active batches' request counts, summed, by state: total, completed, failed.",
+            ["state"],
+            registry=registry,
+        )
         for state in ("queued", "running"):
             self.requests.labels(state)
-        for result in ("completed", "failed"):
+        for state in ("total", "completed", "failed"):
+            self.active_requests.labels(state)
+        for result in ("completed", "failed", "expired"):
             self.finished.labels(result)
         for kind in ("prompt", "completion"):
             self.tokens.labels(kind)

@@ -18,16 +18,18 @@ BatchStatus = Literal[
     "cancelled",
 ]
 ACTIVE = ("validating", "in_progress", "finalizing", "cancelling")
-# OpenAI offers "24h" only; a shorter window is what a deadline is made of.
-_WINDOW_RE = re.compile(r"^([1-9][0-9]{0,3})(h|m)$")
+# OpenAI offers "24h" only; a shorter window is what a deadline is made of (seconds too: a
+# window that closes while you watch, to see what expiry does to a pipeline).
+_WINDOW_RE = re.compile(r"^([1-9][0-9]{0,4})(h|m|s)$")
+_UNIT_SECONDS = {"h": 3600, "m": 60, "s": 1}
 
 
 def window_seconds(window: str) -> int:
-    """`24h`, `90m`: the completion window in seconds; ValueError for anything else."""
+    """`24h`, `90m`, `600s`: the completion window in seconds; ValueError for anything else."""
     m = _WINDOW_RE.match(window)
     if m is None:
-        raise ValueError(f"completion_window must look like 24h or 90m, got {window!r}")
-    return int(m.group(1)) * (3600 if m.group(2) == "h" else 60)
+        raise ValueError(f"completion_window must look like 24h, 90m or 600s, got {window!r}")
+    return int(m.group(1)) * _UNIT_SECONDS[m.group(2)]
 
 
 class FileObject(BaseModel):

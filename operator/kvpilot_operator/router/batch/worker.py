@@ -12,6 +12,13 @@ A request that fails for a reason that passes (no endpoint, a 5xx, the engine ov
 sent again after a pause; one the engine refuses (4xx) gets an error line. Each answer is on disk
 before the request counts as done, so a router restarted mid-batch resumes with exactly the
 requests that have no answer yet. One router works on a batch at a time (a lock file beside it).
+
+A batch still unfinished when its completion window closes expires, as OpenAI's do: the requests
+in flight are abandoned, every request without an answer gets a `batch_expired` line in the error
+file, the answers already written stay in the output file, and the batch ends `expired`. The
+batch is marked `finalizing` (with `expired_at`) before those lines are written, so a router
+restarted halfway finishes expiring it rather than calling it complete; a router that starts
+after a window closed expires the batch as soon as it finds it.
 """
 
 from __future__ import annotations
@@ -37,6 +44,11 @@ log = structlog.get_logger("kvpilot.router.batch")
 # (status, body) for a POST of `body` to `path`
 Call = Callable[[str, bytes], Awaitable[tuple[int, bytes]]]
 TRANSIENT = frozenset({408, 429, 499, 500, 502, 503, 504})
+# OpenAI's words for a request its batch's window closed on.
+EXPIRED = protocol.BatchError(
+    code="batch_expired",
+    message="This request could not be executed before the completion window expired.",
+)
 
 
 class BatchWorker:
@@ -74,15 +86,17 @@ class BatchWorker:
 
     def _poll(self) -> None:
         counts: dict[str, int] = {}
+        progress = RequestCounts()  # over the active batches
         deadline: float | None = None
-        now = time.time()
         for b in self.store.batches():
             counts[b.status] = counts.get(b.status, 0) + 1
             if not b.active:
                 continue
+            progress.total += b.request_counts.total
+            progress.completed += b.request_counts.completed
+            progress.failed += b.request_counts.failed
             if b.expires_at is not None:
-                left = max(0.0, b.expires_at - now)
-                deadline = left if deadline is None else min(deadline, left)
+                deadline = b.expires_at if deadline is None else min(deadline, b.expires_at)
             if b.id not in self._tasks:
                 self._tasks[b.id] = asyncio.create_task(self._own(b.id))
         for status in ("validating", "in_progress", "finalizing", "completed", "failed"):
@@ -91,7 +105,10 @@ class BatchWorker:
             counts.setdefault(status, 0)
         for status, n in counts.items():
             self.metrics.batches.labels(status).set(n)
-        self.metrics.deadline.set(deadline or 0.0)
+        self.metrics.deadline.set(max(0.0, deadline - time.time()) if deadline else 0.0)
+        self.metrics.deadline_at.set(deadline or 0.0)
+        for state, n in progress.model_dump().items():
+            self.metrics.active_requests.labels(state).set(n)
         self.metrics.requests.labels("queued").set(sum(self._queued.values()))
         self.metrics.requests.labels("running").set(self.in_flight)
 
@@ -126,7 +143,7 @@ class BatchWorker:
         if bid in self._cancel:
             return True
         b = self.store.get_batch(bid)  # a cancel through another router
-        return b is None or b.status == "cancelling"
+        return b is None or b.status == "cancelling" or _expired(b)
 
     async def _run(self, bid: str) -> None:
         batch = self.store.get_batch(bid)
@@ -144,7 +161,7 @@ class BatchWorker:
             batch.status = "in_progress"
         self.store.save_batch(batch)
         todo = [r for r in lines if r.custom_id not in ok and r.custom_id not in failed]
-        if batch.status == "in_progress" and todo:
+        if batch.status == "in_progress" and todo and not _expired(batch):
             log.info("batch running", batch=bid, todo=len(todo), total=len(lines))
             await self._drain(batch, todo)
         self._finish(bid)
@@ -226,6 +243,13 @@ class BatchWorker:
         now = int(time.time())
         if batch.status == "cancelling" or bid in self._cancel:
             batch.status, batch.cancelled_at = "cancelled", now
+        elif batch.expired_at is not None or (
+            _expired(batch)
+            and batch.request_counts.completed + batch.request_counts.failed
+            < batch.request_counts.total
+        ):
+            self._expire(batch, ok | failed)
+            batch.status = "expired"
         elif batch.request_counts.completed + batch.request_counts.failed >= (
             batch.request_counts.total
         ):
@@ -239,6 +263,35 @@ class BatchWorker:
         log.info(
             "batch finished", batch=bid, status=batch.status, **batch.request_counts.model_dump()
         )
+
+
+    def _expire(self, batch: Batch, answered: set[str]) -> None:
+        """An error line for each request without an answer, after marking the batch as being
+        expired (so that a restart halfway through carries on here)."""
+        if batch.expired_at is None:
+            batch.expired_at = int(time.time())
+            batch.status, batch.finalizing_at = "finalizing", batch.expired_at
+            self.store.save_batch(batch)
+        data = self.store.file_content(batch.input_file_id) or b""
+        for ln in protocol.read_lines(data):
+            if ln.request is None or ln.request.custom_id in answered:
+                continue
+            line = protocol.BatchRequestOutput(
+                id=protocol.new_id("batch_req"),
+                custom_id=ln.request.custom_id,
+                response=None,
+                error=EXPIRED,
+            )
+            self.store.append_result(batch.id, "errors", line.model_dump_json())
+            batch.request_counts.failed += 1
+            self.metrics.finished.labels("expired").inc()
+
+
+def _expired(batch: Batch) -> bool:
+    """The batch's completion window has closed."""
+    return batch.expired_at is not None or (
+        batch.expires_at is not None and time.time() >= batch.expires_at
+    )
 
 
 class _Throttle:
