@@ -27,6 +27,11 @@ CAUGHT_BY_CEL = {
     "extra --port", "extra --host=", "extra --model", "extra duplicates a field",
     "toleration Exists with a value", "toleration seconds without NoExecute", "min over max",
     "canary steps decrease", "canary steps repeat", "uri and path", "secret without uri",
+    "prompt lookup min over max", "draft model with ngram", "draft uri and path",
+    "extra --speculative-config",
+    "adapter names repeat", "adapter served names repeat", "adapter named as the model",
+    "adapter with its own cache", "adapter canary of the same source",
+    "adapter canary steps decrease", "cpu loras under max loras", "extra --lora-modules",
 }  # fmt: skip
 
 
@@ -126,7 +131,7 @@ def test_valid_specs_pass_every_rule() -> None:
             3,
             {
                 "model": {"source": {"pvc": {"claimName": "w"}, "path": "llama/8b"}},
-                "engine": {"extraArgs": ["--max-loras", "4", "--hosted=x"]},
+                "engine": {"extraArgs": ["--seed", "4", "--hosted=x"]},
             },
         ),
         case_doc(

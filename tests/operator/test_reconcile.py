@@ -283,12 +283,21 @@ def test_an_engine_that_fails_to_start_says_why(kube: MemoryKube) -> None:
             {"rollout": {"shadow": {"image": "ghcr.io/x/y:2"}}},
             "spec.rollout.shadow.image: 'ghcr.io/x/y:2'",
         ),
+        (
+            {
+                "adapters": [
+                    {"name": "sql", "source": {"path": "/adapters/sql"}},
+                    {"name": "support", "source": {"path": "/adapters/support"}},
+                ]
+            },
+            "spec.adapters: 2 adapters, more than the 1 allowed",
+        ),
     ],
 )
 def test_a_policys_limits_refuse_what_they_do_not_allow(
     kube: MemoryKube, spec: dict[str, Any], says: str
 ) -> None:
-    limits = {"images": ["registry.corp/kvpilot/"], "extraArgs": ["--max-loras"]}
+    limits = {"images": ["registry.corp/kvpilot/"], "extraArgs": ["--seed"], "maxAdapters": 1}
     kube.create(
         {
             "apiVersion": API_VERSION,
@@ -307,7 +316,8 @@ def test_a_policys_limits_refuse_what_they_do_not_allow(
     # What the limits allow is served.
     allowed = {
         "image": "registry.corp/kvpilot/engine:0.2",
-        "engine": {"extraArgs": ["--max-loras=4"]},
+        "engine": {"extraArgs": ["--seed=4"]},
+        "adapters": [{"name": "sql", "source": {"path": "/adapters/sql"}}],
     }
     kube.update_spec(NS, NAME, service(policy="guarded", **allowed)["spec"])
     out = reconcile(kube, live(kube), OPTS)

@@ -148,8 +148,135 @@ CASES: list[tuple[str, dict[str, Any], str]] = [
         {"rollout": {"shadow": {"image": "not an image"}}},
         "spec.rollout.shadow.image",
     ),
+    # --- speculative decoding
+    (
+        "speculative tokens",
+        {"speculative": {"numSpeculativeTokens": 0}},
+        "spec.speculative.numSpeculativeTokens",
+    ),
+    ("speculative method", {"speculative": {"method": "eagle"}}, "spec.speculative.method"),
+    (
+        "prompt lookup min over max",
+        {"speculative": {"promptLookupMin": 5, "promptLookupMax": 3}},
+        "spec.speculative.promptLookupMin",
+    ),
+    (
+        "prompt lookup max under the default min",
+        {"speculative": {"promptLookupMax": 1}},
+        "spec.speculative",
+    ),
+    (
+        "draft model with ngram",
+        {"speculative": {"method": "ngram", "draftModel": {"source": {"path": "smollm2"}}}},
+        "spec.speculative.draftModel",
+    ),
+    (
+        "draft_model without a draft",
+        {"speculative": {"method": "draft_model"}},
+        "spec.speculative.draftModel",
+    ),
+    (
+        "draft uri and path",
+        {"speculative": {"draftModel": {"source": {"uri": "hf://org/m", "path": "m"}}}},
+        "spec.speculative.draftModel.source",
+    ),
+    (
+        "extra --speculative-config",
+        {"engine": {"extraArgs": ["--speculative-config", "{}"]}},
+        "spec.engine.extraArgs",
+    ),
     ("api key secret", {"router": {"apiKeySecret": "My_Secret"}}, "spec.router.apiKeySecret"),
     ("router replicas", {"router": {"replicas": 0}}, "spec.router.replicas"),
+    # --- LoRA adapters
+    (
+        "adapter name",
+        {"adapters": [{"name": "SQL_v2", "source": {"path": "/a/sql"}}]},
+        "spec.adapters",
+    ),
+    (
+        "adapter names repeat",
+        {
+            "adapters": [
+                {"name": "sql", "source": {"path": "/a/sql"}},
+                {"name": "sql", "source": {"path": "/a/sql2"}},
+            ]
+        },
+        "spec.adapters",
+    ),
+    (
+        "adapter served names repeat",
+        {
+            "adapters": [
+                {"name": "sql", "source": {"path": "/a/sql"}},
+                {"name": "sql2", "servedName": "sql", "source": {"path": "/a/sql2"}},
+            ]
+        },
+        "spec.adapters",
+    ),
+    (
+        "adapter named as the model",
+        {
+            "model": {"source": {"path": "smollm2"}, "servedName": "chat"},
+            "adapters": [{"name": "chat", "source": {"path": "/a/chat"}}],
+        },
+        "spec.adapters",
+    ),
+    (
+        "adapter named as the service",
+        {"adapters": [{"name": "bad-0", "source": {"path": "/a/x"}}]},
+        "spec.adapters[0].servedName",
+    ),
+    ("adapter without source", {"adapters": [{"name": "sql"}]}, "spec.adapters"),
+    (
+        "adapter with its own cache",
+        {
+            "adapters": [
+                {
+                    "name": "sql",
+                    "source": {"uri": "s3://adapters/sql", "cache": {"claimName": "c"}},
+                }
+            ]
+        },
+        "spec.adapters",
+    ),
+    (
+        "adapter canary of the same source",
+        {
+            "adapters": [
+                {
+                    "name": "sql",
+                    "source": {"path": "/a/sql"},
+                    "canary": {"source": {"path": "/a/sql"}},
+                }
+            ]
+        },
+        "spec.adapters",
+    ),
+    (
+        "adapter canary steps decrease",
+        {
+            "adapters": [
+                {
+                    "name": "sql",
+                    "source": {"path": "/a/sql"},
+                    "canary": {"source": {"path": "/a/sql2"}, "steps": [50, 10]},
+                }
+            ]
+        },
+        "spec.adapters",
+    ),
+    ("lora rank", {"engine": {"maxLoraRank": 1024}}, "spec.engine.maxLoraRank"),
+    ("max loras", {"engine": {"maxLoras": 0}}, "spec.engine.maxLoras"),
+    (
+        "cpu loras under max loras",
+        {"engine": {"maxLoras": 8, "maxCpuLoras": 4}},
+        "spec.engine.maxCpuLoras",
+    ),
+    (
+        "extra --lora-modules",
+        {"engine": {"extraArgs": ["--lora-modules", "a=/x"]}},
+        "spec.engine.extraArgs",
+    ),
 ]
 
 

@@ -172,6 +172,12 @@ def check_limits(spec: LLMServiceSpec, limits: PolicyLimits) -> str | None:
         for field, image in images:
             if image is not None and not any(image.startswith(p) for p in limits.images):
                 return f"{field}: {image!r} is not an allowed image (limits.images)"
+    adapters = len(spec.adapters or [])
+    if limits.max_adapters is not None and adapters > limits.max_adapters:
+        return (
+            f"spec.adapters: {adapters} adapters, more than the {limits.max_adapters} allowed "
+            "(limits.maxAdapters)"
+        )
     if limits.extra_args is not None:
         for field, given in args:
             for arg in given or []:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import itertools
 import re
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from kvpilot_engine.contracts import QUANTIZATIONS
 from pydantic import (
@@ -103,6 +103,12 @@ MANAGED_FLAGS: dict[str, str] = {
     "--no-enable-chunked-prefill": "spec.engine.enableChunkedPrefill",
     "--enable-auto-tool-choice": "spec.engine.toolCallParser",
     "--tool-call-parser": "spec.engine.toolCallParser",
+    "--enable-lora": "spec.adapters",
+    "--lora-modules": "spec.adapters",
+    "--max-loras": "spec.engine.maxLoras",
+    "--max-lora-rank": "spec.engine.maxLoraRank",
+    "--max-cpu-loras": "spec.engine.maxCpuLoras",
+    "--speculative-config": "spec.speculative",
 }
 
 
@@ -143,30 +149,35 @@ SOURCE_URI_PATTERN = (
 URI_ONLY = ("secretName", "endpoint", "region", "cache")
 
 
+def _source_schema(where: str) -> dict[str, Any]:
+    """A model source's schema rules, their messages naming the field at `where`."""
+    return {
+        "anyOf": [{"required": ["path"]}, {"required": ["pvc"]}, {"required": ["uri"]}],
+        **cel(
+            (
+                "!has(self.pvc) || !has(self.path) || "
+                "(!self.path.startsWith('/') && !self.path.contains('..'))",
+                f"{where}.path: with pvc, a path relative to the claim's root "
+                "(no leading / and no ..)",
+            ),
+            (
+                "!has(self.uri) || (!has(self.path) && !has(self.pvc))",
+                f"{where}: one kind of source: uri, or path (with or without pvc)",
+            ),
+            (
+                "has(self.uri) || (" + " && ".join(f"!has(self.{f})" for f in URI_ONLY) + ")",
+                f"{where}: secretName, endpoint, region and cache go with uri",
+            ),
+        ),
+    }
+
+
 class ModelSource(_Model):
     # At least one kind (the API server checks it with anyOf; pydantic with the validator
     # below); not two (CEL on 1.25+, the operator on older clusters).
-    model_config = ConfigDict(
-        json_schema_extra={
-            "anyOf": [{"required": ["path"]}, {"required": ["pvc"]}, {"required": ["uri"]}],
-            **cel(
-                (
-                    "!has(self.pvc) || !has(self.path) || "
-                    "(!self.path.startsWith('/') && !self.path.contains('..'))",
-                    "spec.model.source.path: with pvc, a path relative to the claim's root "
-                    "(no leading / and no ..)",
-                ),
-                (
-                    "!has(self.uri) || (!has(self.path) && !has(self.pvc))",
-                    "spec.model.source: one kind of source: uri, or path (with or without pvc)",
-                ),
-                (
-                    "has(self.uri) || (" + " && ".join(f"!has(self.{f})" for f in URI_ONLY) + ")",
-                    "spec.model.source: secretName, endpoint, region and cache go with uri",
-                ),
-            ),
-        }
-    )
+    model_config = ConfigDict(json_schema_extra=_source_schema("spec.model.source"))
+    # The field this source is, in messages (a draft model's source has the same shape).
+    where: ClassVar[str] = "spec.model.source"
 
     # pvc before path: the path's check reads it.
     pvc: PVCSource | None = Field(None, description="Mount this claim read-only at /models.")
@@ -244,18 +255,16 @@ class ModelSource(_Model):
 
     @model_validator(mode="after")
     def _one_kind(self) -> ModelSource:
+        where = self.where
         if self.path is None and self.pvc is None and self.uri is None:
-            raise ValueError("model.source needs `uri`, `path` or `pvc`")
+            raise ValueError(f"{where.removeprefix('spec.')} needs `uri`, `path` or `pvc`")
         if self.uri is not None and (self.path is not None or self.pvc is not None):
-            raise ValueError(
-                "spec.model.source: one kind of source: uri, or path (with or without pvc)"
-            )
+            raise ValueError(f"{where}: one kind of source: uri, or path (with or without pvc)")
         if self.uri is None:
             stray = [f for f in URI_ONLY if getattr(self, _snake(f)) is not None]
             if stray:
                 raise ValueError(
-                    f"spec.model.source.{stray[0]}: secretName, endpoint, region and cache "
-                    "go with uri"
+                    f"{where}.{stray[0]}: secretName, endpoint, region and cache go with uri"
                 )
         return self
 
@@ -309,6 +318,16 @@ class ParallelismSpec(_Model):
 
 
 class EngineSpec(_Model):
+    model_config = ConfigDict(
+        json_schema_extra=cel(
+            (
+                "!has(self.maxLoras) || !has(self.maxCpuLoras) "
+                "|| self.maxCpuLoras >= self.maxLoras",
+                "spec.engine.maxCpuLoras must not be less than spec.engine.maxLoras",
+            )
+        )
+    )
+
     max_num_batched_tokens: int | None = Field(
         None, ge=16, le=1_048_576, description="Token budget of one engine step."
     )
@@ -334,6 +353,26 @@ class EngineSpec(_Model):
         "(hermes: <tool_call> JSON, also for models whose chat template has no tool support; "
         'llama3_json; mistral). Unset: "required" and named tool choices only.',
     )
+    # LoRA (with spec.adapters), vLLM's names and meanings.
+    max_loras: int | None = Field(
+        None,
+        ge=1,
+        le=256,
+        description="spec.adapters: adapters in one engine step (device slots; engine default 1).",
+    )
+    max_lora_rank: int | None = Field(
+        None,
+        ge=1,
+        le=512,
+        description="spec.adapters: the largest adapter rank served (engine default 16); an "
+        "adapter of a higher rank fails to load.",
+    )
+    max_cpu_loras: int | None = Field(
+        None,
+        ge=1,
+        le=4096,
+        description="spec.adapters: adapters kept in host memory (LRU; default maxLoras).",
+    )
     extra_args: list[Annotated[str, Field(max_length=4096)]] | None = Field(
         None,
         max_length=64,
@@ -358,6 +397,16 @@ class EngineSpec(_Model):
             if flag in MANAGED_FLAGS:
                 raise ValueError(f"{flag} is set by {MANAGED_FLAGS[flag]}; not in extraArgs")
         return args
+
+    @model_validator(mode="after")
+    def _lora_slots(self) -> EngineSpec:
+        low, high = self.max_loras, self.max_cpu_loras
+        if low is not None and high is not None and high < low:
+            raise ValueError(
+                f"spec.engine.maxCpuLoras ({high}) must not be less than "
+                f"spec.engine.maxLoras ({low})"
+            )
+        return self
 
 
 class GPUSpec(_Model):
@@ -491,7 +540,9 @@ class CanarySpec(_Model):
     model_config = ConfigDict(
         json_schema_extra=cel(
             (
-                "self.steps.isSorted() && self.steps.all(s, self.steps.exists_one(t, t == s))",
+                # Unset steps take the default (which pydantic fills, the API server does not).
+                "!has(self.steps) || self.steps.isSorted() "
+                "&& self.steps.all(s, self.steps.exists_one(t, t == s))",
                 "spec.rollout.canary.steps: weights must increase from step to step",
             )
         )
@@ -584,6 +635,219 @@ class BatchSpec(_Model):
     )
 
 
+class DraftModelSource(ModelSource):
+    where: ClassVar[str] = "spec.speculative.draftModel.source"
+    model_config = ConfigDict(json_schema_extra=_source_schema(where))
+
+
+class DraftModelSpec(_Model):
+    source: DraftModelSource = Field(
+        description="Where the draft's weights come from, as spec.model.source: a `uri` is "
+        "downloaded by the same init container kind before the engine starts. It must share the "
+        "served model's tokenizer (the engine checks at start; a mismatch is Degraded)."
+    )
+
+
+# The engine's speculative methods (kvpilot_engine.spec_decode.config.METHODS; a test keeps the
+# two lists equal).
+SPECULATIVE_METHODS = ("ngram", "suffix", "draft_model")
+
+
+class SpeculativeSpec(_Model):
+    """`kvpilot serve --speculative-config`, with vLLM's keys in camelCase."""
+
+    # Rules on one side of a policy merge only; check_servable checks the merged spec.
+    model_config = ConfigDict(
+        json_schema_extra=cel(
+            (
+                "!has(self.promptLookupMin) || !has(self.promptLookupMax) "
+                "|| self.promptLookupMin <= self.promptLookupMax",
+                "spec.speculative.promptLookupMin must not be greater than "
+                "spec.speculative.promptLookupMax",
+            ),
+            (
+                "!has(self.draftModel) || !has(self.method) || self.method == 'draft_model'",
+                "spec.speculative.draftModel goes with method draft_model",
+            ),
+        )
+    )
+
+    enabled: bool | None = Field(
+        None, description="Off with `false` (e.g. to opt out of a policy's); on when unset."
+    )
+    method: Literal[SPECULATIVE_METHODS] | None = Field(  # type: ignore[valid-type]
+        None,
+        description="`ngram`: prompt lookup in the request's own tokens (code editing, document "
+        "QA); `suffix`: also recent requests' outputs; `draft_model`: a smaller model of the "
+        "same tokenizer (draftModel). Default ngram.",
+    )
+    num_speculative_tokens: int | None = Field(
+        None, ge=1, le=32, description="Most drafts a sequence verifies per step (default 5)."
+    )
+    prompt_lookup_min: int | None = Field(
+        None, ge=1, le=64, description="ngram/suffix: shortest suffix looked up (default 2)."
+    )
+    prompt_lookup_max: int | None = Field(
+        None, ge=1, le=64, description="ngram/suffix: longest suffix looked up (default 4)."
+    )
+    suffix_cache_requests: int | None = Field(
+        None,
+        ge=0,
+        le=100_000,
+        description="suffix: finished requests' outputs kept for lookups (default 64).",
+    )
+    disable_by_batch_size: int | None = Field(
+        None,
+        ge=1,
+        le=4096,
+        description="No drafts in a step with more decoding sequences than this.",
+    )
+    adaptive: bool | None = Field(
+        None,
+        description="Per step and request, verify only the drafts the engine's cost model "
+        "expects to pay (default true).",
+    )
+    draft_model: DraftModelSpec | None = Field(
+        None, description="The draft model (method draft_model only, and required by it)."
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> SpeculativeSpec:
+        low, high = self.prompt_lookup_min, self.prompt_lookup_max
+        if low is not None and high is not None and low > high:
+            raise ValueError(
+                f"spec.speculative.promptLookupMin ({low}) is greater than "
+                f"spec.speculative.promptLookupMax ({high})"
+            )
+        if self.draft_model is not None and self.method not in (None, "draft_model"):
+            raise ValueError(
+                f"spec.speculative.draftModel goes with method draft_model, not {self.method}"
+            )
+        return self
+
+
+class AdapterSource(ModelSource):
+    """A LoRA adapter's source: a model source's kinds (a `uri` is downloaded into the model's
+    cache by an init container of its own, with its own credentials), without a cache of its
+    own (it shares the model's)."""
+
+    where: ClassVar[str] = "spec.adapters[].source"
+    model_config = ConfigDict(
+        json_schema_extra=_source_schema(where)
+        | {
+            "x-kubernetes-validations": _source_schema(where)["x-kubernetes-validations"]
+            + cel(
+                (
+                    "!has(self.cache)",
+                    f"{where}.cache: adapters are downloaded into the model's cache "
+                    "(spec.model.source.cache)",
+                )
+            )["x-kubernetes-validations"]
+        }
+    )
+
+    @model_validator(mode="after")
+    def _no_cache(self) -> AdapterSource:
+        if self.cache is not None:
+            raise ValueError(
+                f"{self.where}.cache: adapters are downloaded into the model's cache "
+                "(spec.model.source.cache)"
+            )
+        return self
+
+
+class AdapterCanarySpec(CanarySpec):
+    """A new version of an adapter, served beside the current one on the same engines."""
+
+    model_config = ConfigDict(
+        json_schema_extra=cel(
+            (
+                # Unset steps take the default (which pydantic fills, the API server does not).
+                "!has(self.steps) || self.steps.isSorted() "
+                "&& self.steps.all(s, self.steps.exists_one(t, t == s))",
+                "spec.adapters[].canary.steps: weights must increase from step to step",
+            )
+        )
+    )
+
+    source: AdapterSource = Field(
+        description="The new version. Loaded on every engine beside the current one; `steps` "
+        "are shares of this adapter's requests."
+    )
+
+
+class AdapterShadowSpec(_Model):
+    source: AdapterSource = Field(
+        description="A candidate version that gets a copy of a sample of this adapter's requests "
+        "(answers compared, never returned)."
+    )
+    mirror_percent: float = Field(10.0, ge=0.0, le=100.0)
+    max_rps: float | None = Field(None, ge=0.0, description="Cap on mirrored requests per second.")
+
+
+class AdapterSpec(_Model):
+    model_config = ConfigDict(
+        json_schema_extra=cel(
+            (
+                "!has(self.canary) || self.canary.source != self.source",
+                "spec.adapters[].canary.source: the same as source; nothing to roll out",
+            )
+        )
+    )
+
+    # Init containers are named after it (`adapter-<name>-canary`, at most 63 characters).
+    name: str = Field(
+        min_length=1,
+        max_length=48,
+        pattern=DNS_LABEL,
+        description="The adapter's name in this service (a DNS label).",
+    )
+    source: AdapterSource = Field(
+        description="A PEFT adapter folder (adapter_config.json + adapter_model.safetensors), "
+        "as spec.model.source: `uri` (downloaded), `path` in the engine image, or `pvc`."
+    )
+    served_name: str | None = Field(
+        None,
+        min_length=1,
+        max_length=253,
+        pattern=r"^[^@\s]+$",
+        description="Name clients send as `model` (default: `name`).",
+    )
+    canary: AdapterCanarySpec | None = Field(
+        None,
+        description="Roll a new version out: the router gives it `steps` of this adapter's "
+        "requests and the operator promotes or rolls it back on TTFT, TPOT and errors against "
+        "the current version, as spec.rollout.canary does for the model.",
+    )
+    shadow: AdapterShadowSpec | None = Field(None, description="Mirror traffic to a candidate.")
+
+    @model_validator(mode="after")
+    def _new_canary(self) -> AdapterSpec:
+        if self.canary is not None and self.canary.source == self.source:
+            raise ValueError(
+                "spec.adapters[].canary.source: the same as source; nothing to roll out"
+            )
+        return self
+
+    @property
+    def served(self) -> str:
+        return self.served_name or self.name
+
+
+def _served(var: str) -> str:
+    return f"(has({var}.servedName) ? {var}.servedName : {var}.name)"
+
+
+def _check_adapters(adapters: list[AdapterSpec] | None) -> list[AdapterSpec] | None:
+    names = [a.name for a in adapters or []]
+    served = [a.served for a in adapters or []]
+    for what, values in (("name", names), ("servedName", served)):
+        dups = sorted({v for v in values if values.count(v) > 1})
+        if dups:
+            raise ValueError(f"adapter {what}s must be unique, repeated: {', '.join(dups)}")
+    return adapters
+
+
 class LLMServiceSpec(_Model):
     """An OpenAI-compatible LLM endpoint held to TTFT/TPOT SLOs, served by kvpilot engines."""
 
@@ -601,6 +865,11 @@ class LLMServiceSpec(_Model):
                 "!has(self.quantization) || self.quantization != 'fp8' "
                 "|| self.resources.gpu.count > 0",
                 "spec.quantization: fp8 needs a Hopper GPU (spec.resources.gpu.count)",
+            ),
+            (
+                "!has(self.adapters) || !has(self.model.servedName) "
+                f"|| self.adapters.all(a, {_served('a')} != self.model.servedName)",
+                "spec.adapters: an adapter's served name is the model's (spec.model.servedName)",
             ),
         )
     )
@@ -640,6 +909,28 @@ class LLMServiceSpec(_Model):
     )
     batch: BatchSpec | None = Field(
         None, description="OpenAI's Batch API on the router, run at low priority."
+    )
+    speculative: SpeculativeSpec | None = Field(
+        None,
+        description="Speculative decoding: cheap drafts verified in the engine's normal step, "
+        "the same output; faster at 1-4 requests in flight where drafts are accepted.",
+    )
+    adapters: Annotated[list[AdapterSpec] | None, AfterValidator(_check_adapters)] = Field(
+        None,
+        max_length=256,
+        description="LoRA adapters of the model, served by the same engines and mixed in one "
+        "batch; clients pick one by its served name in `model`. Sized by spec.engine.maxLoras, "
+        "maxLoraRank and maxCpuLoras.",
+        json_schema_extra=cel(
+            (
+                "self.all(a, self.exists_one(b, b.name == a.name))",
+                "spec.adapters: adapter names must be unique",
+            ),
+            (
+                f"self.all(a, self.exists_one(b, {_served('b')} == {_served('a')}))",
+                "spec.adapters: adapter servedNames must be unique",
+            ),
+        ),
     )
     image: str | None = Field(
         None,
@@ -721,6 +1012,39 @@ class SourceStatus(_Model):
     downloading: int | None = Field(None, description="Engine pods downloading now.")
 
 
+class AdapterStatus(_Model):
+    name: str = Field(description="spec.adapters[].name.")
+    canary: CanaryStatus | None = Field(
+        None,
+        description="The adapter's canary: `revision` and `stableRevision` are the two "
+        "versions' folders on the engines (one per source).",
+    )
+    shadow: ShadowStatus | None = None
+
+
+class BatchesStatus(_Model):
+    """The Batch API's progress on the service, from its routers' `kvpilot_batch_*` metrics."""
+
+    active: int = Field(0, description="Batches validating, in progress, finalizing or cancelling.")
+    by_status: dict[str, int] | None = Field(
+        None, description="Batches by status (`in_progress`, `completed`, `expired`, ...)."
+    )
+    requests_total: int = Field(0, description="Requests in the active batches.")
+    requests_completed: int = Field(0, description="Of those, answered.")
+    requests_failed: int = Field(0, description="Of those, failed (refused or expired).")
+    finish_rate: float | None = Field(
+        None, description="Batch requests answered per second over the last five minutes."
+    )
+    nearest_deadline: str | None = Field(
+        None, description="When the nearest active batch's completion window closes."
+    )
+    deadline_at_risk: bool | None = Field(
+        None,
+        description="At finishRate the unanswered requests would not be done by nearestDeadline "
+        "(unset: no deadline, or no rate measured yet).",
+    )
+
+
 class LLMServiceStatus(_Model):
     observed_generation: int | None = None
     # A list-map keyed by type (Kubernetes' convention): server-side apply merges by type.
@@ -744,6 +1068,15 @@ class LLMServiceStatus(_Model):
     canary: CanaryStatus | None = None
     shadow: ShadowStatus | None = None
     source: SourceStatus | None = Field(None, description="The downloaded model's revision.")
+    batches: BatchesStatus | None = Field(None, description="Batch API progress (spec.batch).")
+    adapters: list[AdapterStatus] | None = Field(
+        None,
+        description="Adapter rollouts (spec.adapters[].canary and .shadow).",
+        json_schema_extra={
+            "x-kubernetes-list-type": "map",
+            "x-kubernetes-list-map-keys": ["name"],
+        },
+    )
 
 
 class ObjectMeta(BaseModel):
@@ -785,7 +1118,13 @@ class PolicyLimits(_Model):
         None,
         max_length=256,
         description="`kvpilot serve` flags a service may pass in `engine.extraArgs` (e.g. "
-        "`--max-loras`); unset: any flag, empty: none.",
+        "`--seed`); unset: any flag, empty: none.",
+    )
+    max_adapters: int | None = Field(
+        None,
+        ge=0,
+        le=256,
+        description="Most LoRA adapters a service may declare in `adapters`; unset: any.",
     )
 
 
@@ -798,6 +1137,7 @@ class ServingPolicySpec(_Model):
     engine: EngineSpec | None = None
     scaling: ScalingSpec | None = None
     batch: BatchSpec | None = None
+    speculative: SpeculativeSpec | None = None
     limits: PolicyLimits | None = Field(
         None, description="What services naming this policy may use (not a preset: not merged)."
     )

@@ -30,12 +30,21 @@ from kvpilot_operator.api.names import (
     router_name,
     selector_labels,
 )
-from kvpilot_operator.api.types import API_VERSION, BatchSpec, LLMService, LLMServiceSpec
+from kvpilot_operator.api.types import (
+    API_VERSION,
+    BatchSpec,
+    LLMService,
+    LLMServiceSpec,
+    ModelSource,
+)
 
 MODELS_MOUNT = "/models"
+# A draft model (spec.speculative.draftModel) on a claim other than the served model's.
+DRAFT_MODELS_MOUNT = "/draft-models"
 # Where `spec.model.source.uri` downloads go: the init container writes, the engine reads.
 MODEL_CACHE_MOUNT = "/model-cache"
 DOWNLOAD_CONTAINER = "model-download"
+DRAFT_DOWNLOAD_CONTAINER = "draft-model-download"
 # The download's credentials, by scheme: (env and Secret key, optional).
 SOURCE_SECRET_KEYS: dict[str, list[tuple[str, bool]]] = {
     "hf": [("HF_TOKEN", False)],
@@ -80,7 +89,9 @@ class RenderOptions:
 def revision_of(svc: LLMService, spec: LLMServiceSpec, salt: str = "") -> str:
     """10 hex digits that change exactly when an engine pod would serve differently."""
     serving = {
-        "args": serve_args(svc, spec),
+        # Adapters are not the model's revision: a change of theirs rolls the engines in place
+        # (and has canaries of its own), and the router finds adapters on engines by folder.
+        "args": serve_args(svc, spec.model_copy(update={"adapters": None})),
         "image": spec.image,
         "resources": spec.resources.model_dump(mode="json", by_alias=True, exclude_none=True),
         "pvc": spec.model.source.pvc.claim_name if spec.model.source.pvc else None,
@@ -88,6 +99,9 @@ def revision_of(svc: LLMService, spec: LLMServiceSpec, salt: str = "") -> str:
     }
     if spec.model.source.uri is not None:  # only then: other services' revisions stay as they were
         serving["source"] = spec.model.source.model_dump(mode="json", exclude_none=True)
+    draft = draft_source(spec)
+    if draft is not None:  # likewise
+        serving["draft"] = draft.model_dump(mode="json", exclude_none=True)
     return hashlib.sha256(json.dumps(serving, sort_keys=True).encode()).hexdigest()[:10]
 
 
@@ -173,8 +187,40 @@ def check_servable(spec: LLMServiceSpec) -> None:
             f"by this engine version (it serves: {', '.join(sorted(ENGINE_QUANTIZATIONS))}); "
             "set spec.quantization: none"
         )
+    problems += _speculative_problems(spec)
     if problems:
         raise SpecError("; ".join(problems))
+
+
+def _speculative_problems(spec: LLMServiceSpec) -> list[str]:
+    """spec.speculative as merged with the policy: what one side alone could not show, then the
+    engine's own check of the flag's JSON (its defaults fill what neither side set)."""
+    spec_cfg = spec.speculative
+    if spec_cfg is None or spec_cfg.enabled is False:
+        return []
+    if spec_cfg.draft_model is not None and spec_cfg.method not in (None, "draft_model"):
+        return [f"spec.speculative.draftModel goes with method draft_model, not {spec_cfg.method}"]
+    if spec_cfg.method == "draft_model" and spec_cfg.draft_model is None:
+        return ["spec.speculative.draftModel: method draft_model needs the draft's source"]
+    draft = draft_source(spec)
+    model_cache = spec.model.source.cache
+    if (
+        draft is not None
+        and draft.cache is not None
+        and model_cache is not None
+        and draft.cache.claim_name != model_cache.claim_name
+    ):
+        return [
+            "spec.speculative.draftModel.source.cache: the pod has one model cache; use "
+            f"spec.model.source.cache's claim ({model_cache.claim_name}) or leave it unset"
+        ]
+    from kvpilot_engine.spec_decode.config import SpeculativeConfig
+
+    try:
+        SpeculativeConfig.parse(speculative_config(spec))
+    except (TypeError, ValueError) as e:
+        return [f"spec.speculative: {str(e).replace('speculative_config', 'the engine')}"]
+    return []
 
 
 def desired_replicas(spec: LLMServiceSpec) -> int:
@@ -221,6 +267,169 @@ def model_path(spec: LLMServiceSpec) -> str:
         assert source.path is not None
         return source.path
     return f"{MODELS_MOUNT}/{claim[1].lstrip('/')}".rstrip("/")
+
+
+def draft_source(spec: LLMServiceSpec) -> ModelSource | None:
+    """The draft model's source when speculation by a draft model is on, else None."""
+    spec_cfg = spec.speculative
+    if spec_cfg is None or spec_cfg.enabled is False or spec_cfg.draft_model is None:
+        return None
+    return spec_cfg.draft_model.source
+
+
+def _download(source: ModelSource | None) -> str | None:
+    uri = source.uri if source is not None else None
+    return uri if uri is not None and not uri.startswith("pvc://") else None
+
+
+def _claim(source: ModelSource) -> tuple[str, str] | None:
+    if source.pvc is not None:
+        return source.pvc.claim_name, source.path or ""
+    if source.uri is not None and source.uri.startswith("pvc://"):
+        claim, _, path = source.uri.removeprefix("pvc://").strip("/").partition("/")
+        return claim, path
+    return None
+
+
+def draft_claim_mount(spec: LLMServiceSpec) -> str | None:
+    """Where the draft's claim is mounted: the served model's mount when it is the same claim,
+    else its own; None without a draft on a claim."""
+    draft = draft_source(spec)
+    claim = _claim(draft) if draft is not None else None
+    if claim is None:
+        return None
+    model = model_claim(spec)
+    return MODELS_MOUNT if model is not None and model[0] == claim[0] else DRAFT_MODELS_MOUNT
+
+
+def draft_model_path(spec: LLMServiceSpec) -> str | None:
+    """The draft's weights inside the engine container (speculative_config's `model`)."""
+    draft = draft_source(spec)
+    if draft is None:
+        return None
+    uri = _download(draft)
+    if uri is not None:
+        return cache_dir(uri)
+    claim = _claim(draft)
+    if claim is None:
+        assert draft.path is not None
+        return draft.path
+    return f"{draft_claim_mount(spec)}/{claim[1].lstrip('/')}".rstrip("/")
+
+
+# spec.speculative's fields -> the engine's speculative_config keys (vLLM's names).
+SPECULATIVE_KEYS = {
+    "method": "method",
+    "num_speculative_tokens": "num_speculative_tokens",
+    "prompt_lookup_min": "prompt_lookup_min",
+    "prompt_lookup_max": "prompt_lookup_max",
+    "suffix_cache_requests": "suffix_cache_requests",
+    "disable_by_batch_size": "disable_by_batch_size",
+    "adaptive": "adaptive",
+}
+
+
+def speculative_config(spec: LLMServiceSpec) -> dict[str, Any] | None:
+    """`--speculative-config`'s JSON for a resolved spec, or None when speculation is off. Only
+    what is set, so the engine's defaults stay the engine's; `method` always (draft_model when
+    only a draft is given, as vLLM infers it from `model`)."""
+    spec_cfg = spec.speculative
+    if spec_cfg is None or spec_cfg.enabled is False:
+        return None
+    config: dict[str, Any] = {}
+    for field, key in SPECULATIVE_KEYS.items():
+        value = getattr(spec_cfg, field)
+        if value is not None:
+            config[key] = value
+    draft = draft_model_path(spec)
+    config["method"] = spec_cfg.method or ("draft_model" if draft is not None else "ngram")
+    if draft is not None:
+        config["model"] = draft
+    return config
+
+
+# An adapter on a claim other than the served model's: mounted at /adapters/<claim>.
+ADAPTERS_MOUNT = "/adapters"
+
+
+@dataclass(frozen=True)
+class AdapterVariant:
+    """One adapter folder an engine serves: spec.adapters[] itself (role stable), its canary or
+    its shadow. The engines know it as `lora_name`; the router finds it by `path` (the folder is
+    per source, so a version keeps its path whatever name an engine gives it)."""
+
+    adapter: str  # spec.adapters[].name
+    served: str  # what clients send as `model`
+    role: str  # stable | canary | shadow
+    lora_name: str
+    source: ModelSource
+    path: str
+
+
+def _adapter_path(spec: LLMServiceSpec, source: ModelSource) -> str:
+    uri = _download(source)
+    if uri is not None:
+        return cache_dir(uri)
+    claim = _claim(source)
+    if claim is None:
+        assert source.path is not None
+        return source.path
+    return f"{adapter_claim_mount(spec, claim[0])}/{claim[1].lstrip('/')}".rstrip("/")
+
+
+def adapter_claim_mount(spec: LLMServiceSpec, claim: str) -> str:
+    model = model_claim(spec)
+    return MODELS_MOUNT if model is not None and model[0] == claim else f"{ADAPTERS_MOUNT}/{claim}"
+
+
+def adapter_variants(spec: LLMServiceSpec) -> list[AdapterVariant]:
+    """Every adapter folder the engines load, in spec order: each adapter, then its canary and
+    shadow under derived names (`<served>@canary`; served names have no @)."""
+    out = []
+    for a in spec.adapters or []:
+        versions = [("stable", a.served, a.source)]
+        if a.canary is not None:
+            versions.append(("canary", f"{a.served}@canary", a.canary.source))
+        if a.shadow is not None:
+            versions.append(("shadow", f"{a.served}@shadow", a.shadow.source))
+        for role, lora_name, source in versions:
+            path = _adapter_path(spec, source)
+            out.append(AdapterVariant(a.name, a.served, role, lora_name, source, path))
+    return out
+
+
+def lora_args(spec: LLMServiceSpec) -> list[str]:
+    """`--enable-lora ... --lora-modules name=path ...` (vLLM's flags), only with adapters."""
+    variants = adapter_variants(spec)
+    if not variants:
+        return []
+    args = ["--enable-lora"]
+    engine = spec.engine
+    if engine is not None:
+        for flag, value in (
+            ("--max-loras", engine.max_loras),
+            ("--max-lora-rank", engine.max_lora_rank),
+            ("--max-cpu-loras", engine.max_cpu_loras),
+        ):
+            if value is not None:
+                args += [flag, str(value)]
+    return [*args, "--lora-modules", *(f"{v.lora_name}={v.path}" for v in variants)]
+
+
+def adapter_problems(svc: LLMService, spec: LLMServiceSpec) -> list[str]:
+    """What the models cannot see: the default served name (the service's name)."""
+    problems = []
+    for i, a in enumerate(spec.adapters or []):
+        if a.served == served_name(svc):
+            problems.append(
+                f"spec.adapters[{i}].servedName: {a.served!r} is the model's served name; "
+                "clients could not ask for the base model"
+            )
+    return problems
+
+
+def _adapter_download_name(v: AdapterVariant) -> str:
+    return f"adapter-{v.adapter}" + ("" if v.role == "stable" else f"-{v.role}")
 
 
 def _is_gguf(path: str) -> bool:
@@ -271,6 +480,11 @@ def serve_args(svc: LLMService, spec: LLMServiceSpec) -> list[str]:
             # Priority comes from the routers (X-KVPilot-Priority, by the caller's API key), which
             # drop a client's own; only they reach the engines (NetworkPolicy, API key).
             args.append("--trust-priority-header")
+    spec_config = speculative_config(spec)
+    if spec_config is not None:
+        args += ["--speculative-config", json.dumps(spec_config, sort_keys=True)]
+    args += lora_args(spec)
+    if engine is not None:
         args += engine.extra_args or []
     return args
 
@@ -409,11 +623,46 @@ def deployment(
             }
         )
         mounts.append({"name": "models", "mountPath": MODELS_MOUNT, "readOnly": True})
+    if draft_claim_mount(spec) == DRAFT_MODELS_MOUNT:
+        draft_claim = _claim(draft_source(spec))  # type: ignore[arg-type]
+        assert draft_claim is not None
+        volumes.append(
+            {
+                "name": "draft-models",
+                "persistentVolumeClaim": {"claimName": draft_claim[0], "readOnly": True},
+            }
+        )
+        mounts.append({"name": "draft-models", "mountPath": DRAFT_MODELS_MOUNT, "readOnly": True})
     init_containers: list[dict[str, Any]] = []
-    if download_uri(spec) is not None:
+    draft_uri = _download(draft_source(spec))
+    variants = adapter_variants(spec)
+    adapter_downloads = [v for v in variants if _download(v.source) is not None]
+    if download_uri(spec) is not None or draft_uri is not None or adapter_downloads:
         volumes.append(_model_cache_volume(spec))
         mounts.append({"name": "model-cache", "mountPath": MODEL_CACHE_MOUNT, "readOnly": True})
+    if download_uri(spec) is not None:
         init_containers.append(download_container(spec, opts))
+    if draft_uri is not None:
+        draft = draft_source(spec)
+        assert draft is not None
+        init_containers.append(
+            download_container(spec, opts, source=draft, name=DRAFT_DOWNLOAD_CONTAINER)
+        )
+    # Each adapter version downloads in an init container of its own, with its own credentials.
+    init_containers += [
+        download_container(spec, opts, source=v.source, name=_adapter_download_name(v))
+        for v in adapter_downloads
+    ]
+    claims = sorted({c[0] for v in variants if (c := _claim(v.source)) is not None})
+    for claim in claims:
+        mount = adapter_claim_mount(spec, claim)
+        if mount == MODELS_MOUNT:
+            continue  # the served model's claim, mounted already
+        volume = f"adapters-{hashlib.sha256(claim.encode()).hexdigest()[:8]}"
+        volumes.append(
+            {"name": volume, "persistentVolumeClaim": {"claimName": claim, "readOnly": True}}
+        )
+        mounts.append({"name": volume, "mountPath": mount, "readOnly": True})
     if spec.parallelism.tensor > 1:
         shm = {"medium": "Memory", "sizeLimit": SHM_SIZE_LIMIT}
         volumes.append({"name": "dshm", "emptyDir": shm})
@@ -498,19 +747,27 @@ def deployment(
 
 
 def _model_cache_volume(spec: LLMServiceSpec) -> dict[str, Any]:
-    cache = spec.model.source.cache
+    draft = draft_source(spec)
+    # One cache per pod: the served model's claim, else the draft's (check_servable refuses two).
+    cache = spec.model.source.cache or (draft.cache if draft is not None else None)
     if cache is not None:  # ReadWriteMany, shared: a scale-up finds the weights downloaded
         return {"name": "model-cache", "persistentVolumeClaim": {"claimName": cache.claim_name}}
     return {"name": "model-cache", "emptyDir": {}}
 
 
-def download_container(spec: LLMServiceSpec, opts: RenderOptions) -> dict[str, Any]:
-    """The init container that fetches spec.model.source.uri into the model cache: `kvpilot
-    download` from the engine image, credentials from the named Secret by reference (the
-    operator never reads Secrets), its result (the pinned revision) in the termination message
-    and, when it fails, its last log line (the reason)."""
-    source = spec.model.source
-    uri = download_uri(spec)
+def download_container(
+    spec: LLMServiceSpec,
+    opts: RenderOptions,
+    *,
+    source: ModelSource | None = None,
+    name: str = DOWNLOAD_CONTAINER,
+) -> dict[str, Any]:
+    """The init container that fetches spec.model.source.uri (or another `source`: the draft
+    model's) into the model cache: `kvpilot download` from the engine image, credentials from
+    the named Secret by reference (the operator never reads Secrets), its result (the pinned
+    revision) in the termination message and, when it fails, its last log line (the reason)."""
+    source = source or spec.model.source
+    uri = _download(source)
     assert uri is not None
     env: list[dict[str, Any]] = [
         {"name": "HOME", "value": "/tmp"},
@@ -527,7 +784,7 @@ def download_container(spec: LLMServiceSpec, opts: RenderOptions) -> dict[str, A
                 ref["optional"] = True
             env.append({"name": key, "valueFrom": {"secretKeyRef": ref}})
     return {
-        "name": DOWNLOAD_CONTAINER,
+        "name": name,
         "image": spec.image or opts.engine_image,
         "command": ["kvpilot", "download"],
         "args": [
@@ -642,6 +899,8 @@ class Plan:
     stable: LLMServiceSpec
     canary: LLMServiceSpec | None = None
     canary_weight: int = 0  # percent of the primary traffic
+    # Percent of each adapter's requests its canary gets (status.adapters[].canary), by name.
+    adapter_canary: dict[str, int] = dataclasses.field(default_factory=dict)
 
 
 def canary_replicas(replicas: int, weight: int) -> int:
@@ -662,7 +921,7 @@ def routes(svc: LLMService, spec: LLMServiceSpec, plan: Plan) -> dict[str, Any]:
             ]
     shadow = spec.rollout.shadow if spec.rollout else None
     shadow_of = shadow_spec(spec)
-    return {
+    table = {
         "service": svc.metadata.name,
         "revisions": revisions,
         "shadow": None
@@ -673,6 +932,33 @@ def routes(svc: LLMService, spec: LLMServiceSpec, plan: Plan) -> dict[str, Any]:
             "maxRps": shadow.max_rps,
         },
     }
+    if spec.adapters:
+        table["adapters"] = adapter_routes(spec, plan.adapter_canary)
+    return table
+
+
+def adapter_routes(spec: LLMServiceSpec, canary_weights: dict[str, int]) -> list[dict[str, Any]]:
+    """routes.json's `adapters`: each adapter's versions by folder, with their shares."""
+    by_adapter: dict[str, list[AdapterVariant]] = {}
+    for v in adapter_variants(spec):
+        by_adapter.setdefault(v.adapter, []).append(v)
+    out = []
+    for a in spec.adapters or []:
+        canary = canary_weights.get(a.name, 0) if a.canary is not None else 0
+        entry: dict[str, Any] = {"name": a.served, "variants": [], "shadow": None}
+        for v in by_adapter[a.name]:
+            if v.role == "shadow":
+                assert a.shadow is not None
+                entry["shadow"] = {
+                    "path": v.path,
+                    "mirrorPercent": a.shadow.mirror_percent,
+                    "maxRps": a.shadow.max_rps,
+                }
+                continue
+            weight = canary if v.role == "canary" else 100 - canary
+            entry["variants"].append({"path": v.path, "weight": weight, "role": v.role})
+        out.append(entry)
+    return out
 
 
 BATCH_DIR = "/var/lib/kvpilot/batch"
@@ -820,6 +1106,9 @@ def render(
     """Every object an LLMService becomes, given its resolved spec and the rollout plan (default:
     the spec serves alone). Raises SpecError."""
     check_servable(spec)
+    problems = adapter_problems(svc, spec)
+    if problems:
+        raise SpecError("; ".join(problems))
     plan = plan or Plan(stable=spec)
     replicas = desired_replicas(spec)
     objects = [deployment(svc, plan.stable, opts, replicas=replicas)]

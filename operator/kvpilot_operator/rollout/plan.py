@@ -14,8 +14,9 @@ from kvpilot_operator.api.types import CanaryStatus, LLMService, LLMServiceSpec
 from kvpilot_operator.controller.manifests import Plan, revision_of, spec_from_annotation
 
 # Fields of a resolved spec that say how a service scales and rolls out, not what its engines
-# run: the stable revision takes them from the current spec.
-_POLICY_FIELDS = ("replicas", "scaling", "slo", "rollout", "router")
+# run: the stable revision takes them from the current spec. Adapters too: they roll the engines
+# in place (their own canaries are by request share on the same engines), not as a model canary.
+_POLICY_FIELDS = ("replicas", "scaling", "slo", "rollout", "router", "adapters")
 
 
 def plan_rollout(
