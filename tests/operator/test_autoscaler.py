@@ -9,6 +9,7 @@ marked ready as a kubelet would (see act_as_kubelet).
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 import urllib.request
@@ -17,12 +18,14 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from kvpilot_engine.server.metrics import ServerMetrics
 from kvpilot_operator.local.cluster import LocalCluster
 from kvpilot_operator.local.procs import free_ports
 from kvpilot_operator.local.prometheus import LocalPrometheus
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from kvpilot_operator.router.batch.metrics import BatchMetrics
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from tests.support.kube import (
     Operator,
@@ -35,9 +38,33 @@ from tests.support.kube import (
     service_doc,
     wait_for,
 )
+from tests.support.router import routes, run_router
 
 pytestmark = pytest.mark.slow
 LABEL = "kvpilot_io_llmservice"
+
+
+def serve_metrics(registry: CollectorRegistry) -> ThreadingHTTPServer:
+    """A loopback /metrics endpoint for `registry`, served on a thread."""
+
+    class Handler(BaseHTTPRequestHandler):
+        # What the engine's /metrics sends: the classic text format whatever the Accept
+        # header (prometheus_client's own server would negotiate OpenMetrics, whose names
+        # escape the colons of vLLM's metric names).
+        def do_GET(self) -> None:
+            body = generate_latest(registry)
+            self.send_response(200)
+            self.send_header("Content-Type", CONTENT_TYPE_LATEST)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
 
 
 class EngineMetrics:
@@ -45,26 +72,8 @@ class EngineMetrics:
 
     def __init__(self) -> None:
         self.metrics = ServerMetrics("smollm2")
-        registry = self.metrics.registry
-
-        class Handler(BaseHTTPRequestHandler):
-            # What the engine's /metrics sends: the classic text format whatever the Accept
-            # header (prometheus_client's own server would negotiate OpenMetrics, whose names
-            # escape the colons of vLLM's metric names).
-            def do_GET(self) -> None:
-                body = generate_latest(registry)
-                self.send_response(200)
-                self.send_header("Content-Type", CONTENT_TYPE_LATEST)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server = serve_metrics(self.metrics.registry)
         self.port = self.server.server_address[1]
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
         self.rate, self.ttft, self.tpot = 2.0, 0.1, 0.02
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -298,4 +307,137 @@ def test_advisory_mode_records_but_writes_nothing(
         assert deployment_replicas(cluster, "advisor", ns) == 1
         assert any(e["reason"] == "ScaleRecommended" for e in events(cluster, ns, "advisor"))
     finally:
+        engine.close()
+
+
+class BatchRouterMetrics:
+    """An endpoint with the router's `kvpilot_batch_*` metrics for one batch whose backlog
+    drains at `rate` requests/s (set by the test), against a completion window."""
+
+    def __init__(self, total: int, deadline_at: float, rate: float) -> None:
+        registry = CollectorRegistry()
+        self.metrics = BatchMetrics(registry)
+        self.server = serve_metrics(registry)
+        self.port = self.server.server_address[1]
+        self.total, self.deadline_at, self.rate = total, deadline_at, rate
+        self.done = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def finish(self) -> None:
+        """The rest of the batch is answered at once (say, the interactive load went away)."""
+        self.rate, self.done = 0.0, float(self.total)
+
+    def _run(self) -> None:
+        m, counted = self.metrics, 0
+        while not self._stop.wait(0.1):
+            self.done = min(float(self.total), self.done + self.rate * 0.1)
+            m.finished.labels("completed").inc(int(self.done) - counted)
+            counted = int(self.done)
+            left = self.total - counted
+            active = left > 0
+            m.requests.labels("queued").set(max(0, left - 4))
+            m.requests.labels("running").set(min(4, left))
+            m.batches.labels("in_progress").set(int(active))
+            m.batches.labels("completed").set(int(not active))
+            m.deadline_at.set(self.deadline_at if active else 0)
+            for state, n in (("total", self.total), ("completed", counted), ("failed", 0)):
+                m.active_requests.labels(state).set(n if active else 0)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_batch_deadline_adds_replicas_in_time_and_status_batches(
+    cluster: LocalCluster,
+    prometheus: LocalPrometheus,
+    autoscaling_operator: Operator,
+    ns: str,
+    tmp_path: Path,
+) -> None:
+    """A batch backlog that the measured rate would not finish before its window closes: the
+    operator asks for the replicas that would (the healthy interactive load alone wants one),
+    reports the progress and the risk in status.batches, and goes back to one replica once the
+    backlog is gone. Beside it, a real `kvpilot router` holding a batch for a service with no
+    engine up: its status.batches comes from that router's own series."""
+    engine = EngineMetrics()
+    # 240 requests at 1/s with 90 s left: 240 * 1.25 / 90 = 3.3/s wanted, 1/s per replica.
+    batch = BatchRouterMetrics(total=240, deadline_at=time.time() + 90, rate=1.0)
+    kubelet = Kubelet(cluster, ns)
+    store = tmp_path / "batches"
+    router_doc = routes({"stable": (100, [])})
+    try:
+        with run_router(tmp_path, router_doc, "--batch-dir", str(store)) as router:
+            lines = [
+                {"custom_id": f"r{i}", "method": "POST", "url": "/v1/completions",
+                 "body": {"model": "smollm2", "prompt": "hi", "max_tokens": 1}}
+                for i in range(7)
+            ]  # fmt: skip
+            data = "\n".join(json.dumps(x) for x in lines).encode()
+            with httpx.Client(base_url=router.url, timeout=10) as c:
+                f = c.post("/v1/files", files={"file": ("in.jsonl", data)},
+                           data={"purpose": "batch"}).json()  # fmt: skip
+                created = c.post(
+                    "/v1/batches",
+                    json={"input_file_id": f["id"], "endpoint": "/v1/completions",
+                          "completion_window": "2h"},
+                ).json()  # fmt: skip
+            router_labels = {"namespace": ns, "app_kubernetes_io_component": "router"}
+            prometheus.set_targets([
+                (f"127.0.0.1:{engine.port}", {"namespace": ns, LABEL: "deadline"}),
+                (f"127.0.0.1:{batch.port}", {**router_labels, LABEL: "deadline"}),
+                (f"127.0.0.1:{router.port}", {**router_labels, LABEL: "batchy"}),
+            ])  # fmt: skip
+            batching = {"batch": {"enabled": True}}
+            apply(cluster, service_doc("deadline", slo=SLO, scaling=SCALING, **batching), ns)
+            apply(cluster, service_doc("batchy", slo=SLO, scaling=SCALING, **batching), ns)
+
+            def scaled_for_the_deadline() -> dict | None:
+                svc = get(cluster, "llmservice", "deadline", ns) or {}
+                decisions = (svc.get("status") or {}).get("lastDecisions") or []
+                return decisions[0] if decisions else None
+
+            first = wait_for("the deadline's scale-up", scaled_for_the_deadline, timeout=60)
+            assert first["from"] == 1 and first["to"] >= 3, first
+            assert "batch backlog" in first["reason"] and first["applied"] is True
+            assert time.time() < batch.deadline_at - 30  # in time to matter
+            status = get(cluster, "llmservice", "deadline", ns)["status"]["batches"]
+            assert status["active"] == 1 and status["byStatus"] == {"in_progress": 1}
+            assert status["requestsTotal"] == 240 and 0 < status["requestsCompleted"] < 240
+            # A five-minute rate over a batch seconds old reads low: the risk shows early.
+            assert status["deadlineAtRisk"] is True and status["finishRate"] > 0
+            assert status["nearestDeadline"] == time.strftime(
+                "%Y-%m-%dT%H:%M:%SZ", time.gmtime(int(batch.deadline_at))
+            )
+
+            # The real router's batch, as the operator reports it.
+            def router_summary() -> dict | None:
+                svc = get(cluster, "llmservice", "batchy", ns) or {}
+                return (svc.get("status") or {}).get("batches")
+
+            summary = wait_for("batchy's status.batches", router_summary, timeout=30)
+            assert summary["active"] == 1 and summary["byStatus"] == {"in_progress": 1}
+            assert (summary["requestsTotal"], summary["requestsCompleted"]) == (7, 0)
+            assert summary["nearestDeadline"] == time.strftime(
+                "%Y-%m-%dT%H:%M:%SZ", time.gmtime(created["expires_at"])
+            )
+
+        # The backlog is gone: back to the one replica the interactive load needs.
+        batch.finish()
+        wait_for("scale-down", lambda: spec_replicas(cluster, "deadline", ns) == 1, timeout=60)
+
+        def settled() -> dict | None:
+            st = get(cluster, "llmservice", "deadline", ns)["status"]["batches"]
+            return st if st["active"] == 0 else None
+
+        status = wait_for("status.batches to settle", settled, timeout=30)
+        assert status["byStatus"] == {"completed": 1}
+        assert "nearestDeadline" not in status and "deadlineAtRisk" not in status
+    finally:
+        kubelet.close()
+        batch.close()
         engine.close()

@@ -4,8 +4,17 @@ without a backlog, a deadline or a measured rate."""
 
 from __future__ import annotations
 
-from kvpilot_operator.autoscaler.deadline import BatchBacklog, deadline_replicas, with_deadline
+from dataclasses import replace
+
+from kvpilot_operator.autoscaler.deadline import (
+    BatchBacklog,
+    BatchFigures,
+    batches_status,
+    deadline_replicas,
+    with_deadline,
+)
 from kvpilot_operator.autoscaler.decision import Decision
+from kvpilot_operator.autoscaler.loop import _merge_patch
 
 OK = ("True", "x", "")
 
@@ -48,3 +57,50 @@ def test_no_backlog_no_deadline_no_rate() -> None:
     assert deadline_replicas(BatchBacklog(50, 100, None), 0, 8).replicas == 1
     # A window about to close counts as a minute, not as a division by almost nothing.
     assert deadline_replicas(BatchBacklog(60, 1, 1.0), 1, 100).replicas == 2
+
+
+def test_batches_status_summarises_progress_and_the_deadline_risk() -> None:
+    figures = BatchFigures(
+        by_status={"in_progress": 2, "completed": 3, "failed": 0},
+        total=500,
+        completed=120,
+        failed=5,
+        backlog=375,
+        deadline_at=1_800_000_000,
+        finish_rate=1.234,
+    )
+    # 375 left at 1.234/s: ~304 s of work, 600 s left.
+    st = batches_status(figures, now=1_800_000_000 - 600)
+    assert st == {
+        "active": 2,
+        "byStatus": {"completed": 3, "in_progress": 2},
+        "requestsTotal": 500,
+        "requestsCompleted": 120,
+        "requestsFailed": 5,
+        "finishRate": 1.23,
+        "nearestDeadline": "2027-01-15T08:00:00Z",
+        "deadlineAtRisk": False,
+    }
+    # The same figures 200 s before the window closes: the rate will not make it.
+    assert batches_status(figures, now=1_800_000_000 - 200)["deadlineAtRisk"] is True
+    # No rate measured: the risk is unknown rather than guessed.
+    assert batches_status(replace(figures, finish_rate=None), 0)["deadlineAtRisk"] is None
+    # Nothing active: no deadline, whatever an old gauge says.
+    idle = BatchFigures(by_status={"completed": 5}, deadline_at=1_800_000_000)
+    assert batches_status(idle, 0)["nearestDeadline"] is None
+    assert figures.backlog_at(1_800_000_000 - 600) == BatchBacklog(375, 600, 1.234)
+    assert idle.backlog_at(0) is None
+
+
+def test_status_batches_is_patched_only_where_it_changed() -> None:
+    old = {"active": 1, "byStatus": {"in_progress": 1}, "requestsTotal": 10, "finishRate": 0.5}
+    same = {**old, "nearestDeadline": None}
+    assert _merge_patch(old, same) is None
+    # A status that drops to zero and a figure that goes away are deleted (null), not left stale.
+    new = {"active": 0, "byStatus": {"in_progress": 0, "completed": 1}, "requestsTotal": 10}
+    assert _merge_patch(old, {**new, "byStatus": {"completed": 1}}) == {
+        "active": 0,
+        "byStatus": {"completed": 1, "in_progress": None},
+        "requestsTotal": 10,
+        "finishRate": None,
+    }

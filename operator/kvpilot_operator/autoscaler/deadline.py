@@ -8,12 +8,16 @@ the time left, with a safety margin, this asks for the replicas that would, with
 `max_replicas`; the larger of the two answers wins. A batch-only service (no interactive
 traffic) scales from zero on a backlog and, once the queue is empty, goes back to the SLO
 decision's idle scale-to-zero.
+
+`batches_status` is the same figures as the LLMService's `status.batches`.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 from kvpilot_operator.autoscaler.decision import Decision
 
@@ -28,6 +32,58 @@ class BatchBacklog:
     requests: float  # unanswered batch requests (queued and running), over all active batches
     seconds_left: float | None  # until the nearest active batch's window closes; None: none
     finish_rate: float | None  # batch requests answered per second lately; None: no data yet
+
+
+@dataclass(frozen=True)
+class BatchFigures:
+    """What a service's routers report about its batches (`kvpilot_batch_*`)."""
+
+    by_status: dict[str, int] = field(default_factory=dict)
+    total: int = 0  # requests in the active batches
+    completed: int = 0
+    failed: int = 0
+    backlog: float = 0.0  # unanswered requests the routers are working on (queued and running)
+    deadline_at: float | None = None  # Unix time the nearest active window closes
+    finish_rate: float | None = None  # batch requests answered per second lately
+
+    def backlog_at(self, now: float) -> BatchBacklog | None:
+        """The deadline decision's input at Unix time `now` (None: no backlog)."""
+        if not self.backlog:
+            return None
+        left = None if self.deadline_at is None else self.deadline_at - now
+        return BatchBacklog(self.backlog, left, self.finish_rate)
+
+
+def batches_status(figures: BatchFigures, now: float) -> dict[str, Any]:
+    """status.batches (camelCase, as written): counts, rate, the nearest deadline as a time (so
+    that it does not change between evaluations) and whether the rate would miss it."""
+    active = sum(n for s, n in figures.by_status.items() if s in _ACTIVE)
+    out: dict[str, Any] = {
+        "active": active,
+        "byStatus": {s: n for s, n in sorted(figures.by_status.items()) if n} or None,
+        "requestsTotal": figures.total,
+        "requestsCompleted": figures.completed,
+        "requestsFailed": figures.failed,
+        "finishRate": None if figures.finish_rate is None else round(figures.finish_rate, 2),
+        "nearestDeadline": None,
+        "deadlineAtRisk": None,
+    }
+    if figures.deadline_at is not None and active:
+        out["nearestDeadline"] = (
+            dt.datetime.fromtimestamp(figures.deadline_at, dt.timezone.utc)
+            .replace(microsecond=0)
+            .strftime("%Y-%m-%dT%H:%M:%SZ")
+        )
+        pending = max(figures.total - figures.completed - figures.failed, figures.backlog)
+        if not pending:
+            out["deadlineAtRisk"] = False
+        elif figures.finish_rate:
+            out["deadlineAtRisk"] = now + pending / figures.finish_rate > figures.deadline_at
+    return out
+
+
+# The Batch API's statuses of a batch still at work.
+_ACTIVE = ("validating", "in_progress", "finalizing", "cancelling")
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,12 @@ The one writer of replicas: a change goes through the LLMService's scale subreso
 Status gets the conditions ScalingActive / AbleToScale / SLOMet, the measured p95s, sloMet and
 the last decisions; every change is an event; `kvpilot_autoscaler_*` metrics on the operator's
 metrics port.
+
+status.batches (services with spec.batch) is written here too, from the routers' `kvpilot_batch_*`
+series in the same Prometheus: the evaluation already asks it about the service each interval,
+so the summary costs five more queries and a status write only when a figure moved, and the
+operator never calls into the routers themselves (which would be a request to every router of
+every service each interval, with the service's API key, reading every batch record).
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ from prometheus_client import Counter, Gauge
 
 from kvpilot_operator.api.names import engine_name
 from kvpilot_operator.api.policies import Unresolved, resolve
-from kvpilot_operator.autoscaler.deadline import with_deadline
+from kvpilot_operator.autoscaler.deadline import batches_status, with_deadline
 from kvpilot_operator.autoscaler.decision import (
     Decision,
     ScalerState,
@@ -146,9 +152,17 @@ class Autoscaler:
             slo_window=window,
         )
         decision, loop.state = decide(params, loop.state, obs)
-        if obs.missing is None and spec.batch is not None and spec.batch.enabled:
-            backlog = self.source.batch_backlog(namespace, name)
-            decision = with_deadline(decision, backlog, obs.ready, params.max_replicas)
+        batching = spec.batch is not None and spec.batch.enabled
+        batches: dict[str, Any] | None = None  # None: leave status.batches as it is
+        figures = self.source.batch_figures(namespace, name) if batching else None
+        if figures is not None:
+            now = time.time()  # the routers' deadlines are wall-clock times
+            batches = batches_status(figures, now)
+            if obs.missing is None:
+                backlog = figures.backlog_at(now)
+                decision = with_deadline(decision, backlog, obs.ready, params.max_replicas)
+        elif not batching:
+            batches = {}  # none: status.batches goes
         if slo.window is not None and obs.missing is None:
             # SLOMet is judged over the SLO's own window, not the autoscaler's.
             decision = dataclasses.replace(decision, slo_met=slo_condition(params, slo.window))
@@ -163,8 +177,9 @@ class Autoscaler:
                 able = ("False", "FailedUpdateScale", msg)
                 emit("Warning", "FailedUpdateScale", msg)
         self._record(
-            namespace, name, decision, obs.ready, obs.missing, slo, applied, able, loop, emit, body
-        )
+            namespace, name, decision, obs.ready, obs.missing, slo, applied, able, loop, emit, body,
+            batches,
+        )  # fmt: skip
         return decision
 
     def _resolve(self, body: dict[str, Any]) -> tuple[Any, ScalingParams] | None:
@@ -187,6 +202,7 @@ class Autoscaler:
         loop: ServiceLoop,
         emit: Emit,
         seen: dict[str, Any],
+        batches: dict[str, Any] | None = None,
     ) -> None:
         labels = (namespace, name)
         DESIRED.labels(*labels).set(d.desired)
@@ -222,14 +238,14 @@ class Autoscaler:
             emit("Warning", missing[0], f"holding {d.current} replicas: {missing[1]}")
         loop.last_reason = missing[0] if missing else ""
 
-        if not self._status_patch(seen, d, able, slo, record, applied):
+        if not self._status_patch(seen, d, able, slo, record, applied, batches):
             return  # as last seen, nothing would change: no read, no write
         with self.lock(namespace, name):
             # Conditions are patched as one list: build it on the live status, not the cache's.
             live = self.kube.get_llmservice(namespace, name)
             if live is None:
                 return
-            patch = self._status_patch(live, d, able, slo, record, applied)
+            patch = self._status_patch(live, d, able, slo, record, applied, batches)
             if patch:
                 self.kube.patch_llmservice_status(namespace, name, patch)
 
@@ -241,8 +257,10 @@ class Autoscaler:
         slo: SLOFigures,
         record: bool,
         applied: bool,
+        batches: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
-        """What of the autoscaler's status differs from `body`'s (empty: nothing to write)."""
+        """What of the autoscaler's status differs from `body`'s (empty: nothing to write).
+        `batches`: status.batches as it should be ({}: none; None: as it is)."""
         status = body.get("status") or {}
         patch: dict[str, Any] = {}
         conds = [
@@ -268,7 +286,36 @@ class Autoscaler:
                 "applied": applied,
             }
             patch["lastDecisions"] = [*(status.get("lastDecisions") or []), entry][-MAX_DECISIONS:]
+        if batches is not None:
+            if not batches:
+                if status.get("batches") is not None:
+                    patch["batches"] = None  # a merge patch's null deletes
+            else:
+                update = _merge_patch(status.get("batches"), batches)
+                if update is not None:
+                    patch["batches"] = update
         return patch
+
+
+def _merge_patch(old: Any, new: dict[str, Any]) -> dict[str, Any] | None:
+    """The JSON merge patch that turns `old` (an object as stored: no nulls) into `new` (whose
+    None values and empty maps mean absent), or None when they are the same already."""
+
+    def pruned(d: dict[str, Any]) -> dict[str, Any]:
+        kept = {k: pruned(v) if isinstance(v, dict) else v for k, v in d.items()}
+        return {k: v for k, v in kept.items() if v is not None and v != {}}
+
+    target = pruned(new)
+    old = old if isinstance(old, dict) else {}
+    if old == target:
+        return None
+    patch: dict[str, Any] = dict(target)
+    for key, value in old.items():
+        if key not in target:
+            patch[key] = None
+        elif isinstance(value, dict) and isinstance(target[key], dict):
+            patch[key] = {**target[key], **{k: None for k in value if k not in target[key]}}
+    return patch
 
 
 def _ms(seconds: float | None) -> float | None:

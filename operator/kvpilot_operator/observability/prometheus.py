@@ -18,7 +18,7 @@ from prometheus_api_client import PrometheusApiClientException, PrometheusConnec
 
 from kvpilot_operator.api.names import ENGINE_SERIES, PROMETHEUS_SELECTOR, ROUTER_SERIES
 from kvpilot_operator.api.types import CanaryAnalysis, ShadowStatus
-from kvpilot_operator.autoscaler.deadline import BatchBacklog
+from kvpilot_operator.autoscaler.deadline import BatchFigures
 from kvpilot_operator.autoscaler.decision import Observation, ScalingParams, Window
 from kvpilot_operator.observability.connection import PrometheusAccess
 
@@ -137,22 +137,40 @@ class PrometheusSource:
             return replace(obs, missing=("PrometheusError", _brief(err))), SLOFigures()
         return replace(obs, short=short, long=long), slo
 
-    def batch_backlog(self, namespace: str, name: str) -> BatchBacklog | None:
-        """The Batch API's backlog on the service's routers; None without one (or without
-        Prometheus: the deadline then asks for nothing, and the SLO decision stands)."""
+    def batch_figures(self, namespace: str, name: str) -> BatchFigures | None:
+        """The Batch API's figures from the service's routers, in five queries whatever the
+        number of batches or routers; None without Prometheus (the deadline then asks for
+        nothing, the SLO decision stands and status.batches stays as it was). The batch
+        directory is shared by the routers, so what they read from it is the same on each (max);
+        what each one works on adds up (sum)."""
         sel = f"{self.selector.format(namespace=namespace, name=name)},{ROUTER_SERIES}"
         v = self._value
         try:
-            backlog = v(f"sum(kvpilot_batch_requests{{{sel}}})")
-            if not backlog:
-                return None
-            return BatchBacklog(
-                requests=backlog,
-                seconds_left=v(f"min(kvpilot_batch_deadline_seconds{{{sel}}} > 0)"),
+            by_status = self._by_label(
+                f"max by (status) (kvpilot_batch_batches{{{sel}}})", "status"
+            )
+            counts = self._by_label(
+                f"max by (state) (kvpilot_batch_active_requests{{{sel}}})", "state"
+            )
+            return BatchFigures(
+                by_status={k: int(n) for k, n in by_status.items()},
+                total=int(counts.get("total", 0)),
+                completed=int(counts.get("completed", 0)),
+                failed=int(counts.get("failed", 0)),
+                backlog=v(f"sum(kvpilot_batch_requests{{{sel}}})") or 0.0,
+                deadline_at=v(f"min(kvpilot_batch_deadline_timestamp_seconds{{{sel}}} > 0)"),
                 finish_rate=v(f"sum(rate(kvpilot_batch_requests_finished_total{{{sel}}}[5m]))"),
             )
         except (requests.exceptions.RequestException, PrometheusApiClientException):
             return None
+
+    def _by_label(self, query: str, label: str) -> dict[str, float]:
+        out = {}
+        for sample in self.prom.custom_query(query):
+            value = float(sample["value"][1])
+            if not (math.isnan(value) or math.isinf(value)):
+                out[sample["metric"].get(label, "")] = value
+        return out
 
     def _slo(self, sel: str, seconds: float, ttft_q: float, tpot_q: float) -> SLOFigures:
         w = _seconds(seconds)
