@@ -72,10 +72,14 @@ def engine_failure(pods: list[dict[str, Any]]) -> str | None:
             what = f"engine pod {name}"
             if cs.get("name") == "model-download":
                 what = f"model download in engine pod {name}"
+            elif cs.get("name") == "draft-model-download":
+                what = f"draft model download (spec.speculative.draftModel) in engine pod {name}"
             for state in (cs.get("state") or {}, cs.get("lastState") or {}):
                 ended = state.get("terminated") or {}
                 if ended.get("exitCode"):
                     why = _condense(ended.get("message") or "") or ended.get("reason") or "Error"
+                    if "speculative_config" in why:  # the engine's name for spec.speculative
+                        why = f"spec.speculative: {why}"
                     return f"{what} exited with code {ended['exitCode']}: {why}"
             waiting = (cs.get("state") or {}).get("waiting") or {}
             if waiting.get("reason") in STUCK_WAITING:
