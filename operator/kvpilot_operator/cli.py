@@ -285,10 +285,21 @@ def cmd_autoscale_simulate(ns: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
     from kvpilot_operator.autoscaler import simulate as sim
+    from kvpilot_operator.autoscaler.backlog import BatchJob
+    from kvpilot_operator.router.batch.objects import window_seconds
 
     try:
         params = _simulation_params(ns)
         trace = sim.read_trace(Path(ns.trace))
+        batch = None
+        if ns.batch:
+            batch = BatchJob(
+                ns.batch,
+                window=window_seconds(ns.batch_window),
+                start=ns.batch_start,
+                input_len=ns.batch_input_len,
+                output_len=ns.batch_output_len,
+            )
     except (ValueError, OSError, ValidationError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -299,7 +310,12 @@ def cmd_autoscale_simulate(ns: argparse.Namespace) -> int:
         cold_start=ns.cold_start,
     )
     result = sim.simulate(
-        trace, params, engine, interval=ns.interval, seed=None if ns.no_noise else ns.seed
+        trace,
+        params,
+        engine,
+        interval=ns.interval,
+        seed=None if ns.no_noise else ns.seed,
+        batch=batch,
     )
     for line in sim.decision_lines(result.events):
         print(line)
@@ -313,10 +329,12 @@ def cmd_autoscale_simulate(ns: argparse.Namespace) -> int:
             seed=None if ns.no_noise else ns.seed,
             initial_replicas=n,
             observe=False,
+            batch=batch,
         )
         print(
             f"fixed {n:<3} replicas   replica-minutes {fixed.replica_minutes:.1f}, "
             f"SLO attainment {fixed.attainment() * 100:.1f}%"
+            + (f"; {fixed.batch.summary().split(': ', 1)[1]}" if fixed.batch else "")
         )
     if ns.out:
         title = f"{Path(ns.trace).name}: {ns.file or ns.policy}"
@@ -481,6 +499,13 @@ def add_commands(sub: Any, bench: Any) -> None:
         metavar="N",
         help="also run a fixed fleet of N replicas on the same trace (repeat)",
     )
+    s.add_argument(
+        "--batch", type=int, metavar="N", help="also a Batch API batch of N requests (spec.batch)"
+    )
+    s.add_argument("--batch-start", type=float, default=0.0, help="seconds: when it arrives")
+    s.add_argument("--batch-window", default="24h", help="its completion_window (24h, 90m, ...)")
+    s.add_argument("--batch-input-len", type=float, default=200.0)
+    s.add_argument("--batch-output-len", type=float, default=200.0)
     s.set_defaults(func=cmd_autoscale_simulate)
 
     k = sub.add_parser("cluster", help="a local control plane (etcd + kube-apiserver + ...)")

@@ -3,11 +3,17 @@ the nearest completion window closes.
 
 A pure function, like `decision.decide`: no I/O, no clock. The SLO decision sizes the service
 for its interactive traffic; batches fill the capacity that leaves idle. When the rate batches
-have been finishing at (measured with the replicas serving now) would not clear the backlog in
-the time left, with a safety margin, this asks for the replicas that would, within
-`max_replicas`; the larger of the two answers wins. A batch-only service (no interactive
-traffic) scales from zero on a backlog and, once the queue is empty, goes back to the SLO
-decision's idle scale-to-zero.
+have been finishing at would not clear the backlog in the time left, with a safety margin, this
+asks for the replicas that would, within `max_replicas`; the larger of the two answers wins.
+The rate is measured over the time the routers had batch work (a rate over a window that began
+before the batch would read low, and ask for every replica allowed the moment a batch starts),
+with the replicas serving meanwhile. A replica added (or removed) adds (or removes) a whole
+replica's batch throughput, its capacity at the SLO over the batch requests' tokens, since the
+interactive load stays on the others: dividing the measured rate by the replicas instead would
+count the interactive share against every new replica, and ask for every replica allowed when
+the interactive load leaves little idle. Without a capacity fitted yet, that division it is.
+A batch-only service (no interactive traffic) scales from zero on a backlog and, once the queue
+is empty, goes back to the SLO decision's idle scale-to-zero.
 
 `batches_status` is the same figures as the LLMService's `status.batches`.
 """
@@ -32,6 +38,9 @@ class BatchBacklog:
     requests: float  # unanswered batch requests (queued and running), over all active batches
     seconds_left: float | None  # until the nearest active batch's window closes; None: none
     finish_rate: float | None  # batch requests answered per second lately; None: no data yet
+    # The replicas serving while that rate was measured (average); None: the ready ones now.
+    replicas: float | None = None
+    tokens_per_request: float | None = None  # prompt and completion tokens of a batch request
 
 
 @dataclass(frozen=True)
@@ -44,14 +53,18 @@ class BatchFigures:
     failed: int = 0
     backlog: float = 0.0  # unanswered requests the routers are working on (queued and running)
     deadline_at: float | None = None  # Unix time the nearest active window closes
-    finish_rate: float | None = None  # batch requests answered per second lately
+    finish_rate: float | None = None  # batch requests answered per second of batch work lately
+    replicas: float | None = None  # engine replicas up meanwhile (average)
+    tokens_per_request: float | None = None
 
     def backlog_at(self, now: float) -> BatchBacklog | None:
         """The deadline decision's input at Unix time `now` (None: no backlog)."""
         if not self.backlog:
             return None
         left = None if self.deadline_at is None else self.deadline_at - now
-        return BatchBacklog(self.backlog, left, self.finish_rate)
+        return BatchBacklog(
+            self.backlog, left, self.finish_rate, self.replicas, self.tokens_per_request
+        )
 
 
 def batches_status(figures: BatchFigures, now: float) -> dict[str, Any]:
@@ -97,8 +110,10 @@ def deadline_replicas(
     ready: int,
     max_replicas: int,
     safety: float = DEFAULT_SAFETY,
+    replica_rate: float | None = None,
 ) -> DeadlineAdvice:
-    """Replicas the batch backlog needs to meet its deadline, given `ready` serving replicas."""
+    """Replicas the batch backlog needs to meet its deadline, given `ready` serving replicas.
+    `replica_rate`: batch requests/s one more replica would answer (None: unknown)."""
     if backlog.requests <= 0 or backlog.seconds_left is None:
         return DeadlineAdvice(0, "no batch backlog")
     if ready == 0:
@@ -108,9 +123,14 @@ def deadline_replicas(
         return DeadlineAdvice(0, "batch backlog, no finish rate measured yet: hold")
     left = max(backlog.seconds_left, MIN_SECONDS_LEFT)
     needed_rate = backlog.requests * safety / left
-    per_replica = backlog.finish_rate / ready
-    replicas = math.ceil(needed_rate / per_replica - 1e-9)
-    eta = backlog.requests / backlog.finish_rate
+    measured_with = backlog.replicas or ready
+    if replica_rate and replica_rate > 0:
+        current = max(backlog.finish_rate + (ready - measured_with) * replica_rate, 1e-9)
+        replicas = max(1, ready + math.ceil((needed_rate - current) / replica_rate - 1e-9))
+    else:
+        current = backlog.finish_rate * ready / measured_with
+        replicas = math.ceil(needed_rate / (current / ready) - 1e-9)
+    eta = backlog.requests / current
     if replicas <= ready:
         return DeadlineAdvice(
             replicas,
@@ -119,7 +139,7 @@ def deadline_replicas(
         )
     capped = min(replicas, max_replicas)
     why = (
-        f"batch backlog of {backlog.requests:.0f} at {backlog.finish_rate:.2f}/s "
+        f"batch backlog of {backlog.requests:.0f} at {current:.2f}/s "
         f"needs ~{eta:.0f}s, "
         f"{backlog.seconds_left:.0f}s left: {replicas} replicas"
     )
@@ -129,12 +149,31 @@ def deadline_replicas(
 
 
 def with_deadline(
-    decision: Decision, backlog: BatchBacklog | None, ready: int, max_replicas: int
+    decision: Decision,
+    backlog: BatchBacklog | None,
+    ready: int,
+    max_replicas: int,
+    utilization: float = 0.8,
 ) -> Decision:
-    """The SLO decision, raised to what the batch deadline needs when that is more."""
+    """The SLO decision, raised to what the batch deadline needs when that is more.
+    `utilization`: the scaling's targetUtilization, the share of a replica's capacity at the SLO
+    that batch work may fill.
+
+    Fewer replicas than serve now only as far as twice the margin allows: the rates are
+    estimates, and without the wider margin the replicas would go down and straight back up all
+    through a batch."""
     if backlog is None:
         return decision
-    advice = deadline_replicas(backlog, ready, max_replicas)
+    rate = None  # a whole replica's batch requests/s at the decision's capacity
+    if decision.capacity and backlog.tokens_per_request:
+        rate = decision.capacity * utilization / backlog.tokens_per_request
+    advice = deadline_replicas(backlog, ready, max_replicas, replica_rate=rate)
+    if 0 < advice.replicas < ready:
+        stricter = deadline_replicas(
+            backlog, ready, max_replicas, safety=2 * DEFAULT_SAFETY, replica_rate=rate
+        )
+        if stricter.replicas > advice.replicas:
+            advice = replace(stricter, replicas=min(stricter.replicas, ready))
     if advice.replicas <= decision.desired:
         return decision
     return replace(decision, desired=advice.replicas, reason=advice.reason)

@@ -9,6 +9,9 @@ Two signals, combined:
   engines' `kvpilot_engine_step_*` histograms). Holding TPOT at its target bounds a step's length,
   hence its tokens, hence a replica's token throughput at the SLO. Demand (arrivals x tokens per
   request, plus the backlog to drain) over that capacity is the replica count, reached in one move.
+  With speculative decoding a step's tokens include the drafts it verified; the rejected ones are
+  work that yields no token, so capacity in served tokens is the step capacity divided by
+  1 + (rejected drafts per served token), measured from vLLM's spec_decode counters.
 - SLO feedback. A TTFT/TPOT percentile above its target (beyond the tolerance band) forces at least
   one more replica even when the model disagrees (the model is then wrong); scaling down needs the
   percentiles comfortably inside the target for the whole stable window.
@@ -101,8 +104,16 @@ class Window:
     ttft: float | None = None  # the SLO percentile, seconds; None when no request got a token
     tpot: float | None = None
     step_time: float | None = None  # mean wall time of one engine step
-    step_tokens: float | None = None  # mean tokens (prefill + decode) in one engine step
+    step_tokens: float | None = None  # mean tokens (prefill + decode + drafts) in one step
     kv_usage: float | None = None  # mean over replicas, 0..1
+    draft_rate: float = 0.0  # speculative draft tokens verified per second
+    accepted_rate: float = 0.0  # of which accepted (each an output token)
+
+    @property
+    def rejected_share(self) -> float:
+        """Rejected drafts per prompt or output token: step work that served nothing."""
+        rejected = max(0.0, self.draft_rate - self.accepted_rate)
+        return rejected / self.token_rate if self.token_rate > 0 else 0.0
 
 
 @dataclass(frozen=True)
@@ -319,6 +330,9 @@ def decide(
     state = dataclasses.replace(state, fit_points=points)
     model = fit_step_model(points)
     capacity = model.capacity(params.tpot_target, params.max_tokens_per_step) if model else None
+    if capacity is not None:
+        # In served tokens: the fit counts verified drafts as step tokens, rejected ones included.
+        capacity /= 1.0 + long.rejected_share
     in_flight = obs.ready < current  # replicas still starting: not capacity yet
     settled_since = state.settled_since if state.settled_since is not None else now
     settled_since = None if in_flight else settled_since
@@ -394,6 +408,8 @@ def decide(
     details.update({f"{k}_ratio": r for k, r in ratios_short.items()})
     if model is not None:
         details.update(step_overhead_s=model.overhead, step_per_token_s=model.per_token)
+    if long.draft_rate > 0:
+        details["spec_rejected_share"] = long.rejected_share
     ready_for_new = ("True", "ReadyForNewScale", "the last scaling has taken effect")
     base = Decision(
         desired=current,

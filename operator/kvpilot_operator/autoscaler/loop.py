@@ -11,7 +11,7 @@ metrics port.
 
 status.batches (services with spec.batch) is written here too, from the routers' `kvpilot_batch_*`
 series in the same Prometheus: the evaluation already asks it about the service each interval,
-so the summary costs five more queries and a status write only when a figure moved, and the
+so the summary costs eight more queries and a status write only when a figure moved, and the
 operator never calls into the routers themselves (which would be a request to every router of
 every service each interval, with the service's API key, reading every batch record).
 """
@@ -160,7 +160,9 @@ class Autoscaler:
             batches = batches_status(figures, now)
             if obs.missing is None:
                 backlog = figures.backlog_at(now)
-                decision = with_deadline(decision, backlog, obs.ready, params.max_replicas)
+                decision = with_deadline(
+                    decision, backlog, obs.ready, params.max_replicas, params.target_utilization
+                )
         elif not batching:
             batches = {}  # none: status.batches goes
         if slo.window is not None and obs.missing is None:

@@ -8,6 +8,10 @@ n = overhead * x / (1 - per_token * x) tokens. TPOT is that step time; TTFT is t
 the backlog, plus an M/M/1 wait for a step slot that grows as utilisation nears 1, plus the steps
 the prompt needs. Replicas become capacity `cold_start` seconds after they are asked for. It is a
 model, not a measurement: its value is comparing policies on the same trace.
+
+With a batch (`backlog.BatchJob`), the replicas' idle capacity drains it, its tokens make the
+steps longer (TPOT), and the deadline decision raises the SLO decision's replicas when the
+batch would miss its window, as the operator does for a service with spec.batch.
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from kvpilot_operator.autoscaler.backlog import BatchJob, BatchQueue
+from kvpilot_operator.autoscaler.deadline import with_deadline
 from kvpilot_operator.autoscaler.decision import (
     Decision,
     Observation,
@@ -106,6 +112,7 @@ class Tick:
     step_tokens: float | None
     ttft: float | None  # predicted, seconds (None with no replica and nothing to predict)
     tpot: float | None
+    batch_left: float = 0.0  # batch requests not yet answered
 
 
 @dataclass
@@ -134,7 +141,9 @@ class ReplicaPool:
     def ready(self, now: float) -> int:
         return sum(1 for t in self.ready_at if t <= now)
 
-    def tick(self, now: float, load: LoadPoint, arrivals: float) -> Tick:
+    def tick(
+        self, now: float, load: LoadPoint, arrivals: float, batch: BatchQueue | None = None
+    ) -> Tick:
         e, ready = self.engine, self.ready(now)
         per_request = load.input_len + load.output_len
         lifetime = max(1.0, load.output_len * (self.last_step or e.overhead))
@@ -144,11 +153,13 @@ class ReplicaPool:
         served = min(offered, capacity)
         self.backlog = offered - served
         backlog_requests = self.backlog / per_request if per_request else 0.0
+        batch_tokens = batch.tick(now, ready, served) if batch else 0.0
+        batch_left = batch.left if batch else 0.0
         if ready == 0:
             ttft = None if arrivals == 0 and self.backlog == 0 else math.inf
             return Tick(now, load, arrivals, self.desired, 0, 0.0, backlog_requests, None, None,
-                        ttft, None)  # fmt: skip
-        x = served / ready  # tokens/s per replica
+                        ttft, None, batch_left)  # fmt: skip
+        x = (served + batch_tokens) / ready  # tokens/s per replica
         bx = min(e.per_token * x, 0.999)
         n = min(e.overhead * x / (1 - bx), e.max_tokens_per_step)
         step = e.overhead + e.per_token * n
@@ -160,7 +171,7 @@ class ReplicaPool:
         ttft = self.backlog / capacity + step * rho / (1 - rho) + step * max(prefill_steps, 1)
         self.last_step = step
         return Tick(now, load, arrivals, self.desired, ready, served, backlog_requests, step, n,
-                    ttft, step)  # fmt: skip
+                    ttft, step, batch_left)  # fmt: skip
 
 
 def window_of(ticks: Sequence[Tick], params: ScalingParams) -> Window | None:
@@ -213,6 +224,7 @@ class Result:
     ticks: list[Tick]
     events: list[Event]  # every evaluation whose decision changed the replicas
     params: ScalingParams
+    batch: BatchQueue | None = None
 
     @property
     def replica_minutes(self) -> float:
@@ -244,9 +256,10 @@ def simulate(
     seed: int | None = 0,
     duration: float | None = None,
     observe: bool = True,
+    batch: BatchJob | None = None,
 ) -> Result:
     """Tick the model every second and let `decide` act every `interval` seconds. `seed` draws
-    Poisson arrivals (None: the exact rates, no noise)."""
+    Poisson arrivals (None: the exact rates, no noise); `batch`: a batch to drain as well."""
     rng = random.Random(seed) if seed is not None else None
     start = initial_replicas if initial_replicas is not None else max(params.min_replicas, 1)
     pool = ReplicaPool(engine, start)
@@ -255,11 +268,20 @@ def simulate(
     ticks: list[Tick] = []
     events: list[Event] = []
     history = max(params.stable_window, params.panic_window)
+    queue = None
+    if batch is not None:
+        # The batch fills a replica up to the load the SLO decision sizes for: what it
+        # sustains at the TPOT target, times the target utilisation (the headroom for bursts).
+        limit = engine.max_throughput
+        if params.tpot_target is not None:
+            n = (params.tpot_target - engine.overhead) / engine.per_token
+            limit = min(limit, max(n, 0.0) / params.tpot_target)
+        queue = BatchQueue(batch, limit * params.target_utilization)
     t = 0.0
     while t < end:
         load = load_at(trace, t)
         arrivals = _poisson(rng, load.request_rate) if rng else load.request_rate
-        ticks.append(pool.tick(t, load, arrivals))
+        ticks.append(pool.tick(t, load, arrivals, queue))
         t += 1.0
         if observe and t % interval < 1e-9:
             recent = ticks[-int(history) :]
@@ -271,11 +293,16 @@ def simulate(
                 long=window_of(recent[-int(params.stable_window) :], params),
             )
             decision, state = decide(params, state, obs)
+            if queue is not None:
+                backlog = queue.backlog(t)
+                decision = with_deadline(
+                    decision, backlog, obs.ready, params.max_replicas, params.target_utilization
+                )
             if decision.changed:
                 events.append(Event(t, decision))
                 if not params.advisory:
                     pool.scale(decision.desired, t)
-    return Result(ticks, events, params)
+    return Result(ticks, events, params, queue)
 
 
 def _poisson(rng: random.Random, lam: float) -> float:
@@ -309,6 +336,8 @@ def summary(result: Result) -> str:
     ]
     if finite:
         lines.append(f"predicted TTFT     worst {max(finite) * 1000:.0f} ms")
+    if result.batch is not None:
+        lines.append(result.batch.summary())
     return "\n".join(lines)
 
 

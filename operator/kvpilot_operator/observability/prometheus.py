@@ -23,6 +23,8 @@ from kvpilot_operator.autoscaler.decision import Observation, ScalingParams, Win
 from kvpilot_operator.observability.connection import PrometheusAccess
 
 DEFAULT_SELECTOR = PROMETHEUS_SELECTOR
+# Fewer seconds of batch work than this in the last five minutes: no finish rate yet.
+MIN_BUSY_S = 10.0
 # The router's queue (scaled to zero, requests wait there for a replica to wake).
 ROUTER_WAITING = "kvpilot_router_waiting_requests"
 
@@ -79,9 +81,13 @@ class PrometheusSource:
 
         tokens = f"({rate('vllm:prompt_tokens_total')} + {rate('vllm:generation_tokens_total')})"
         steps = rate("kvpilot_engine_step_seconds_count")
+        # Speculative decoding: drafts verified are step tokens too (`or vector(0)`: engines
+        # without the counters count none).
+        drafted = f"({rate('vllm:spec_decode_num_draft_tokens_total')} or vector(0))"
+        accepted = f"({rate('vllm:spec_decode_num_accepted_tokens_total')} or vector(0))"
         step_tokens = (
             f"({rate('kvpilot_engine_step_prefill_tokens_sum')} + "
-            f"{rate('kvpilot_engine_step_decode_tokens_sum')})"
+            f"{rate('kvpilot_engine_step_decode_tokens_sum')} + {drafted})"
         )
         v = self._value
         return Window(
@@ -95,6 +101,8 @@ class PrometheusSource:
             step_time=v(f"{rate('kvpilot_engine_step_seconds_sum')} / {steps}"),
             step_tokens=v(f"{step_tokens} / {steps}"),
             kv_usage=v(f"avg(vllm:kv_cache_usage_perc{{{sel}}})"),
+            draft_rate=v(drafted) or 0.0,
+            accepted_rate=v(accepted) or 0.0,
         )
 
     def observe(
@@ -138,7 +146,7 @@ class PrometheusSource:
         return replace(obs, short=short, long=long), slo
 
     def batch_figures(self, namespace: str, name: str) -> BatchFigures | None:
-        """The Batch API's figures from the service's routers, in five queries whatever the
+        """The Batch API's figures from the service's routers, in eight queries whatever the
         number of batches or routers; None without Prometheus (the deadline then asks for
         nothing, the SLO decision stands and status.batches stays as it was). The batch
         directory is shared by the routers, so what they read from it is the same on each (max);
@@ -159,10 +167,28 @@ class PrometheusSource:
                 failed=int(counts.get("failed", 0)),
                 backlog=v(f"sum(kvpilot_batch_requests{{{sel}}})") or 0.0,
                 deadline_at=v(f"min(kvpilot_batch_deadline_timestamp_seconds{{{sel}}} > 0)"),
-                finish_rate=v(f"sum(rate(kvpilot_batch_requests_finished_total{{{sel}}}[5m]))"),
+                **self._finish_rate(namespace, name, sel),
             )
         except (requests.exceptions.RequestException, PrometheusApiClientException):
             return None
+
+    def _finish_rate(self, namespace: str, name: str, sel: str) -> dict[str, float | None]:
+        """Batch requests answered per second of the last five minutes in which the routers had
+        batch work, the engine replicas up meanwhile (`deadline` says why not a plain rate) and
+        the tokens of an answered request. Seconds with work are counted on a 5 s grid; fewer
+        than MIN_BUSY_S of them is no measurement yet."""
+        engines = f"{self.selector.format(namespace=namespace, name=name)},{ENGINE_SERIES}"
+        busy = f"(sum(kvpilot_batch_requests{{{sel}}}) > 0)"
+        v = self._value
+        seconds = v(f"count_over_time({busy}[5m:5s]) * 5")
+        if not seconds or seconds < MIN_BUSY_S:
+            return {"finish_rate": None, "replicas": None, "tokens_per_request": None}
+        answered = v(f"sum(increase(kvpilot_batch_requests_finished_total{{{sel}}}[5m]))")
+        tokens = v(f"sum(increase(kvpilot_batch_tokens_total{{{sel}}}[5m]))")
+        replicas = v(f"avg_over_time((count(up{{{engines}}} == 1) and on() {busy})[5m:5s])")
+        rate = None if answered is None else answered / min(seconds, 300.0)
+        per_request = tokens / answered if answered and tokens else None
+        return {"finish_rate": rate, "replicas": replicas, "tokens_per_request": per_request}
 
     def _by_label(self, query: str, label: str) -> dict[str, float]:
         out = {}
@@ -189,12 +215,12 @@ class PrometheusSource:
 
     # ---- rollouts: the routers' client-side figures, by revision ------------------------------
 
-    def _by_revision(self, query: str) -> dict[str, float]:
+    def _by_revision(self, query: str, label: str = "revision") -> dict[str, float]:
         out = {}
         for sample in self.prom.custom_query(query):
             value = float(sample["value"][1])
             if not (math.isnan(value) or math.isinf(value)):
-                out[sample["metric"].get("revision", "")] = value
+                out[sample["metric"].get(label, "")] = value
         return out
 
     def canary_analysis(
@@ -202,24 +228,41 @@ class PrometheusSource:
     ) -> tuple[CanaryAnalysis | None, str | None]:
         """Canary against stable over the last `seconds`, from `kvpilot_router_*`; or None and
         why it could not be taken."""
-        w = _seconds(seconds)
         sel = (
             f"{self.selector.format(namespace=namespace, name=name)},{ROUTER_SERIES},"
             f'revision=~"{stable}|{canary}"'
         )
-        requests_ = f"kvpilot_router_requests_total{{{sel}}}"
-        errors = f'kvpilot_router_requests_total{{{sel},code=~"5.."}}'
+        return self._compare(sel, "revision", "kvpilot_router", stable, canary, seconds)
+
+    def adapter_canary_analysis(
+        self, namespace: str, name: str, adapter: str, seconds: float
+    ) -> tuple[CanaryAnalysis | None, str | None]:
+        """An adapter's canary version against its stable one (the same engines, the routers'
+        `kvpilot_router_adapter_*` series by variant) over the last `seconds`."""
+        sel = (
+            f"{self.selector.format(namespace=namespace, name=name)},{ROUTER_SERIES},"
+            f'adapter="{adapter}"'
+        )
+        return self._compare(sel, "variant", "kvpilot_router_adapter", "stable", "canary", seconds)
+
+    def _compare(
+        self, sel: str, by: str, prefix: str, stable: str, canary: str, seconds: float
+    ) -> tuple[CanaryAnalysis | None, str | None]:
+        w = _seconds(seconds)
+        requests_ = f"{prefix}_requests_total{{{sel}}}"
+        errors = f'{prefix}_requests_total{{{sel},code=~"5.."}}'
 
         def p95(metric: str) -> dict[str, float]:
             return self._by_revision(
-                f"histogram_quantile(0.95, sum by (le, revision) "
-                f"(rate({metric}_bucket{{{sel}}}[{w}])))"
+                f"histogram_quantile(0.95, sum by (le, {by}) "
+                f"(rate({metric}_bucket{{{sel}}}[{w}])))",
+                by,
             )
 
         try:
-            counts = self._by_revision(f"sum by (revision) (increase({requests_}[{w}]))")
-            failed = self._by_revision(f"sum by (revision) (increase({errors}[{w}]))")
-            ttft, tpot = p95("kvpilot_router_ttft_seconds"), p95("kvpilot_router_tpot_seconds")
+            counts = self._by_revision(f"sum by ({by}) (increase({requests_}[{w}]))", by)
+            failed = self._by_revision(f"sum by ({by}) (increase({errors}[{w}]))", by)
+            ttft, tpot = p95(f"{prefix}_ttft_seconds"), p95(f"{prefix}_tpot_seconds")
         except requests.exceptions.RequestException as err:
             return None, f"Prometheus unreachable: {_brief(err)}"
         except PrometheusApiClientException as err:
