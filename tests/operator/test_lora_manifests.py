@@ -60,6 +60,7 @@ def test_adapters_are_engine_args_downloaded_by_init_containers_with_their_own_c
     container = pod["containers"][0]
     ns = build_parser().parse_args(["serve", *container["args"]])
     assert ns.enable_lora and (ns.max_loras, ns.max_lora_rank, ns.max_cpu_loras) == (2, 32, 4)
+    assert not ns.allow_runtime_lora_updating  # nothing to load later
     sql_dir, support_dir = cache_dir("s3://adapters/sql-v1"), cache_dir("hf://acme/support-lora")
     assert ns.lora_modules == [f"sql={sql_dir}", f"help={support_dir}"]
     assert ns.served_model_name == "chat"
@@ -121,7 +122,9 @@ def test_canary_and_shadow_are_loaded_beside_the_adapter_and_weighted_in_the_rou
     pod = engine(objs)
     ns = build_parser().parse_args(["serve", *pod["containers"][0]["args"]])
     v1, v2 = cache_dir("s3://adapters/sql-v1"), cache_dir("s3://adapters/sql-v2")
-    assert ns.lora_modules[:3] == [f"sql={v1}", f"sql@canary={v2}", "sql@shadow=/opt/loras/sql-v3"]
+    # The new versions are downloaded with the rest, and loaded by the router on first use.
+    assert ns.lora_modules == [f"sql={v1}", f"help={cache_dir('hf://acme/support-lora')}"]
+    assert ns.allow_runtime_lora_updating
     assert [c["name"] for c in pod["initContainers"]] == [
         "adapter-sql",
         "adapter-sql-canary",

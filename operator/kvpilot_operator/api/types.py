@@ -105,6 +105,7 @@ MANAGED_FLAGS: dict[str, str] = {
     "--tool-call-parser": "spec.engine.toolCallParser",
     "--enable-lora": "spec.adapters",
     "--lora-modules": "spec.adapters",
+    "--allow-runtime-lora-updating": "spec.adapters",
     "--max-loras": "spec.engine.maxLoras",
     "--max-lora-rank": "spec.engine.maxLoraRank",
     "--max-cpu-loras": "spec.engine.maxCpuLoras",

@@ -399,7 +399,14 @@ def adapter_variants(spec: LLMServiceSpec) -> list[AdapterVariant]:
 
 
 def lora_args(spec: LLMServiceSpec) -> list[str]:
-    """`--enable-lora ... --lora-modules name=path ...` (vLLM's flags), only with adapters."""
+    """`--enable-lora ... --lora-modules name=path ...` (vLLM's flags), only with adapters.
+
+    The adapters themselves load at start-up (a broken one fails the engine's start: the
+    service is Degraded and the rolling update stops with the old engines serving). A canary's
+    or a shadow's version is downloaded with them but loaded by the router when it first sends
+    it a request (runtime loading, on for that alone): a broken new version then fails its
+    canary's requests, which the canary's analysis sees and rolls back, instead of every new
+    engine's start."""
     variants = adapter_variants(spec)
     if not variants:
         return []
@@ -413,7 +420,10 @@ def lora_args(spec: LLMServiceSpec) -> list[str]:
         ):
             if value is not None:
                 args += [flag, str(value)]
-    return [*args, "--lora-modules", *(f"{v.lora_name}={v.path}" for v in variants)]
+    if any(v.role != "stable" for v in variants):
+        args.append("--allow-runtime-lora-updating")
+    stable = [f"{v.lora_name}={v.path}" for v in variants if v.role == "stable"]
+    return [*args, "--lora-modules", *stable]
 
 
 def adapter_problems(svc: LLMService, spec: LLMServiceSpec) -> list[str]:

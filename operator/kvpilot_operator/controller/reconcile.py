@@ -6,6 +6,7 @@ reconcile triggered by its own writes, changes nothing."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass, field
 from typing import Any
@@ -40,6 +41,7 @@ from kvpilot_operator.controller.status import (
     source_status,
     status_patch,
 )
+from kvpilot_operator.rollout.adapters import plan_adapters
 from kvpilot_operator.rollout.plan import abandoned, plan_rollout
 
 
@@ -75,6 +77,12 @@ def desired_objects(kube: Kube, body: dict[str, Any], opts: RenderOptions) -> De
             svc, spec, stable_live, (body.get("status") or {}).get("canary"), now_iso()
         )
         extra: dict[str, Any] = {"stableRevision": revision_of(svc, plan.stable)}
+        shares, adapters, news = plan_adapters(
+            spec, (body.get("status") or {}).get("adapters"), now_iso()
+        )
+        plan = dataclasses.replace(plan, adapter_canary=shares)
+        if news:
+            extra["adapters"] = adapters
         if started is not None:
             extra["canary"] = started
         elif abandoned(spec, body.get("status") or {}):

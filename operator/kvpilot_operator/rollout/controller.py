@@ -18,10 +18,11 @@ from pydantic import ValidationError
 
 from kvpilot_operator.api.names import REVISION_LABEL, engine_name
 from kvpilot_operator.api.policies import parse
-from kvpilot_operator.api.types import CanarySpec, CanaryStatus
+from kvpilot_operator.api.types import CanaryAnalysis, CanarySpec, CanaryStatus, LLMServiceSpec
 from kvpilot_operator.controller.kube import Kube
 from kvpilot_operator.controller.status import merge_conditions, now_iso, strip_times
 from kvpilot_operator.observability.prometheus import PrometheusSource
+from kvpilot_operator.rollout.adapters import advance_adapters, evaluated
 from kvpilot_operator.rollout.canary import (
     advance_canary,
     parse_time,
@@ -32,6 +33,7 @@ from kvpilot_operator.rollout.canary import (
 log = logging.getLogger("kvpilot.rollout")
 
 SHADOW_WINDOW_S = 300.0
+NO_PROMETHEUS = "no Prometheus: the operator runs without --prometheus-url"
 # The shadow summary is nine queries over five minutes: not worth repeating every canary tick.
 SHADOW_EVERY_S = 10.0
 
@@ -79,14 +81,17 @@ class RolloutController:
         if body is None or body["metadata"].get("deletionTimestamp"):
             return
         try:
-            # spec.rollout is no ServingPolicy field, so the service's own spec is the resolved
-            # one here: parsing spares an API read of the policy on every tick.
-            rollout = parse(body).spec.rollout
+            # spec.rollout and spec.adapters are no ServingPolicy fields, so the service's own
+            # spec is the resolved one here: parsing spares an API read of the policy per tick.
+            spec = parse(body).spec
         except ValidationError:
             return  # the reconcile reports InvalidSpec
+        rollout = spec.rollout
         status = body.get("status") or {}
         if rollout is not None and rollout.canary is not None and status.get("canary"):
             self._canary(namespace, name, rollout.canary, status, emit)
+        if evaluated(spec, status.get("adapters")):
+            self._adapters(namespace, name, spec, status, emit)
         if shadow and rollout is not None and rollout.shadow is not None:
             self._shadow(namespace, name)
 
@@ -113,7 +118,7 @@ class RolloutController:
             canary = self.kube.get("apps/v1", "Deployment", engine_name(name, "canary"), namespace)
             ready = bool(((canary or {}).get("status") or {}).get("availableReplicas"))
             if ready and self.source is None:
-                unavailable = "no Prometheus: the operator runs without --prometheus-url"
+                unavailable = NO_PROMETHEUS
             elif ready and self.source is not None:
                 analysis, unavailable = self.source.canary_analysis(
                     namespace, name, cs.stable_revision, cs.revision, cfg.step_seconds
@@ -144,6 +149,46 @@ class RolloutController:
             if live is not None:
                 self.reconcile(live)
 
+    def _adapters(
+        self,
+        namespace: str,
+        name: str,
+        spec: LLMServiceSpec,
+        status: dict[str, Any],
+        emit: Callable[[str, str, str], None],
+    ) -> None:
+        """Each adapter canary's step: judged on the routers' per-adapter series."""
+        now = dt.datetime.now(dt.timezone.utc)
+        before = status.get("adapters")
+        phases = {e["name"]: e.get("canary") or {} for e in before or []}
+        analyses: dict[str, tuple[CanaryAnalysis | None, str | None]] = {}
+        for a in spec.adapters or []:
+            cs = phases.get(a.name) or {}
+            if a.canary is None or cs.get("phase") != "Progressing":
+                continue
+            if (now - parse_time(cs["stepStartedAt"])).total_seconds() < a.canary.step_seconds:
+                continue
+            if self.source is None:
+                analyses[a.name] = (None, NO_PROMETHEUS)
+            else:
+                analyses[a.name] = self.source.adapter_canary_analysis(
+                    namespace, name, a.served, a.canary.step_seconds
+                )
+        after, events = advance_adapters(spec, before, analyses, now)
+        if after == before:
+            return
+        with self.lock(namespace, name):
+            live = self.kube.get_llmservice(namespace, name)
+            if live is None or (live.get("status") or {}).get("adapters") != before:
+                return  # moved on meanwhile; this evaluation is stale
+            self.kube.patch_llmservice_status(namespace, name, {"adapters": after})
+        for kind, reason, message in events:
+            emit(kind, reason, message)
+        if _shares(after) != _shares(before):
+            live = self.kube.get_llmservice(namespace, name)
+            if live is not None:
+                self.reconcile(live)  # the routes carry the new shares
+
     def _shadow(self, namespace: str, name: str) -> None:
         if self.source is None:
             return
@@ -170,3 +215,12 @@ class RolloutController:
                 patch["conditions"] = merged
             if patch:
                 self.kube.patch_llmservice_status(namespace, name, patch)
+
+
+def _shares(entries: list[dict[str, Any]] | None) -> set[tuple[str, Any, Any]]:
+    """What of status.adapters the routes carry: each canary's phase and weight."""
+    out = set()
+    for e in entries or []:
+        canary = e.get("canary") or {}
+        out.add((e.get("name"), canary.get("phase"), canary.get("weight")))
+    return out

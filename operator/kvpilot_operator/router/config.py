@@ -32,11 +32,37 @@ class Shadow:
 
 
 @dataclass(frozen=True)
+class AdapterVariant:
+    """One version of an adapter, by its folder on the engines (each engine may know it by
+    another name: `sql` there, `sql@canary` here during a promotion)."""
+
+    path: str
+    weight: int
+    role: str = "stable"
+
+
+@dataclass(frozen=True)
+class AdapterShadow:
+    path: str
+    mirror_percent: float
+    max_rps: float | None = None
+
+
+@dataclass(frozen=True)
+class AdapterRoute:
+    name: str  # what clients send as `model`
+    variants: tuple[AdapterVariant, ...]
+    shadow: AdapterShadow | None = None
+
+
+@dataclass(frozen=True)
 class RouteConfig:
     service: str
     revisions: tuple[Revision, ...]
     shadow: Shadow | None = None
     endpoints: tuple[Endpoint, ...] = ()  # read in static (--config) mode only
+    # spec.adapters with their versions' shares; adapters not listed are found on the engines.
+    adapters: tuple[AdapterRoute, ...] = ()
 
     @classmethod
     def from_json(cls, text: str | bytes) -> RouteConfig:
@@ -59,7 +85,8 @@ class RouteConfig:
                 shadow.revision not in weighted,
                 f"shadow.revision {shadow.revision!r} also takes user traffic (weight > 0)",
             )
-        return cls(service, revisions, shadow, _endpoints(doc.get("endpoints", [])))
+        endpoints = _endpoints(doc.get("endpoints", []))
+        return cls(service, revisions, shadow, endpoints, _adapters(doc.get("adapters", [])))
 
     @classmethod
     def implicit(cls, service: str, revisions: Iterable[str]) -> RouteConfig:
@@ -82,6 +109,22 @@ class RouteConfig:
             ],
             "shadow": shadow,
             "endpoints": [{"url": e.url, "revision": e.revision} for e in self.endpoints],
+            "adapters": [
+                {
+                    "name": a.name,
+                    "variants": [
+                        {"path": v.path, "weight": v.weight, "role": v.role} for v in a.variants
+                    ],
+                    "shadow": None
+                    if a.shadow is None
+                    else {
+                        "path": a.shadow.path,
+                        "mirrorPercent": a.shadow.mirror_percent,
+                        "maxRps": a.shadow.max_rps,
+                    },
+                }
+                for a in self.adapters
+            ],
         }
 
 
@@ -151,4 +194,58 @@ def _endpoints(raw: Any) -> tuple[Endpoint, ...]:
     urls = [e.url for e in out]
     dups = sorted({u for u in urls if urls.count(u) > 1})
     _check(not dups, f"endpoint URLs must be unique, repeated: {', '.join(dups)}")
+    return tuple(out)
+
+
+def _adapters(raw: Any) -> tuple[AdapterRoute, ...]:
+    _check(isinstance(raw, list), "adapters must be a list")
+    out: list[AdapterRoute] = []
+    for i, a in enumerate(raw):
+        where = f"adapters[{i}]"
+        _check(isinstance(a, dict), f"{where} must be an object")
+        name, variants = a.get("name"), a.get("variants")
+        _check(isinstance(name, str) and name != "", f"{where}.name must be a non-empty string")
+        _check(
+            isinstance(variants, list) and len(variants) > 0,
+            f"{where}.variants must be a non-empty list",
+        )
+        parsed: list[AdapterVariant] = []
+        for j, v in enumerate(variants):
+            vwhere = f"{where}.variants[{j}]"
+            _check(isinstance(v, dict), f"{vwhere} must be an object")
+            path, weight, role = v.get("path"), v.get("weight"), v.get("role", "stable")
+            _check(isinstance(path, str) and path != "", f"{vwhere}.path must be a string")
+            _check(
+                _is_int(weight) and 0 <= weight <= 100,
+                f"{vwhere}.weight must be an integer in [0, 100], got {weight!r}",
+            )
+            _check(isinstance(role, str), f"{vwhere}.role must be a string")
+            parsed.append(AdapterVariant(path, weight, role))
+        paths = [v.path for v in parsed]
+        _check(len(set(paths)) == len(paths), f"{where}: variant paths must be unique")
+        shadow = a.get("shadow")
+        adapter_shadow = None
+        if shadow is not None:
+            _check(isinstance(shadow, dict), f"{where}.shadow must be an object or null")
+            path, percent, max_rps = (
+                shadow.get("path"),
+                shadow.get("mirrorPercent"),
+                shadow.get("maxRps"),
+            )
+            _check(isinstance(path, str) and path != "", f"{where}.shadow.path must be a string")
+            _check(
+                _is_number(percent) and 0 <= percent <= 100,
+                f"{where}.shadow.mirrorPercent must be a number in [0, 100], got {percent!r}",
+            )
+            _check(
+                max_rps is None or (_is_number(max_rps) and max_rps > 0),
+                f"{where}.shadow.maxRps must be a positive number or null, got {max_rps!r}",
+            )
+            adapter_shadow = AdapterShadow(
+                path, float(percent), None if max_rps is None else float(max_rps)
+            )
+        out.append(AdapterRoute(name, tuple(parsed), adapter_shadow))
+    names = [a.name for a in out]
+    dups = sorted({n for n in names if names.count(n) > 1})
+    _check(not dups, f"adapter names must be unique, repeated: {', '.join(dups)}")
     return tuple(out)

@@ -264,16 +264,38 @@ def parse_load(text: str) -> tuple[float | None, float | None]:
     return found.get(_LOAD_METRICS[0]), found.get(_LOAD_METRICS[1])
 
 
+def parse_models(doc: Any) -> dict[str, tuple[str | None, str | None]]:
+    """An engine's /v1/models -> {id: (root, parent)}; parent None for a base model."""
+    out: dict[str, tuple[str | None, str | None]] = {}
+    for card in doc.get("data") or []:
+        if isinstance(card, dict) and isinstance(card.get("id"), str):
+            root, parent = card.get("root"), card.get("parent")
+            out[card["id"]] = (
+                root if isinstance(root, str) else None,
+                parent if isinstance(parent, str) else None,
+            )
+    return out
+
+
 async def scrape_loop(
-    table: RouteTable, client: httpx.AsyncClient, interval: float, timeout: float = 1.0
+    table: RouteTable,
+    client: httpx.AsyncClient,
+    interval: float,
+    timeout: float = 1.0,
+    headers: Sequence[tuple[bytes, bytes]] = (),
 ) -> None:
-    """Best effort: an endpoint that does not answer keeps its last figures."""
+    """Best effort: an endpoint that does not answer keeps its last figures. Its /v1/models too
+    (`headers`: the engines' API key), for the adapters it holds."""
 
     async def one(url: str) -> None:
         with contextlib.suppress(Exception):
             resp = await client.get(f"{url}/metrics", timeout=timeout)
             if resp.status_code == 200:
                 table.set_load(url, *parse_load(resp.text))
+        with contextlib.suppress(Exception):
+            resp = await client.get(f"{url}/v1/models", timeout=timeout, headers=list(headers))
+            if resp.status_code == 200:
+                table.set_models(url, parse_models(resp.json()))
 
     while True:
         urls: Sequence[str] = list(table.endpoints)

@@ -121,6 +121,29 @@ class RouterMetrics:
             registry=r,
         )
 
+        # LoRA adapters: by the adapter clients named and its version (stable, canary): what
+        # an adapter's canary is judged on, as a model canary is on the revision series above.
+        self.adapter_requests = Counter(
+            "kvpilot_router_adapter_requests_total",
+            "Requests for a LoRA adapter answered, by adapter, variant and HTTP status.",
+            ["adapter", "variant", "code"],
+            registry=r,
+        )
+        self.adapter_ttft = Histogram(
+            "kvpilot_router_adapter_ttft_seconds",
+            "Client-side time to first token of an adapter's streams, by adapter and variant.",
+            ["adapter", "variant"],
+            buckets=TTFT_BUCKETS,
+            registry=r,
+        )
+        self.adapter_tpot = Histogram(
+            "kvpilot_router_adapter_tpot_seconds",
+            "Mean time between forwarded text events of an adapter's streams.",
+            ["adapter", "variant"],
+            buckets=ITL_BUCKETS,
+            registry=r,
+        )
+
     def set_endpoints(self, counts: dict[str, int]) -> None:
         self.endpoints.clear()  # revisions that are gone should not linger
         for revision, n in counts.items():

@@ -37,9 +37,16 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from kvpilot_operator.router.adapters import AdapterRouter, Choice, Placement
 from kvpilot_operator.router.admission import Admission, Rejected
 from kvpilot_operator.router.batch.api import BatchService, BatchSettings
-from kvpilot_operator.router.discovery import Snapshot, Source, follow, scrape_loop
+from kvpilot_operator.router.discovery import (
+    Snapshot,
+    Source,
+    follow,
+    parse_models,
+    scrape_loop,
+)
 from kvpilot_operator.router.metrics import RouterMetrics
 from kvpilot_operator.router.shadow import (
     DEFAULT_SHADOW_CONCURRENCY,
@@ -105,6 +112,18 @@ def _unavailable(body: bytes) -> bool:
     return False
 
 
+def _code(body: bytes) -> str | None:
+    with contextlib.suppress(ValueError, LookupError, TypeError):
+        return str(json.loads(body)["error"]["code"])
+    return None
+
+
+def _message(body: bytes) -> str:
+    with contextlib.suppress(ValueError, LookupError, TypeError):
+        return str(json.loads(body)["error"]["message"])
+    return body.decode(errors="replace")[:200]
+
+
 def error_body(status: int, message: str, code: str | None, param: str | None = None) -> bytes:
     """OpenAI's error shape, typed as the engine types its own errors."""
     kind = "invalid_request_error" if status < 500 else "server_error"
@@ -123,6 +142,7 @@ class ParsedRequest:
     prompt: str  # flattened: the affinity key is its first prefix_chars characters
     stream: bool
     greedy: bool
+    model: str | None = None  # the base model's name or an adapter's
 
 
 def _text_of(content: Any) -> str:
@@ -160,7 +180,10 @@ def parse_request(body: bytes) -> ParsedRequest:
         prompt = raw if isinstance(raw, str) else json.dumps(raw)  # token ids hash as well
     temperature, top_k = doc.get("temperature"), doc.get("top_k")
     greedy = temperature == 0 or top_k == 1
-    return ParsedRequest(prompt, doc.get("stream") is True, greedy)
+    model = doc.get("model")
+    return ParsedRequest(
+        prompt, doc.get("stream") is True, greedy, model if isinstance(model, str) else None
+    )
 
 
 # ---- one request as it passes -------------------------------------------------------------------
@@ -182,6 +205,9 @@ class Exchange:
     outcome: Outcome | None = None  # set once the answer was forwarded whole
     mirror_decided: bool = False
     mirrored: asyncio.Future[Outcome | None] | None = None  # gets `outcome` when mirrored
+    adapter: Choice | None = None  # the adapter version chosen, for an adapter's request
+    load_error: str = ""  # why the chosen version could not be loaded, when it could not
+    sent_model: str | None = None  # the `model` in `body` now (rewritten per engine's name)
 
 
 class BodyTooLarge(Exception):
@@ -235,6 +261,8 @@ class Router:
         self.settings = settings
         self.source = source
         self.admission = Admission(settings.max_in_flight, settings.max_queue, table.has_primary)
+        self.adapters = AdapterRouter(table)
+        self._models_read_at = -1.0
         self.metrics = RouterMetrics(lambda: self.admission.waiting)
         self.client: httpx.AsyncClient | None = None
         self.mirror: Mirror | None = None
@@ -254,6 +282,7 @@ class Router:
     def apply(self, snap: Snapshot) -> None:
         """A snapshot from discovery: a changed one (Kubernetes, a rewritten file), or at start."""
         self.table.update(snap.config, snap.endpoints)
+        self.adapters.update(snap.config)
         self.metrics.set_endpoints(self.table.ready_counts())
         self.admission.wake()  # endpoints may have appeared for queued requests
         if snap != self._applied:
@@ -288,7 +317,9 @@ class Router:
                 asyncio.create_task(follow(self.source, s.refresh_interval, self.apply))
             )
         self._tasks.append(
-            asyncio.create_task(scrape_loop(self.table, self.client, s.scrape_interval))
+            asyncio.create_task(
+                scrape_loop(self.table, self.client, s.scrape_interval, headers=self._upstream_auth)
+            )
         )
         if self.batch is not None:
             self.batch.start()
@@ -356,6 +387,12 @@ class Router:
             self.metrics.requests.labels("", "401").inc()
             return Response(_UNAUTHORIZED, 401, {"x-request-id": rid}, "application/json")
         assert self.client is not None
+        cards = self.adapters.listed()
+        if self.adapters.routes or any(c["parent"] is not None for c in cards):
+            # Engines may hold different adapters: the union of what they serve.
+            self.metrics.requests.labels("", "200").inc()
+            body = {"object": "list", "data": cards}
+            return JSONResponse(body, headers={"x-request-id": rid})
         tried: set[str] = set()
         for _ in range(self.settings.retries + 1):
             st = self.table.pick_any(exclude=tried)
@@ -435,6 +472,20 @@ class Router:
             await self._reply(ex, send, 400, error_body(400, str(e), "invalid_json"))
             return
         ex.body = body
+        model = ex.request.model
+        kind = self.adapters.classify(model)
+        if kind == "unsure" and self.table.endpoints:
+            await self._read_models()  # a router just started: ask rather than guess
+            kind = self.adapters.classify(model)
+        if kind == "unknown":
+            self.metrics.rejected.labels("unknown_model").inc()
+            message = f"The model `{model}` does not exist."
+            await self._reply(ex, send, 404, error_body(404, message, "model_not_found", "model"))
+            return
+        if kind == "adapter":
+            assert model is not None
+            ex.adapter = self.adapters.choose(model, time.monotonic())
+        ex.sent_model = model
         ex.upstream_headers = [
             (k, v) for k, v in scope["headers"] if k.lower() not in _DROP_REQUEST_HEADERS
         ]
@@ -490,7 +541,19 @@ class Router:
             return
         try:
             assert ex.request is not None
-            st = self.table.pick(ex.request.prompt)
+            model = ex.request.model
+            late = model is not None and ex.adapter is None
+            if late and self.adapters.classify(model) == "adapter":
+                # Unknown at receipt (no engine yet: scaled from zero), known now.
+                assert model is not None
+                ex.adapter = self.adapters.choose(model, time.monotonic())
+            st = await self._pick(ex)
+            if st is None and ex.load_error:
+                # The version itself is broken (an adapter the engine refuses): the canary's
+                # analysis counts this against it.
+                body = error_body(502, ex.load_error, "adapter_unavailable", "model")
+                await self._reply(ex, send, 502, body)
+                return
             if st is None:  # the last endpoint went between admission and now
                 body = error_body(503, "no ready endpoint", "unavailable")
                 await self._reply(ex, send, 503, body, retry_after=5)
@@ -555,7 +618,7 @@ class Router:
             tried.add(st.url)
             retry = None
             if ex.retries < self.settings.retries:
-                retry = self.table.pick(ex.request.prompt, exclude=tried, prefer=st.revision)
+                retry = await self._pick(ex, exclude=tried, prefer=st.revision)
             body = b""
             if retry is None and resp is not None:
                 body = await resp.aread()
@@ -593,10 +656,101 @@ class Router:
         assert ex.request is not None
         while time.monotonic() < deadline:
             await asyncio.sleep(0.1)
-            st = self.table.pick(ex.request.prompt, exclude=tried)
+            st = await self._pick(ex, exclude=tried)
             if st is not None:
                 return st
         return None
+
+    # ---- adapters -------------------------------------------------------------------------------
+    async def _pick(
+        self,
+        ex: Exchange,
+        exclude: set[str] | frozenset[str] = frozenset(),
+        prefer: str | None = None,
+    ) -> EndpointState | None:
+        """The endpoint for the request (an adapter's: one that holds its version, or loads it
+        now), with the body's `model` set to that endpoint's name for the version."""
+        assert ex.request is not None
+        if ex.adapter is None:
+            return self.table.pick(ex.request.prompt, exclude=exclude, prefer=prefer)
+        for _ in range(3):  # a refused runtime load marks its engine: the next placement differs
+            placement = self.adapters.place(ex.adapter, exclude, prefer, now=time.monotonic())
+            if placement is None:
+                return None
+            if placement.load_path is not None:
+                loaded, why = await self._load(placement)
+                if why:
+                    ex.load_error = why
+                    return None
+                if not loaded:
+                    continue
+            self._rewrite_model(ex, placement.name)
+            return placement.endpoint
+        return None
+
+    def _rewrite_model(self, ex: Exchange, name: str) -> None:
+        if name == ex.sent_model:
+            return
+        doc = json.loads(ex.body)
+        doc["model"] = name
+        ex.body = json.dumps(doc).encode()
+        ex.sent_model = name
+        ex.upstream_headers = [
+            (k, str(len(ex.body)).encode() if k == b"content-length" else v)
+            for k, v in ex.upstream_headers
+        ]
+
+    async def _load(self, placement: Placement) -> tuple[bool, str]:
+        """Ask an engine to load an adapter version now (`POST /v1/load_lora_adapter`):
+        (loaded, why the version cannot be: the engine refused its files, else "")."""
+        assert self.client is not None and placement.load_path is not None
+        st = placement.endpoint
+        try:
+            resp = await self.client.post(
+                st.url + "/v1/load_lora_adapter",
+                json={"lora_name": placement.name, "lora_path": placement.load_path},
+                headers=self._upstream_auth,
+                timeout=self.settings.request_timeout,
+            )
+        except httpx.TransportError:
+            self.table.eject(st.url)
+            return False, ""
+        already = resp.status_code == 400 and "already" in resp.text
+        if resp.status_code == 200 or already:
+            self.adapters.loaded(st, placement.name, placement.load_path, None)
+            log.info("adapter loaded", endpoint=st.url, adapter=placement.name)
+            return True, ""
+        if resp.status_code in (400, 404) and _code(resp.content) not in (
+            "runtime_lora_updating_disabled",
+            None,
+        ):
+            # The engine read the files and refused them (corrupt, rank too high, not found).
+            message = f"adapter {placement.name} ({placement.load_path}) cannot be loaded: "
+            return False, message + _message(resp.content)
+        log.info(
+            "runtime adapter load refused", endpoint=st.url, status=resp.status_code,
+            adapter=placement.name,
+        )  # fmt: skip
+        self.adapters.refused(st, time.monotonic())
+        return False, ""
+
+    async def _read_models(self) -> None:
+        assert self.client is not None
+        client = self.client
+
+        async def one(st: EndpointState) -> None:
+            with contextlib.suppress(Exception):
+                resp = await client.get(
+                    st.url + "/v1/models", headers=self._upstream_auth, timeout=2.0
+                )
+                if resp.status_code == 200:
+                    self.table.set_models(st.url, parse_models(resp.json()))
+
+        if time.monotonic() - self._models_read_at < 1.0:
+            return  # an upstream without /v1/models is not asked on every request
+        self._models_read_at = time.monotonic()
+        unread = [st for st in self.table.endpoints.values() if st.models is None]
+        await asyncio.gather(*(one(st) for st in unread if st.endpoint.ready))
 
     async def _relay(
         self,
@@ -669,14 +823,23 @@ class Router:
         e2e = time.perf_counter() - ex.t0
         m.requests.labels(ex.revision, code).inc()
         m.e2e.labels(ex.revision).observe(e2e)
+        adapter = ex.adapter
+        if adapter is not None:
+            m.adapter_requests.labels(adapter.model, adapter.role, code).inc()
         reader = ex.reader
         if reader is not None and reader.sse and ex.status == 200:
             if reader.first_text is not None:
                 m.ttft.labels(ex.revision).observe(reader.first_text - ex.t0)
+                if adapter is not None:
+                    m.adapter_ttft.labels(adapter.model, adapter.role).observe(
+                        reader.first_text - ex.t0
+                    )
             if reader.text_events >= 2 and reader.first_text is not None:
                 assert reader.last_text is not None
                 gap = (reader.last_text - reader.first_text) / (reader.text_events - 1)
                 m.tpot.labels(ex.revision).observe(gap)
+                if adapter is not None:
+                    m.adapter_tpot.labels(adapter.model, adapter.role).observe(gap)
         log.info(
             "http_request",
             request_id=ex.rid,
@@ -684,6 +847,7 @@ class Router:
             status=int(code),
             revision=ex.revision or None,
             endpoint=ex.endpoint or None,
+            adapter=f"{ex.adapter.model}/{ex.adapter.role}" if ex.adapter else None,
             retries=ex.retries,
             duration_ms=round(e2e * 1000, 1),
         )

@@ -40,6 +40,11 @@ class EndpointState:
     kv_usage: float | None = None  # vllm:kv_cache_usage_perc, scraped
     waiting: float | None = None  # vllm:num_requests_waiting, scraped
     ejected_until: float = 0.0
+    # Its /v1/models, scraped: each card's id -> (root: the folder it was loaded from, parent:
+    # None for a base model); None until first read.
+    models: dict[str, tuple[str | None, str | None]] | None = None
+    # Runtime adapter loading refused (off on this engine) until then: not asked again before.
+    no_runtime_load_until: float = 0.0
 
     @property
     def url(self) -> str:
@@ -144,6 +149,11 @@ class RouteTable:
         if waiting is not None:
             st.waiting = waiting
 
+    def set_models(self, url: str, models: dict[str, tuple[str | None, str | None]]) -> None:
+        st = self.endpoints.get(url)
+        if st is not None:
+            st.models = models
+
     def eject(self, url: str) -> None:
         st = self.endpoints.get(url)
         if st is not None:
@@ -185,14 +195,20 @@ class RouteTable:
 
     # ---- choices ------------------------------------------------------------------------------
     def _candidates(
-        self, revisions: Collection[str], exclude: Collection[str]
+        self,
+        revisions: Collection[str],
+        exclude: Collection[str],
+        only: Callable[[EndpointState], bool] | None = None,
     ) -> dict[str, list[EndpointState]]:
         """Usable endpoints by revision: ready, not excluded, and not ejected unless all are."""
         now = self.clock()
         usable = [
             st
             for st in self.endpoints.values()
-            if st.endpoint.ready and st.revision in revisions and st.url not in exclude
+            if st.endpoint.ready
+            and st.revision in revisions
+            and st.url not in exclude
+            and (only is None or only(st))
         ]
         healthy = [st for st in usable if st.ejected_until <= now] or usable
         by_rev: dict[str, list[EndpointState]] = {}
@@ -201,15 +217,36 @@ class RouteTable:
         return by_rev
 
     def pick(
-        self, prompt: str = "", exclude: Collection[str] = (), prefer: str | None = None
+        self,
+        prompt: str = "",
+        exclude: Collection[str] = (),
+        prefer: str | None = None,
+        *,
+        only: Callable[[EndpointState], bool] | None = None,
+        affinity: str | None = None,
     ) -> EndpointState | None:
-        """The endpoint for a user request; `prefer` (a retry's revision) wins while it has one."""
-        by_rev = self._candidates(self._weighted(), exclude)
+        """The endpoint for a user request; `prefer` (a retry's revision) wins while it has one.
+        `only`: endpoints that can serve it (an adapter's holders); `affinity`: a key hashed for
+        bounded-load affinity instead of the prompt's prefix (an adapter's name)."""
+        by_rev = self._candidates(self._weighted(), exclude, only)
         if not by_rev:
             return None
         revision = prefer if prefer in by_rev else self._wrr.pick(by_rev)
         assert revision is not None
+        if affinity is not None:
+            return self._bounded_hash(revision, by_rev[revision], affinity)
         return self._pick_in(revision, by_rev[revision], prompt)
+
+    def revision_candidates(
+        self, revision: str, exclude: Collection[str] = ()
+    ) -> list[EndpointState]:
+        return self._candidates({revision}, exclude).get(revision, [])
+
+    def bound(self, cands: Sequence[EndpointState]) -> int:
+        """The most requests an endpoint of `cands` may have before a bounded-load choice moves
+        on (CHWBL's bound, with one more request to place)."""
+        total = sum(st.in_flight for st in cands)
+        return math.ceil(self.load_factor * (total + 1) / max(1, len(cands)))
 
     def pick_any(self, exclude: Collection[str] = ()) -> EndpointState | None:
         """Any primary endpoint, least loaded first (for /v1/models; leaves the weights alone)."""
@@ -255,8 +292,7 @@ class RouteTable:
 
     def _bounded_hash(self, revision: str, cands: list[EndpointState], key: str) -> EndpointState:
         by_url = {st.url: st for st in cands}
-        total = sum(st.in_flight for st in cands)
-        bound = math.ceil(self.load_factor * (total + 1) / len(cands))
+        bound = self.bound(cands)
         for url in self._ring(revision).walk(key):
             st = by_url.get(url)
             if st is not None and st.in_flight < bound:
@@ -277,6 +313,9 @@ class RouteTable:
                     "kvUsage": st.kv_usage,
                     "waiting": st.waiting,
                     "ejected": st.ejected_until > now,
+                    "adapters": sorted(
+                        name for name, (_, parent) in (st.models or {}).items() if parent
+                    ),
                 }
                 for st in sorted(self.endpoints.values(), key=lambda s: s.url)
             ],
