@@ -77,6 +77,7 @@ def test_dashboard_queries_are_valid_promql() -> None:
     for what in ("TTFT", "TPOT", "error budget", "Replicas", "Queue", "KV", "Throughput"):
         assert what in titles
     assert "Canary" in titles and "Shadow" in titles
+    assert "Speculative decoding" in titles
 
 
 def test_chart_ships_the_generated_rules_and_dashboard(helm: str) -> None:

@@ -1,7 +1,8 @@
 """spec.speculative, without a cluster: the `--speculative-config` the operator renders is what
 `kvpilot serve` parses into the engine's SpeculativeConfig, a policy supplies it and a service
 overrides or turns it off, a draft model's source gets its own download or mount, and an engine
-that refuses the draft (a different tokenizer) is reported naming spec.speculative."""
+that refuses the draft (a different tokenizer) is reported naming spec.speculative, and the
+autoscaler's capacity model counts rejected drafts as work."""
 
 from __future__ import annotations
 
@@ -12,6 +13,13 @@ from kvpilot_engine.cli import build_parser, engine_args_from
 from kvpilot_engine.spec_decode.config import METHODS, SpeculativeConfig
 from kvpilot_operator.api.policies import load_presets, resolve_spec
 from kvpilot_operator.api.types import SPECULATIVE_METHODS, LLMService
+from kvpilot_operator.autoscaler.decision import (
+    Observation,
+    ScalerState,
+    ScalingParams,
+    Window,
+    decide,
+)
 from kvpilot_operator.controller.manifests import (
     DRAFT_DOWNLOAD_CONTAINER,
     RenderOptions,
@@ -179,3 +187,30 @@ def test_an_engine_refusing_the_draft_is_reported_naming_the_field() -> None:
     assert message is not None
     assert "spec.speculative: speculative_config.model" in message
     assert "does not share the target model's tokenizer" in message
+
+
+def test_capacity_counts_rejected_drafts_as_work() -> None:
+    """The step-time fit counts verified drafts as step tokens; rejected ones serve nothing, so
+    a replica's capacity in served tokens shrinks by 1 + rejected drafts per served token."""
+    params = ScalingParams()
+    base = dict(
+        request_rate=5.0,
+        token_rate=3500.0,
+        tokens_per_request=700.0,
+        ttft=0.1,
+        tpot=0.02,
+        step_time=0.015,
+        step_tokens=50.0,
+    )
+    plain = Window(**base)  # type: ignore[arg-type]
+    # 1,000 drafts/s verified, 300 accepted: 700 rejected per 3,500 served tokens.
+    spec = Window(**base, draft_rate=1000.0, accepted_rate=300.0)  # type: ignore[arg-type]
+    assert spec.rejected_share == 0.2 and plain.rejected_share == 0.0
+    d_plain, _ = decide(params, ScalerState(), Observation(0, 2, 2, plain, plain))
+    d_spec, _ = decide(params, ScalerState(), Observation(0, 2, 2, spec, spec))
+    assert d_plain.capacity is not None and d_spec.capacity is not None
+    assert abs(d_spec.capacity * 1.2 - d_plain.capacity) < 1e-6 * d_plain.capacity
+    assert d_spec.required is not None and d_plain.required is not None
+    assert d_spec.required > d_plain.required
+    assert d_spec.details["spec_rejected_share"] == 0.2
+    assert "spec_rejected_share" not in d_plain.details

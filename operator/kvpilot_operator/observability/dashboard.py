@@ -1,7 +1,7 @@
 """The Grafana dashboard the chart ships: one dashboard per LLMService (namespace and service
 variables) with its SLO lines, error budget, replicas, queue, KV cache, throughput, canary by
-revision, shadow and Batch API panels. Generated, so the panels and the metric names they read
-cannot drift apart."""
+revision, shadow, Batch API, speculative decoding and per-adapter (LoRA) panels. Generated, so
+the panels and the metric names they read cannot drift apart."""
 
 from __future__ import annotations
 
@@ -16,10 +16,16 @@ OP = 'llmservice_namespace="$namespace",llmservice="$llmservice"'
 AUTOSCALER = 'namespace="$namespace",llmservice="$llmservice"'
 RI = "$__rate_interval"
 SLO_SERIES = "kvpilot_llmservice_slo_objective"
+BY_ADAPTER = "le, adapter, variant"
 
 
 def _q(metric: str, q: float, sel: str, by: str = "le") -> str:
     return f"histogram_quantile({q}, sum by ({by}) (rate({metric}_bucket{{{sel}}}[{RI}])))"
+
+
+def _spec(counter: str, sel: str) -> str:
+    """A vllm:spec_decode_num_* counter's rate over the service's engines."""
+    return f"sum(rate(vllm:spec_decode_num_{counter}_total{{{sel}}}[{RI}]))"
 
 
 def _panel(
@@ -203,6 +209,70 @@ def dashboard() -> dict[str, Any]:
             "short",
             12,
             y + 32,
+        ),
+        _panel(
+            "Speculative decoding: acceptance rate and tokens per verify step",
+            [
+                (
+                    "acceptance rate",
+                    f"{_spec('accepted_tokens', engines)} / {_spec('draft_tokens', engines)}",
+                ),
+                (
+                    "tokens per verify step",
+                    f"1 + {_spec('accepted_tokens', engines)} / {_spec('drafts', engines)}",
+                ),
+            ],
+            "short",
+            0,
+            y + 40,
+        ),
+        _panel(
+            "LoRA adapters: requests/s and error rate by adapter and variant",
+            [
+                (
+                    "{{adapter}} {{variant}}",
+                    "sum by (adapter, variant) "
+                    f"(rate(kvpilot_router_adapter_requests_total{{{routers}}}[{RI}]))",
+                ),
+                (
+                    "errors {{adapter}} {{variant}}",
+                    "(sum by (adapter, variant) (rate(kvpilot_router_adapter_requests_total"
+                    f'{{{routers},code=~"5.."}}[{RI}])) or 0 * sum by (adapter, variant) '
+                    f"(rate(kvpilot_router_adapter_requests_total{{{routers}}}[{RI}]))) / sum by "
+                    "(adapter, variant) "
+                    f"(rate(kvpilot_router_adapter_requests_total{{{routers}}}[{RI}]))",
+                ),
+            ],
+            "short",
+            0,
+            y + 48,
+        ),
+        _panel(
+            "LoRA adapters: client-side TTFT and TPOT p95 by adapter and variant",
+            [
+                (
+                    "TTFT {{adapter}} {{variant}}",
+                    _q("kvpilot_router_adapter_ttft_seconds", 0.95, routers, BY_ADAPTER),
+                ),
+                (
+                    "TPOT {{adapter}} {{variant}}",
+                    _q("kvpilot_router_adapter_tpot_seconds", 0.95, routers, BY_ADAPTER),
+                ),
+            ],
+            "s",
+            12,
+            y + 48,
+        ),
+        _panel(
+            "Speculative decoding: draft tokens verified and accepted",
+            [
+                ("verified/s", _spec("draft_tokens", engines)),
+                ("accepted/s", _spec("accepted_tokens", engines)),
+                ("output tokens/s", f"sum(rate(vllm:generation_tokens_total{{{engines}}}[{RI}]))"),
+            ],
+            "short",
+            12,
+            y + 40,
         ),
     ]
     for i, panel in enumerate(panels):
