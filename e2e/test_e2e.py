@@ -152,11 +152,16 @@ def test_whole_system(stack: Stack) -> None:
         assert healthy["status"] == "True"
 
         # 5. Every query of the shipped dashboard returns data from this Prometheus, but the
-        # Batch API's panels: this service has no spec.batch, so its routers export no batch
-        # series (tests/router/test_batch_api.py checks those metrics).
+        # Batch API's and the LoRA adapters' panels: this service has no spec.batch and no
+        # spec.adapters, so its routers export neither series (tests/router/test_batch_api.py
+        # and tests/router/test_adapter_engines.py check those metrics).
         prom = stack.prometheus
         assert prom is not None
-        queries = [q for q in dashboard_queries() if "kvpilot_batch_" not in q]
+        queries = [
+            q
+            for q in dashboard_queries()
+            if "kvpilot_batch_" not in q and "kvpilot_router_adapter_" not in q
+        ]
         assert len(queries) < len(dashboard_queries())  # the filter matches what it means to
 
         def empty_queries() -> list[str] | None:

@@ -53,6 +53,7 @@ from kvpilot_operator.router.shadow import (
     DEFAULT_SHADOW_TIMEOUT,
     Mirror,
     Outcome,
+    ShadowTarget,
 )
 from kvpilot_operator.router.sse import ResponseReader
 from kvpilot_operator.router.table import EndpointState, RouteTable
@@ -574,8 +575,33 @@ class Router:
         if not ex.mirror_decided and self.mirror is not None and ex.request is not None:
             ex.mirror_decided = True
             ex.mirrored = self.mirror.start(
-                ex.path, ex.body, _shadow_headers(ex.upstream_headers), ex.request.greedy
+                ex.path,
+                ex.body,
+                _shadow_headers(ex.upstream_headers),
+                ex.request.greedy,
+                self._adapter_shadow(ex),
             )
+
+    def _adapter_shadow(self, ex: Exchange) -> ShadowTarget | None:
+        """An adapter's shadow version (on the primary's engines), for its requests."""
+        route = self.adapters.routes.get(ex.adapter.model) if ex.adapter else None
+        if route is None or route.shadow is None:
+            return None
+        shadow, body = route.shadow, ex.body
+        choice = Choice(route.name, "shadow", shadow.path)
+
+        async def place() -> tuple[EndpointState, bytes] | None:
+            placement = self.adapters.place(choice, now=time.monotonic())
+            if placement is None:
+                return None
+            if placement.load_path is not None and not (await self._load(placement))[0]:
+                return None
+            doc = json.loads(body)
+            doc["model"] = placement.name
+            return placement.endpoint, json.dumps(doc).encode()
+
+        label = f"{route.name}@shadow"
+        return ShadowTarget(label, shadow.mirror_percent, shadow.max_rps, place)
 
     def _dispatch(self, st: EndpointState) -> None:
         self.table.acquire(st)

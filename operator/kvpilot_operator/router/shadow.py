@@ -14,7 +14,7 @@ import contextlib
 import statistics
 import time
 from collections import Counter, deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,7 +23,7 @@ import structlog
 
 from kvpilot_operator.router.metrics import RouterMetrics
 from kvpilot_operator.router.sse import ResponseReader
-from kvpilot_operator.router.table import RouteTable
+from kvpilot_operator.router.table import EndpointState, RouteTable
 
 log = structlog.get_logger("kvpilot.router.shadow")
 
@@ -106,6 +106,17 @@ class ShadowSummary:
         }
 
 
+@dataclass(frozen=True)
+class ShadowTarget:
+    """Where a request's copy goes when not to the shadow revision: an adapter's shadow version
+    on the primary's engines (`place` finds an engine and the body naming the version there)."""
+
+    label: str  # the shadow series' `revision` label: `<adapter>@shadow`
+    mirror_percent: float
+    max_rps: float | None
+    place: Callable[[], Awaitable[tuple[EndpointState, bytes] | None]]
+
+
 class Mirror:
     def __init__(
         self,
@@ -119,34 +130,48 @@ class Mirror:
         self.timeout, self.max_concurrency = timeout, max_concurrency
         self.active = 0
         self.summary = ShadowSummary()
-        self._credit = 0  # in 1/10000ths of a request: sampling by counter, exact and cheap
-        self._bucket: TokenBucket | None = None
+        # In 1/10000ths of a request, per shadow: sampling by counter, exact and cheap.
+        self._credit: dict[str, int] = {}
+        self._buckets: dict[str, TokenBucket] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
     def start(
-        self, path: str, body: bytes, headers: dict[str, str], greedy: bool
+        self,
+        path: str,
+        body: bytes,
+        headers: dict[str, str],
+        greedy: bool,
+        target: ShadowTarget | None = None,
     ) -> asyncio.Future[Outcome | None] | None:
-        """Mirror this request if sampled; returns the future the primary's outcome goes into."""
-        shadow = self.table.config.shadow if self.table.config else None
-        if shadow is None or not self.table.has_shadow():
+        """Mirror this request if sampled (to `target`, else to the shadow revision); returns
+        the future the primary's outcome goes into."""
+        if target is not None:
+            label, percent, max_rps = target.label, target.mirror_percent, target.max_rps
+        else:
+            shadow = self.table.config.shadow if self.table.config else None
+            if shadow is None or not self.table.has_shadow():
+                return None
+            label, percent, max_rps = shadow.revision, shadow.mirror_percent, shadow.max_rps
+        credit = self._credit.get(label, 0) + round(percent * 100)
+        if credit < 10000:
+            self._credit[label] = credit
             return None
-        self._credit += round(shadow.mirror_percent * 100)
-        if self._credit < 10000:
-            return None
-        self._credit -= 10000
-        if shadow.max_rps is not None:
-            if self._bucket is None or self._bucket.rate != shadow.max_rps:
-                self._bucket = TokenBucket(shadow.max_rps)
-            if not self._bucket.take():
-                self._count(shadow.revision, "dropped_rate")
+        self._credit[label] = credit - 10000
+        if max_rps is not None:
+            bucket = self._buckets.get(label)
+            if bucket is None or bucket.rate != max_rps:
+                bucket = self._buckets[label] = TokenBucket(max_rps)
+            if not bucket.take():
+                self._count(label, "dropped_rate")
                 return None
         if self.active >= self.max_concurrency:
-            self._count(shadow.revision, "dropped_busy")
+            self._count(label, "dropped_busy")
             return None
         primary: asyncio.Future[Outcome | None] = asyncio.get_running_loop().create_future()
         self.active += 1
         self.summary.mirrored += 1
-        task = asyncio.create_task(self._run(shadow.revision, path, body, headers, greedy, primary))
+        place = target.place if target is not None else None
+        task = asyncio.create_task(self._run(label, path, body, headers, greedy, primary, place))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return primary
@@ -163,10 +188,13 @@ class Mirror:
         headers: dict[str, str],
         greedy: bool,
         primary: asyncio.Future[Outcome | None],
+        place: Callable[[], Awaitable[tuple[EndpointState, bytes] | None]] | None = None,
     ) -> None:
         try:
             try:
-                outcome = await asyncio.wait_for(self._send(path, body, headers), self.timeout)
+                outcome = await asyncio.wait_for(
+                    self._send(path, body, headers, place), self.timeout
+                )
             finally:
                 self.active -= 1
             if outcome is None or outcome.status != 200:
@@ -182,8 +210,21 @@ class Mirror:
             self._count(revision, "error")
             log.debug("shadow request failed", error=repr(e))
 
-    async def _send(self, path: str, body: bytes, headers: dict[str, str]) -> Outcome | None:
-        st = self.table.pick_shadow()
+    async def _send(
+        self,
+        path: str,
+        body: bytes,
+        headers: dict[str, str],
+        place: Callable[[], Awaitable[tuple[EndpointState, bytes] | None]] | None = None,
+    ) -> Outcome | None:
+        if place is not None:
+            placed = await place()
+            if placed is None:
+                return None
+            st, body = placed
+            headers = {**headers, "content-length": str(len(body))}
+        else:
+            st = self.table.pick_shadow()
         if st is None:
             return None
         self.table.acquire(st)
