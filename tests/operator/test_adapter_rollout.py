@@ -11,10 +11,16 @@ from typing import Any
 
 from kvpilot_operator.api.names import router_name
 from kvpilot_operator.api.policies import resolve_spec
-from kvpilot_operator.api.types import API_VERSION, CanaryAnalysis, LLMService
+from kvpilot_operator.api.types import API_VERSION, CanaryAnalysis, LLMService, ShadowStatus
 from kvpilot_operator.controller.manifests import RenderOptions
 from kvpilot_operator.controller.reconcile import reconcile
-from kvpilot_operator.rollout.adapters import advance_adapters, evaluated, plan_adapters, version_of
+from kvpilot_operator.rollout.adapters import (
+    advance_adapters,
+    evaluated,
+    plan_adapters,
+    version_of,
+    with_shadows,
+)
 
 from tests.support.memkube import MemoryKube
 
@@ -120,3 +126,25 @@ def test_a_new_canary_source_starts_over() -> None:
     weights, restarted, news = plan_adapters(fixed, statuses, "2026-12-01T12:05:00Z")
     assert news and weights == {"sql": 20}
     assert restarted is not None and restarted[0]["canary"]["phase"] == "Progressing"
+
+
+def test_a_shadows_figures_are_kept_beside_its_canary() -> None:
+    shadowed = {**SQL, "shadow": {"source": {"path": "/loras/sql-v3"}}}
+    alone = {**HELP, "shadow": {"source": {"path": "/loras/help-v2"}}}
+    spec = spec_of([shadowed, alone])
+    _, statuses, _ = plan_adapters(spec, None, "2026-12-01T12:00:00Z")
+    figures = {
+        "sql": ShadowStatus(revision="sql@shadow", mirrored=12, compared=10, greedy_compared=10),
+        "help": ShadowStatus(revision="help@shadow", mirrored=3),
+    }
+    statuses = with_shadows(spec, statuses, figures)
+    assert {s["name"]: s["shadow"]["mirrored"] for s in statuses or []} == {"sql": 12, "help": 3}
+    # The canary's step and the reconcile's plan leave the shadows' figures as they were.
+    stepped, _ = advance_adapters(
+        spec, statuses, {"sql": (analysis(100.0, 0.0), None)}, T0 + dt.timedelta(seconds=31)
+    )
+    assert stepped is not None and [s["name"] for s in stepped] == ["sql", "help"]
+    assert stepped[0]["canary"]["weight"] == 100 and stepped[0]["shadow"]["mirrored"] == 12
+    assert stepped[1] == statuses[1]  # type: ignore[index]
+    _, planned, news = plan_adapters(spec, stepped, "2026-12-01T12:01:00Z")
+    assert planned == stepped and not news

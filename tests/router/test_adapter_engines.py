@@ -261,6 +261,10 @@ def test_adapter_canaries_promoted_and_rolled_back_on_the_routers_series(
     compared = value(m, "kvpilot_router_shadow_compared_total", kind="greedy", **shadow)
     assert compared >= 3, m
     assert value(m, "kvpilot_router_shadow_exact_match_total", **shadow) >= 0.8 * compared
+    # ... which the rollout controller summarised in status.adapters.
+    adapters = ((kube.get_llmservice(NS, NAME) or {}).get("status") or {})["adapters"]
+    help_shadow = next(a for a in adapters if a["name"] == "help")["shadow"]
+    assert help_shadow["revision"] == "help@shadow" and help_shadow["greedyCompared"] >= 1
     final = json.loads(router.config_path.read_text())["adapters"]
     weights = {a["name"]: {v["role"]: v["weight"] for v in a["variants"]} for a in final}
     assert weights == {"sql": {"stable": 0, "canary": 100}, "help": {"stable": 100, "canary": 0}}

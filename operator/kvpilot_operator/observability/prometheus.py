@@ -273,7 +273,8 @@ class PrometheusSource:
 
         def rate(rev: str) -> float | None:
             total = counts.get(rev, 0.0)
-            return None if total <= 0 else round(failed.get(rev, 0.0) / total, 4)
+            # increase() extrapolates each series on its own: the ratio can pass 1 a little.
+            return None if total <= 0 else round(min(1.0, failed.get(rev, 0.0) / total), 4)
 
         return CanaryAnalysis(
             canary_requests=round(counts.get(canary, 0.0)),

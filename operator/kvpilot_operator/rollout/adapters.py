@@ -20,7 +20,13 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from kvpilot_operator.api.types import AdapterStatus, CanaryAnalysis, CanaryStatus, LLMServiceSpec
+from kvpilot_operator.api.types import (
+    AdapterStatus,
+    CanaryAnalysis,
+    CanaryStatus,
+    LLMServiceSpec,
+    ShadowStatus,
+)
 from kvpilot_operator.controller.manifests import adapter_variants
 from kvpilot_operator.rollout.canary import Event, advance_canary
 
@@ -67,11 +73,14 @@ def plan_adapters(
     weights: dict[str, int] = {}
     out: list[dict[str, Any]] = []
     for a in spec.adapters or []:
+        known = current.get(a.name)
+        shadow = known.shadow if known is not None and a.shadow is not None else None
         if a.canary is None:
+            if shadow is not None:  # the shadow's figures, kept for the controller to renew
+                out.append(_dump(AdapterStatus(name=a.name, shadow=shadow)))
             continue
         stable, canary = _versions(spec)[a.name]
         assert canary is not None
-        known = current.get(a.name)
         cs = known.canary if known is not None else None
         if cs is None or (cs.revision, cs.stable_revision) != (canary, stable):
             cs = CanaryStatus(
@@ -84,8 +93,7 @@ def plan_adapters(
                 reasons=[f"adapter {a.name}: canary {canary} started beside {stable}"],
             )
         weights[a.name] = _PHASE_WEIGHT.get(cs.phase, cs.weight)
-        entry = AdapterStatus(name=a.name, canary=cs)
-        out.append(entry.model_dump(mode="json", by_alias=True, exclude_none=True))
+        out.append(_dump(AdapterStatus(name=a.name, canary=cs, shadow=shadow)))
 
     def started(entries: list[dict[str, Any]] | None) -> set[tuple[str, str, str]]:
         return {
@@ -111,7 +119,7 @@ def advance_adapters(
     Promoted at the next evaluation."""
     current = _parse(statuses)
     events: list[Event] = []
-    out: list[dict[str, Any]] = []
+    stepped: dict[str, dict[str, Any]] = {}
     for a in spec.adapters or []:
         known = current.get(a.name)
         if a.canary is None or known is None or known.canary is None:
@@ -132,9 +140,31 @@ def advance_adapters(
                     "the canary's and remove canary to free the old version"
                 )
             events.append((kind, f"Adapter{reason}", f"adapter {a.name}: {message}"))
-        entry = AdapterStatus(name=a.name, canary=new)
-        out.append(entry.model_dump(mode="json", by_alias=True, exclude_none=True))
+        stepped[a.name] = _dump(AdapterStatus(name=a.name, canary=new, shadow=known.shadow))
+    # In their order; entries the step does not touch (a shadow's alone) stay as they are.
+    out = [stepped.get(e.get("name", ""), e) for e in statuses or []]
     return out or None, events
+
+
+def with_shadows(
+    spec: LLMServiceSpec,
+    statuses: list[dict[str, Any]] | None,
+    summaries: dict[str, ShadowStatus],
+) -> list[dict[str, Any]] | None:
+    """status.adapters with each adapter shadow's latest figures (by adapter name)."""
+    current = _parse(statuses)
+    out = []
+    for a in spec.adapters or []:
+        known = current.get(a.name) or AdapterStatus(name=a.name)
+        if a.shadow is not None and a.name in summaries:
+            known = known.model_copy(update={"shadow": summaries[a.name]})
+        if known.canary is not None or (a.shadow is not None and known.shadow is not None):
+            out.append(_dump(known))
+    return out or None
+
+
+def _dump(status: AdapterStatus) -> dict[str, Any]:
+    return status.model_dump(mode="json", by_alias=True, exclude_none=True)
 
 
 def evaluated(spec: LLMServiceSpec, statuses: list[dict[str, Any]] | None) -> list[str]:

@@ -22,7 +22,7 @@ from kvpilot_operator.api.types import CanaryAnalysis, CanarySpec, CanaryStatus,
 from kvpilot_operator.controller.kube import Kube
 from kvpilot_operator.controller.status import merge_conditions, now_iso, strip_times
 from kvpilot_operator.observability.prometheus import PrometheusSource
-from kvpilot_operator.rollout.adapters import advance_adapters, evaluated
+from kvpilot_operator.rollout.adapters import advance_adapters, evaluated, with_shadows
 from kvpilot_operator.rollout.canary import (
     advance_canary,
     parse_time,
@@ -92,6 +92,8 @@ class RolloutController:
             self._canary(namespace, name, rollout.canary, status, emit)
         if evaluated(spec, status.get("adapters")):
             self._adapters(namespace, name, spec, status, emit)
+        if shadow and any(a.shadow is not None for a in spec.adapters or []):
+            self._adapter_shadows(namespace, name, spec)
         if shadow and rollout is not None and rollout.shadow is not None:
             self._shadow(namespace, name)
 
@@ -188,6 +190,27 @@ class RolloutController:
             live = self.kube.get_llmservice(namespace, name)
             if live is not None:
                 self.reconcile(live)  # the routes carry the new shares
+
+    def _adapter_shadows(self, namespace: str, name: str, spec: LLMServiceSpec) -> None:
+        """status.adapters[].shadow: what the routers saw of each adapter's shadow version."""
+        if self.source is None:
+            return
+        summaries = {}
+        for a in spec.adapters or []:
+            if a.shadow is not None:
+                summary, _ = self.source.shadow_summary(
+                    namespace, name, f"{a.served}@shadow", SHADOW_WINDOW_S
+                )
+                if summary is not None:
+                    summaries[a.name] = summary
+        with self.lock(namespace, name):
+            live = self.kube.get_llmservice(namespace, name)
+            if live is None:
+                return
+            before = (live.get("status") or {}).get("adapters")
+            after = with_shadows(spec, before, summaries)
+            if after != before:
+                self.kube.patch_llmservice_status(namespace, name, {"adapters": after})
 
     def _shadow(self, namespace: str, name: str) -> None:
         if self.source is None:

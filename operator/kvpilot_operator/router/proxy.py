@@ -193,7 +193,8 @@ class Exchange:
     rid: str
     path: str
     t0: float  # receipt, perf_counter
-    body: bytes = b""
+    body: bytes = b""  # as sent upstream (`model` set to the engine's name for an adapter)
+    client_body: bytes = b""  # as the client sent it
     request: ParsedRequest | None = None
     upstream_headers: list[tuple[bytes, bytes]] = field(default_factory=list)
     status: int = 0  # what the client was sent; 0 until the response starts
@@ -472,7 +473,7 @@ class Router:
             self.metrics.rejected.labels("bad_request").inc()
             await self._reply(ex, send, 400, error_body(400, str(e), "invalid_json"))
             return
-        ex.body = body
+        ex.body = ex.client_body = body
         model = ex.request.model
         kind = self.adapters.classify(model)
         if kind == "unsure" and self.table.endpoints:
@@ -574,13 +575,14 @@ class Router:
         yield ex.body
         if not ex.mirror_decided and self.mirror is not None and ex.request is not None:
             ex.mirror_decided = True
-            ex.mirrored = self.mirror.start(
-                ex.path,
-                ex.body,
-                _shadow_headers(ex.upstream_headers),
-                ex.request.greedy,
-                self._adapter_shadow(ex),
-            )
+            target = self._adapter_shadow(ex)
+            if target is None and ex.adapter is not None and ex.adapter.role != "stable":
+                return  # the model shadow compares the model: not with an adapter's canary
+            headers = _shadow_headers(ex.upstream_headers)
+            # The model shadow runs the same adapters under the names clients send.
+            body = ex.body if target is not None else ex.client_body
+            headers["content-length"] = str(len(body))
+            ex.mirrored = self.mirror.start(ex.path, body, headers, ex.request.greedy, target)
 
     def _adapter_shadow(self, ex: Exchange) -> ShadowTarget | None:
         """An adapter's shadow version (on the primary's engines), for its requests."""
