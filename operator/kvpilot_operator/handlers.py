@@ -25,7 +25,7 @@ import logging
 import socket
 import threading
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import kopf
@@ -63,6 +63,8 @@ class State:
     # Set while the loops run (start_loops): status refreshes go through it.
     status_refresh: Coalescer | None = None
     status_refresh_index: Any = None  # key -> the llmservices index's value
+    # ServingPolicies by name, from the index once it runs (else the reconcile asks the API).
+    policies: Callable[[str], dict[str, Any] | None] | None = None
 
 
 def _kopf_emit(body: Any) -> events.Emit:
@@ -111,7 +113,7 @@ def _reconcile_body(
         live = State.kube.get_llmservice(meta["namespace"], meta["name"])
         if live is not None:
             body = {**body, "status": live.get("status")}
-        out = reconcile(State.kube, body, State.opts, **kwargs)
+        out = reconcile(State.kube, body, State.opts, policies=State.policies, **kwargs)
     slo_series.export(meta["namespace"], meta["name"], out.spec)
     _report(out, emit or _kopf_emit(body), body)
     if out.problem is not None and out.problem.reason == "ApplyFailed":
@@ -147,7 +149,9 @@ async def llmservices(
     return {
         (namespace, name): {
             "ref": events.object_ref(dict(body)),
-            "rollout": bool(spec.get("rollout")),
+            # Adapter canaries are rollouts too.
+            "rollout": bool(spec.get("rollout"))
+            or any(isinstance(a, dict) and a.get("canary") for a in spec.get("adapters") or []),
             # The object as the watch last saw it: the loops and the owned objects' handlers
             # read it here instead of asking the API server each time.
             "body": copy.deepcopy(dict(body)),
@@ -233,6 +237,8 @@ def on_deployment_event(
     # has never observed (the operator's own creation, whose first events are its annotations).
     seen = (body.get("status") or {}).get("observedGeneration")
     drifted = type == "DELETED" or (seen is not None and seen != meta.get("generation"))
+    if type == "DELETED":
+        State.kube.forget(body)
     if drifted:
         _reconcile_body(owner)
         return
@@ -266,12 +272,21 @@ def _refresh_status(key: Key, deployment: dict[str, Any] | None) -> None:
 @kopf.on.event("policy", "poddisruptionbudgets", labels=OWNED)
 @kopf.on.event("networking.k8s.io", "v1", "networkpolicies", labels=OWNED)
 def on_owned_event(body: kopf.Body, type: str | None, llmservices: kopf.Index, **_: Any) -> None:
-    if type not in ("MODIFIED", "DELETED"):
-        return
-    seen = (body.get("status") or {}).get("observedGeneration")
-    if type == "MODIFIED" and seen is not None and seen == body["metadata"].get("generation"):
-        # A controller writing status (the disruption controller's PDB status, every few
-        # seconds per service), not a change of what the operator wrote: nothing to correct.
+    if type == "DELETED":
+        State.kube.forget(body)
+    elif type == "MODIFIED":
+        drifted = State.kube.drifted(body)
+        if drifted is False:
+            # Another writer's fields only: the token controller adding a ServiceAccount's
+            # secret, the disruption controller's PDB status. Reconciling on those made a second
+            # full pass over every new service.
+            return
+        seen = (body.get("status") or {}).get("observedGeneration")
+        if drifted is None and seen is not None and seen == body["metadata"].get("generation"):
+            # Not applied by this process yet (a restart): a controller writing status is
+            # still no change of what the operator wrote.
+            return
+    else:
         return
     owner = _owner(body, llmservices)
     if owner is not None:
@@ -318,6 +333,9 @@ async def start_loops(
     """The autoscaler's and the rollouts' loops, fed by the index (filled once watching starts).
     They read services, policies and engine Deployments from the indexes: at rest, an
     evaluation asks the API server nothing (Prometheus is asked)."""
+    # A policy the index does not hold (yet) is asked for: a service that names one created a
+    # moment ago is not reported missing while the watch catches up.
+    State.policies = lambda name: _one(servingpolicies, name) or State.kube.get_policy(name)
     if State.autoscaler is not None:
         State.autoscaler.policies = lambda name: _one(servingpolicies, name)
         State.autoscaler.engines = lambda namespace, name: _one(engines, (namespace, name))

@@ -384,6 +384,20 @@ def test_drift_is_corrected_and_restart_changes_nothing(
     for kind in ("configmap", "role", "rolebinding", "serviceaccount"):
         cluster.kubectl("delete", kind, "drift-router", "-n", ns)
         wait_for(f"{kind} restored", lambda k=kind: get(cluster, k, "drift-router", ns))
+    # An edit of a field the operator set is undone (the operator's fields moved to another
+    # manager); a label of someone else's is no drift, and stays.
+    routes = (get(cluster, "configmap", "drift-router", ns) or {})["data"]
+    cluster.kubectl(
+        "patch", "configmap", "drift-router", "-n", ns, "--type=merge",
+        "-p", json.dumps({"data": dict.fromkeys(routes, "{}")}),
+    )  # fmt: skip
+    cluster.kubectl("label", "configmap", "drift-router", "-n", ns, "team=platform")
+    wait_for(
+        "routes restored",
+        lambda: (get(cluster, "configmap", "drift-router", ns) or {}).get("data") == routes,
+    )
+    edited = get(cluster, "configmap", "drift-router", ns) or {}
+    assert edited["metadata"]["labels"]["team"] == "platform"
 
     # Let the controllers settle, then restart the operator: nothing changes.
     def settled() -> dict[str, str] | None:

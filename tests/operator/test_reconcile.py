@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 from kvpilot_operator.api.names import engine_name, router_name
 from kvpilot_operator.api.types import API_VERSION
+from kvpilot_operator.controller.kube import FIELD_MANAGER, own_fields
 from kvpilot_operator.controller.manifests import RenderOptions, spec_annotation
 from kvpilot_operator.controller.reconcile import reconcile
 from kvpilot_operator.controller.status import find_condition
@@ -322,3 +323,19 @@ def test_a_policys_limits_refuse_what_they_do_not_allow(
     kube.update_spec(NS, NAME, service(policy="guarded", **allowed)["spec"])
     out = reconcile(kube, live(kube), OPTS)
     assert out.problem is None and owned(kube) == OWNED
+
+
+def test_own_fields_change_only_with_the_operators_fields() -> None:
+    """What tells the operator's handlers that an owned object drifted: the managedFields entry
+    of its own applies, not the whole object (a token controller adding a ServiceAccount's
+    secret, or a user's extra label, is nobody's drift)."""
+
+    def obj(*entries: dict[str, Any]) -> dict[str, Any]:
+        return {"kind": "ConfigMap", "metadata": {"name": "x", "managedFields": list(entries)}}
+
+    ours = {"manager": FIELD_MANAGER, "operation": "Apply", "fieldsV1": {"f:data": {"f:a": {}}}}
+    theirs = {"manager": "kubectl-label", "operation": "Update", "fieldsV1": {"f:metadata": {}}}
+    assert own_fields(obj(ours)) == own_fields(obj(theirs, ours))
+    assert own_fields(obj(ours)) != own_fields(obj({**ours, "fieldsV1": {"f:data": {}}}))
+    assert own_fields(obj(theirs)) is None
+    assert own_fields(obj({**ours, "operation": "Update"})) is None  # not one of its applies

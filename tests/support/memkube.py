@@ -124,6 +124,9 @@ class MemoryKube:
         obj = self.objects.get(_key(api_version, kind, name, namespace))
         return copy.deepcopy(obj) if obj is not None else None
 
+    def get_many(self, refs: list[tuple[str, str, str, str | None]]) -> list[dict[str, Any] | None]:
+        return [self.get(*ref) for ref in refs]
+
     def delete(self, api_version: str, kind: str, name: str, namespace: str | None = None) -> bool:
         self.calls.append(("delete", kind, name))
         return self.objects.pop(_key(api_version, kind, name, namespace), None) is not None

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -63,16 +64,29 @@ class Desired:
     stable_live: dict[str, Any] | None = None  # the stable engine Deployment, as read to plan
 
 
-def desired_objects(kube: Kube, body: dict[str, Any], opts: RenderOptions) -> Desired:
+PolicyLookup = Callable[[str], dict[str, Any] | None]
+
+
+def desired_objects(
+    kube: Kube,
+    body: dict[str, Any],
+    opts: RenderOptions,
+    *,
+    policies: PolicyLookup | None = None,
+    stable_live: dict[str, Any] | None = None,
+) -> Desired:
+    """`policies`: where to look ServingPolicies up (the operator's index), else the API server.
+    `stable_live`: the stable engine Deployment when the caller has it, else it is read."""
     try:
-        svc, spec = resolve(body, kube.get_policy)
+        svc, spec = resolve(body, policies or kube.get_policy)
     except Unresolved as err:
         return Desired(err.service, problem=Problem(err.reason, err.message))
     try:
         meta = body["metadata"]
-        stable_live = kube.get(
-            "apps/v1", "Deployment", engine_name(meta["name"]), meta["namespace"]
-        )
+        if stable_live is None:
+            stable_live = kube.get(
+                "apps/v1", "Deployment", engine_name(meta["name"]), meta["namespace"]
+            )
         plan, started = plan_rollout(
             svc, spec, stable_live, (body.get("status") or {}).get("canary"), now_iso()
         )
@@ -141,25 +155,43 @@ def reconcile(
     *,
     apply: bool = True,
     deployment: dict[str, Any] | None = None,
+    policies: PolicyLookup | None = None,
 ) -> Outcome:
     """Bring the owned objects in line with `body` (unless apply=False: only refresh status from
-    `deployment` or the live one), then patch status if it changed."""
+    `deployment` or the live one), then patch status if it changed. `policies`: as for
+    `desired_objects`."""
     meta = body["metadata"]
     namespace, name = meta["namespace"], meta["name"]
     out = Outcome()
-    desired = desired_objects(kube, body, opts)
+    # A refresh that brings the stable engines' Deployment (its watch event) plans from it.
+    given = deployment if not apply else None
+    desired = desired_objects(kube, body, opts, policies=policies, stable_live=given)
     svc, objects, extra = desired.svc, desired.objects, desired.status
     out.problem, out.spec = desired.problem, desired.spec
     stable = ("Deployment", engine_name(name))
     routers = ("Deployment", router_name(name))
     router: dict[str, Any] | None = None
-    befores = []
-    for obj in objects if apply else []:
-        kind, obj_name = obj["kind"], obj["metadata"]["name"]
-        if (kind, obj_name) == stable:
-            befores.append(desired.stable_live)  # read once, to plan the rollout
-        else:
-            befores.append(kube.get(obj["apiVersion"], kind, obj_name, namespace))
+    # What exists now, read at once (a dozen round trips in parallel rather than one after
+    # another): the objects to apply, and the optional ones the plan no longer renders (none
+    # when nothing was rendered: a spec refused has nothing to tidy).
+    wanted = {(o["apiVersion"], o["kind"], o["metadata"]["name"]) for o in objects}
+    unwanted = [
+        ref
+        for ref in (optional_objects(svc) if apply and objects and svc is not None else [])
+        if ref not in wanted
+    ]
+    reads = [
+        (o["apiVersion"], o["kind"], o["metadata"]["name"], namespace)
+        for o in (objects if apply else [])
+        if (o["kind"], o["metadata"]["name"]) != stable  # read once, to plan the rollout
+    ]
+    found = kube.get_many(reads + [(*ref, namespace) for ref in unwanted])
+    live = iter(found[: len(reads)])
+    present = [ref for ref, obj in zip(unwanted, found[len(reads) :], strict=True) if obj]
+    befores = [
+        desired.stable_live if (o["kind"], o["metadata"]["name"]) == stable else next(live)
+        for o in (objects if apply else [])
+    ]
     status = body.get("status") or {}
     if befores and (None in befores or status.get("observedGeneration") != meta.get("generation")):
         # A new set of objects or a new spec: the API server checks the Deployments first (a
@@ -186,11 +218,8 @@ def reconcile(
         elif before["metadata"]["resourceVersion"] != after["metadata"]["resourceVersion"]:
             out.actions.append(f"updated {kind} {namespace}/{obj_name}")
     if apply and svc is not None and objects and out.problem is None:
-        wanted = {(o["apiVersion"], o["kind"], o["metadata"]["name"]) for o in objects}
-        for api_version, kind, obj_name in optional_objects(svc):
-            if (api_version, kind, obj_name) not in wanted and kube.delete(
-                api_version, kind, obj_name, namespace
-            ):
+        for api_version, kind, obj_name in present:
+            if kube.delete(api_version, kind, obj_name, namespace):
                 out.actions.append(f"deleted {kind} {namespace}/{obj_name}")
     if deployment is None:  # a status refresh: the Deployment as read to plan, else afresh
         deployment = desired.stable_live or kube.get(

@@ -212,18 +212,21 @@ def merge_conditions(
     old: list[dict[str, Any]] | None, new: list[dict[str, Any]], now: str
 ) -> list[dict[str, Any]]:
     """New conditions, keeping each one's lastTransitionTime while its status is unchanged and
-    keeping conditions of other types (e.g. the autoscaler's) as they are."""
-    previous = {c.get("type"): c for c in old or []}
+    keeping conditions of other types (e.g. the autoscaler's) as they are. Each keeps its place
+    in the list, new types go at the end: the reconcile and the autoscaler write different types
+    into the one list, and an order that followed the last writer made each see a change after
+    the other's write, so every status refresh and every autoscaler pass patched status again."""
+    updates = {c["type"]: c for c in new}
     merged = []
-    for cond in new:
-        before = previous.pop(cond["type"], None)
-        since = (
-            before.get("lastTransitionTime")
-            if before and before.get("status") == cond["status"]
-            else None
-        )
+    for before in old or []:
+        cond = updates.pop(before.get("type"), None)
+        if cond is None:
+            merged.append(before)
+            continue
+        same = before.get("status") == cond["status"]
+        since = before.get("lastTransitionTime") if same else None
         merged.append({**cond, "lastTransitionTime": since or now})
-    return merged + list(previous.values())
+    return merged + [{**c, "lastTransitionTime": now} for c in new if c["type"] in updates]
 
 
 def status_patch(

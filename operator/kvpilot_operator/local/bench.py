@@ -70,14 +70,19 @@ def requests_per_user(audit_log: Path, since: float, until: float) -> dict[str, 
 
 
 def _reconciled(cluster: LocalCluster, namespace: str) -> int:
-    def items(kind: str) -> list[dict[str, Any]]:
-        out = cluster.kubectl("get", kind, "-n", namespace, "-o", "json").stdout
-        return json.loads(out)["items"]
+    # One kubectl for the four kinds: the poll runs four times a second on the same two cores
+    # as what it measures, and four processes a poll took a fifth of a core.
+    kinds = "llmservices,deployments,services,poddisruptionbudgets"
+    out = cluster.kubectl("get", kinds, "-n", namespace, "-o", "json").stdout
+    by_kind: dict[str, list[dict[str, Any]]] = {}
+    for item in json.loads(out)["items"]:
+        by_kind.setdefault(item["kind"], []).append(item)
 
-    services = items("llmservices")
-    deployments = {d["metadata"]["name"] for d in items("deployments")}
-    svcs = {s["metadata"]["name"] for s in items("services")}
-    pdbs = {p["metadata"]["name"] for p in items("poddisruptionbudgets")}
+    def names(kind: str) -> set[str]:
+        return {o["metadata"]["name"] for o in by_kind.get(kind, [])}
+
+    services = by_kind.get("LLMService", [])
+    deployments, svcs, pdbs = names("Deployment"), names("Service"), names("PodDisruptionBudget")
     done = 0
     for svc in services:
         name = svc["metadata"]["name"]
