@@ -5,7 +5,8 @@ which do not run a model (the operator's) never import torch.
 
 Modules, from the API down:
 - requests: `llm` (LLM, offline generation), `llm_engine` (LLMEngine: add requests, step, return
-  outputs), `sampling_params`, `outputs`, `tokenizer` (with incremental detokenizing).
+  outputs), `sampling_params`, `outputs`, `tokenizer` (with incremental detokenizing), `lora`
+  (LoRA adapters: LoRARequest, loading them, their device slots).
 - scheduling: `scheduler` (which tokens run next), `block_manager` (the KV pool's blocks and the
   prefix cache), `sequence`.
 - the device: `worker` (putting the model on its devices: each rank's shard, the KV pool's size,
@@ -29,6 +30,7 @@ __all__ = [
     "CompletionOutput",
     "EngineArgs",
     "LLMEngine",
+    "LoRARequest",
     "RequestOutput",
     "RequestOutputKind",
     "SamplingParams",
@@ -42,12 +44,14 @@ _WHERE = {
     "RequestOutputKind": "kvpilot_engine.sampling_params",
     "RequestOutput": "kvpilot_engine.outputs",
     "CompletionOutput": "kvpilot_engine.outputs",
+    "LoRARequest": "kvpilot_engine.lora.request",
 }
 
 if TYPE_CHECKING:
     from kvpilot_engine.config import EngineArgs
     from kvpilot_engine.llm import LLM
     from kvpilot_engine.llm_engine import LLMEngine
+    from kvpilot_engine.lora.request import LoRARequest
     from kvpilot_engine.outputs import CompletionOutput, RequestOutput
     from kvpilot_engine.sampling_params import RequestOutputKind, SamplingParams
 

@@ -22,11 +22,15 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
 from kvpilot_engine.kernels import cpu_decode
+
+if TYPE_CHECKING:
+    from kvpilot_engine.lora.layers import LoRAStep
 
 
 @dataclass
@@ -64,6 +68,8 @@ class AttentionMetadata:
     # The C++ CPU decode kernel's inputs (kernels/cpu_decode.py), instead of decode groups:
     # context lengths of every sequence, and the decode sequences with their query rows.
     cpu_decode: CpuDecodeIndex | None = None
+    # The step's LoRA adapters (lora/layers.py), which the projections add; None: base only.
+    lora: LoRAStep | None = None
 
     @property
     def num_seqs(self) -> int:

@@ -17,6 +17,12 @@ from kvpilot_engine.sequence import Sequence
 _ROOT_HASH = 0x6B7670696C6F74  # the parent of every sequence's first block
 
 
+def root_hash(seq: Sequence) -> int:
+    """The parent of the sequence's first block: the base model's, or one per LoRA adapter, so
+    the chained hashes of the same tokens differ between adapters."""
+    return _ROOT_HASH if not seq.lora_key else hash((_ROOT_HASH, "lora", seq.lora_key))
+
+
 @dataclass(eq=False)
 class Block:
     block_id: int
@@ -65,7 +71,7 @@ class BlockManager:
         hashes = seq.block_hashes
         while len(hashes) < num_full_blocks:
             i = len(hashes)
-            parent = hashes[-1] if hashes else _ROOT_HASH
+            parent = hashes[-1] if hashes else root_hash(seq)
             hashes.append(hash((parent, tuple(seq.token_ids[i * bs : (i + 1) * bs]))))
 
     def _lookup(self, seq: Sequence, i: int) -> int | None:
@@ -73,7 +79,7 @@ class BlockManager:
         if block_id is None:
             return None
         block = self.blocks[block_id]
-        parent = seq.block_hashes[i - 1] if i else _ROOT_HASH
+        parent = seq.block_hashes[i - 1] if i else root_hash(seq)
         tokens = tuple(seq.token_ids[i * self.block_size : (i + 1) * self.block_size])
         if block.parent_hash != parent or block.token_ids != tokens:
             return None
@@ -163,7 +169,7 @@ class BlockManager:
             h = seq.block_hashes[i]
             if block.block_hash is None and h not in self._cached:
                 block.block_hash = h
-                block.parent_hash = seq.block_hashes[i - 1] if i else _ROOT_HASH
+                block.parent_hash = seq.block_hashes[i - 1] if i else root_hash(seq)
                 block.token_ids = tuple(seq.token_ids[i * bs : (i + 1) * bs])
                 self._cached[h] = block.block_id
         seq.num_registered_blocks = num_full

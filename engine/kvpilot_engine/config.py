@@ -224,6 +224,12 @@ class EngineArgs:
     # Speculative decoding: {"method": "ngram" | "suffix" | "draft_model", ...} (a dict, a JSON
     # string or a SpeculativeConfig; parsed into the last), None for off.
     speculative_config: Any = None
+    # LoRA adapters (PEFT), vLLM's names: max_loras adapters run in one step (device slots),
+    # max_cpu_loras stay loaded on the host (LRU; None: max_loras), ranks up to max_lora_rank.
+    enable_lora: bool = False
+    max_loras: int = 1
+    max_lora_rank: int = 16
+    max_cpu_loras: int | None = None
 
     def __post_init__(self) -> None:
         from kvpilot_engine.spec_decode.config import SpeculativeConfig
@@ -256,6 +262,20 @@ class EngineArgs:
             )
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             raise ValueError("num_kv_blocks must be at least 1")
+        if self.max_loras < 1:
+            raise ValueError(f"max_loras must be at least 1, got {self.max_loras}")
+        if self.max_lora_rank < 1:
+            raise ValueError(f"max_lora_rank must be at least 1, got {self.max_lora_rank}")
+        if self.max_cpu_loras is not None and self.max_cpu_loras < self.max_loras:
+            raise ValueError(
+                f"max_cpu_loras ({self.max_cpu_loras}) must be at least max_loras "
+                f"({self.max_loras})"
+            )
+        if self.enable_lora and self.tensor_parallel_size > 1:
+            raise ValueError(
+                "LoRA adapters are not supported with tensor_parallel_size > 1 yet: serve "
+                "adapters on single-rank engines (tensor_parallel_size=1)"
+            )
 
     def resolve_device(self) -> torch.device:
         import torch

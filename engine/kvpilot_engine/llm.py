@@ -10,6 +10,7 @@ from tqdm.auto import tqdm
 
 from kvpilot_engine.config import EngineArgs
 from kvpilot_engine.llm_engine import LLMEngine
+from kvpilot_engine.lora.request import LoRARequest
 from kvpilot_engine.outputs import RequestOutput
 from kvpilot_engine.sampling_params import RequestOutputKind, SamplingParams
 from kvpilot_engine.tokenizer import Tokenizer
@@ -61,8 +62,12 @@ class LLM:
         sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
         use_tqdm: bool = True,
         priority: Seq[int] | None = None,
+        lora_request: LoRARequest | Seq[LoRARequest | None] | None = None,
     ) -> list[RequestOutput]:
-        """Run every prompt to completion with continuous batching; outputs in prompt order."""
+        """Run every prompt to completion with continuous batching; outputs in prompt order.
+
+        `lora_request`: one LoRA adapter for every prompt, or one (or None) per prompt. Each
+        adapter is loaded (and checked: LoRAError) before any prompt runs."""
         items = _normalize_prompts(prompts)
         if sampling_params is None or isinstance(sampling_params, SamplingParams):
             params = [sampling_params or SamplingParams()] * len(items)
@@ -70,14 +75,26 @@ class LLM:
             params = list(sampling_params)
             if len(params) != len(items):
                 raise ValueError("give one SamplingParams, or one per prompt")
+        if lora_request is None or isinstance(lora_request, LoRARequest):
+            loras: list[LoRARequest | None] = [lora_request] * len(items)
+        else:
+            loras = list(lora_request)
+            if len(loras) != len(items):
+                raise ValueError("give one LoRARequest, or one (or None) per prompt")
         engine = self.llm_engine
+        # Loaded here, so a broken adapter fails the call before anything runs; with more
+        # adapters than max_cpu_loras the host cache reloads the evicted ones as their turn comes.
+        for lora in dict.fromkeys(r for r in loras if r is not None):
+            engine.add_lora(lora)
         ids: list[str] = []
         for i, (prompt, p) in enumerate(zip(items, params, strict=True)):
             rid = str(next(self._ids))
             # Copy: the engine fills in max_tokens=None per prompt, and we want final outputs only.
             p = SamplingParams(**{**p.__dict__, "output_kind": RequestOutputKind.FINAL_ONLY})
             try:
-                engine.add_request(rid, prompt, p, priority=priority[i] if priority else 0)
+                engine.add_request(
+                    rid, prompt, p, priority=priority[i] if priority else 0, lora_request=loras[i]
+                )
             except Exception:
                 engine.abort_request(ids)
                 engine.step()  # collect the aborts so the engine is clean for the next call
@@ -105,6 +122,7 @@ class LLM:
         sampling_params: SamplingParams | None = None,
         use_tqdm: bool = True,
         add_generation_prompt: bool = True,
+        lora_request: LoRARequest | Seq[LoRARequest | None] | None = None,
     ) -> list[RequestOutput]:
         """Apply the model's chat template to one conversation or many, then generate."""
         convs = [messages] if messages and isinstance(messages[0], dict) else messages
@@ -116,4 +134,4 @@ class LLM:
             )
             for c in convs  # type: ignore[union-attr]
         ]
-        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm, lora_request=lora_request)

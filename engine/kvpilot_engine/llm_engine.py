@@ -11,13 +11,16 @@ from __future__ import annotations
 import itertools
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from kvpilot_engine.block_manager import BlockManager
 from kvpilot_engine.config import EngineArgs, ModelConfig
 from kvpilot_engine.loader import Checkpoint, load_checkpoint
+from kvpilot_engine.lora.adapter import LoRAAdapter
+from kvpilot_engine.lora.manager import LoRAManager
+from kvpilot_engine.lora.request import LoRAError, LoRARequest
 from kvpilot_engine.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from kvpilot_engine.sampler import SampleResult
 from kvpilot_engine.sampling_params import RequestOutputKind, SamplingParams
@@ -58,6 +61,9 @@ class EngineStats:
     spec_num_draft_tokens: int = 0
     spec_num_accepted_tokens: int = 0
     spec_accepted_per_pos: tuple[int, ...] = ()
+    # LoRA adapters (their names) with requests running / waiting: vllm:lora_requests_info.
+    running_lora_adapters: list[str] = field(default_factory=list)
+    waiting_lora_adapters: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -82,6 +88,7 @@ class _RequestState:
     metrics: RequestMetrics
     hold: int = 0  # characters held back while streaming, so a stop string is never emitted
     final_sent: bool = False
+    lora_request: LoRARequest | None = None
 
     @property
     def finished(self) -> bool:
@@ -107,12 +114,27 @@ class LLMEngine:
         self.block_manager = BlockManager(
             self.num_blocks, args.block_size, args.enable_prefix_caching
         )
+        # LoRA adapters: the host cache, the loader thread and the device slots' assignment.
+        self.max_loras = args.max_loras if args.enable_lora else 0
+        self.lora_manager: LoRAManager | None = None
+        if args.enable_lora:
+            assert worker.lora_banks is not None
+            self.lora_manager = LoRAManager(
+                self.model_config,
+                args.max_loras,
+                args.max_lora_rank,
+                args.max_cpu_loras,
+                worker.lora_banks,
+            )
+            self.model_runner.lora_slots = self.lora_manager.slot_of
         self.scheduler = Scheduler(
             self.block_manager,
             max_num_seqs=args.max_num_seqs,
             max_num_batched_tokens=args.max_num_batched_tokens,
             policy=args.scheduling_policy,
             enable_chunked_prefill=args.enable_chunked_prefill,
+            max_loras=self.max_loras,
+            lora_ready=None if self.lora_manager is None else self.lora_manager.ready,
         )
         self.speculator: Speculator | None = make_speculator(args, self)
         self._grammar_backend: GrammarBackend | None = None  # made on first use
@@ -168,6 +190,8 @@ class LLMEngine:
     def shutdown(self) -> None:
         """Stop the tensor-parallel worker processes (a no-op with one rank). Idempotent; also
         runs when the engine is collected or the interpreter exits."""
+        if self.lora_manager is not None:
+            self.lora_manager.shutdown()
         self.worker.shutdown()
 
     # ---- requests ----------------------------------------------------------------------------
@@ -178,10 +202,21 @@ class LLMEngine:
         params: SamplingParams | None = None,
         priority: int = 0,
         arrival_time: float | None = None,
+        lora_request: LoRARequest | None = None,
     ) -> None:
+        """`lora_request`: run on that LoRA adapter. One not loaded yet is read in the
+        background while the request waits; LoRAError (Disabled, NotFound) only when it cannot
+        ever run."""
         params = params or SamplingParams()
         if request_id in self.requests:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
+        lora_key = 0
+        if lora_request is not None and self.lora_manager is None:
+            raise LoRAError(
+                "Disabled",
+                f"LoRA adapter {lora_request.lora_name!r} requested, but the engine was "
+                "started without enable_lora",
+            )
         if isinstance(prompt, str):
             text: str | None = prompt
             token_ids = self.tokenizer.encode(prompt)
@@ -189,6 +224,9 @@ class LLMEngine:
             text, token_ids = None, list(prompt)
         self._validate(token_ids, params)
         self.compile_structured_outputs(params)
+        if lora_request is not None:
+            assert self.lora_manager is not None
+            lora_key = self.lora_manager.key_for(lora_request)
         if params.max_tokens is None:
             params.max_tokens = self.max_model_len - len(token_ids)
         now = time.monotonic()
@@ -201,6 +239,7 @@ class LLMEngine:
             seqs=[],
             metrics=RequestMetrics(arrival_time=arrival),
             hold=max((len(s) for s in params.stop), default=1) - 1,
+            lora_request=lora_request,
         )
         for i in range(params.n):
             seq = Sequence(
@@ -212,6 +251,8 @@ class LLMEngine:
                 sampling_params=params,
                 priority=priority,
                 arrival_time=arrival,
+                lora_request=lora_request,
+                lora_key=lora_key,
             )
             if params.structured_outputs is not None:
                 seq.grammar = self.grammar_backend.grammar(params.structured_outputs)
@@ -274,6 +315,36 @@ class LLMEngine:
                 param="logit_bias",
             )
 
+    # ---- LoRA adapters -----------------------------------------------------------------------
+    def add_lora(self, lora_request: LoRARequest, adapter: LoRAAdapter | None = None) -> bool:
+        """Load an adapter into the host cache now; False if it was loaded already. `adapter`:
+        its weights read beforehand (lora.adapter.load_adapter, on any thread), so that this
+        call reads no file. Raises LoRAError (see LoRAError for the reasons)."""
+        if self.lora_manager is None:
+            raise LoRAError(
+                "Disabled", "LoRA adapters need an engine started with enable_lora=True"
+            )
+        return self.lora_manager.add(lora_request, adapter)
+
+    def remove_lora(self, lora_int_id: int) -> bool:
+        """Forget an adapter; requests already queued on it still finish on it."""
+        if self.lora_manager is None:
+            return False
+        return self.lora_manager.remove(lora_int_id)
+
+    def list_loras(self) -> list[LoRARequest]:
+        return [] if self.lora_manager is None else self.lora_manager.list()
+
+    def _poll_lora(self) -> None:
+        """Take in adapters loaded in the background; fail the requests whose adapter cannot be
+        loaded (they could never run)."""
+        assert self.lora_manager is not None
+        sch = self.scheduler
+        for entry in self.lora_manager.poll(sch.waiting, sch.running):
+            logger.error("LoRA adapter %s failed to load: %s", entry.request.lora_name, entry.error)
+            rids = [s.request_id for s in sch.waiting + sch.running if s.lora_key == entry.key]
+            self.abort_request(list(dict.fromkeys(rids)))
+
     def abort_request(self, request_ids: str | list[str]) -> None:
         """Stop requests wherever they are and free their KV blocks at once."""
         ids = {request_ids} if isinstance(request_ids, str) else set(request_ids)
@@ -301,10 +372,21 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         outputs, self._pending_outputs = self._pending_outputs, []
         t0 = time.perf_counter()
+        if self.lora_manager is not None:
+            self._poll_lora()
         if self.speculator is not None:
             self.speculator.propose(self.scheduler.running)
         sched = self.scheduler.schedule()
+        if self.lora_manager is not None and not sched.is_empty:
+            self.lora_manager.activate(
+                (s.seq.lora_key for s in sched.scheduled), self.scheduler.running
+            )
         if sched.is_empty:
+            if self.lora_manager is not None and self.lora_manager.loading:
+                # Only requests whose adapter is still being read: wait for it, not spin.
+                self.lora_manager.wait_for_load(timeout=0.05)
+                self._update_stats(sched, 0.0)
+                return outputs
             if self.scheduler.has_unfinished() and not self.scheduler.running:
                 # Impossible with a pool of at least max_model_len tokens; fail loudly if it does.
                 raise RuntimeError("scheduler made no progress with requests waiting")
@@ -385,6 +467,9 @@ class LLMEngine:
             st.spec_num_drafts, st.spec_num_draft_tokens = sd.num_drafts, sd.num_draft_tokens
             st.spec_num_accepted_tokens = sd.num_accepted_tokens
             st.spec_accepted_per_pos = tuple(sd.accepted_per_pos)
+        if self.lora_manager is not None:
+            st.running_lora_adapters = self.lora_manager.names(self.scheduler.running)
+            st.waiting_lora_adapters = self.lora_manager.names(self.scheduler.waiting)
         if not sched.is_empty:
             st.num_steps += 1
             st.step_time = step_time
@@ -507,13 +592,21 @@ class LLMEngine:
             finished=finished,
             metrics=state.metrics,
             num_cached_tokens=state.metrics.num_cached_tokens,
+            lora_request=state.lora_request,
         )
 
     # ---- scoring -----------------------------------------------------------------------------
-    def score(self, token_ids: list[int]) -> torch.Tensor:
+    def score(self, token_ids: list[int], lora_request: LoRARequest | None = None) -> torch.Tensor:
         """Logits at every position of `token_ids` ([len, vocab], float32), computed through the
-        paged cache in chunks of max_num_batched_tokens. For perplexity and the oracle tests."""
+        paged cache in chunks of max_num_batched_tokens. For perplexity and the oracle tests.
+        `lora_request`: on that adapter (loaded now if it is not; it takes a free slot)."""
         self._validate(token_ids, SamplingParams(max_tokens=None))
+        lora_key = 0
+        if lora_request is not None:
+            self.add_lora(lora_request)
+            assert self.lora_manager is not None
+            lora_key = self.lora_manager.key_for(lora_request)
+            self.lora_manager.activate([lora_key], self.scheduler.running)
         seq = Sequence(
             seq_id=next(self._seq_ids),
             request_id="__score__",
@@ -521,6 +614,8 @@ class LLMEngine:
             token_ids=list(token_ids),
             num_prompt_tokens=len(token_ids),
             sampling_params=SamplingParams(),
+            lora_request=lora_request,
+            lora_key=lora_key,
         )
         chunks: list[torch.Tensor] = []
         try:

@@ -22,6 +22,7 @@ from kvpilot_engine.attention import (
 from kvpilot_engine.config import ModelConfig
 from kvpilot_engine.cuda_graph import DecodeGraphs
 from kvpilot_engine.device import to_device
+from kvpilot_engine.lora.layers import LoRABanks, LoRAStep
 from kvpilot_engine.models.llama import LlamaForCausalLM
 from kvpilot_engine.sampler import Sampler, SampleResult
 from kvpilot_engine.scheduler import SchedulerOutput
@@ -64,9 +65,12 @@ class ModelRunner:
         dtype: torch.dtype,
         seed: int = 0,
         broadcast: Callable[[StepInput], None] | None = None,
+        lora_banks: LoRABanks | None = None,
     ):
         """`broadcast`, on rank 0 of a tensor-parallel engine: sends a step's inputs to the other
-        ranks, which run the same forward pass alongside this one."""
+        ranks, which run the same forward pass alongside this one. `lora_banks`: the LoRA
+        adapters' device slots (enable_lora); the engine's LoRAManager fills them and points
+        `lora_slots` (adapter key -> slot) at its map."""
         if device.type == "cpu":
             tune_cpu_allocator()
         self.model = model
@@ -89,6 +93,8 @@ class ModelRunner:
         self._generators: dict[int, torch.Generator] = {}
         self.broadcast = broadcast
         self.graphs: DecodeGraphs | None = None
+        self.lora_banks = lora_banks
+        self.lora_slots: dict[int, int] = {}
 
     def capture_graphs(self, max_batch: int, max_model_len: int) -> float:
         """CUDA graphs for decode batches up to `max_batch`; returns the seconds it took."""
@@ -140,6 +146,12 @@ class ModelRunner:
             step.query_start_loc.append(step.query_start_loc[-1] + stop - start)
             step.context_lens.append(stop)
             step.block_tables.append(list(table))
+            if seq.lora_key:
+                if not step.lora_slots:
+                    step.lora_slots = [-1] * i
+                step.lora_slots.append(self.lora_slots[seq.lora_key])
+            elif step.lora_slots:
+                step.lora_slots.append(-1)
             (step.decode_seqs if stop - start == 1 else step.prefill_seqs).append(i)
             if end == len(seq):
                 last = step.query_start_loc[-1]
@@ -172,6 +184,14 @@ class ModelRunner:
             meta.max_query_len = max(qsl[i + 1] - qsl[i] for i in range(len(qsl) - 1))
         elif step.decode_seqs:
             meta.decode_groups = build_decode_groups(meta, self.block_size, self.workspace)
+        if step.lora_slots and self.lora_banks is not None:
+            qsl = step.query_start_loc
+            token_slots = [
+                s for i, s in enumerate(step.lora_slots) for _ in range(qsl[i + 1] - qsl[i])
+            ]
+            meta.lora = LoRAStep.build(
+                self.lora_banks, token_slots, triton=triton, decode_only=not step.prefill_seqs
+            )
         return (
             to_device(step.input_ids, torch.long, dev),
             to_device(step.positions, torch.long, dev),
@@ -182,7 +202,8 @@ class ModelRunner:
     def run(self, step: StepInput) -> torch.Tensor | None:
         """The forward pass of one step, and the logits it asks for (None when there are none).
         Under tensor parallelism every rank runs it on the same StepInput."""
-        if self.graphs is not None and self.graphs.can_run(step):
+        # (Steps with LoRA adapters run eagerly: the graphs hold the base model only.)
+        if self.graphs is not None and not step.lora_slots and self.graphs.can_run(step):
             # Every decode row is its sequence's last token: all rows are sampled.
             return self.model.compute_logits(self.graphs.run(step))
         input_ids, positions, meta = self.prepare(step)

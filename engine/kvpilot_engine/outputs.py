@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from kvpilot_engine.lora.request import LoRARequest
+
 
 @dataclass
 class Logprob:
@@ -60,3 +62,4 @@ class RequestOutput:
     finished: bool
     metrics: RequestMetrics
     num_cached_tokens: int = 0
+    lora_request: LoRARequest | None = None  # the adapter it ran on (None: the base model)

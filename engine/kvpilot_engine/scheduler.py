@@ -5,11 +5,15 @@ costs one token, an unfinished prefill continues with its next chunk), then wait
 admitted with as much of their prompt as the budget leaves. Prefill chunks and decodes therefore
 share one forward pass. When the KV pool runs dry a running sequence is preempted: its blocks are
 freed and it is recomputed later (its full blocks usually come back from the prefix cache).
+Under the priority policy a waiting sequence that finds no sequence slot or no KV blocks also
+preempts running sequences of a lower priority (a larger `priority` value), so an interactive
+request does not wait behind batch work that is already running.
 """
 
 from __future__ import annotations
 
 import bisect
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from kvpilot_engine.block_manager import BlockManager
@@ -71,8 +75,15 @@ class Scheduler:
         max_num_batched_tokens: int,
         policy: str = "fcfs",
         enable_chunked_prefill: bool = True,
+        max_loras: int = 0,
+        lora_ready: Callable[[int], bool] | None = None,
     ):
+        """`max_loras`: how many distinct LoRA adapters may run at once (the device slots);
+        `lora_ready(lora_key)`: whether an adapter's weights are loaded, so that a sequence on
+        it can be admitted (one whose adapter is still loading waits, and is not failed)."""
         self.block_manager = block_manager
+        self.max_loras = max_loras
+        self.lora_ready = lora_ready
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.policy = policy
@@ -137,13 +148,30 @@ class Scheduler:
             idx += 1
 
         # 2. Waiting sequences, unless this step already had to preempt: the pool is full.
-        while (
-            not out.preempted
-            and self.waiting
-            and budget > 0
-            and len(self.running) < self.max_num_seqs
-        ):
-            seq = self.waiting[0]
+        # A sequence whose LoRA adapter is not loaded, or would need an adapter slot when all
+        # are taken by running sequences, is passed over (it keeps its place) for later ones.
+        # Under the priority policy a sequence that finds no sequence slot or no KV blocks
+        # preempts the running ones less important than itself (`_preempt_for`).
+        active = {s.lora_key for s in self.running if s.lora_key}
+        blocked: Sequence | None = None  # the first passed over for want of a slot
+        full = bool(out.preempted)  # the running sequences alone outgrew the pool
+        i = 0
+        while not full and i < len(self.waiting) and budget > 0:
+            seq = self.waiting[i]
+            if seq in out.preempted:  # back in the queue this step: nothing after it outranks
+                break
+            if seq.lora_key:
+                fits = self._lora_fits(seq, active, blocked)
+                if fits is None:
+                    blocked = blocked or seq
+                if not fits:
+                    i += 1
+                    continue
+            if len(self.running) >= self.max_num_seqs:
+                freed = self._preempt_for(seq, out)
+                if freed is None:
+                    break
+                budget += freed
             computed = bm.get_computed_blocks(seq)
             num_cached = len(computed) * bm.block_size
             num_new = len(seq) - num_cached
@@ -154,9 +182,17 @@ class Scheduler:
                 break
             num_new = min(num_new, budget)
             if not bm.allocate_slots(seq, num_new, computed):
-                break
+                freed = self._preempt_for(seq, out)
+                if freed is None:
+                    break
+                budget += freed
+                continue  # its cached prefix is looked up again: the victim's blocks are free
             bm.record_prefix_lookup(len(seq), num_cached)
-            self.waiting.pop(0)
+            self.waiting.pop(i)
+            if seq.lora_key:
+                active.add(seq.lora_key)
+                if blocked is not None:
+                    blocked.lora_overtaken += 1
             seq.num_computed_tokens = num_cached
             seq.num_cached_tokens = num_cached
             seq.status = SequenceStatus.RUNNING
@@ -165,10 +201,46 @@ class Scheduler:
             budget -= num_new
         return out
 
+    def _lora_fits(self, seq: Sequence, active: set[int], blocked: Sequence | None) -> bool | None:
+        """Whether a waiting sequence's adapter lets it in now: True; False (still loading, or
+        must wait its turn); None (no slot free: it is blocked, and bounds who overtakes it).
+
+        Sequences on adapters already running may go ahead of a blocked one, but only up to
+        max_num_seqs times: then its adapter's turn comes, as the running ones drain."""
+        if self.lora_ready is not None and not self.lora_ready(seq.lora_key):
+            return False
+        if seq.lora_key in active:
+            return blocked is None or blocked.lora_overtaken < self.max_num_seqs
+        if len(active) < self.max_loras:
+            return blocked is None or blocked.lora_overtaken < self.max_num_seqs
+        return None
+
     def _pick_victim(self) -> Sequence:
         """The least important running sequence not yet scheduled in this step (maybe the one
         being scheduled): the tail, since `running` is in admission or priority order."""
         return self.running[-1]
+
+    def _preempt_for(self, seq: Sequence, out: SchedulerOutput) -> int | None:
+        """Under the priority policy, preempt the least important running sequence (the lowest
+        priority, then the latest arrival, as vLLM's priority scheduling picks it) if `seq`
+        outranks it, taking it out of this step if it was scheduled; the tokens of the budget
+        that gives back, or None when nothing running is less important than `seq`. Equal
+        priorities never preempt each other, so a preempted sequence resumes as soon as nothing
+        more important waits; its output tokens are recomputed, not lost."""
+        if self.policy != "priority" or not self.running:
+            return None
+        victim = max(self.running, key=lambda s: s.sort_key())
+        if victim.priority <= seq.priority:
+            return None
+        freed = 0
+        for k, scheduled in enumerate(out.scheduled):
+            if scheduled.seq is victim:
+                freed = scheduled.num_tokens + len(scheduled.spec_token_ids)
+                del out.scheduled[k]
+                break
+        self._preempt(victim)  # back into the queue, behind `seq`
+        out.preempted.append(victim)
+        return freed
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)

@@ -23,3 +23,5 @@ class StepInput:
     prefill_seqs: list[int] = field(default_factory=list)
     sample_rows: list[int] = field(default_factory=list)  # last token of each finished chunk
     all_rows: bool = False
+    # Each scheduled sequence's LoRA slot (-1: the base model); empty when no adapter runs.
+    lora_slots: list[int] = field(default_factory=list)

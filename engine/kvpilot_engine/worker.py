@@ -34,6 +34,7 @@ import torch
 
 from kvpilot_engine.config import EngineArgs, ModelConfig, parse_size, resolve_dtype
 from kvpilot_engine.loader import Checkpoint, RandomCheckpoint, init_random, load_checkpoint
+from kvpilot_engine.lora.layers import LoRABanks
 from kvpilot_engine.model_runner import ModelRunner
 from kvpilot_engine.models.llama import LlamaForCausalLM
 from kvpilot_engine.parallel import Parallel
@@ -97,6 +98,12 @@ class Worker:
             raise
         self.load_time = time.perf_counter() - t0
         self.weight_bytes = weight_bytes(self.model)
+        # The LoRA slots take their memory before the KV pool is sized from what is left.
+        self.lora_banks: LoRABanks | None = None
+        if args.enable_lora:
+            self.lora_banks = LoRABanks(
+                self.model.config, args.max_loras, args.max_lora_rank, self.device, self.dtype
+            )
 
         # This rank's share of a block; rank 0 holds the most KV heads, so it bounds the others.
         block_bytes = kv_bytes_per_block(self.model.config, args.block_size, self.dtype)
@@ -131,6 +138,7 @@ class Worker:
             self.dtype,
             args.seed,
             broadcast=None if self._ranks is None else self._ranks.send_step,
+            lora_banks=self.lora_banks,
         )
         if self._ranks is not None:
             self._ranks.send(("init", num_blocks))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +27,9 @@ from kvpilot_engine.attention import (
 )
 from kvpilot_engine.config import ModelConfig
 from kvpilot_engine.parallel import Parallel
+
+if TYPE_CHECKING:
+    from kvpilot_engine.lora.layers import LoRAStep
 
 
 class RMSNorm(nn.Module):
@@ -126,9 +130,10 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 class Attention(nn.Module):
-    def __init__(self, config: ModelConfig, parallel: Parallel):
+    def __init__(self, config: ModelConfig, parallel: Parallel, layer_idx: int = 0):
         super().__init__()
         self.parallel = parallel
+        self.layer_idx = layer_idx  # which slice of the LoRA banks is this layer's
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
@@ -153,6 +158,9 @@ class Attention(nn.Module):
         rotary: RotaryEmbedding,
     ) -> torch.Tensor:
         qkv = self.qkv_proj(hidden)
+        lora = meta.lora
+        if lora is not None:
+            lora.apply(self.layer_idx, "qkv", hidden, qkv)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
@@ -162,28 +170,39 @@ class Attention(nn.Module):
         q, k = rotary(positions, q, k)
         key_cache, value_cache = kv_cache
         write_kv_cache(k, v, key_cache, value_cache, meta.slot_mapping)
-        o = paged_attention(q, key_cache, value_cache, meta, self.scale)
-        return self.parallel.all_reduce(self.o_proj(o.flatten(1)))
+        o = paged_attention(q, key_cache, value_cache, meta, self.scale).flatten(1)
+        out = self.o_proj(o)
+        if lora is not None:
+            lora.apply(self.layer_idx, "o", o, out)
+        return self.parallel.all_reduce(out)
 
 
 class MLP(nn.Module):
-    def __init__(self, config: ModelConfig, parallel: Parallel):
+    def __init__(self, config: ModelConfig, parallel: Parallel, layer_idx: int = 0):
         super().__init__()
         self.parallel = parallel
+        self.layer_idx = layer_idx
         self.intermediate_size = config.intermediate_size
         self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.parallel.all_reduce(self.down_proj(F.silu(gate) * up))
+    def forward(self, x: torch.Tensor, lora: LoRAStep | None = None) -> torch.Tensor:
+        gate_up = self.gate_up_proj(x)
+        if lora is not None:
+            lora.apply(self.layer_idx, "gate_up", x, gate_up)
+        gate, up = gate_up.chunk(2, dim=-1)
+        act = F.silu(gate) * up
+        out = self.down_proj(act)
+        if lora is not None:
+            lora.apply(self.layer_idx, "down", act, out)
+        return self.parallel.all_reduce(out)
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, parallel: Parallel):
+    def __init__(self, config: ModelConfig, parallel: Parallel, layer_idx: int = 0):
         super().__init__()
-        self.self_attn = Attention(config, parallel)
-        self.mlp = MLP(config, parallel)
+        self.self_attn = Attention(config, parallel, layer_idx)
+        self.mlp = MLP(config, parallel, layer_idx)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -203,7 +222,7 @@ class DecoderLayer(nn.Module):
             hidden, residual = self.input_layernorm(hidden, residual)
         hidden = self.self_attn(positions, hidden, kv_cache, meta, rotary)
         hidden, residual = self.post_attention_layernorm(hidden, residual)
-        return self.mlp(hidden), residual
+        return self.mlp(hidden, meta.lora), residual
 
 
 class LlamaModel(nn.Module):
@@ -211,7 +230,7 @@ class LlamaModel(nn.Module):
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(
-            DecoderLayer(config, parallel) for _ in range(config.num_hidden_layers)
+            DecoderLayer(config, parallel, i) for i in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary = RotaryEmbedding(config)

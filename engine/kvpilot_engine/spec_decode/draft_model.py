@@ -50,6 +50,8 @@ class DraftModelSpeculation:
             tensor_parallel_size=1,
             quantization="none",
             max_model_len=engine.max_model_len,
+            # The draft proposes on the base model; the target verifies with the adapter.
+            enable_lora=False,
         )
         self.worker = Worker(draft_args, ckpt)
         self.runner = self.worker.model_runner
