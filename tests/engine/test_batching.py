@@ -162,3 +162,44 @@ def test_priority_policy_serves_important_first(make_smollm2):
         order += [o.request_id for o in engine.step() if o.finished]
     assert order == ["high", "low"]
     engine.check_no_leaks()
+
+
+@pytest.mark.slow
+def test_priority_preemption_serves_interactive_at_once_and_keeps_greedy_outputs(make_smollm2):
+    """Batch requests (priority 1000) fill every sequence slot; an interactive one (priority 0)
+    arriving meanwhile preempts the latest of them and gets its first token in the next step;
+    the preempted request resumes afterwards, and every greedy output equals the same request
+    run alone."""
+    llm = make_smollm2(
+        scheduling_policy="priority", max_num_seqs=2, block_size=16, num_kv_blocks=32,
+        max_model_len=128,
+    )  # fmt: skip
+    engine, tok = llm.llm_engine, llm.get_tokenizer()
+    batch = [tok.encode(f"Batch item {i}: the river, the stone and the silver") for i in range(2)]
+    urgent = tok.encode("Hello, how are you today? I am")
+    long = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    short = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
+    for i, p in enumerate(batch):
+        engine.add_request(f"batch-{i}", p, long, priority=1000)
+    for _ in range(3):
+        engine.step()
+    engine.add_request("urgent", urgent, short, priority=0)
+    done: dict[str, list[int]] = {}
+    order, first_token_step, step = [], None, 0
+    while engine.has_unfinished_requests():
+        step += 1
+        for out in engine.step():
+            if out.request_id == "urgent" and out.outputs[0].token_ids and not first_token_step:
+                first_token_step = step
+            if out.finished:
+                done[out.request_id] = list(out.outputs[0].token_ids)
+                order.append(out.request_id)
+    assert first_token_step == 1, "the interactive request waited behind batch work"
+    assert engine.scheduler.num_preemptions == 1
+    assert order[0] == "urgent" and order[-1] == "batch-1"  # the latest batch one was preempted
+    engine.check_no_leaks()
+    for rid, prompt, params in (
+        ("batch-0", batch[0], long), ("batch-1", batch[1], long), ("urgent", urgent, short),
+    ):  # fmt: skip
+        alone = llm.generate({"prompt_token_ids": prompt}, params, use_tqdm=False)[0]
+        assert done[rid] == list(alone.outputs[0].token_ids), rid

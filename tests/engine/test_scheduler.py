@@ -1,5 +1,6 @@
 """Scheduler: token budget, chunked prefill mixed with decodes, admission order, preemption by
-recompute (FCFS and priority), aborts, and a simulated engine loop over random workloads.
+recompute (FCFS and priority, including waiting requests that preempt less important running
+ones), aborts, and a simulated engine loop over random workloads.
 
 Pure Python: no model and no torch. `engine_step` plays the engine: schedule, mark the scheduled
 tokens computed, sample one token for every sequence whose chunk reached its end, and finish a
@@ -329,6 +330,81 @@ def test_priority_never_preempts_a_higher_priority_sequence_for_a_lower_one():
     assert high in [s.seq for s in out.scheduled]
 
 
+def _batch_running(policy: str, *, num_blocks: int = 32, max_num_seqs: int = 2):
+    """Two low-priority (batch, 1000) sequences running: an early one and a later one."""
+    sched = make_scheduler(
+        num_blocks, 2, max_num_seqs=max_num_seqs, policy=policy, prefix_caching=False
+    )
+    early, late = make_seq(2, priority=1000, max_tokens=6), make_seq(2, priority=1000, max_tokens=6)
+    sched.add(early)
+    sched.add(late)
+    engine_step(sched)
+    engine_step(sched)
+    assert sched.running == [early, late]
+    return sched, early, late
+
+
+def test_priority_waiting_request_preempts_running_batch_work_for_a_sequence_slot():
+    sched, early, late = _batch_running("priority")
+    urgent = make_seq(2, priority=0, max_tokens=2)
+    sched.add(urgent)
+    out = engine_step(sched)
+    # The latest-arrived of the least important goes, by recompute; the urgent one runs now.
+    assert out.preempted == [late] and late.num_computed_tokens == 0 and late.block_table == []
+    assert chunks(out) == [(early, 1), (urgent, 2)]
+    assert sched.running == [early, urgent] and sched.waiting == [late]
+    assert late.num_output_tokens == 2 and late.num_preemptions == 1  # kept, to recompute
+    # It resumes once nothing more important waits, and finishes all its tokens.
+    for _ in range(20):
+        if not sched.has_unfinished():
+            break
+        engine_step(sched)
+    assert urgent.status is late.status is early.status is SequenceStatus.FINISHED_LENGTH
+    assert late.num_output_tokens == 6 and sched.num_preemptions == 1
+    sched.block_manager.check_invariants([])
+
+
+def test_priority_waiting_request_preempts_batch_work_for_kv_blocks():
+    # 5 blocks of 2: the two batch sequences hold 2 each after two steps, 1 is free; the urgent
+    # prompt of 7 tokens needs 4, so both go (the later first), and nothing preempted is
+    # readmitted in the same step.
+    sched, early, late = _batch_running("priority", num_blocks=5, max_num_seqs=4)
+    urgent = make_seq(7, priority=0, max_tokens=2)
+    sched.add(urgent)
+    out = engine_step(sched)
+    assert out.preempted == [late, early]
+    assert chunks(out) == [(urgent, 7)]
+    assert sched.waiting == [early, late]  # back in arrival order
+    while sched.has_unfinished():
+        engine_step(sched)
+    assert early.num_output_tokens == late.num_output_tokens == 6
+    sched.block_manager.check_invariants([])
+
+
+def test_equal_priorities_and_fcfs_never_preempt_for_a_waiting_request():
+    for policy, priority in (("priority", 1000), ("fcfs", 0)):
+        sched, early, late = _batch_running(policy)
+        waiting = make_seq(2, priority=priority, max_tokens=2)
+        sched.add(waiting)
+        out = engine_step(sched)
+        assert out.preempted == [] and chunks(out) == [(early, 1), (late, 1)], policy
+        assert sched.waiting == [waiting]
+
+
+def test_the_victim_is_the_least_important_then_the_latest():
+    sched = make_scheduler(32, 2, max_num_seqs=3, policy="priority", prefix_caching=False)
+    low_early, mid, low_late = (make_seq(2, priority=p, max_tokens=9) for p in (5, 3, 5))
+    for seq in (low_early, mid, low_late):
+        sched.add(seq)
+    engine_step(sched)
+    urgent = make_seq(2, priority=4, max_tokens=5)  # outranks the 5s, not the 3
+    sched.add(urgent)
+    assert engine_step(sched).preempted == [low_late]
+    again = make_seq(2, priority=4, max_tokens=1)
+    sched.add(again)
+    assert engine_step(sched).preempted == [low_early]  # a 4 never preempts the 4 or the 3
+
+
 def test_without_chunked_prefill_a_preempted_sequence_is_still_recomputed():
     # Every prompt fits the 4-token budget; the pool (8 blocks of 1) holds one whole sequence.
     sched = make_scheduler(8, 1, max_num_batched_tokens=4, chunked=False, prefix_caching=False)
@@ -462,8 +538,11 @@ def run_workload(sched: Scheduler, arrivals: dict[int, list[Sequence]], max_step
         assert scheduled == old + new
         assert old == kept[: len(old)]
         assert new == waiting_before[: len(new)]
-        if out.preempted:
+        if out.preempted and sched.policy == "fcfs":
             assert new == []
+        # Under the priority policy a sequence is admitted in a step that preempts only when it
+        # outranks every sequence preempted.
+        assert all(s.priority < v.priority for v in out.preempted for s in new)
         for v in out.preempted:
             assert v in running_before and v not in scheduled
             assert v.num_computed_tokens == 0 and v.block_table == []
