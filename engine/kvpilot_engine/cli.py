@@ -101,6 +101,30 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         help='speculative decoding, e.g. \'{"method": "ngram", "num_speculative_tokens": 5}\' '
         '(methods: ngram, suffix, draft_model with "model")',
     )
+    p.add_argument(
+        "--enable-lora",
+        action="store_true",
+        default=d.enable_lora,
+        help="serve LoRA adapters (PEFT format), several mixed in one batch",
+    )
+    p.add_argument(
+        "--max-loras",
+        type=_positive_int,
+        default=d.max_loras,
+        help="adapters resident for the running batch at once (default: 1)",
+    )
+    p.add_argument(
+        "--max-lora-rank",
+        type=_positive_int,
+        default=d.max_lora_rank,
+        help="the highest adapter rank accepted (default: 16)",
+    )
+    p.add_argument(
+        "--max-cpu-loras",
+        type=_positive_int,
+        default=d.max_cpu_loras,
+        help="adapters kept in host memory, least recently used dropped (default: --max-loras)",
+    )
 
 
 def fetch_model(ns: argparse.Namespace) -> None:
@@ -193,10 +217,13 @@ def cmd_serve(ns: argparse.Namespace) -> int:
     args = engine_args_from(ns)  # flag errors surface before the server starts
     from kvpilot_engine.server.api_server import run_server
     from kvpilot_engine.server.guard import API_KEY_ENV, GuardSettings
+    from kvpilot_engine.server.serving_models import runtime_lora_updating_env
     from kvpilot_engine.server.tools import ToolSettings
 
     if ns.enable_auto_tool_choice and not ns.tool_call_parser:
         raise SystemExit("kvpilot serve: --enable-auto-tool-choice needs --tool-call-parser")
+    loras, lora_sources = lora_modules_from(ns)
+    allow_runtime_loras = ns.allow_runtime_lora_updating or runtime_lora_updating_env()
 
     guard = GuardSettings(
         # The environment is how a Secret reaches the pod without showing in its command line.
@@ -219,7 +246,31 @@ def cmd_serve(ns: argparse.Namespace) -> int:
         inject_step_delay=ns.inject_step_delay,
         guard=guard,
         tools=ToolSettings(ns.enable_auto_tool_choice, ns.tool_call_parser),
+        lora_modules=loras,
+        lora_sources=lora_sources,
+        allow_runtime_lora_updating=allow_runtime_loras,
     )
+
+
+def lora_modules_from(ns: argparse.Namespace) -> tuple[list, dict[str, str]]:
+    """`--lora-modules` as LoRARequests (ids 1, 2, ...), each source URI downloaded first so
+    that the server is ready only with its adapters; and what each was given as."""
+    from kvpilot_engine.lora.request import LoRARequest
+    from kvpilot_engine.server.serving_models import parse_lora_module, resolve_lora_path
+
+    modules = [parse_lora_module(v) for v in ns.lora_modules or ()]
+    if modules and not ns.enable_lora:
+        raise SystemExit("kvpilot serve: --lora-modules needs --enable-lora")
+    served = ns.served_model_name or ns.model
+    names = [m.name for m in modules]
+    for m in modules:
+        if names.count(m.name) > 1 or m.name == served:
+            raise SystemExit(f"kvpilot serve: --lora-modules: the name {m.name!r} is taken")
+    loras = [
+        LoRARequest(m.name, i, resolve_lora_path(m.path), m.base_model_name)
+        for i, m in enumerate(modules, start=1)
+    ]
+    return loras, {m.name: m.path for m in modules}
 
 
 def cmd_download(ns: argparse.Namespace) -> int:
@@ -249,6 +300,10 @@ def cmd_run_batch(ns: argparse.Namespace) -> int:
 
 
 def cmd_bench_throughput(ns: argparse.Namespace) -> int:
+    if ns.lora:
+        from kvpilot_engine.bench.lora import run_lora_bench
+
+        return run_lora_bench(ns, engine_args_from(ns))
     from kvpilot_engine.bench.throughput import run_throughput_bench
 
     return run_throughput_bench(ns, engine_args_from(ns))
@@ -423,6 +478,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="how the model writes tool calls: hermes (<tool_call> JSON; also the format of "
         "kvpilot's tool prompt for templates without tool support), llama3_json, mistral",
     )
+    s.add_argument(
+        "--lora-modules",
+        nargs="+",
+        default=None,
+        metavar="NAME=PATH",
+        help="LoRA adapters served by name (needs --enable-lora): name=path or "
+        '\'{"name": ..., "path": ..., "base_model_name": ...}\'; a path is a folder or a '
+        "source URI (hf://, s3://, pvc://, oci://), downloaded before the server is ready",
+    )
+    s.add_argument(
+        "--allow-runtime-lora-updating",
+        action="store_true",
+        help="enable POST /v1/load_lora_adapter and /v1/unload_lora_adapter (also: "
+        "VLLM_ALLOW_RUNTIME_LORA_UPDATING=True)",
+    )
     s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     s.add_argument(
         "--inject-step-delay",
@@ -507,7 +577,20 @@ def build_parser() -> argparse.ArgumentParser:
         default=16,
         help="static batch size for the transformers baseline",
     )
-    t.add_argument("--no-baseline", action="store_true", help="skip transformers")
+    t.add_argument("--no-baseline", action="store_true", help="skip transformers (or peft)")
+    t.add_argument(
+        "--lora",
+        action="store_true",
+        help="random LoRA adapters mixed in the workload, against the base model, one adapter "
+        "at a time (merged) and peft's mixed batches",
+    )
+    t.add_argument("--num-loras", type=_positive_int, default=8, help="with --lora (default 8)")
+    t.add_argument("--lora-rank", type=_positive_int, default=16, help="with --lora (default 16)")
+    t.add_argument(
+        "--lora-target-modules",
+        default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+        help="with --lora: the modules the adapters change (default: every linear layer)",
+    )
     t.add_argument("--json", default=None, help="also write the figures to this file")
     t.set_defaults(func=cmd_bench_throughput)
 
@@ -538,7 +621,18 @@ def build_parser() -> argparse.ArgumentParser:
         "spec", help="speculative against plain decoding: code editing and free chat, same run"
     )
     add_engine_args(sp)
-    sp.add_argument("--workloads", nargs="+", default=["edit", "chat"], choices=["edit", "chat"])
+    sp.add_argument(
+        "--workloads",
+        nargs="+",
+        default=["edit", "chat"],
+        choices=["edit", "qa", "chat"],
+        help="edit: repeat a given file; qa: answer from a given document; chat: free text",
+    )
+    sp.add_argument(
+        "--compare-transformers",
+        action="store_true",
+        help="also transformers' generate, plain and with prompt lookup, at 1 in flight",
+    )
     sp.add_argument("--concurrency", type=int, default=4, help="requests in flight besides 1")
     sp.add_argument("--output-len", type=int, default=128)
     sp.add_argument("--num-iters", type=int, default=2, help="timed runs per engine; best kept")

@@ -2,8 +2,8 @@
 
 The endpoints live one module each, as vLLM splits them: serving_completion.py and
 serving_chat.py, on what they share in serving.py; errors.py is the one error path. Here: the
-request-id middleware and access log, the probes (/health, /ready), /metrics and /v1/models, and
-uvicorn with a draining shutdown.
+request-id middleware and access log, the probes (/health, /ready), /metrics, /v1/models and the
+runtime LoRA endpoints (serving_models.py), and uvicorn with a draining shutdown.
 """
 
 from __future__ import annotations
@@ -21,20 +21,26 @@ from typing import Any
 import structlog
 import uvicorn
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from kvpilot_engine.config import EngineArgs
 from kvpilot_engine.llm_engine import LLMEngine
+from kvpilot_engine.lora.request import LoRARequest
 from kvpilot_engine.server.async_engine import AsyncLLMEngine
 from kvpilot_engine.server.errors import add_exception_handlers, error_response
 from kvpilot_engine.server.guard import ApiKeyMiddleware, GuardSettings
 from kvpilot_engine.server.http import h11_with_header_timeout
 from kvpilot_engine.server.logs import configure_logging
 from kvpilot_engine.server.metrics import ServerMetrics
-from kvpilot_engine.server.protocol import ModelCard, ModelList
+from kvpilot_engine.server.protocol import (
+    LoadLoRAAdapterRequest,
+    ModelList,
+    UnloadLoRAAdapterRequest,
+)
 from kvpilot_engine.server.serving_chat import OpenAIServingChat
 from kvpilot_engine.server.serving_completion import OpenAIServingCompletion
+from kvpilot_engine.server.serving_models import OpenAIServingModels
 from kvpilot_engine.server.tools import ToolSettings
 
 log = structlog.get_logger("kvpilot.server")
@@ -85,8 +91,10 @@ def build_app(
     metrics: ServerMetrics,
     guard: GuardSettings | None = None,
     tools: ToolSettings | None = None,
+    models: OpenAIServingModels | None = None,
 ) -> FastAPI:
     guard = guard or GuardSettings()
+    models = models or OpenAIServingModels(engine, served_model_name)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -100,8 +108,8 @@ def build_app(
         app.add_middleware(ApiKeyMiddleware, api_key=guard.api_key)
     app.add_middleware(RequestIdMiddleware)
     add_exception_handlers(app)
-    completion = OpenAIServingCompletion(engine, served_model_name, metrics, guard)
-    chat = OpenAIServingChat(engine, served_model_name, metrics, guard, tools)
+    completion = OpenAIServingCompletion(engine, served_model_name, metrics, guard, models)
+    chat = OpenAIServingChat(engine, served_model_name, metrics, guard, tools, models)
 
     @app.get("/health")
     async def health() -> Response:
@@ -122,14 +130,21 @@ def build_app(
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models")
-    async def models() -> ModelList:
-        e = engine.engine
-        card = ModelCard(
-            id=served_model_name,
-            root=e.checkpoint.name if e is not None else None,
-            max_model_len=e.max_model_len if e is not None else None,
-        )
-        return ModelList(data=[card])
+    async def list_models() -> ModelList:
+        return models.show_available_models()
+
+    # vLLM's runtime LoRA endpoints; they answer 404 unless runtime updating is allowed.
+    @app.post("/v1/load_lora_adapter")
+    async def load_lora_adapter(request: Request) -> Response:
+        req = await completion.parse(request, LoadLoRAAdapterRequest)
+        await models.load_lora_adapter(req.lora_name, req.lora_path)
+        return PlainTextResponse(f"Success: LoRA adapter '{req.lora_name}' added successfully.")
+
+    @app.post("/v1/unload_lora_adapter")
+    async def unload_lora_adapter(request: Request) -> Response:
+        req = await completion.parse(request, UnloadLoRAAdapterRequest)
+        await models.unload_lora_adapter(req.lora_name)
+        return PlainTextResponse(f"Success: LoRA adapter '{req.lora_name}' removed successfully.")
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
@@ -194,12 +209,26 @@ def run_server(
     inject_step_delay: float = 0.0,
     guard: GuardSettings | None = None,
     tools: ToolSettings | None = None,
+    lora_modules: list[LoRARequest] | None = None,
+    lora_sources: dict[str, str] | None = None,
+    allow_runtime_lora_updating: bool = False,
 ) -> int:
+    """Serve until stopped. `lora_modules`: adapters (already local) added before the server is
+    ready; `lora_sources`: what each was given as (the URI), for /v1/models."""
     guard = guard or GuardSettings()
     configure_logging(log_level)
     metrics = ServerMetrics(served_model_name)
-    engine = AsyncLLMEngine(lambda: LLMEngine(engine_args), metrics, max_waiting, inject_step_delay)
-    app = build_app(engine, served_model_name, metrics, guard, tools)
+    engine = AsyncLLMEngine(
+        lambda: LLMEngine(engine_args), metrics, max_waiting, inject_step_delay, lora_modules
+    )
+    models = OpenAIServingModels(
+        engine,
+        served_model_name,
+        lora_modules,
+        lora_sources=lora_sources,
+        allow_runtime_updates=allow_runtime_lora_updating,
+    )
+    app = build_app(engine, served_model_name, metrics, guard, tools, models)
     config = uvicorn.Config(
         app,
         host=host,
@@ -222,6 +251,8 @@ def run_server(
         port=port,
         auth=bool(guard.api_key),
     )
+    if allow_runtime_lora_updating:
+        log.warning("runtime LoRA updating is on: clients may load and unload adapters")
     if inject_step_delay:
         log.warning("fault injection: every engine step is delayed", seconds=inject_step_delay)
     server.run()

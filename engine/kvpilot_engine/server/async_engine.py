@@ -9,6 +9,10 @@ Admission is bounded: past `max_waiting` requests not yet running, `add_request`
 EngineOverloadedError at once (the server answers 503) instead of growing an unbounded queue.
 Several requests can be submitted as one (`add_requests`: a completion with several prompts):
 they are admitted or refused together, in one engine iteration, and share one stream.
+
+LoRA adapters are added and removed by commands too (`add_lora`, `remove_lora`), between two
+steps; the adapters given at start (`kvpilot serve --lora-modules`) are added before the engine
+reports ready.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from kvpilot_engine.llm_engine import LLMEngine
+from kvpilot_engine.lora.request import LoRARequest
 from kvpilot_engine.outputs import RequestOutput
 from kvpilot_engine.sampling_params import RequestOutputKind, SamplingParams
 from kvpilot_engine.server.metrics import ServerMetrics
@@ -50,11 +55,23 @@ class _Add:
     params: list[SamplingParams]
     priority: int
     arrival_time: float
+    lora_request: LoRARequest | None = None
 
 
 @dataclass
 class _Abort:
     request_id: str
+
+
+@dataclass
+class _LoRACommand:
+    """add_lora(request) or remove_lora(int_id) on the engine thread; the result (or the error)
+    goes back to `future` on the event loop."""
+
+    op: str  # "add" | "remove"
+    arg: object
+    future: asyncio.Future[object]
+    loop: asyncio.AbstractEventLoop
 
 
 _STOP = object()
@@ -133,12 +150,14 @@ class AsyncLLMEngine:
         metrics: ServerMetrics | None = None,
         max_waiting: int = 256,
         inject_step_delay: float = 0.0,
+        lora_modules: list[LoRARequest] | None = None,
     ):
         if max_waiting < 1:
             raise ValueError("max_waiting must be at least 1")
         if inject_step_delay < 0:
             raise ValueError("inject_step_delay must not be negative")
         self._factory = factory
+        self._lora_modules = list(lora_modules or ())  # added before the engine is ready
         # Fault injection (`kvpilot serve --inject-step-delay`): a slow engine on demand, so that
         # canary analysis and the router's timeouts can be tested against a real engine.
         self.inject_step_delay = inject_step_delay
@@ -207,10 +226,13 @@ class AsyncLLMEngine:
         params: SamplingParams,
         priority: int = 0,
         arrival_time: float | None = None,
+        lora_request: LoRARequest | None = None,
     ) -> RequestStream:
         """Queue a request; returns once the engine accepted it. Raises InvalidRequestError (the
         engine refused it), EngineOverloadedError or EngineUnavailableError."""
-        return await self.add_requests([request_id], [prompt], [params], priority, arrival_time)
+        return await self.add_requests(
+            [request_id], [prompt], [params], priority, arrival_time, lora_request
+        )
 
     async def add_requests(
         self,
@@ -219,10 +241,12 @@ class AsyncLLMEngine:
         params: list[SamplingParams],
         priority: int = 0,
         arrival_time: float | None = None,
+        lora_request: LoRARequest | None = None,
     ) -> RequestStream:
         """Queue several requests as one, like the `n` sequences of one request: admitted
         together (one admission check, one engine iteration), or all refused if the engine
-        refuses any. Each needs its own SamplingParams (the engine fills in max_tokens)."""
+        refuses any. Each needs its own SamplingParams (the engine fills in max_tokens).
+        With `lora_request` they all run on that adapter."""
         if not len(request_ids) == len(prompts) == len(params) > 0:
             raise ValueError("give one request id and one SamplingParams per prompt")
         if len({id(p) for p in params}) < len(params):
@@ -244,7 +268,9 @@ class AsyncLLMEngine:
         stream = RequestStream(self, list(request_ids), asyncio.get_running_loop())
         self._inflight.update(request_ids)
         arrival = arrival_time if arrival_time is not None else time.monotonic()
-        self._commands.put(_Add(stream, list(prompts), list(params), priority, arrival))
+        self._commands.put(
+            _Add(stream, list(prompts), list(params), priority, arrival, lora_request)
+        )
         try:
             await stream.accepted
         except asyncio.CancelledError:
@@ -272,11 +298,42 @@ class AsyncLLMEngine:
     def abort(self, request_id: str) -> None:
         self._commands.put(_Abort(request_id))
 
+    # ---- LoRA adapters (event loop) ----------------------------------------------------------
+    async def add_lora(self, lora_request: LoRARequest) -> bool:
+        """Add an adapter (LLMEngine.add_lora; raises its LoRAError; False if it was there).
+        Its files are read and checked here on a worker thread, so the engine thread, between
+        two steps, only takes the tensors in: running requests do not wait on a disk."""
+        llm = self.engine
+        adapter = None
+        if llm is not None and llm.args.enable_lora:
+            from kvpilot_engine.lora.adapter import load_adapter
+
+            adapter = await asyncio.to_thread(
+                load_adapter, lora_request, llm.model_config, llm.args.max_lora_rank
+            )
+        return bool(await self._lora_command("add", (lora_request, adapter)))
+
+    async def remove_lora(self, lora_int_id: int) -> bool:
+        return bool(await self._lora_command("remove", lora_int_id))
+
+    async def _lora_command(self, op: str, arg: object) -> object:
+        if self.error is not None:
+            raise EngineUnavailableError("the engine has failed; see the server log")
+        if not self.ready:
+            raise EngineUnavailableError("the model is still loading")
+        loop = asyncio.get_running_loop()
+        cmd = _LoRACommand(op, arg, loop.create_future(), loop)
+        self._commands.put(cmd)
+        return await cmd.future
+
     # ---- the engine thread -------------------------------------------------------------------
     def _run(self) -> None:
         try:
             engine = self._factory()
             self._warmup(engine)
+            for lora in self._lora_modules:
+                engine.add_lora(lora)  # a LoRAError here stops the server, as vLLM's does
+                logger.info("lora adapter %s added from %s", lora.lora_name, lora.lora_path)
         except BaseException as e:
             logger.exception("engine failed to start")
             self._fail(e)
@@ -296,6 +353,8 @@ class AsyncLLMEngine:
                 engine.weight_bytes,
             )
             self.metrics.baseline(engine.stats)  # the warmup is not traffic
+            if engine.args.enable_lora:
+                self.metrics.set_lora_config(engine.max_loras)
         self._ready.set()
         logger.info("engine ready")
         streams: dict[str, RequestStream] = {}
@@ -354,12 +413,28 @@ class AsyncLLMEngine:
                 cmd.stream.settle(error)
             elif isinstance(cmd, _Abort):
                 engine.abort_request(cmd.request_id)
+            elif isinstance(cmd, _LoRACommand):
+                self._run_lora_command(engine, cmd)
         if added:
             with self._lock:
                 # Count them as waiting in the engine before they stop counting as pending.
                 self._engine_waiting = engine.scheduler.num_waiting
                 self._pending -= added
         return True
+
+    @staticmethod
+    def _run_lora_command(engine: LLMEngine, cmd: _LoRACommand) -> None:
+        try:
+            if cmd.op == "add":
+                assert isinstance(cmd.arg, tuple)
+                result: object = engine.add_lora(*cmd.arg)
+            else:
+                assert isinstance(cmd.arg, int)
+                result = engine.remove_lora(cmd.arg)
+        except Exception as e:  # LoRAError: the caller's 400
+            cmd.loop.call_soon_threadsafe(_settle_future, cmd.future, None, e)
+            return
+        cmd.loop.call_soon_threadsafe(_settle_future, cmd.future, result, None)
 
     @staticmethod
     def _add_all(engine: LLMEngine, cmd: _Add) -> Exception | None:
@@ -371,7 +446,9 @@ class AsyncLLMEngine:
             for rid, prompt, params in zip(
                 cmd.stream.request_ids, cmd.prompts, cmd.params, strict=True
             ):
-                engine.add_request(rid, prompt, params, cmd.priority, cmd.arrival_time)
+                engine.add_request(
+                    rid, prompt, params, cmd.priority, cmd.arrival_time, cmd.lora_request
+                )
                 added.append(rid)
         except Exception as e:
             if added:
@@ -414,6 +491,20 @@ class AsyncLLMEngine:
                 break
             if isinstance(cmd, _Add):
                 cmd.stream.settle(EngineUnavailableError("the engine has failed"))
+            elif isinstance(cmd, _LoRACommand):
+                err = EngineUnavailableError("the engine has failed")
+                cmd.loop.call_soon_threadsafe(_settle_future, cmd.future, None, err)
         loop, cb = self._loop, self.on_fatal
         if loop is not None and cb is not None:
             loop.call_soon_threadsafe(cb, error)
+
+
+def _settle_future(
+    future: asyncio.Future[object], result: object, error: BaseException | None
+) -> None:
+    if future.done():  # the caller went away
+        return
+    if error is None:
+        future.set_result(result)
+    else:
+        future.set_exception(error)

@@ -10,6 +10,7 @@ Everything is written from the engine thread; prometheus_client is thread-safe.
 from __future__ import annotations
 
 import dataclasses
+import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -116,6 +117,28 @@ class ServerMetrics:
             ["model_name", "position"],
             registry=r,
         )
+        # LoRA adapters, per adapter name (`lora_name`: what clients send as `model`).
+        self._lora_info: Gauge | None = None  # only with --enable-lora, as vLLM
+        self._lora_info_labels: tuple[str, str, str] | None = None
+        self._max_loras = "0"
+        self._lora_prompt_tokens = Counter(
+            "kvpilot_engine_lora_prompt_tokens",
+            "Prefill tokens processed for requests on a LoRA adapter, by adapter.",
+            ["model_name", "lora_name"],
+            registry=r,
+        )
+        self._lora_generation_tokens = Counter(
+            "kvpilot_engine_lora_generation_tokens",
+            "Generation tokens processed for requests on a LoRA adapter, by adapter.",
+            ["model_name", "lora_name"],
+            registry=r,
+        )
+        self._lora_success = Counter(
+            "kvpilot_engine_lora_request_success",
+            "Finished requests on a LoRA adapter, by adapter and finish reason.",
+            ["model_name", "lora_name", "finished_reason"],
+            registry=r,
+        )
         # The engine's cache counters are cumulative; we export their increments.
         self._last = EngineStats()
 
@@ -142,6 +165,29 @@ class ServerMetrics:
             ["model_name"],
             registry=self.registry,
         ).labels(self.model_name).set(weight_bytes)
+
+    def set_lora_config(self, max_loras: int) -> None:
+        """Export vllm:lora_requests_info (only engines with LoRA enabled do, as in vLLM)."""
+        self._max_loras = str(max_loras)
+        self._lora_info = Gauge(
+            "vllm:lora_requests_info",
+            "Running stats on lora requests.",
+            ["max_lora", "waiting_lora_adapters", "running_lora_adapters"],
+            registry=self.registry,
+        )
+        self._set_lora_info([], [])
+
+    def _set_lora_info(self, running: list[str], waiting: list[str]) -> None:
+        """vLLM's shape: the adapters as comma-joined labels, the value the time of the update
+        (the Gateway API Inference Extension reads the newest series). Only the current label
+        set is kept, so the series stay bounded; the new one is set before the old one goes, so
+        a scrape never finds none."""
+        assert self._lora_info is not None
+        labels = (self._max_loras, ",".join(waiting), ",".join(running))
+        self._lora_info.labels(*labels).set(time.time())
+        old, self._lora_info_labels = self._lora_info_labels, labels
+        if old is not None and old != labels:
+            self._lora_info.remove(*old)
 
     def baseline(self, stats: EngineStats) -> None:
         """Count the engine's cumulative counters from here on."""
@@ -177,6 +223,8 @@ class ServerMetrics:
             last.spec_num_draft_tokens = stats.spec_num_draft_tokens
             last.spec_num_accepted_tokens = stats.spec_num_accepted_tokens
             last.spec_accepted_per_pos = stats.spec_accepted_per_pos
+        if self._lora_info is not None:
+            self._set_lora_info(stats.running_lora_adapters, stats.waiting_lora_adapters)
         if stepped:
             self.step_time.observe(stats.step_time)
             self.step_prefill.observe(stats.step_prefill_tokens)
@@ -188,16 +236,25 @@ class ServerMetrics:
         m = out.metrics
         new_tokens = sum(len(c.token_ids) for c in out.outputs)
         self.generation_tokens.inc(new_tokens)
+        lora = out.lora_request.lora_name if out.lora_request is not None else None
+        if lora is not None and new_tokens:
+            self._lora_generation_tokens.labels(self.model_name, lora).inc(new_tokens)
         if new_tokens and m.last_token_time is not None:
             if prev_token_time is None:
                 if m.time_to_first_token is not None:
                     self.ttft.observe(m.time_to_first_token)
                     self.prompt_tokens.inc(len(out.prompt_token_ids))
+                    if lora is not None:
+                        self._lora_prompt_tokens.labels(self.model_name, lora).inc(
+                            len(out.prompt_token_ids)
+                        )
             elif m.last_token_time > prev_token_time:
                 self.itl.observe(m.last_token_time - prev_token_time)
         if out.finished:
             reason = next((c.finish_reason for c in out.outputs if c.finish_reason), "abort")
             self._success.labels(self.model_name, reason).inc()
+            if lora is not None:
+                self._lora_success.labels(self.model_name, lora, reason).inc()
             if m.finished_time is not None:
                 self.e2e.observe(m.finished_time - m.arrival_time)
             if m.queue_time is not None:

@@ -315,12 +315,28 @@ class ModelCard(BaseModel):
     created: int = Field(default_factory=lambda: int(time.time()))
     owned_by: str = "kvpilot"
     root: str | None = None
+    # A LoRA adapter's card names its base model's card (vLLM's shape); None for the base.
+    parent: str | None = None
     max_model_len: int | None = None
 
 
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+class LoadLoRAAdapterRequest(_Request):
+    """POST /v1/load_lora_adapter, as vLLM takes it."""
+
+    lora_name: Annotated[str, Field(min_length=1, max_length=256)]
+    lora_path: Annotated[str, Field(min_length=1, max_length=4096)]
+
+
+class UnloadLoRAAdapterRequest(_Request):
+    """POST /v1/unload_lora_adapter; vLLM's optional `lora_int_id` is accepted and not needed."""
+
+    lora_name: Annotated[str, Field(min_length=1, max_length=256)]
+    lora_int_id: int | None = None
 
 
 def dump(model: BaseModel, **kw: Any) -> str:

@@ -4,10 +4,10 @@ Request bodies are read with a limit (413 past it) and parsed here with pydantic
 FastAPI), so malformed JSON, invalid UTF-8 and wrong types all become the same OpenAI-shaped 400;
 a large body is parsed on a worker thread, as prompts are templated and tokenised, so that the
 event loop keeps answering /health and streaming tokens meanwhile. Then: the model name and a
-loaded engine are checked, the request's sampling fields become SamplingParams, its prompts are
-submitted as engine requests on one stream, and the stream is read back, either whole (the
-choices collected into one response, cancelled if the client hangs up first) or choice by choice
-for SSE.
+loaded engine are checked (the name may select a LoRA adapter), the request's sampling fields
+become SamplingParams, its prompts are submitted as engine requests on one stream, and the stream
+is read back, either whole (the choices collected into one response, cancelled if the client hangs
+up first) or choice by choice for SSE.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from fastapi.responses import Response
 from pydantic import BaseModel, ValidationError
 
 from kvpilot_engine.llm_engine import LLMEngine
+from kvpilot_engine.lora.request import LoRARequest
 from kvpilot_engine.outputs import CompletionOutput, Logprob, RequestOutput
 from kvpilot_engine.sampling_params import SamplingParams
 from kvpilot_engine.server.async_engine import (
@@ -36,6 +37,7 @@ from kvpilot_engine.server.errors import APIError, from_engine_error, validation
 from kvpilot_engine.server.guard import GuardSettings, read_body
 from kvpilot_engine.server.metrics import ServerMetrics
 from kvpilot_engine.server.protocol import ChatCompletionRequest, CompletionRequest, UsageInfo
+from kvpilot_engine.server.serving_models import OpenAIServingModels
 from kvpilot_engine.server.structured_outputs import check_extra_fields, structured_outputs
 
 log = structlog.get_logger("kvpilot.server")
@@ -56,11 +58,13 @@ class OpenAIServing:
         served_model_name: str,
         metrics: ServerMetrics,
         guard: GuardSettings,
+        models: OpenAIServingModels | None = None,
     ):
         self.engine = engine
         self.served_model_name = served_model_name
         self.metrics = metrics
         self.guard = guard
+        self.models = models or OpenAIServingModels(engine, served_model_name)
 
     async def parse(self, request: Request, model: type[T]) -> T:
         body = await read_body(request, self.guard.max_request_bytes)
@@ -82,15 +86,10 @@ class OpenAIServing:
         except ValueError as e:
             raise from_engine_error(e) from None
 
-    def check_model(self, name: str) -> None:
-        served = self.served_model_name
-        if name != served:
-            raise APIError(
-                404,
-                f"the model {name!r} does not exist; this server serves {served!r}",
-                param="model",
-                code="model_not_found",
-            )
+    def check_model(self, name: str) -> LoRARequest | None:
+        """The LoRA adapter `name` selects (None: the base model); 404 model_not_found if this
+        server serves no such model."""
+        return self.models.lora_for(name)
 
     def loaded_engine(self) -> LLMEngine:
         if self.engine.engine is None or not self.engine.ready:
@@ -104,10 +103,13 @@ class OpenAIServing:
         params: list[SamplingParams],
         priority: int,
         arrival: float,
+        lora_request: LoRARequest | None = None,
     ) -> RequestStream:
         """One engine request per prompt, admitted together on one stream."""
         try:
-            stream = await self.engine.add_requests(rids, prompts, params, priority, arrival)
+            stream = await self.engine.add_requests(
+                rids, prompts, params, priority, arrival, lora_request
+            )
         except (ValueError, EngineOverloadedError, EngineUnavailableError) as e:
             if isinstance(e, EngineOverloadedError):
                 self.metrics.rejected.inc(len(rids))

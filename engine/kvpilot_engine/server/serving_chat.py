@@ -48,6 +48,7 @@ from kvpilot_engine.server.serving import (
     sse,
     until_disconnect,
 )
+from kvpilot_engine.server.serving_models import OpenAIServingModels
 from kvpilot_engine.server.tools import (
     ToolContext,
     ToolSettings,
@@ -66,14 +67,15 @@ class OpenAIServingChat(OpenAIServing):
         metrics: ServerMetrics,
         guard: GuardSettings,
         tools: ToolSettings | None = None,
+        models: OpenAIServingModels | None = None,
     ):
-        super().__init__(engine, served_model_name, metrics, guard)
+        super().__init__(engine, served_model_name, metrics, guard, models)
         self.tools = tools or ToolSettings()
 
     async def create_chat_completion(self, request: Request) -> Response:
         arrival = time.monotonic()
         req = await self.parse(request, ChatCompletionRequest)
-        self.check_model(req.model)
+        lora = self.check_model(req.model)
         priority = request_priority(request.headers, req.priority, self.guard)
         llm = self.loaded_engine()
         tools = tool_context(req, self.tools)
@@ -91,6 +93,7 @@ class OpenAIServingChat(OpenAIServing):
                 [params],
                 priority,
                 arrival,
+                lora,
             )
         except APIError as e:
             if e.param == "prompt":  # the prompt is the rendered messages

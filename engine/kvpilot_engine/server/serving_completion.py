@@ -46,7 +46,7 @@ class OpenAIServingCompletion(OpenAIServing):
     async def create_completion(self, request: Request) -> Response:
         arrival = time.monotonic()
         req = await self.parse(request, CompletionRequest)
-        self.check_model(req.model)
+        lora = self.check_model(req.model)
         priority = request_priority(request.headers, req.priority, self.guard)
         llm = self.loaded_engine()
         prompts, params = completion_params(req)
@@ -62,6 +62,7 @@ class OpenAIServingCompletion(OpenAIServing):
             [replace(params) for _ in prompts],
             priority,
             arrival,
+            lora,
         )
         created = int(time.time())
         with_logprobs = req.logprobs is not None
