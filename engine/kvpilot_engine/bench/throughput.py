@@ -3,7 +3,8 @@
 The dataset is random token ids with uniformly drawn input and output lengths (vLLM's "random"
 dataset); EOS is ignored so both sides generate exactly the requested lengths. transformers runs
 `generate` on left-padded static batches, the way offline batch jobs use it; its throughput
-counts only the requested output tokens, not the padding it also computes.
+counts only the requested output tokens, not the padding it also computes. `--lora` runs
+bench/lora.py instead, on the same workload.
 """
 
 from __future__ import annotations
@@ -80,7 +81,8 @@ class Baseline:
     pad_token_id: int
 
 
-def bench_transformers(base: Baseline, work: Workload, batch_size: int) -> float:
+def hf_model(base: Baseline) -> torch.nn.Module:
+    """transformers' model of the engine's checkpoint: the same weights, dtype and device."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from kvpilot_engine.loader import RandomCheckpoint
@@ -101,22 +103,34 @@ def bench_transformers(base: Baseline, work: Workload, batch_size: int) -> float
         model = AutoModelForCausalLM.from_pretrained(str(ckpt.path), dtype=dtype)
     model = model.to(dev).eval()
     model.generation_config.eos_token_id = None  # ignore EOS, like kvpilot's ignore_eos
-    pad = base.pad_token_id
+    return model
+
+
+def left_padded(
+    prompts: list[list[int]], pad: int, dev: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A static batch as `generate` takes it: left-padded ids and their attention mask."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, p in enumerate(prompts):
+        ids[row, width - len(p) :] = torch.tensor(p)
+        mask[row, width - len(p) :] = 1
+    return ids.to(dev), mask.to(dev)
+
+
+def bench_transformers(base: Baseline, work: Workload, batch_size: int) -> float:
+    model = hf_model(base)
+    dev, pad = base.device, base.pad_token_id
     order = list(range(len(work.prompts)))
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     t0 = time.perf_counter()
     for batch in tqdm(batches, desc="transformers", unit="batch"):
-        width = max(len(work.prompts[i]) for i in batch)
-        ids = torch.full((len(batch), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, i in enumerate(batch):
-            p = work.prompts[i]
-            ids[row, width - len(p) :] = torch.tensor(p)
-            mask[row, width - len(p) :] = 1
+        ids, mask = left_padded([work.prompts[i] for i in batch], pad, dev)
         with torch.inference_mode():
             model.generate(
-                input_ids=ids.to(dev),
-                attention_mask=mask.to(dev),
+                input_ids=ids,
+                attention_mask=mask,
                 do_sample=False,
                 max_new_tokens=max(work.output_lens[i] for i in batch),
                 pad_token_id=pad,
@@ -124,7 +138,8 @@ def bench_transformers(base: Baseline, work: Workload, batch_size: int) -> float
     return time.perf_counter() - t0
 
 
-def run_throughput_bench(ns: argparse.Namespace, args: EngineArgs) -> int:
+def workload_from(ns: argparse.Namespace, args: EngineArgs) -> Workload:
+    """The command's workload, described on stdout."""
     from kvpilot_engine.loader import load_checkpoint
 
     vocab = load_checkpoint(args.model).config.vocab_size
@@ -136,6 +151,11 @@ def run_throughput_bench(ns: argparse.Namespace, args: EngineArgs) -> int:
         f"(total {work.total_input}), output {ns.output_len[0]}-{ns.output_len[1]} "
         f"(total {work.total_output}) tokens, seed {ns.dataset_seed}, EOS ignored"
     )
+    return work
+
+
+def run_throughput_bench(ns: argparse.Namespace, args: EngineArgs) -> int:
+    work = workload_from(ns, args)
     kv_time, llm = bench_kvpilot(args, work)
     kv_tps = work.total_output / kv_time
     result = {

@@ -1,0 +1,339 @@
+"""`kvpilot bench throughput --lora`: many LoRA adapters mixed in one workload, in one run against
+
+- the base model alone (the same requests on no adapter: the ceiling);
+- one adapter at a time, the classic way to serve fine-tunes without multi-LoRA kernels: merge an
+  adapter into the weights (W += scale * B @ A), run its requests as one batch, unmerge, swap to
+  the next (on kvpilot's own engine, so only the strategy differs; the merges are timed too);
+- peft's own mixed-adapter batches (`generate(..., adapter_names=[...])`) on transformers' model
+  of the same weights, in static left-padded batches as `bench throughput` runs transformers.
+
+The adapters are made here with peft: random (B not zero, so each changes the output), rank
+`--lora-rank`, on `--lora-target-modules`, saved in PEFT's format and loaded from those folders by
+every contestant. The workload is `bench throughput`'s random one, request i on adapter i mod N.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from kvpilot_engine.bench.throughput import (
+    Baseline,
+    Workload,
+    hf_model,
+    left_padded,
+    workload_from,
+)
+from kvpilot_engine.config import EngineArgs
+from kvpilot_engine.lora.request import LoRARequest
+
+# kvpilot's mixed batches against each row: at least this share of the base model's throughput,
+# and this many times the one-at-a-time and peft rows.
+TARGETS = {"base": 0.75, "one_at_a_time": 3.0, "peft": 3.0}
+# HF module name -> (kvpilot's fused parameter, shard index); the unfused ones map to themselves.
+_FUSED = {
+    "q_proj": ("qkv_proj", 0),
+    "k_proj": ("qkv_proj", 1),
+    "v_proj": ("qkv_proj", 2),
+    "gate_proj": ("gate_up_proj", 0),
+    "up_proj": ("gate_up_proj", 1),
+}
+
+
+def make_adapters(
+    model: torch.nn.Module, out: Path, n: int, rank: int, targets: list[str], seed: int
+) -> tuple[torch.nn.Module, list[LoRARequest]]:
+    """`n` random PEFT adapters on `model`, saved under `out/<name>`; returns the PeftModel
+    holding them all (for peft's own mixed batches) and a LoRARequest per adapter."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=2 * rank,
+        target_modules=list(targets),
+        lora_dropout=0.0,
+        # Not peft's default (B = 0, an adapter that changes nothing): both A and B random.
+        init_lora_weights=False,
+    )
+    names = [f"lora{i}" for i in range(n)]
+    torch.manual_seed(seed)
+    peft_model = get_peft_model(model, config, adapter_name=names[0])
+    for name in names[1:]:
+        peft_model.add_adapter(name, config)
+    peft_model.save_pretrained(str(out))  # adapters other than "default" go to out/<name>
+    peft_model.eval()
+    return peft_model, [LoRARequest(name, i + 1, str(out / name)) for i, name in enumerate(names)]
+
+
+def adapter_deltas(path: str) -> dict[str, torch.Tensor]:
+    """The adapter's weight updates by HF parameter name (`model.layers.0.self_attn.q_proj`):
+    scale * B @ A, scale = lora_alpha / r (/ sqrt(r) with rslora), as peft merges them."""
+    from safetensors.torch import load_file
+
+    cfg = json.loads((Path(path) / "adapter_config.json").read_text())
+    r, alpha = cfg["r"], cfg.get("lora_alpha", cfg["r"])
+    scale = alpha / (r**0.5 if cfg.get("use_rslora") else r)
+    tensors = load_file(str(Path(path) / "adapter_model.safetensors"))
+    deltas = {}
+    for key, a in tensors.items():
+        if ".lora_A." not in key:
+            continue
+        b = tensors[key.replace(".lora_A.", ".lora_B.")]
+        module = key.split(".lora_A.")[0].removeprefix("base_model.model.")
+        deltas[module] = scale * (b.float() @ a.float())
+    return deltas
+
+
+def _param(params: dict[str, torch.nn.Parameter], module: str) -> torch.Tensor:
+    for name in (f"{module}.weight", f"{module}.base_layer.weight"):
+        if name in params:
+            return params[name]
+    raise KeyError(f"kvpilot's model has no weight for {module!r}")
+
+
+def merge(model: torch.nn.Module, deltas: dict[str, torch.Tensor], sign: float) -> None:
+    """Add (sign 1) or take back (sign -1) an adapter's updates in kvpilot's (fused) weights."""
+    params = dict(model.named_parameters())
+    config = model.config  # type: ignore[attr-defined]
+    sizes = {
+        "qkv_proj": [config.q_size, config.kv_size, config.kv_size],
+        "gate_up_proj": [config.intermediate_size, config.intermediate_size],
+    }
+    with torch.no_grad():
+        for module, delta in deltas.items():
+            parent, _, leaf = module.rpartition(".")
+            if leaf in _FUSED:
+                fused, index = _FUSED[leaf]
+                w = _param(params, f"{parent}.{fused}")
+                offset = sum(sizes[fused][:index])
+                w = w[offset : offset + sizes[fused][index]]
+            else:
+                w = _param(params, module)
+            w.add_(delta.to(w.device, w.dtype), alpha=sign)
+
+
+def _params(work: Workload, order: list[int]) -> list:
+    from kvpilot_engine.sampling_params import SamplingParams
+
+    return [
+        SamplingParams(temperature=0.0, max_tokens=work.output_lens[i], ignore_eos=True)
+        for i in order
+    ]
+
+
+def _warm_up(llm, work: Workload, lora: LoRARequest | None = None) -> None:
+    from kvpilot_engine.sampling_params import SamplingParams
+
+    kw = {"lora_request": lora} if lora is not None else {}
+    llm.generate(
+        {"prompt_token_ids": work.prompts[0][:32]},
+        SamplingParams(max_tokens=4, ignore_eos=True),
+        use_tqdm=False,
+        **kw,
+    )
+
+
+def _generated(outs: list) -> int:
+    return sum(len(o.outputs[0].token_ids) for o in outs)
+
+
+def bench_base(llm, work: Workload) -> float:
+    """(a) every request on the base model, one batch."""
+    _warm_up(llm, work)
+    order = list(range(len(work.prompts)))
+    t0 = time.perf_counter()
+    outs = llm.generate(
+        [{"prompt_token_ids": work.prompts[i]} for i in order], _params(work, order), use_tqdm=True
+    )
+    elapsed = time.perf_counter() - t0
+    assert _generated(outs) == work.total_output
+    return elapsed
+
+
+def bench_mixed(llm, work: Workload, loras: list[LoRARequest], assign: list[int]) -> float:
+    """kvpilot: every request on its adapter, all in one batch."""
+    for lora in loras:  # first loads are not what we measure (they are the same for every row)
+        _warm_up(llm, work, lora)
+    order = list(range(len(work.prompts)))
+    t0 = time.perf_counter()
+    outs = llm.generate(
+        [{"prompt_token_ids": work.prompts[i]} for i in order],
+        _params(work, order),
+        lora_request=[loras[assign[i]] for i in order],
+        use_tqdm=True,
+    )
+    elapsed = time.perf_counter() - t0
+    assert _generated(outs) == work.total_output
+    return elapsed
+
+
+def bench_one_at_a_time(
+    llm, work: Workload, loras: list[LoRARequest], assign: list[int]
+) -> tuple[float, float]:
+    """(b) each adapter merged into the base weights in turn, its requests run as one batch,
+    then unmerged. Returns (total seconds, of which merging and unmerging)."""
+    deltas = [adapter_deltas(lora.lora_path) for lora in loras]  # read beforehand, not timed
+    model = llm.llm_engine.model
+    merge_time = 0.0
+    generated = 0
+    t0 = time.perf_counter()
+    for k in tqdm(range(len(loras)), desc="one adapter at a time", unit="adapter"):
+        order = [i for i in range(len(work.prompts)) if assign[i] == k]
+        if not order:
+            continue
+        tm = time.perf_counter()
+        merge(model, deltas[k], 1.0)
+        merge_time += time.perf_counter() - tm
+        outs = llm.generate(
+            [{"prompt_token_ids": work.prompts[i]} for i in order],
+            _params(work, order),
+            use_tqdm=False,
+        )
+        generated += _generated(outs)
+        tm = time.perf_counter()
+        merge(model, deltas[k], -1.0)
+        merge_time += time.perf_counter() - tm
+    elapsed = time.perf_counter() - t0
+    assert generated == work.total_output
+    return elapsed, merge_time
+
+
+def bench_peft(
+    peft_model: torch.nn.Module,
+    base: Baseline,
+    work: Workload,
+    loras: list[LoRARequest],
+    assign: list[int],
+    batch_size: int,
+) -> float:
+    """(c) peft's mixed-adapter batches: static left-padded batches, each row on its adapter."""
+    order = list(range(len(work.prompts)))
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    pad = base.pad_token_id
+    t0 = time.perf_counter()
+    for batch in tqdm(batches, desc="peft mixed batches", unit="batch"):
+        ids, mask = left_padded([work.prompts[i] for i in batch], pad, base.device)
+        with torch.inference_mode():
+            peft_model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                adapter_names=[loras[assign[i]].lora_name for i in batch],
+                do_sample=False,
+                max_new_tokens=max(work.output_lens[i] for i in batch),
+                pad_token_id=pad,
+            )
+    return time.perf_counter() - t0
+
+
+def _free(*objs: object) -> None:
+    del objs
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def run_lora_bench(ns: argparse.Namespace, args: EngineArgs) -> int:
+    from kvpilot_engine.llm import LLM
+
+    work = workload_from(ns, args)
+
+    if args.quantization not in ("none", None) or args.tensor_parallel_size != 1:
+        raise ValueError("bench throughput --lora: merging needs unquantized, unsharded weights")
+    n, rank = ns.num_loras, ns.lora_rank
+    targets = [t.strip() for t in ns.lora_target_modules.split(",") if t.strip()]
+    assign = [i % n for i in range(len(work.prompts))]
+    print(
+        f"adapters: {n} random (peft), rank {rank}, on {','.join(targets)}; "
+        f"request i on adapter i mod {n}"
+    )
+    # No prefix caching: the one-at-a-time row reruns the base row's prompts on the same engine
+    # and would find their KV cached (computed with other weights); random prompts share nothing
+    # else, so no row loses by it.
+    base_args = {**args.__dict__, "enable_lora": False, "enable_prefix_caching": False}
+    lora_args = {
+        **base_args,
+        "enable_lora": True,
+        "max_loras": max(args.max_loras, n),  # all of them in one batch: the point of the row
+        "max_lora_rank": max(args.max_lora_rank, rank),
+    }
+    rows: dict[str, float] = {}
+    with tempfile.TemporaryDirectory(prefix="kvpilot-lora-bench-") as tmp:
+        # (a) and (b) on one engine: the base model, then its weights merged adapter by adapter.
+        llm = LLM(**base_args)
+        engine = llm.llm_engine
+        base = Baseline(
+            engine.checkpoint, engine.dtype, engine.device, engine.tokenizer.eos_token_id or 0
+        )
+        device = str(engine.device)
+        # The adapters, made with peft on transformers' model of the same weights.
+        peft_model, loras = make_adapters(
+            hf_model(base), Path(tmp), n, rank, targets, ns.dataset_seed
+        )
+        rows["base"] = bench_base(llm, work)
+        print(f"base model:            {rows['base']:8.1f} s")
+        rows["one_at_a_time"], merge_s = bench_one_at_a_time(llm, work, loras, assign)
+        print(
+            f"one adapter at a time: {rows['one_at_a_time']:8.1f} s "
+            f"({merge_s:.1f} s merging and unmerging)"
+        )
+        engine.shutdown()
+        _free(llm, engine)
+        llm = LLM(**lora_args)
+        rows["mixed"] = bench_mixed(llm, work, loras, assign)
+        print(f"kvpilot mixed LoRA:    {rows['mixed']:8.1f} s")
+        llm.llm_engine.shutdown()
+        _free(llm)
+        if not ns.no_baseline:
+            rows["peft"] = bench_peft(peft_model, base, work, loras, assign, ns.hf_batch_size)
+            print(f"peft mixed batches:    {rows['peft']:8.1f} s")
+        _free(peft_model)
+    tps = {k: work.total_output / v for k, v in rows.items()}
+    mixed = tps["mixed"]
+    labels = {
+        "base": "base model alone (kvpilot, no adapter)",
+        "mixed": f"kvpilot, {n} adapters mixed in one batch",
+        "one_at_a_time": "one adapter at a time (merge, run, unmerge; kvpilot)",
+        "peft": f"peft mixed-adapter batches of {ns.hf_batch_size} (transformers)",
+    }
+    print(f"\n| | output tok/s | kvpilot {n} adapters mixed vs this | target |")
+    print("| --- | ---: | ---: | --- |")
+    for key in ("base", "mixed", "one_at_a_time", "peft"):
+        if key in tps:
+            ratio = mixed / tps[key]
+            goal = TARGETS.get(key)
+            verdict = (
+                "" if goal is None else f">= {goal:g}x: {'met' if ratio >= goal else 'NOT met'}"
+            )
+            print(f"| {labels[key]} | {tps[key]:.1f} | {ratio:.2f}x | {verdict} |")
+    result = {
+        "model": args.model,
+        "device": device,
+        "dtype": str(base.dtype),
+        "torch_threads": torch.get_num_threads(),
+        "machine": platform.processor() or platform.machine(),
+        "num_prompts": len(work.prompts),
+        "total_input_tokens": work.total_input,
+        "total_output_tokens": work.total_output,
+        "num_loras": n,
+        "lora_rank": rank,
+        "lora_target_modules": targets,
+        "seconds": {k: round(v, 2) for k, v in rows.items()},
+        "output_tokens_per_s": {k: round(v, 1) for k, v in tps.items()},
+        "mixed_vs_base": round(mixed / tps["base"], 3),
+        "mixed_vs_one_at_a_time": round(mixed / tps["one_at_a_time"], 2),
+        "one_at_a_time_merge_seconds": round(merge_s, 2),
+    }
+    if "peft" in tps:
+        result["mixed_vs_peft"] = round(mixed / tps["peft"], 2)
+    if ns.json:
+        with open(ns.json, "w") as f:
+            json.dump(result, f, indent=2)
+    return 0
