@@ -591,6 +591,12 @@ def build_parser() -> argparse.ArgumentParser:
         default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
         help="with --lora: the modules the adapters change (default: every linear layer)",
     )
+    t.add_argument(
+        "--num-iters",
+        type=_positive_int,
+        default=1,
+        help="with --lora: passes over every row, in turns; the best of each row is kept",
+    )
     t.add_argument("--json", default=None, help="also write the figures to this file")
     t.set_defaults(func=cmd_bench_throughput)
 
@@ -686,6 +692,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="prompt length in words (about one token each)",
     )
     b.add_argument("--output-len", type=int, nargs=2, default=[32, 128], metavar=("MIN", "MAX"))
+    b.add_argument(
+        "--dataset",
+        default="random",
+        choices=["random", "edit", "qa", "chat"],
+        help="random words of --input-len, or text for speculative decoding: edit (repeat a "
+        "given file), qa (answer from a given document), chat (free text)",
+    )
     b.add_argument("--seed", type=int, default=0)
     b.add_argument(
         "--no-ignore-eos",
