@@ -149,9 +149,12 @@ async def llmservices(
     return {
         (namespace, name): {
             "ref": events.object_ref(dict(body)),
-            # Adapter canaries are rollouts too.
+            # Adapter canaries and shadows are rollouts too.
             "rollout": bool(spec.get("rollout"))
-            or any(isinstance(a, dict) and a.get("canary") for a in spec.get("adapters") or []),
+            or any(
+                isinstance(a, dict) and (a.get("canary") or a.get("shadow"))
+                for a in spec.get("adapters") or []
+            ),
             # The object as the watch last saw it: the loops and the owned objects' handlers
             # read it here instead of asking the API server each time.
             "body": copy.deepcopy(dict(body)),

@@ -17,6 +17,7 @@ bound and an engine without the adapter is not, that engine is asked to load it 
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Literal
 
@@ -177,6 +178,7 @@ class AdapterRouter:
         the routes weigh under derived names."""
         weighed = {v.path for r in self.routes.values() for v in r.variants}
         cards: dict[str, dict[str, object]] = {}
+        now = int(time.time())
         for st in sorted(self.table.endpoints.values(), key=lambda s: s.url):
             if not st.endpoint.ready or st.models is None:
                 continue
@@ -187,6 +189,7 @@ class AdapterRouter:
                 card: dict[str, object] = {
                     "id": name,
                     "object": "model",
+                    "created": now,
                     "owned_by": "kvpilot",
                     "root": root,
                     "parent": parent,

@@ -6,9 +6,11 @@ read, which is the backpressure we want), and so that one task watches for the c
 from the moment the body is read: queued, connecting or streaming, the upstream request is then
 closed and the engine aborts it and frees its KV blocks.
 
-The body is parsed only for what routing needs (prompt prefix, stream, greedy) and is sent
-upstream byte for byte. A request is retried on another endpoint only while nothing has been
-sent to the client: on a refused or dropped connection, or a 503 before the first byte. When an
+The body is parsed only for what routing needs (prompt prefix, stream, greedy, model) and is
+sent upstream byte for byte, but for a LoRA adapter's request that an engine knows by another
+name (a canary's version): then its `model` is that name (`adapters`). A request is retried on
+another endpoint only while nothing has been sent to the client: on a refused or dropped
+connection, or a 503 before the first byte. When an
 engine answers 503 "unavailable" (draining on SIGTERM, or still loading) and no other endpoint
 is left, the request waits up to `failover_wait` seconds for one to appear: during a rolling
 update with one replica the replacement is Ready moments before the router's next discovery
