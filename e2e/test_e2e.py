@@ -5,7 +5,9 @@ and the official `openai` client as the user.
 
 One scenario: apply an LLMService -> Ready; chat through the router; a load ramp adds a replica
 and its end removes it; a canary revision is promoted; a shadow reports agreement; every query of
-the shipped dashboard returns data; deleting the LLMService leaves no object and no process.
+the shipped dashboard returns data; two LoRA adapters answer by name, a canary of one promoted
+and a broken canary of the other rolled back; deleting the LLMService leaves no object and no
+process.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from kvpilot_operator.local.stack import Stack
 from kvpilot_operator.observability.dashboard import dashboard_queries
 
 from tests.support.kube import Users, wait_for
+from tests.support.lora import write_adapter, write_corrupt_adapter
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 NAME = "chat"
@@ -87,7 +90,7 @@ def spec_replicas(stack: Stack) -> int | None:
     return ((stack.get("llmservice", NAME) or {}).get("spec") or {}).get("replicas")
 
 
-def test_whole_system(stack: Stack) -> None:
+def test_whole_system(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> None:
     from openai import OpenAI
 
     # 1. Ready, and the openai client chats through the router.
@@ -180,7 +183,52 @@ def test_whole_system(stack: Stack) -> None:
         load.stop()
     assert load.errors == [], load.errors[:3]
 
-    # 6. Deleting the LLMService leaves no object and no process behind.
+    # 6. Two LoRA adapters answer by name through the router; a new version of sql is promoted
+    # as a canary, a broken version of help (weights that are not a safetensors file) is rolled
+    # back on its errors. Adding adapters rolls the engines in place, not as a model canary.
+    loras = tmp_path_factory.mktemp("loras")
+    sql, sql_v2 = write_adapter(loras / "sql", seed=1), write_adapter(loras / "sql-v2", seed=2)
+    help_, broken = write_adapter(loras / "help", seed=3), write_corrupt_adapter(loras / "bad")
+    steps = {"steps": [50, 100], "stepSeconds": 10, "maxTtftRegression": 3.0,
+             "maxTpotRegression": 3.0}  # fmt: skip
+    doc["spec"]["adapters"] = [
+        {"name": "sql", "source": {"path": str(sql)},
+         "canary": {**steps, "source": {"path": str(sql_v2)}}},
+        {"name": "help", "source": {"path": str(help_)},
+         "canary": {**steps, "source": {"path": str(broken)}}},
+    ]  # fmt: skip
+    stack.kubectl("apply", "-n", stack.namespace, "-f", "-", input=yaml.safe_dump(doc))
+
+    def serving_adapters() -> bool:
+        try:
+            ids = {m.id for m in client.models.list().data}
+        except Exception:
+            return False
+        return {"sql", "help"} <= ids and status(stack).get("readyReplicas") == 1
+
+    wait_for("engines with the adapters", serving_adapters, timeout=300)
+    assert status(stack)["canary"]["revision"] == revision  # no model canary for adapters
+    for model in ("sql", "help"):
+        reply = client.completions.create(model=model, prompt="SELECT", max_tokens=4)
+        assert reply.choices[0].text, model
+    sql_users = Users(url, workers=2, model="sql", max_tokens=4, prompt=TOPIC)
+    help_users = Users(url, workers=2, model="help", max_tokens=4, prompt=TOPIC)
+
+    def phases() -> dict[str, str] | None:
+        found = {a["name"]: a["canary"]["phase"] for a in status(stack).get("adapters") or []}
+        return found if found == {"sql": "Promoted", "help": "RolledBack"} else None
+
+    try:
+        wait_for("the adapter canaries' verdicts", phases, timeout=300)
+    except AssertionError as e:
+        raise AssertionError(f"{e}; status.adapters: {status(stack).get('adapters')}") from None
+    finally:
+        sql_users.stop()
+        help_users.stop()
+    assert sql_users.errors == [], sql_users.errors[:3]
+    assert help_users.errors and all("502" in e for e in help_users.errors), help_users.errors[:3]
+
+    # 7. Deleting the LLMService leaves no object and no process behind.
     assert stack.agent is not None
     pids = [p.proc.pid for p in stack.agent.pods.values()]
     assert len(pids) >= 3  # engine, shadow, router
