@@ -205,9 +205,15 @@ def test_slots_clear_and_skip(banks_and_adapters):
 
 
 # ---- the Triton kernels (Triton's interpreter on CPU) -------------------------------------------
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("case", list(SLOT_CASES))
-@pytest.mark.parametrize("group", ["qkv", "down"])
+# Every slot pattern in float32, float16 on the mixed ones (the interpreter runs each program in
+# Python: a few seconds a case).
+TRITON_CASES = [(c, g, torch.float32) for c in SLOT_CASES for g in ("qkv", "down")] + [
+    ("mixed-padded", "qkv", torch.float16),
+    ("mixed-segments", "down", torch.float16),
+]
+
+
+@pytest.mark.parametrize(("case", "group", "dtype"), TRITON_CASES)
 def test_triton_kernels_match_reference(banks_and_adapters, case, group, dtype):
     from kvpilot_engine.kernels import lora as kernels
 
