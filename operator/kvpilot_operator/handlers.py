@@ -267,13 +267,19 @@ def _refresh_status(key: Key, deployment: dict[str, Any] | None) -> None:
         logging.getLogger("kvpilot.operator").warning("status refresh of %s/%s: %s", *key, e)
 
 
-@kopf.on.event("", "v1", "services", labels=OWNED)
-@kopf.on.event("", "v1", "configmaps", labels=OWNED)
-@kopf.on.event("", "v1", "serviceaccounts", labels=OWNED)
-@kopf.on.event("rbac.authorization.k8s.io", "v1", "roles", labels=OWNED)
-@kopf.on.event("rbac.authorization.k8s.io", "v1", "rolebindings", labels=OWNED)
-@kopf.on.event("policy", "poddisruptionbudgets", labels=OWNED)
-@kopf.on.event("networking.k8s.io", "v1", "networkpolicies", labels=OWNED)
+# What a service owns besides its Deployments (those have handlers of their own above), as kopf
+# names resources.
+OWNED_KINDS: tuple[tuple[str, ...], ...] = (
+    ("", "v1", "services"),
+    ("", "v1", "configmaps"),
+    ("", "v1", "serviceaccounts"),
+    ("rbac.authorization.k8s.io", "v1", "roles"),
+    ("rbac.authorization.k8s.io", "v1", "rolebindings"),
+    ("policy", "poddisruptionbudgets"),
+    ("networking.k8s.io", "v1", "networkpolicies"),
+)
+
+
 def on_owned_event(body: kopf.Body, type: str | None, llmservices: kopf.Index, **_: Any) -> None:
     if type == "DELETED":
         State.kube.forget(body)
@@ -294,6 +300,10 @@ def on_owned_event(body: kopf.Body, type: str | None, llmservices: kopf.Index, *
     owner = _owner(body, llmservices)
     if owner is not None:
         _reconcile_body(owner)
+
+
+for _kind in OWNED_KINDS:
+    kopf.on.event(*_kind, labels=OWNED)(on_owned_event)
 
 
 @kopf.on.create(GROUP, VERSION, "servingpolicies")
@@ -321,6 +331,13 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.posting.reporting_component = events.COMPONENT
     settings.posting.reporting_instance = State.identity
     settings.watching.server_timeout = 300
+    # The owned kinds are watched through a label selector, so the API server sends only the
+    # operator's own objects rather than every Deployment, Service, ConfigMap... of the cluster
+    # for kopf to filter here. kopf before label_selectors filters on the handlers' labels= only.
+    selectors = getattr(settings.watching, "label_selectors", None)
+    if selectors is not None:
+        for kind in (("apps", "v1", "deployments"), *OWNED_KINDS):
+            selectors[kind] = ",".join(f"{k}={v}" for k, v in OWNED.items())
     # Only handlers use these threads, each for one reconcile: the loops have pools of their own.
     settings.execution.max_workers = 8
 

@@ -104,8 +104,10 @@ def test_status_follows_the_engine_deployment(kube: MemoryKube) -> None:
     reconcile(kube, live(kube), OPTS)
     ready = {"replicas": 1, "readyReplicas": 1, "availableReplicas": 1, "updatedReplicas": 1}
     kube.set_status("apps/v1", "Deployment", engine_name(NAME), NS, ready)
+    calls = len(kube.calls)
     out = reconcile(kube, live(kube), OPTS, apply=False)
     assert out.actions == []
+    assert [c for c in kube.calls[calls:] if c[0] in ("apply", "dry-run")] == []  # reads only
     # Engines up, but no router to reach them through (a missing API-key Secret, say).
     assert (cond(kube, "Ready")["status"], cond(kube, "Ready")["reason"]) == (
         "False",

@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import itertools
 import uuid
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -124,8 +125,8 @@ class MemoryKube:
         obj = self.objects.get(_key(api_version, kind, name, namespace))
         return copy.deepcopy(obj) if obj is not None else None
 
-    def get_many(self, refs: list[tuple[str, str, str, str | None]]) -> list[dict[str, Any] | None]:
-        return [self.get(*ref) for ref in refs]
+    def each(self, call: Callable[[Any], Any], items: Sequence[Any]) -> list[Any]:
+        return [call(item) for item in items]  # in order: the stand-in is not thread-safe
 
     def delete(self, api_version: str, kind: str, name: str, namespace: str | None = None) -> bool:
         self.calls.append(("delete", kind, name))

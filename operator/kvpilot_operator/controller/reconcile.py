@@ -135,6 +135,17 @@ def _causes(err: ApiException) -> str:
     return str(body.get("message") or err.reason) if isinstance(body, dict) else str(err.reason)
 
 
+def _stages(objects: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+    """The order of a pass's applies, each stage's objects at once: the engines' Deployment
+    (rendered first) alone, so that its refusal stops the pass before anything else is written;
+    then the operator's own objects, among them what the other Deployments' pods need to start
+    (their ServiceAccount, Role, routes: a pod of a missing ServiceAccount is refused, and its
+    ReplicaSet retries with back-off); then those Deployments."""
+    first, rest = objects[:1], objects[1:]
+    stages = [first, [o for o in rest if o["kind"] != "Deployment"]]
+    return [s for s in [*stages, [o for o in rest if o["kind"] == "Deployment"]] if s]
+
+
 def engine_pods_selector(name: str) -> str:
     """The stable engines' pods (not the canary's or the shadow's: those have their own story)."""
     labels = {**selector_labels(name), TRACK_LABEL: "stable"}
@@ -185,7 +196,7 @@ def reconcile(
         for o in (objects if apply else [])
         if (o["kind"], o["metadata"]["name"]) != stable  # read once, to plan the rollout
     ]
-    found = kube.get_many(reads + [(*ref, namespace) for ref in unwanted])
+    found = kube.each(lambda ref: kube.get(*ref), reads + [(*ref, namespace) for ref in unwanted])
     live = iter(found[: len(reads)])
     present = [ref for ref, obj in zip(unwanted, found[len(reads) :], strict=True) if obj]
     befores = [
@@ -199,16 +210,23 @@ def reconcile(
         # carry what users write (resources, node selector, tolerations, image, env); the other
         # objects are the operator's own from validated names, so are not sent twice. Only a
         # permanent refusal stops here; anything else gets its answer from the real apply.
-        for obj in (o for o in objects if o["kind"] == "Deployment"):
-            problem = _apply(kube, obj, dry_run=True)[1]
-            if problem is not None and problem.reason == "ApplyRejected":
-                out.problem = problem
-                break
-    for obj, before in zip(objects if out.problem is None else [], befores, strict=False):
-        kind, obj_name = obj["kind"], obj["metadata"]["name"]
-        after, out.problem = _apply(kube, obj)
-        if after is None:
+        deployments = [o for o in objects if o["kind"] == "Deployment"]
+        checked = kube.each(lambda o: _apply(kube, o, dry_run=True)[1], deployments)
+        out.problem = next((p for p in checked if p and p.reason == "ApplyRejected"), None)
+    applied: dict[int, dict[str, Any]] = {}  # id(object) -> as stored
+    for stage in _stages(objects) if apply and out.problem is None else []:
+        results = kube.each(lambda o: _apply(kube, o), stage)
+        for obj, (after, problem) in zip(stage, results, strict=True):
+            if after is not None:
+                applied[id(obj)] = after
+            out.problem = out.problem or problem  # the first refusal, in the objects' order
+        if out.problem is not None:
             break
+    for obj, before in zip(objects, befores, strict=False):
+        kind, obj_name = obj["kind"], obj["metadata"]["name"]
+        after = applied.get(id(obj))
+        if after is None:
+            continue
         if (kind, obj_name) == stable:
             deployment = after  # status follows the stable engines
         elif (kind, obj_name) == routers:
