@@ -1,6 +1,7 @@
 """`kvpilot bench serve`: an online load generator for any OpenAI-compatible server.
 
-In the spirit of vLLM's `bench serve`: a random dataset with set input and output lengths,
+In the spirit of vLLM's `bench serve`: a random dataset with set input and output lengths (or
+one of bench.datasets' input-grounded sets, `--dataset edit|qa|chat`),
 Poisson (or burst) arrivals, an optional concurrency cap, streaming requests timed chunk by
 chunk. Reports TTFT, TPOT and ITL percentiles, throughput, and goodput against given SLOs.
 Needs nothing but the URL: prompts are text, so the target may serve any model.
@@ -306,8 +307,21 @@ def print_summary(s: dict, label: str) -> None:
         print(f"first error: {s['first_error']}")
 
 
+def dataset_prompts(name: str, n: int, output_len: tuple[int, int], seed: int):
+    """One of bench.datasets' prompt sets (edit, qa, chat: input-grounded or not, for
+    speculative decoding), with output lengths drawn as for the random set."""
+    from kvpilot_engine.bench.datasets import WORKLOADS
+
+    rng = random.Random(seed)
+    return [(p, rng.randint(*output_len)) for p in WORKLOADS[name](n)]
+
+
 def run_serve_bench(ns: argparse.Namespace) -> int:
-    prompts = make_prompts(ns.num_prompts, tuple(ns.input_len), tuple(ns.output_len), ns.seed)
+    dataset = getattr(ns, "dataset", "random")
+    if dataset == "random":
+        prompts = make_prompts(ns.num_prompts, tuple(ns.input_len), tuple(ns.output_len), ns.seed)
+    else:
+        prompts = dataset_prompts(dataset, ns.num_prompts, tuple(ns.output_len), ns.seed)
     extra = {"ignore_eos": True} if ns.ignore_eos else {}
     all_results = {}
     for url in ns.base_url:

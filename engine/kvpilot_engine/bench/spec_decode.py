@@ -6,12 +6,18 @@ both alike. Workloads:
 
   edit  input-grounded: the prompt holds a source file and the start of a copy of it; the
         answer repeats most of the file (prompt lookup hits)
+  qa    a document (one of the project's docs) and a question on it, answered by quoting and
+        summarising it (some lookups hit)
   chat  free generation with nothing to copy (lookups mostly miss)
 
 each at one request in flight and at --concurrency in flight (different files/questions per
 request), greedy, EOS ignored, --output-len tokens per request. The figure is output tokens
 per second of wall time from the first request added to the last token; the acceptance rate
 and the mean tokens per verify step come from the engine's spec_decode counters.
+
+With --compare-transformers, transformers' own assisted generation runs the same prompts at
+one request in flight on the same weights in the same process: `generate` plain and with
+prompt lookup (`prompt_lookup_num_tokens` = num_speculative_tokens), timed the same way.
 """
 
 from __future__ import annotations
@@ -22,28 +28,8 @@ import json
 import time
 from pathlib import Path
 
+from kvpilot_engine.bench.datasets import WORKLOADS
 from kvpilot_engine.config import EngineArgs
-
-_SOURCES = ["block_manager.py", "scheduler.py", "sequence.py", "sampling_params.py"]
-_QUESTIONS = [
-    "Write a short story about a lighthouse keeper who finds a message in a bottle.",
-    "Explain how vaccines train the immune system, for a curious twelve-year-old.",
-    "Describe a walk through a busy market in a city you invent.",
-    "What are the pros and cons of working from home? Discuss in detail.",
-]
-
-
-def edit_prompts(n: int, chars: int = 1500) -> list[str]:
-    here = Path(__file__).resolve().parent.parent
-    out = []
-    for i in range(n):
-        code = (here / _SOURCES[i % len(_SOURCES)]).read_text()[:chars]
-        out.append(f"Copy this code exactly.\n\n{code}\n\nCopy:\n\n{code[:80]}")
-    return out
-
-
-def chat_prompts(n: int) -> list[str]:
-    return [_QUESTIONS[i % len(_QUESTIONS)] + "\n\n" for i in range(n)]
 
 
 @dataclasses.dataclass
@@ -84,9 +70,15 @@ def run_spec_bench(ns: argparse.Namespace, args: EngineArgs) -> int:
             args, speculative_config={"method": "ngram", "num_speculative_tokens": 5}
         )
     plain = LLMEngine(dataclasses.replace(args, speculative_config=None))
-    spec = LLMEngine(args)
-    workloads = {"edit": edit_prompts, "chat": chat_prompts}
+    spec = LLMEngine(args, checkpoint=plain.checkpoint)
+    workloads = WORKLOADS
     runs: list[Run] = []
+    hf_runs: dict[tuple[str, str], float] = {}
+    hf = None
+    if getattr(ns, "compare_transformers", False):
+        from kvpilot_engine.bench.throughput import Baseline, hf_model
+
+        hf = hf_model(Baseline(plain.checkpoint, plain.dtype, plain.device, 0))
     for name in ns.workloads:
         for n in sorted({1, ns.concurrency}):
             prompts = workloads[name](n)
@@ -105,6 +97,10 @@ def run_spec_bench(ns: argparse.Namespace, args: EngineArgs) -> int:
                         run.acceptance = accepted / drafted if drafted else None
                         run.tokens_per_step = (accepted + steps) / steps if steps else None
                     runs.append(run)
+            if n == 1 and hf is not None:
+                k = args.speculative_config.num_speculative_tokens
+                ids = [plain.tokenizer.encode(p) for p in prompts]
+                hf_runs.update(hf_bench(hf, name, ids, ns.output_len, ns.num_iters, k))
     plain.check_no_leaks()
     spec.check_no_leaks()
     cfg = args.speculative_config
@@ -142,8 +138,53 @@ def run_spec_bench(ns: argparse.Namespace, args: EngineArgs) -> int:
                     "tokens_per_verify_step": tps,
                 }
             )
+    if hf_runs:
+        print("transformers generate on the same weights, 1 in flight (best of the same runs):")
+        print(f"{'workload':>8} {'plain tok/s':>11} {'lookup tok/s':>12} {'ours/lookup':>11}")
+        for name in ns.workloads:
+            if (name, "plain") not in hf_runs:
+                continue
+            ours = next(r for r in rows if r["workload"] == name and r["in_flight"] == 1)
+            hp, hl = hf_runs[(name, "plain")], hf_runs[(name, "prompt_lookup")]
+            ratio = ours["spec_tokens_per_s"] / hl
+            print(f"{name:>8} {hp:11.1f} {hl:12.1f} {ratio:10.2f}x")
+            ours.update(
+                hf_plain_tokens_per_s=round(hp, 2),
+                hf_prompt_lookup_tokens_per_s=round(hl, 2),
+                spec_over_hf_prompt_lookup=round(ratio, 3),
+            )
     if ns.json:
         Path(ns.json).write_text(json.dumps(rows, indent=2) + "\n")
     plain.shutdown()
     spec.shutdown()
     return 0
+
+
+def hf_bench(
+    model, workload: str, prompts: list[list[int]], output_len: int, iters: int, k: int
+) -> dict[tuple[str, str], float]:
+    """transformers' generate on the engine's weights, one prompt at a time: plain greedy and
+    with prompt lookup (k tokens), output tokens per second of wall time, best of `iters`."""
+    import torch
+
+    device = next(model.parameters()).device
+    ids = [torch.tensor([p], device=device) for p in prompts]
+    out: dict[tuple[str, str], float] = {}
+    for label, extra in (("plain", {}), ("prompt_lookup", {"prompt_lookup_num_tokens": k})):
+        best = 0.0
+        for _ in range(iters):
+            tokens, t0 = 0, time.perf_counter()
+            for x in ids:
+                with torch.inference_mode():
+                    y = model.generate(
+                        input_ids=x,
+                        attention_mask=torch.ones_like(x),
+                        do_sample=False,
+                        max_new_tokens=output_len,
+                        min_new_tokens=output_len,
+                        **extra,
+                    )
+                tokens += y.shape[1] - x.shape[1]
+            best = max(best, tokens / (time.perf_counter() - t0))
+        out[(workload, label)] = best
+    return out
