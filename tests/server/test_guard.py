@@ -223,7 +223,9 @@ def test_priority_follows_the_callers_key_tier_not_its_headers(
     keyed: Server, tmp_path: Path
 ) -> None:
     """Behind a router with two tiers: a batch caller that forges X-KVPilot-Priority: -100 still
-    waits behind a gold caller who came after it (the engine runs one sequence at a time)."""
+    waits behind a gold caller who came after it (the engine runs one sequence at a time). The
+    gold request preempts the running batch one, which then resumes ahead of the forged one
+    (same tier, earlier): a forged header that counted would have preempted first."""
     env = {"KVPILOT_PRIORITY_KEYS": "10=batch-key,-10=gold-key", "KVPILOT_UPSTREAM_API_KEY": KEY}
     with run_router(tmp_path, routes({"stable": (100, [keyed.url])}), env=env) as router:
 
@@ -265,7 +267,7 @@ def test_priority_follows_the_callers_key_tier_not_its_headers(
                 await asyncio.gather(occupant, forged, gold)
             return order
 
-        assert asyncio.run(main()) == ["occupant", "gold", "forged"]
+        assert asyncio.run(main()) == ["gold", "occupant", "forged"]
         # Unknown keys are still refused; the tier keys are API keys of their own.
         r = httpx.post(f"{router.url}/v1/completions", json=TINY, timeout=30)
         assert r.status_code == 401

@@ -223,7 +223,10 @@ CASES: list[tuple[str, dict[str, Any], str]] = [
     ),
     (
         "adapter named as the service",
-        {"adapters": [{"name": "bad-0", "source": {"path": "/a/x"}}]},
+        {
+            "metadata": {"name": "same-name"},
+            "adapters": [{"name": "same-name", "source": {"path": "/a/x"}}],
+        },
         "spec.adapters[0].servedName",
     ),
     ("adapter without source", {"adapters": [{"name": "sql"}]}, "spec.adapters"),
