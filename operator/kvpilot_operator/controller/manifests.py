@@ -236,19 +236,12 @@ def desired_replicas(spec: LLMServiceSpec) -> int:
 def model_claim(spec: LLMServiceSpec) -> tuple[str, str] | None:
     """(claim, path in it) of a model served from a PersistentVolumeClaim: `pvc` with `path`,
     or a `pvc://claim/path` URI (mounted as it is, not copied)."""
-    source = spec.model.source
-    if source.pvc is not None:
-        return source.pvc.claim_name, source.path or ""
-    if source.uri is not None and source.uri.startswith("pvc://"):
-        claim, _, path = source.uri.removeprefix("pvc://").strip("/").partition("/")
-        return claim, path
-    return None
+    return _claim(spec.model.source)
 
 
 def download_uri(spec: LLMServiceSpec) -> str | None:
     """The URI an init container downloads before the engine starts (hf://, s3://), or None."""
-    uri = spec.model.source.uri
-    return uri if uri is not None and not uri.startswith("pvc://") else None
+    return _download(spec.model.source)
 
 
 def cache_dir(uri: str) -> str:
@@ -278,11 +271,13 @@ def draft_source(spec: LLMServiceSpec) -> ModelSource | None:
 
 
 def _download(source: ModelSource | None) -> str | None:
+    """A source's URI that an init container downloads (everything but pvc://), or None."""
     uri = source.uri if source is not None else None
     return uri if uri is not None and not uri.startswith("pvc://") else None
 
 
 def _claim(source: ModelSource) -> tuple[str, str] | None:
+    """(claim, path in it) of a source on a PersistentVolumeClaim, or None."""
     if source.pvc is not None:
         return source.pvc.claim_name, source.path or ""
     if source.uri is not None and source.uri.startswith("pvc://"):
