@@ -190,14 +190,6 @@ class PrometheusSource:
         per_request = tokens / answered if answered and tokens else None
         return {"finish_rate": rate, "replicas": replicas, "tokens_per_request": per_request}
 
-    def _by_label(self, query: str, label: str) -> dict[str, float]:
-        out = {}
-        for sample in self.prom.custom_query(query):
-            value = float(sample["value"][1])
-            if not (math.isnan(value) or math.isinf(value)):
-                out[sample["metric"].get(label, "")] = value
-        return out
-
     def _slo(self, sel: str, seconds: float, ttft_q: float, tpot_q: float) -> SLOFigures:
         w = _seconds(seconds)
 
@@ -215,7 +207,8 @@ class PrometheusSource:
 
     # ---- rollouts: the routers' client-side figures, by revision ------------------------------
 
-    def _by_revision(self, query: str, label: str = "revision") -> dict[str, float]:
+    def _by_label(self, query: str, label: str = "revision") -> dict[str, float]:
+        """A vector query's finite values keyed by one label (a revision, a batch status...)."""
         out = {}
         for sample in self.prom.custom_query(query):
             value = float(sample["value"][1])
@@ -253,15 +246,15 @@ class PrometheusSource:
         errors = f'{prefix}_requests_total{{{sel},code=~"5.."}}'
 
         def p95(metric: str) -> dict[str, float]:
-            return self._by_revision(
+            return self._by_label(
                 f"histogram_quantile(0.95, sum by (le, {by}) "
                 f"(rate({metric}_bucket{{{sel}}}[{w}])))",
                 by,
             )
 
         try:
-            counts = self._by_revision(f"sum by ({by}) (increase({requests_}[{w}]))", by)
-            failed = self._by_revision(f"sum by ({by}) (increase({errors}[{w}]))", by)
+            counts = self._by_label(f"sum by ({by}) (increase({requests_}[{w}]))", by)
+            failed = self._by_label(f"sum by ({by}) (increase({errors}[{w}]))", by)
             ttft, tpot = p95(f"{prefix}_ttft_seconds"), p95(f"{prefix}_tpot_seconds")
         except requests.exceptions.RequestException as err:
             return None, f"Prometheus unreachable: {_brief(err)}"
