@@ -87,69 +87,6 @@ def test_cost_model_fits_step_times():
     assert m.c1 == pytest.approx(0.002, rel=1e-3)
 
 
-def test_cost_model_separates_what_a_verifying_sequence_costs():
-    # Steps of 1, 2 or 4 sequences, some verifying 1-5 drafts: tokens and verifying sequences
-    # vary apart, so the per-sequence cost is found.
-    m = StepCostModel()
-    for b, v, drafts in itertools.islice(
-        itertools.cycle([(1, 0, 0), (1, 1, 5), (2, 1, 1), (4, 2, 6), (4, 0, 0), (2, 2, 4)]), 60
-    ):
-        n = b + drafts
-        m.observe(n, 0.035 + 0.004 * n + 0.010 * v, v)
-    assert (m.c0, m.c1, m.cv) == pytest.approx((0.035, 0.004, 0.010), rel=1e-3)
-    # Every verify step with five drafts: the split is unknown, c1 carries it (cv 0), which
-    # prices that bundle right.
-    m = StepCostModel()
-    for v in [0, 1] * 30:
-        m.observe(1 + 5 * v, 0.035 + 0.004 * (1 + 5 * v) + 0.010 * v, v)
-    assert m.cv == 0.0 and m.c1 == pytest.approx(0.006, rel=1e-3)
-
-
-def test_plan_prices_the_first_draft_with_the_verify_cost():
-    c0, c1, cv = 0.035, 0.004, 0.010
-    # Without cv, the plan is draft by draft (one pays at alpha 0.3 at batch 1) ...
-    assert plan_drafts([5], [0.3], 1, c0, c1) == [1]
-    assert plan_drafts([5] * 4, [0.45] * 4, 4, c0, c1) == [1, 1, 1, 1]
-    # ... with it, a sequence verifies only if a whole bundle pays for the cv it adds.
-    assert plan_drafts([5], [0.3], 1, c0, c1, cv=cv) == [0]
-    assert plan_drafts([5] * 4, [0.45] * 4, 4, c0, c1, cv=cv) == [0] * 4
-    assert plan_drafts([5], [0.95], 1, c0, c1, cv=cv) == [5]
-    # A bundle where single drafts would not pay: one draft at alpha 0.7 is worth 0.7 tokens
-    # for c1 + cv; three are worth 1.56 for 3 c1 + cv.
-    assert plan_drafts([5], [0.7], 2, c0, c1, cv=0.05)[0] >= 3
-
-
-def test_a_new_request_probes_before_trusting_the_engine_wide_estimate():
-    from kvpilot_engine.spec_decode.speculator import PROBE_DRAFTS, Speculator
-
-    class Repeat:
-        def propose(self, seqs, num_tokens):
-            return [[7] * k for k in num_tokens]
-
-        def finish(self, seq):
-            pass
-
-    config = SpeculativeConfig(num_speculative_tokens=5)
-    sp = Speculator(config, Repeat(), max_model_len=64)
-    sp.cost.c0, sp.cost.c1, sp.cost.cv = 0.035, 0.004, 0.010  # SmolLM2 on CPU, about
-    for _ in range(50):  # code edits: every draft accepted
-        sp.prior.update(5, 5)
-    bm = BlockManager(num_blocks=16, block_size=4)
-    seq = _decoding_seq(bm, 7, 0)
-    sp.propose([seq])
-    assert len(seq.spec_token_ids) == PROBE_DRAFTS < 5
-    sp.on_verified(seq, PROBE_DRAFTS, PROBE_DRAFTS)  # the probe is accepted: full drafts next
-    sp.propose([seq])
-    assert len(seq.spec_token_ids) == 5
-    # A chat request after the edits: its probe misses, and it stops drafting.
-    chat = _decoding_seq(bm, 7, 1)
-    sp.propose([chat])
-    assert len(chat.spec_token_ids) == PROBE_DRAFTS
-    sp.on_verified(chat, PROBE_DRAFTS, 0)
-    sp.propose([chat, seq])
-    assert chat.spec_token_ids == [] and len(seq.spec_token_ids) == 5
-
-
 def test_acceptance_estimate_follows_the_text():
     est = AcceptanceEstimate(accepted=1.0, rejected=1.0)
     for _ in range(10):

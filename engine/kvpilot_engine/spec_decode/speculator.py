@@ -15,14 +15,6 @@ from kvpilot_engine.sequence import Sequence
 from kvpilot_engine.spec_decode.adaptive import AcceptanceEstimate, StepCostModel, plan_drafts
 from kvpilot_engine.spec_decode.config import SpeculativeConfig
 
-# A request's first verify step: at most this many drafts. Until then its acceptance is the
-# engine-wide estimate, which may come from another workload (a chat request after code edits):
-# a probe that misses costs two rows, not num_speculative_tokens.
-PROBE_DRAFTS = 2
-# How many of its own verify steps the engine-wide estimate is worth to a new request: one miss
-# is enough to stop it drafting where drafts are not cheap.
-PRIOR_WEIGHT = 1.0
-
 
 class Proposer(Protocol):
     def propose(self, seqs: list[Sequence], num_tokens: list[int]) -> list[list[int]]:
@@ -59,8 +51,6 @@ class Speculator:
         # workload gets tried; it falls within a few steps where lookups miss.
         self.prior = AcceptanceEstimate(accepted=1.0, rejected=1.0, decay=0.95)
         self._estimates: dict[int, AcceptanceEstimate] = {}
-        # Sequences given drafts for the coming step, for the cost model's fit of that step.
-        self._verifying = 0
 
     def _max_drafts(self, seq: Sequence) -> int:
         if seq.num_uncomputed_tokens != 1 or seq.num_output_tokens == 0:
@@ -78,48 +68,36 @@ class Speculator:
         if not decoding or (cfg.disable_by_batch_size and decoding > cfg.disable_by_batch_size):
             for s in running:
                 s.spec_token_ids = []
-            self._verifying = 0
             return
-        estimates = [self._estimate(s) for s in running]
-        alphas = [e.alpha for e in estimates]
+        alphas = [self._estimate(s).alpha for s in running]
         if cfg.adaptive:
-            # A request not verified yet probes with a few drafts (see PROBE_DRAFTS).
-            caps = [
-                c if e.verified else min(c, PROBE_DRAFTS)
-                for c, e in zip(caps, estimates, strict=True)
-            ]
             # Plan before proposing, with every cap available: a draft model's cost is then
             # only paid for drafts the plan wants.
             base = sum(1 for s in running if s.num_uncomputed_tokens == 1) + prefill_tokens
             # A draft model's proposals cost a step of it per draft; lookups next to nothing.
             draft_cost = getattr(self.proposer, "draft_cost", 0.0)
-            cost = self.cost
-            caps = plan_drafts(caps, alphas, base, cost.c0, cost.c1, draft_cost, cost.cv)
+            caps = plan_drafts(caps, alphas, base, self.cost.c0, self.cost.c1, draft_cost)
         idx = [i for i, c in enumerate(caps) if c > 0]
         drafts = self.proposer.propose([running[i] for i in idx], [caps[i] for i in idx])
         for s in running:
             s.spec_token_ids = []
         for i, d in zip(idx, drafts, strict=True):
             running[i].spec_token_ids = d[: caps[i]]
-        self._verifying = sum(1 for s in running if s.spec_token_ids)
 
     def _estimate(self, seq: Sequence) -> AcceptanceEstimate:
         est = self._estimates.get(seq.seq_id)
         if est is None:
             est = AcceptanceEstimate(self.prior.accepted, self.prior.rejected)
-            # Scale the prior to PRIOR_WEIGHT observations, so a sequence's own acceptance
-            # takes over at its first verify step.
+            # Scale the prior to a couple of observations' weight, so a sequence's own
+            # acceptance takes over quickly.
             total = est.accepted + est.rejected
             if total > 0:
-                w = PRIOR_WEIGHT / total
-                est.accepted, est.rejected = w * est.accepted, w * est.rejected
+                est.accepted, est.rejected = 2 * est.accepted / total, 2 * est.rejected / total
             self._estimates[seq.seq_id] = est
         return est
 
     def observe_step(self, num_tokens: int, seconds: float) -> None:
-        """A decode or verify step's tokens and time (the sequences verifying in it are those
-        `propose` gave drafts; the scheduler rarely drops some, when the KV pool is short)."""
-        self.cost.observe(num_tokens, seconds, self._verifying)
+        self.cost.observe(num_tokens, seconds)
 
     def on_verified(self, seq: Sequence, num_drafts: int, num_accepted: int) -> None:
         st = self.stats
