@@ -175,12 +175,13 @@ class PrometheusSource:
     def _finish_rate(self, namespace: str, name: str, sel: str) -> dict[str, float | None]:
         """Batch requests answered per second of the last five minutes in which the routers had
         batch work, the engine replicas up meanwhile (`deadline` says why not a plain rate) and
-        the tokens of an answered request. Seconds with work are counted on a 5 s grid; fewer
-        than MIN_BUSY_S of them is no measurement yet."""
+        the tokens of an answered request. Seconds with work are counted on a 1 s grid (a 5 s
+        grid counted up to 5 s too many early in a batch, when it matters most: a rate a third
+        too low); fewer than MIN_BUSY_S of them is no measurement yet."""
         engines = f"{self.selector.format(namespace=namespace, name=name)},{ENGINE_SERIES}"
         busy = f"(sum(kvpilot_batch_requests{{{sel}}}) > 0)"
         v = self._value
-        seconds = v(f"count_over_time({busy}[5m:5s]) * 5")
+        seconds = v(f"count_over_time({busy}[5m:1s])")
         if not seconds or seconds < MIN_BUSY_S:
             return {"finish_rate": None, "replicas": None, "tokens_per_request": None}
         answered = v(f"sum(increase(kvpilot_batch_requests_finished_total{{{sel}}}[5m]))")
