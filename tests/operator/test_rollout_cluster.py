@@ -245,7 +245,10 @@ def test_identical_shadow_agrees_and_never_counts_as_an_engine(
     # moments, and float32 CPU matmuls round differently at another batch size, which can flip
     # a near-tie. Seen: 28 of 28 in most runs, 27 of 28 in one.
     assert shadow["greedyAgreement"] >= 0.9, shadow
-    assert shadow["errors"] == 0 and shadow["mirrored"] >= shadow["greedyCompared"]
+    # Not mirrored >= greedyCompared: the status takes each counter's increase() from
+    # Prometheus, which extrapolates every series on its own and misses what a series counted
+    # before its first scrape (seen: 9 mirrored against 11 compared in one run).
+    assert shadow["errors"] == 0 and shadow["mirrored"] > 0
     svc = get(cluster, "llmservice", "chat", ns)
     healthy = condition(svc, "ShadowHealthy")
     assert healthy["status"] == "True" and "greedy agreement" in healthy["message"], healthy
