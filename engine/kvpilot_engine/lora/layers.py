@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from kvpilot_engine.config import ModelConfig
-from kvpilot_engine.lora.adapter import LoRAAdapter
+from kvpilot_engine.lora.adapter import LoRAAdapter, module_shape
 
 # group -> its projections, in the order their outputs are fused
 GROUPS: dict[str, tuple[str, ...]] = {
@@ -37,14 +37,10 @@ GROUP_OF = {m: g for g, ms in GROUPS.items() for m in ms}
 
 
 def _group_io(config: ModelConfig, group: str) -> tuple[int, list[int]]:
-    """(in_features, [out size of each projection in the group])."""
-    h, i = config.hidden_size, config.intermediate_size
-    return {
-        "qkv": (h, [config.q_size, config.kv_size, config.kv_size]),
-        "o": (config.q_size, [h]),
-        "gate_up": (h, [i, i]),
-        "down": (i, [h]),
-    }[group]
+    """(in_features, [out size of each projection in the group]): the projections share their
+    input."""
+    shapes = [module_shape(config, m) for m in GROUPS[group]]
+    return shapes[0][0], [out for _, out in shapes]
 
 
 class LoRABanks:
