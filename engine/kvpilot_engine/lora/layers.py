@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from kvpilot_engine.config import ModelConfig
+from kvpilot_engine.device import to_device
 from kvpilot_engine.lora.adapter import LoRAAdapter, module_shape
 
 # group -> its projections, in the order their outputs are fused
@@ -149,12 +150,12 @@ class LoRAStep:
         if not triton and len(used) > 1 and len(used) * longest <= 2 * m:
             padded = True
             dest_l = [i * longest + j for i, c in enumerate(counts) for j in range(c)]
-            dest = torch.tensor(dest_l, dtype=torch.long, device=dev)
+            dest = to_device(dest_l, torch.long, dev)
         step = cls(
             banks=banks,
             groups=groups,
-            token_slots=torch.tensor(token_slots, dtype=torch.int32).to(dev),
-            rows=torch.tensor(rows_l, dtype=torch.long).to(dev),
+            token_slots=to_device(token_slots, torch.int32, dev),
+            rows=to_device(rows_l, torch.long, dev),
             all_rows=len(used) == 1 and m == n,
             slots=used,
             counts=counts,
@@ -165,9 +166,9 @@ class LoRAStep:
         )
         if triton:
             starts = [sum(counts[:i]) for i in range(len(counts))]
-            step.seg_starts = torch.tensor(starts, dtype=torch.int32).to(dev)
-            step.seg_lens = torch.tensor(counts, dtype=torch.int32).to(dev)
-            step.seg_slots = torch.tensor(used, dtype=torch.int32).to(dev)
+            step.seg_starts = to_device(starts, torch.int32, dev)
+            step.seg_lens = to_device(counts, torch.int32, dev)
+            step.seg_slots = to_device(used, torch.int32, dev)
         return step
 
     def apply(self, layer: int, group: str, x: torch.Tensor, out: torch.Tensor) -> None:
