@@ -120,7 +120,8 @@ def sgmv(
 ) -> None:
     """out[rows] += (x[rows] @ a[slot]) @ b[slot], rows in segments of one slot each."""
     _check(x, a, b, out)
-    y = torch.zeros(x.shape[0], a.shape[2], dtype=torch.float32, device=x.device)
+    # The shrink writes every row the expand reads (the segments' rows): no zeroing needed.
+    y = torch.empty(x.shape[0], a.shape[2], dtype=torch.float32, device=x.device)
     _sgmv_launch(x, a, y, rows, seg_starts, seg_lens, seg_slots, max_len, add=False)
     _sgmv_launch(y, b, out, rows, seg_starts, seg_lens, seg_slots, max_len, add=True)
 
