@@ -251,15 +251,7 @@ def cache_dir(uri: str) -> str:
 
 
 def model_path(spec: LLMServiceSpec) -> str:
-    source = spec.model.source
-    uri = download_uri(spec)
-    if uri is not None:
-        return cache_dir(uri)
-    claim = model_claim(spec)
-    if claim is None:
-        assert source.path is not None
-        return source.path
-    return f"{MODELS_MOUNT}/{claim[1].lstrip('/')}".rstrip("/")
+    return source_path(spec, spec.model.source, MODELS_MOUNT)
 
 
 def draft_source(spec: LLMServiceSpec) -> ModelSource | None:
@@ -286,30 +278,31 @@ def _claim(source: ModelSource) -> tuple[str, str] | None:
     return None
 
 
-def draft_claim_mount(spec: LLMServiceSpec) -> str | None:
-    """Where the draft's claim is mounted: the served model's mount when it is the same claim,
-    else its own; None without a draft on a claim."""
-    draft = draft_source(spec)
-    claim = _claim(draft) if draft is not None else None
-    if claim is None:
-        return None
+def claim_mount(spec: LLMServiceSpec, claim: str, own: str) -> str:
+    """Where a draft's or an adapter's claim is mounted: the served model's mount when it is the
+    model's claim too, else `own`."""
     model = model_claim(spec)
-    return MODELS_MOUNT if model is not None and model[0] == claim[0] else DRAFT_MODELS_MOUNT
+    return MODELS_MOUNT if model is not None and model[0] == claim else own
+
+
+def source_path(spec: LLMServiceSpec, source: ModelSource, own_mount: str) -> str:
+    """A source's weights inside the engine container: its download's folder in the model
+    cache, its folder on its claim (mounted by `claim_mount`, at `own_mount` unless it is the
+    served model's claim), else its path (in the image, or a bundled model's name)."""
+    uri = _download(source)
+    if uri is not None:
+        return cache_dir(uri)
+    claim = _claim(source)
+    if claim is None:
+        assert source.path is not None
+        return source.path
+    return f"{claim_mount(spec, claim[0], own_mount)}/{claim[1].lstrip('/')}".rstrip("/")
 
 
 def draft_model_path(spec: LLMServiceSpec) -> str | None:
     """The draft's weights inside the engine container (speculative_config's `model`)."""
     draft = draft_source(spec)
-    if draft is None:
-        return None
-    uri = _download(draft)
-    if uri is not None:
-        return cache_dir(uri)
-    claim = _claim(draft)
-    if claim is None:
-        assert draft.path is not None
-        return draft.path
-    return f"{draft_claim_mount(spec)}/{claim[1].lstrip('/')}".rstrip("/")
+    return None if draft is None else source_path(spec, draft, DRAFT_MODELS_MOUNT)
 
 
 # spec.speculative's fields -> the engine's speculative_config keys (vLLM's names).
@@ -361,22 +354,6 @@ class AdapterVariant:
     path: str
 
 
-def _adapter_path(spec: LLMServiceSpec, source: ModelSource) -> str:
-    uri = _download(source)
-    if uri is not None:
-        return cache_dir(uri)
-    claim = _claim(source)
-    if claim is None:
-        assert source.path is not None
-        return source.path
-    return f"{adapter_claim_mount(spec, claim[0])}/{claim[1].lstrip('/')}".rstrip("/")
-
-
-def adapter_claim_mount(spec: LLMServiceSpec, claim: str) -> str:
-    model = model_claim(spec)
-    return MODELS_MOUNT if model is not None and model[0] == claim else f"{ADAPTERS_MOUNT}/{claim}"
-
-
 def adapter_variants(spec: LLMServiceSpec) -> list[AdapterVariant]:
     """Every adapter folder the engines load, in spec order: each adapter, then its canary and
     shadow under derived names (`<served>@canary`; served names have no @)."""
@@ -388,7 +365,9 @@ def adapter_variants(spec: LLMServiceSpec) -> list[AdapterVariant]:
         if a.shadow is not None:
             versions.append(("shadow", f"{a.served}@shadow", a.shadow.source))
         for role, lora_name, source in versions:
-            path = _adapter_path(spec, source)
+            claim = _claim(source)
+            own = f"{ADAPTERS_MOUNT}/{claim[0]}" if claim is not None else ""
+            path = source_path(spec, source, own)
             out.append(AdapterVariant(a.name, a.served, role, lora_name, source, path))
     return out
 
@@ -628,9 +607,11 @@ def deployment(
             }
         )
         mounts.append({"name": "models", "mountPath": MODELS_MOUNT, "readOnly": True})
-    if draft_claim_mount(spec) == DRAFT_MODELS_MOUNT:
-        draft_claim = _claim(draft_source(spec))  # type: ignore[arg-type]
-        assert draft_claim is not None
+    draft = draft_source(spec)
+    draft_claim = _claim(draft) if draft is not None else None
+    if draft_claim is not None and (
+        claim_mount(spec, draft_claim[0], DRAFT_MODELS_MOUNT) == DRAFT_MODELS_MOUNT
+    ):
         volumes.append(
             {
                 "name": "draft-models",
@@ -638,29 +619,25 @@ def deployment(
             }
         )
         mounts.append({"name": "draft-models", "mountPath": DRAFT_MODELS_MOUNT, "readOnly": True})
-    init_containers: list[dict[str, Any]] = []
-    draft_uri = _download(draft_source(spec))
     variants = adapter_variants(spec)
-    adapter_downloads = [v for v in variants if _download(v.source) is not None]
-    if download_uri(spec) is not None or draft_uri is not None or adapter_downloads:
+    # Each source to download (the model, the draft, every adapter version) in an init container
+    # of its own, with its own credentials, into the one model cache.
+    downloads = [
+        (DOWNLOAD_CONTAINER, spec.model.source),
+        (DRAFT_DOWNLOAD_CONTAINER, draft),
+        *((_adapter_download_name(v), v.source) for v in variants),
+    ]
+    init_containers = [
+        download_container(spec, opts, source=source, name=container)
+        for container, source in downloads
+        if source is not None and _download(source) is not None
+    ]
+    if init_containers:
         volumes.append(_model_cache_volume(spec))
         mounts.append({"name": "model-cache", "mountPath": MODEL_CACHE_MOUNT, "readOnly": True})
-    if download_uri(spec) is not None:
-        init_containers.append(download_container(spec, opts))
-    if draft_uri is not None:
-        draft = draft_source(spec)
-        assert draft is not None
-        init_containers.append(
-            download_container(spec, opts, source=draft, name=DRAFT_DOWNLOAD_CONTAINER)
-        )
-    # Each adapter version downloads in an init container of its own, with its own credentials.
-    init_containers += [
-        download_container(spec, opts, source=v.source, name=_adapter_download_name(v))
-        for v in adapter_downloads
-    ]
     claims = sorted({c[0] for v in variants if (c := _claim(v.source)) is not None})
     for claim in claims:
-        mount = adapter_claim_mount(spec, claim)
+        mount = claim_mount(spec, claim, f"{ADAPTERS_MOUNT}/{claim}")
         if mount == MODELS_MOUNT:
             continue  # the served model's claim, mounted already
         volume = f"adapters-{hashlib.sha256(claim.encode()).hexdigest()[:8]}"
@@ -761,17 +738,12 @@ def _model_cache_volume(spec: LLMServiceSpec) -> dict[str, Any]:
 
 
 def download_container(
-    spec: LLMServiceSpec,
-    opts: RenderOptions,
-    *,
-    source: ModelSource | None = None,
-    name: str = DOWNLOAD_CONTAINER,
+    spec: LLMServiceSpec, opts: RenderOptions, *, source: ModelSource, name: str
 ) -> dict[str, Any]:
-    """The init container that fetches spec.model.source.uri (or another `source`: the draft
-    model's) into the model cache: `kvpilot download` from the engine image, credentials from
+    """The init container `name` that fetches `source` (the model's, the draft's, an adapter
+    version's) into the model cache: `kvpilot download` from the engine image, credentials from
     the named Secret by reference (the operator never reads Secrets), its result (the pinned
     revision) in the termination message and, when it fails, its last log line (the reason)."""
-    source = source or spec.model.source
     uri = _download(source)
     assert uri is not None
     env: list[dict[str, Any]] = [
