@@ -70,6 +70,7 @@ def plan_adapters(
     from the spec is forgotten), and whether that is news (else the status is the rollout
     controller's to move on: a reconcile that read it a moment ago must not write it back)."""
     current = _parse(statuses)
+    versions = _versions(spec)
     weights: dict[str, int] = {}
     out: list[dict[str, Any]] = []
     for a in spec.adapters or []:
@@ -79,7 +80,7 @@ def plan_adapters(
             if shadow is not None:  # the shadow's figures, kept for the controller to renew
                 out.append(_dump(AdapterStatus(name=a.name, shadow=shadow)))
             continue
-        stable, canary = _versions(spec)[a.name]
+        stable, canary = versions[a.name]
         assert canary is not None
         cs = known.canary if known is not None else None
         if cs is None or (cs.revision, cs.stable_revision) != (canary, stable):
