@@ -33,20 +33,12 @@ from kvpilot_engine.bench.throughput import (
     left_padded,
     workload_from,
 )
-from kvpilot_engine.config import EngineArgs
+from kvpilot_engine.config import EngineArgs, ModelConfig
 from kvpilot_engine.lora.request import LoRARequest
 
 # kvpilot's mixed batches against each row: at least this share of the base model's throughput,
 # and this many times the one-at-a-time and peft rows.
 TARGETS = {"base": 0.75, "one_at_a_time": 3.0, "peft": 3.0}
-# HF module name -> (kvpilot's fused parameter, shard index); the unfused ones map to themselves.
-_FUSED = {
-    "q_proj": ("qkv_proj", 0),
-    "k_proj": ("qkv_proj", 1),
-    "v_proj": ("qkv_proj", 2),
-    "gate_proj": ("gate_up_proj", 0),
-    "up_proj": ("gate_up_proj", 1),
-}
 
 
 def make_adapters(
@@ -74,23 +66,17 @@ def make_adapters(
     return peft_model, [LoRARequest(name, i + 1, str(out / name)) for i, name in enumerate(names)]
 
 
-def adapter_deltas(path: str) -> dict[str, torch.Tensor]:
-    """The adapter's weight updates by HF parameter name (`model.layers.0.self_attn.q_proj`):
-    scale * B @ A, scale = lora_alpha / r (/ sqrt(r) with rslora), as peft merges them."""
-    from safetensors.torch import load_file
+def adapter_deltas(lora: LoRARequest, config: ModelConfig) -> dict[str, torch.Tensor]:
+    """The adapter's weight updates by HF module name (`model.layers.0.self_attn.q_proj`),
+    B @ A as the engine reads the adapter (load_adapter: the scaling folded into B), which is
+    the update peft merges."""
+    from kvpilot_engine.lora.adapter import ATTENTION_MODULES, load_adapter
 
-    cfg = json.loads((Path(path) / "adapter_config.json").read_text())
-    r, alpha = cfg["r"], cfg.get("lora_alpha", cfg["r"])
-    scale = alpha / (r**0.5 if cfg.get("use_rslora") else r)
-    tensors = load_file(str(Path(path) / "adapter_model.safetensors"))
-    deltas = {}
-    for key, a in tensors.items():
-        if ".lora_A." not in key:
-            continue
-        b = tensors[key.replace(".lora_A.", ".lora_B.")]
-        module = key.split(".lora_A.")[0].removeprefix("base_model.model.")
-        deltas[module] = scale * (b.float() @ a.float())
-    return deltas
+    adapter = load_adapter(lora, config, max_lora_rank=2**31)  # the rank is not in question
+    return {
+        f"model.layers.{layer}.{'self_attn' if m in ATTENTION_MODULES else 'mlp'}.{m}": b @ a
+        for (layer, m), (a, b) in adapter.weights.items()
+    }
 
 
 def _param(params: dict[str, torch.nn.Parameter], module: str) -> torch.Tensor:
@@ -102,20 +88,16 @@ def _param(params: dict[str, torch.nn.Parameter], module: str) -> torch.Tensor:
 
 def merge(model: torch.nn.Module, deltas: dict[str, torch.Tensor], sign: float) -> None:
     """Add (sign 1) or take back (sign -1) an adapter's updates in kvpilot's (fused) weights."""
+    from kvpilot_engine.models.llama import _STACKED  # the checkpoint loader's fused layout
+
     params = dict(model.named_parameters())
-    config = model.config  # type: ignore[attr-defined]
-    sizes = {
-        "qkv_proj": [config.q_size, config.kv_size, config.kv_size],
-        "gate_up_proj": [config.intermediate_size, config.intermediate_size],
-    }
     with torch.no_grad():
         for module, delta in deltas.items():
             parent, _, leaf = module.rpartition(".")
-            if leaf in _FUSED:
-                fused, index = _FUSED[leaf]
-                w = _param(params, f"{parent}.{fused}")
-                offset = sum(sizes[fused][:index])
-                w = w[offset : offset + sizes[fused][index]]
+            if leaf in _STACKED:
+                fused, index = _STACKED[leaf]
+                offset, size = model._shard(fused, index)  # type: ignore[operator]
+                w = _param(params, f"{parent}.{fused}")[offset : offset + size]
             else:
                 w = _param(params, module)
             w.add_(delta.to(w.device, w.dtype), alpha=sign)
@@ -193,8 +175,9 @@ def bench_one_at_a_time(
 ) -> tuple[float, float, float]:
     """(b) each adapter merged into the base weights in turn, its requests run as one batch,
     then unmerged. (wall, CPU) seconds and the wall seconds of merging and unmerging."""
-    deltas = [adapter_deltas(lora.lora_path) for lora in loras]  # read beforehand, not timed
-    model = llm.llm_engine.model
+    engine = llm.llm_engine
+    deltas = [adapter_deltas(lora, engine.model_config) for lora in loras]  # not timed: read first
+    model = engine.model
     merge_time = 0.0
     generated = 0
     t0 = _clock()
