@@ -163,6 +163,11 @@ def test_route_config_adapters_round_trip_and_refusals() -> None:
             {"variants": [{"path": "/v1", "weight": 1}, {"path": "/v1", "weight": 2}]},
             "variant paths must be unique",
         ),
+        (
+            {"shadow": {"path": "/v3", "mirrorPercent": 101}},
+            "adapters[0].shadow.mirrorPercent must be a number in [0, 100]",
+        ),
+        ({"shadow": {"path": "/v3", "mirrorPercent": 5, "maxRps": 0}}, "shadow.maxRps must be"),
     ]
     for change, says in bad:
         broken = {**doc, "adapters": [{**doc["adapters"][0], **change}]}

@@ -165,17 +165,23 @@ def _shadow(raw: Any) -> Shadow | None:
     if raw is None:
         return None
     _check(isinstance(raw, dict), "shadow must be an object or null")
-    revision, percent, max_rps = raw.get("revision"), raw.get("mirrorPercent"), raw.get("maxRps")
+    revision = raw.get("revision")
     _check(isinstance(revision, str) and revision != "", "shadow.revision must be a string")
+    return Shadow(revision, *_sampling(raw, "shadow"))
+
+
+def _sampling(raw: dict[str, Any], where: str) -> tuple[float, float | None]:
+    """A shadow's (mirrorPercent, maxRps): the model's and each adapter's."""
+    percent, max_rps = raw.get("mirrorPercent"), raw.get("maxRps")
     _check(
         _is_number(percent) and 0 <= percent <= 100,
-        f"shadow.mirrorPercent must be a number in [0, 100], got {percent!r}",
+        f"{where}.mirrorPercent must be a number in [0, 100], got {percent!r}",
     )
     _check(
         max_rps is None or (_is_number(max_rps) and max_rps > 0),
-        f"shadow.maxRps must be a positive number or null, got {max_rps!r}",
+        f"{where}.maxRps must be a positive number or null, got {max_rps!r}",
     )
-    return Shadow(revision, float(percent), None if max_rps is None else float(max_rps))
+    return float(percent), None if max_rps is None else float(max_rps)
 
 
 def _endpoints(raw: Any) -> tuple[Endpoint, ...]:
@@ -227,23 +233,9 @@ def _adapters(raw: Any) -> tuple[AdapterRoute, ...]:
         adapter_shadow = None
         if shadow is not None:
             _check(isinstance(shadow, dict), f"{where}.shadow must be an object or null")
-            path, percent, max_rps = (
-                shadow.get("path"),
-                shadow.get("mirrorPercent"),
-                shadow.get("maxRps"),
-            )
+            path = shadow.get("path")
             _check(isinstance(path, str) and path != "", f"{where}.shadow.path must be a string")
-            _check(
-                _is_number(percent) and 0 <= percent <= 100,
-                f"{where}.shadow.mirrorPercent must be a number in [0, 100], got {percent!r}",
-            )
-            _check(
-                max_rps is None or (_is_number(max_rps) and max_rps > 0),
-                f"{where}.shadow.maxRps must be a positive number or null, got {max_rps!r}",
-            )
-            adapter_shadow = AdapterShadow(
-                path, float(percent), None if max_rps is None else float(max_rps)
-            )
+            adapter_shadow = AdapterShadow(path, *_sampling(shadow, f"{where}.shadow"))
         out.append(AdapterRoute(name, tuple(parsed), adapter_shadow))
     names = [a.name for a in out]
     dups = sorted({n for n in names if names.count(n) > 1})
