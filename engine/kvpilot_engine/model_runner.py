@@ -186,9 +186,9 @@ class ModelRunner:
             meta.decode_groups = build_decode_groups(meta, self.block_size, self.workspace)
         if step.lora_slots and self.lora_banks is not None:
             qsl = step.query_start_loc
-            token_slots = [
-                s for i, s in enumerate(step.lora_slots) for _ in range(qsl[i + 1] - qsl[i])
-            ]
+            token_slots: list[int] = []  # each sequence's slot on each of its rows
+            for slot, lo, hi in zip(step.lora_slots, qsl, qsl[1:], strict=False):
+                token_slots += [slot] * (hi - lo)
             meta.lora = LoRAStep.build(
                 self.lora_banks, token_slots, triton=triton, decode_only=not step.prefill_seqs
             )
