@@ -148,3 +148,14 @@ def test_a_shadows_figures_are_kept_beside_its_canary() -> None:
     assert stepped[1] == statuses[1]  # type: ignore[index]
     _, planned, news = plan_adapters(spec, stepped, "2026-12-01T12:01:00Z")
     assert planned == stepped and not news
+
+
+def test_a_removed_shadows_figures_go_from_status() -> None:
+    alone = {**HELP, "shadow": {"source": {"path": "/loras/help-v2"}}}
+    spec = spec_of([alone])
+    _, statuses, _ = plan_adapters(spec, None, "2026-12-01T12:00:00Z")
+    statuses = with_shadows(spec, statuses, {"help": ShadowStatus(revision="help@shadow")})
+    assert statuses is not None and statuses[0]["shadow"]["revision"] == "help@shadow"
+    # No loop renews it once the spec has no shadow: the reconcile's plan drops it.
+    _, planned, news = plan_adapters(spec_of([HELP]), statuses, "2026-12-01T12:01:00Z")
+    assert planned is None and news

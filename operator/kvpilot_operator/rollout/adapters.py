@@ -67,8 +67,9 @@ def plan_adapters(
 ) -> tuple[dict[str, int], list[dict[str, Any]] | None, bool]:
     """Each adapter canary's share (percent of its adapter's requests), status.adapters as it
     should be (a canary of a new version starts at its first step, one whose version is gone
-    from the spec is forgotten), and whether that is news (else the status is the rollout
-    controller's to move on: a reconcile that read it a moment ago must not write it back)."""
+    from the spec is forgotten, as are a removed shadow's figures), and whether that is news
+    (else the status is the rollout controller's to move on: a reconcile that read it a moment
+    ago must not write it back)."""
     current = _parse(statuses)
     versions = _versions(spec)
     weights: dict[str, int] = {}
@@ -96,14 +97,19 @@ def plan_adapters(
         weights[a.name] = _PHASE_WEIGHT.get(cs.phase, cs.weight)
         out.append(_dump(AdapterStatus(name=a.name, canary=cs, shadow=shadow)))
 
-    def started(entries: list[dict[str, Any]] | None) -> set[tuple[str, str, str]]:
-        return {
-            (e["name"], e["canary"]["revision"], e["canary"]["stableRevision"])
-            for e in entries or []
-            if isinstance(e, dict)
-            and isinstance(e.get("canary"), dict)
-            and {"revision", "stableRevision"} <= set(e["canary"])
-        }
+    def started(entries: list[dict[str, Any]] | None) -> set[tuple[Any, ...]]:
+        """What the plan decides: which canaries run (by versions), which shadows have figures
+        (a shadow taken out of the spec drops its entry: no loop would renew it then)."""
+        out: set[tuple[Any, ...]] = set()
+        for e in entries or []:
+            if not isinstance(e, dict):
+                continue
+            canary = e.get("canary")
+            if isinstance(canary, dict) and {"revision", "stableRevision"} <= set(canary):
+                out.add((e.get("name"), canary["revision"], canary["stableRevision"]))
+            if e.get("shadow") is not None:
+                out.add((e.get("name"), "shadow"))
+        return out
 
     return weights, out or None, started(out) != started(statuses)
 
