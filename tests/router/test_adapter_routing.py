@@ -12,6 +12,7 @@ import pytest
 from kvpilot_operator.router.adapters import AdapterRouter, Choice, name_on
 from kvpilot_operator.router.config import (
     AdapterRoute,
+    AdapterShadow,
     AdapterVariant,
     Endpoint,
     Revision,
@@ -120,6 +121,14 @@ def test_a_canary_gets_its_share_and_is_found_by_folder() -> None:
     assert name_on(table.endpoints[URLS[1]], Choice("sql", "stable", "/v1")) is None
     # The derived name is the routes' business, not the client's; /v1/models hides it.
     assert router.classify("sql@canary") == "unknown"
+    assert {c["id"] for c in router.listed()} == {BASE, "sql"}
+
+
+def test_a_shadow_version_is_not_asked_for_by_name() -> None:
+    route = AdapterRoute("sql", (AdapterVariant("/v1", 100),), AdapterShadow("/v3", 10.0))
+    # e0 loaded the shadow at runtime for the copies it was sent.
+    _table, router = setup({URLS[0]: {"sql": "/v1", "sql@shadow": "/v3"}}, (route,))
+    assert router.classify("sql@shadow") == "unknown"
     assert {c["id"] for c in router.listed()} == {BASE, "sql"}
 
 

@@ -95,11 +95,17 @@ class AdapterRouter:
             if card is not None:
                 if card[1] is None:
                     return "base"
-                # Versions the routes weigh (a canary's `sql@canary`) are not asked for by name.
-                if any(v.path == card[0] for r in self.routes.values() for v in r.variants):
+                # Versions the routes send (a canary's `sql@canary`, a shadow's `sql@shadow`) are
+                # not asked for by name.
+                if card[0] in self._routed_paths():
                     return "unknown"
                 return "adapter"
         return "unknown"
+
+    def _routed_paths(self) -> set[str]:
+        """The folders of the versions the routes send requests to: variants and shadows."""
+        paths = {v.path for r in self.routes.values() for v in r.variants}
+        return paths | {r.shadow.path for r in self.routes.values() if r.shadow is not None}
 
     def choose(self, model: str, now: float) -> Choice:
         route = self.routes.get(model)
@@ -175,8 +181,8 @@ class AdapterRouter:
 
     def listed(self) -> list[dict[str, object]]:
         """The model cards of /v1/models: the union of the engines' own, without the versions
-        the routes weigh under derived names."""
-        weighed = {v.path for r in self.routes.values() for v in r.variants}
+        the routes send under derived names."""
+        weighed = self._routed_paths()
         cards: dict[str, dict[str, object]] = {}
         now = int(time.time())
         for st in sorted(self.table.endpoints.values(), key=lambda s: s.url):
