@@ -9,9 +9,7 @@ adapter metrics. One server for the module; the adapters are PEFT's format, rand
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
-import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -63,37 +61,22 @@ def adapters(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {**paths, "missing_config": missing, "corrupt": corrupt, "mismatch": mismatch}
 
 
-@contextlib.contextmanager
-def _env(**values: str) -> Iterator[None]:
-    old = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
 @pytest.fixture(scope="module")
 def lora_server(
     tmp_path_factory: pytest.TempPathFactory, adapters: dict[str, Path]
 ) -> Iterator[Server]:
     log = tmp_path_factory.mktemp("serve-lora") / "serve.log"
     # vLLM's switch for the runtime endpoints (the flag is --allow-runtime-lora-updating).
-    with (
-        _env(VLLM_ALLOW_RUNTIME_LORA_UPDATING="True"),
-        run_server(
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("VLLM_ALLOW_RUNTIME_LORA_UPDATING", "True")
+        with run_server(
             log,
             "--max-num-seqs", "8",
             "--enable-lora", "--max-loras", "2", "--max-lora-rank", "16",
             "--lora-modules", f"sql={adapters['sql']}",
             json.dumps({"name": "chat", "path": str(adapters["chat"])}),
-        ) as s,
-    ):  # fmt: skip
-        yield s
+        ) as s:  # fmt: skip
+            yield s
 
 
 @pytest.fixture(scope="module")
