@@ -277,6 +277,20 @@ def parse_models(doc: Any) -> dict[str, tuple[str | None, str | None]]:
     return out
 
 
+async def read_models(
+    table: RouteTable,
+    client: httpx.AsyncClient,
+    url: str,
+    timeout: float,
+    headers: Sequence[tuple[bytes, bytes]] = (),
+) -> None:
+    """Best effort: the engine's /v1/models into the table (`headers`: the engines' API key)."""
+    with contextlib.suppress(Exception):
+        resp = await client.get(f"{url}/v1/models", timeout=timeout, headers=list(headers))
+        if resp.status_code == 200:
+            table.set_models(url, parse_models(resp.json()))
+
+
 async def scrape_loop(
     table: RouteTable,
     client: httpx.AsyncClient,
@@ -292,10 +306,7 @@ async def scrape_loop(
             resp = await client.get(f"{url}/metrics", timeout=timeout)
             if resp.status_code == 200:
                 table.set_load(url, *parse_load(resp.text))
-        with contextlib.suppress(Exception):
-            resp = await client.get(f"{url}/v1/models", timeout=timeout, headers=list(headers))
-            if resp.status_code == 200:
-                table.set_models(url, parse_models(resp.json()))
+        await read_models(table, client, url, timeout, headers)
 
     while True:
         urls: Sequence[str] = list(table.endpoints)

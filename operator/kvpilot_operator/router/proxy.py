@@ -46,7 +46,7 @@ from kvpilot_operator.router.discovery import (
     Snapshot,
     Source,
     follow,
-    parse_models,
+    read_models,
     scrape_loop,
 )
 from kvpilot_operator.router.metrics import RouterMetrics
@@ -765,22 +765,19 @@ class Router:
         return False, ""
 
     async def _read_models(self) -> None:
+        """The models of the ready engines not read yet (before the scrape loop's next round)."""
         assert self.client is not None
-        client = self.client
-
-        async def one(st: EndpointState) -> None:
-            with contextlib.suppress(Exception):
-                resp = await client.get(
-                    st.url + "/v1/models", headers=self._upstream_auth, timeout=2.0
-                )
-                if resp.status_code == 200:
-                    self.table.set_models(st.url, parse_models(resp.json()))
-
         if time.monotonic() - self._models_read_at < 1.0:
             return  # an upstream without /v1/models is not asked on every request
         self._models_read_at = time.monotonic()
-        unread = [st for st in self.table.endpoints.values() if st.models is None]
-        await asyncio.gather(*(one(st) for st in unread if st.endpoint.ready))
+        unread = [
+            st.url
+            for st in self.table.endpoints.values()
+            if st.models is None and st.endpoint.ready
+        ]
+        await asyncio.gather(
+            *(read_models(self.table, self.client, u, 2.0, self._upstream_auth) for u in unread)
+        )
 
     async def _relay(
         self,
