@@ -31,6 +31,7 @@ from kvpilot_operator.autoscaler.decision import (
     Observation,
     ScalerState,
     ScalingParams,
+    StepModel,
     Window,
     decide,
 )
@@ -272,10 +273,8 @@ def simulate(
     if batch is not None:
         # The batch fills a replica up to the load the SLO decision sizes for: what it
         # sustains at the TPOT target, times the target utilisation (the headroom for bursts).
-        limit = engine.max_throughput
-        if params.tpot_target is not None:
-            n = (params.tpot_target - engine.overhead) / engine.per_token
-            limit = min(limit, max(n, 0.0) / params.tpot_target)
+        step = StepModel(engine.overhead, engine.per_token)
+        limit = step.capacity(params.tpot_target, engine.max_tokens_per_step)
         queue = BatchQueue(batch, limit * params.target_utilization)
     t = 0.0
     while t < end:
