@@ -240,7 +240,7 @@ class LoRAManager:
     def activate(self, keys: Iterable[int], running: Iterable[Sequence]) -> None:
         """Give each adapter of this step a device slot (the scheduler saw to it that they fit).
         A slot is taken from the least recently used adapter no running sequence uses."""
-        pinned = {s.lora_key for s in running if s.lora_key}
+        pinned: set[int] | None = None  # looked up only when a slot must be taken
         for key in dict.fromkeys(k for k in keys if k):
             if key in self.slot_of:
                 self.slot_lru.move_to_end(key)
@@ -250,6 +250,8 @@ class LoRAManager:
             if free:
                 slot = free[0]
             else:
+                if pinned is None:
+                    pinned = {s.lora_key for s in running if s.lora_key}
                 victim = next((k for k in self.slot_lru if k not in pinned), None)
                 if victim is None:
                     raise RuntimeError("more LoRA adapters in one step than max_loras slots")
