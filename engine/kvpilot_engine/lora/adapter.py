@@ -58,10 +58,6 @@ class LoRAAdapter:
     def lora_int_id(self) -> int:
         return self.lora_request.lora_int_id
 
-    @property
-    def size_bytes(self) -> int:
-        return sum(a.nbytes + b.nbytes for a, b in self.weights.values())
-
 
 def module_shape(config: ModelConfig, module: str) -> tuple[int, int]:
     """(in_features, out_features) of a projection of the whole (unsharded) model."""

@@ -74,13 +74,6 @@ class LoRABanks:
         # Which groups each slot's adapter touches: a group no loaded adapter targets is skipped.
         self.slot_groups: list[frozenset[str]] = [frozenset()] * max_loras
 
-    @property
-    def nbytes(self) -> int:
-        return sum(t.nbytes for t in (*self.a.values(), *self.b.values()))
-
-    def groups_in_use(self) -> frozenset[str]:
-        return frozenset().union(*self.slot_groups)
-
     def clear(self, slot: int) -> None:
         for g in GROUPS:
             self.a[g][:, slot].zero_()

@@ -135,9 +135,6 @@ class LoRAManager:
             entry = self._new_entry(request)
         return entry.key
 
-    def request_of(self, key: int) -> LoRARequest:
-        return self.by_key[key].request
-
     # ---- the host cache ----------------------------------------------------------------------
     def ready(self, key: int) -> bool:
         """Whether sequences on this adapter can be admitted: its weights are at hand."""
