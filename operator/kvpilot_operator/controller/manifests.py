@@ -305,16 +305,17 @@ def draft_model_path(spec: LLMServiceSpec) -> str | None:
     return None if draft is None else source_path(spec, draft, DRAFT_MODELS_MOUNT)
 
 
-# spec.speculative's fields -> the engine's speculative_config keys (vLLM's names).
-SPECULATIVE_KEYS = {
-    "method": "method",
-    "num_speculative_tokens": "num_speculative_tokens",
-    "prompt_lookup_min": "prompt_lookup_min",
-    "prompt_lookup_max": "prompt_lookup_max",
-    "suffix_cache_requests": "suffix_cache_requests",
-    "disable_by_batch_size": "disable_by_batch_size",
-    "adaptive": "adaptive",
-}
+# spec.speculative's fields that are the engine's speculative_config keys, by the same names
+# (vLLM's).
+SPECULATIVE_KEYS = (
+    "method",
+    "num_speculative_tokens",
+    "prompt_lookup_min",
+    "prompt_lookup_max",
+    "suffix_cache_requests",
+    "disable_by_batch_size",
+    "adaptive",
+)
 
 
 def speculative_config(spec: LLMServiceSpec) -> dict[str, Any] | None:
@@ -325,8 +326,8 @@ def speculative_config(spec: LLMServiceSpec) -> dict[str, Any] | None:
     if spec_cfg is None or spec_cfg.enabled is False:
         return None
     config: dict[str, Any] = {}
-    for field, key in SPECULATIVE_KEYS.items():
-        value = getattr(spec_cfg, field)
+    for key in SPECULATIVE_KEYS:
+        value = getattr(spec_cfg, key)
         if value is not None:
             config[key] = value
     draft = draft_model_path(spec)
