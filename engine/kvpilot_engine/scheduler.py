@@ -209,9 +209,7 @@ class Scheduler:
         max_num_seqs times: then its adapter's turn comes, as the running ones drain."""
         if self.lora_ready is not None and not self.lora_ready(seq.lora_key):
             return False
-        if seq.lora_key in active:
-            return blocked is None or blocked.lora_overtaken < self.max_num_seqs
-        if len(active) < self.max_loras:
+        if seq.lora_key in active or len(active) < self.max_loras:
             return blocked is None or blocked.lora_overtaken < self.max_num_seqs
         return None
 
