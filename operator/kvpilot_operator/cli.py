@@ -334,7 +334,7 @@ def cmd_autoscale_simulate(ns: argparse.Namespace) -> int:
         print(
             f"fixed {n:<3} replicas   replica-minutes {fixed.replica_minutes:.1f}, "
             f"SLO attainment {fixed.attainment() * 100:.1f}%"
-            + (f"; {fixed.batch.summary().split(': ', 1)[1]}" if fixed.batch else "")
+            + (f"; {fixed.batch.outcome()}" if fixed.batch else "")
         )
     if ns.out:
         title = f"{Path(ns.trace).name}: {ns.file or ns.policy}"

@@ -77,9 +77,14 @@ class BatchQueue:
 
     def summary(self) -> str:
         due = self.due / 60
-        head = f"batch              {self.job.requests} requests, due at {due:.1f} min: "
+        return f"batch              {self.job.requests} requests, due at {due:.1f} min: " + (
+            self.outcome()
+        )
+
+    def outcome(self) -> str:
+        """When the batch finished against its window, or how much was left."""
         if self.finished_at is None:
-            return head + f"NOT finished, {self.left:.0f} left at the end"
+            return f"NOT finished, {self.left:.0f} left at the end"
         spare = (self.due - self.finished_at) / 60
         verdict = f"{spare:.1f} min to spare" if spare >= 0 else f"{-spare:.1f} min LATE"
-        return head + f"finished at {self.finished_at / 60:.1f} min ({verdict})"
+        return f"finished at {self.finished_at / 60:.1f} min ({verdict})"
