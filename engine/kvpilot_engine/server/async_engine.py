@@ -65,13 +65,14 @@ class _Abort:
 
 @dataclass
 class _LoRACommand:
-    """add_lora(request) or remove_lora(int_id) on the engine thread; the result (or the error)
-    goes back to `future` on the event loop."""
+    """LLMEngine.add_lora or remove_lora, called on the engine thread; the result (or the error)
+    goes back to `future` on its event loop."""
 
-    op: str  # "add" | "remove"
-    arg: object
+    call: Callable[[LLMEngine], object]
     future: asyncio.Future[object]
-    loop: asyncio.AbstractEventLoop
+
+    def settle(self, result: object, error: BaseException | None = None) -> None:
+        self.future.get_loop().call_soon_threadsafe(_settle_future, self.future, result, error)
 
 
 _STOP = object()
@@ -311,18 +312,17 @@ class AsyncLLMEngine:
             adapter = await asyncio.to_thread(
                 load_adapter, lora_request, llm.model_config, llm.args.max_lora_rank
             )
-        return bool(await self._lora_command("add", (lora_request, adapter)))
+        return bool(await self._lora_command(lambda e: e.add_lora(lora_request, adapter)))
 
     async def remove_lora(self, lora_int_id: int) -> bool:
-        return bool(await self._lora_command("remove", lora_int_id))
+        return bool(await self._lora_command(lambda e: e.remove_lora(lora_int_id)))
 
-    async def _lora_command(self, op: str, arg: object) -> object:
+    async def _lora_command(self, call: Callable[[LLMEngine], object]) -> object:
         if self.error is not None:
             raise EngineUnavailableError("the engine has failed; see the server log")
         if not self.ready:
             raise EngineUnavailableError("the model is still loading")
-        loop = asyncio.get_running_loop()
-        cmd = _LoRACommand(op, arg, loop.create_future(), loop)
+        cmd = _LoRACommand(call, asyncio.get_running_loop().create_future())
         self._commands.put(cmd)
         return await cmd.future
 
@@ -425,16 +425,11 @@ class AsyncLLMEngine:
     @staticmethod
     def _run_lora_command(engine: LLMEngine, cmd: _LoRACommand) -> None:
         try:
-            if cmd.op == "add":
-                assert isinstance(cmd.arg, tuple)
-                result: object = engine.add_lora(*cmd.arg)
-            else:
-                assert isinstance(cmd.arg, int)
-                result = engine.remove_lora(cmd.arg)
+            result = cmd.call(engine)
         except Exception as e:  # LoRAError: the caller's 400
-            cmd.loop.call_soon_threadsafe(_settle_future, cmd.future, None, e)
+            cmd.settle(None, e)
             return
-        cmd.loop.call_soon_threadsafe(_settle_future, cmd.future, result, None)
+        cmd.settle(result)
 
     @staticmethod
     def _add_all(engine: LLMEngine, cmd: _Add) -> Exception | None:
@@ -492,8 +487,7 @@ class AsyncLLMEngine:
             if isinstance(cmd, _Add):
                 cmd.stream.settle(EngineUnavailableError("the engine has failed"))
             elif isinstance(cmd, _LoRACommand):
-                err = EngineUnavailableError("the engine has failed")
-                cmd.loop.call_soon_threadsafe(_settle_future, cmd.future, None, err)
+                cmd.settle(None, EngineUnavailableError("the engine has failed"))
         loop, cb = self._loop, self.on_fatal
         if loop is not None and cb is not None:
             loop.call_soon_threadsafe(cb, error)
