@@ -156,7 +156,13 @@ class Scheduler:
         blocked: Sequence | None = None  # the first passed over for want of a slot
         full = bool(out.preempted)  # the running sequences alone outgrew the pool
         i = 0
-        while not full and i < len(self.waiting) and budget > 0:
+        while (
+            not full
+            and i < len(self.waiting)
+            and budget > 0
+            # Under FCFS a full batch admits no one: do not scan the queue for LoRA sequences.
+            and (len(self.running) < self.max_num_seqs or self.policy == "priority")
+        ):
             seq = self.waiting[i]
             if seq in out.preempted:  # back in the queue this step: nothing after it outranks
                 break

@@ -317,6 +317,20 @@ def test_scheduler_waits_for_loading_and_bounds_overtaking():
     assert sum(len(a) for a in admitted[:-1]) <= 2  # after at most max_num_seqs overtakers
 
 
+def test_scheduler_does_not_scan_the_queue_when_the_batch_is_full():
+    asked = []
+    s = _scheduler(max_loras=1, ready=lambda key: asked.append(key) or True, max_num_seqs=1)
+    s.add(_seq(0, 1))
+    s.schedule()
+    for i in range(1, 5):
+        s.add(_seq(i, 2))  # blocked: adapter 1 holds the only slot, and the batch is full
+    asked.clear()
+    out = s.schedule()
+    assert all(x.seq.seq_id == 0 for x in out.scheduled)
+    assert [q.seq_id for q in s.waiting] == [1, 2, 3, 4]
+    assert asked == []  # under FCFS a full batch admits no one: the queue is not walked
+
+
 def test_block_hashes_differ_per_adapter():
     bm = BlockManager(16, 4)
     a, b, base = _seq(0, 1, 9), _seq(1, 2, 9), _seq(2, 0, 9)
