@@ -109,7 +109,7 @@ def build_app(
     app.add_middleware(RequestIdMiddleware)
     add_exception_handlers(app)
     completion = OpenAIServingCompletion(engine, served_model_name, metrics, guard, models)
-    chat = OpenAIServingChat(engine, served_model_name, metrics, guard, tools, models)
+    chat = OpenAIServingChat(engine, served_model_name, metrics, guard, models, tools)
 
     @app.get("/health")
     async def health() -> Response:

@@ -58,13 +58,13 @@ class OpenAIServing:
         served_model_name: str,
         metrics: ServerMetrics,
         guard: GuardSettings,
-        models: OpenAIServingModels | None = None,
+        models: OpenAIServingModels,
     ):
         self.engine = engine
         self.served_model_name = served_model_name
         self.metrics = metrics
         self.guard = guard
-        self.models = models or OpenAIServingModels(engine, served_model_name)
+        self.models = models
 
     async def parse(self, request: Request, model: type[T]) -> T:
         body = await read_body(request, self.guard.max_request_bytes)

@@ -66,8 +66,8 @@ class OpenAIServingChat(OpenAIServing):
         served_model_name: str,
         metrics: ServerMetrics,
         guard: GuardSettings,
+        models: OpenAIServingModels,
         tools: ToolSettings | None = None,
-        models: OpenAIServingModels | None = None,
     ):
         super().__init__(engine, served_model_name, metrics, guard, models)
         self.tools = tools or ToolSettings()
