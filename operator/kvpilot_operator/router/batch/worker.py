@@ -164,7 +164,7 @@ class BatchWorker:
         if batch.status == "in_progress" and todo and not _expired(batch):
             log.info("batch running", batch=bid, todo=len(todo), total=len(lines))
             await self._drain(batch, todo)
-        self._finish(bid)
+        self._finish(bid, lines)
 
     async def _drain(self, batch: Batch, todo: list[protocol.BatchRequestInput]) -> None:
         bid = batch.id
@@ -234,25 +234,21 @@ class BatchWorker:
             current.request_counts = batch.request_counts
             self.store.save_batch(current)
 
-    def _finish(self, bid: str) -> None:
+    def _finish(self, bid: str, lines: list[protocol.BatchRequestInput]) -> None:
         batch = self.store.get_batch(bid)
         if batch is None:
             return
         ok, failed = self.store.answered(bid)
         batch.request_counts.completed, batch.request_counts.failed = len(ok), len(failed)
+        all_answered = len(ok) + len(failed) >= batch.request_counts.total
         now = int(time.time())
         if batch.status == "cancelling" or bid in self._cancel:
             batch.status, batch.cancelled_at = "cancelled", now
-        elif batch.expired_at is not None or (
-            _expired(batch)
-            and batch.request_counts.completed + batch.request_counts.failed
-            < batch.request_counts.total
-        ):
-            self._expire(batch, ok | failed)
+        elif batch.expired_at is not None or (_expired(batch) and not all_answered):
+            answered = ok | failed
+            self._expire(batch, [r for r in lines if r.custom_id not in answered])
             batch.status = "expired"
-        elif batch.request_counts.completed + batch.request_counts.failed >= (
-            batch.request_counts.total
-        ):
+        elif all_answered:
             batch.finalizing_at = batch.finalizing_at or now
             batch.status, batch.completed_at = "completed", now
         else:
@@ -264,21 +260,17 @@ class BatchWorker:
             "batch finished", batch=bid, status=batch.status, **batch.request_counts.model_dump()
         )
 
-
-    def _expire(self, batch: Batch, answered: set[str]) -> None:
+    def _expire(self, batch: Batch, unanswered: list[protocol.BatchRequestInput]) -> None:
         """An error line for each request without an answer, after marking the batch as being
         expired (so that a restart halfway through carries on here)."""
         if batch.expired_at is None:
             batch.expired_at = int(time.time())
             batch.status, batch.finalizing_at = "finalizing", batch.expired_at
             self.store.save_batch(batch)
-        data = self.store.file_content(batch.input_file_id) or b""
-        for ln in protocol.read_lines(data):
-            if ln.request is None or ln.request.custom_id in answered:
-                continue
+        for req in unanswered:
             line = protocol.BatchRequestOutput(
                 id=protocol.new_id("batch_req"),
-                custom_id=ln.request.custom_id,
+                custom_id=req.custom_id,
                 response=None,
                 error=EXPIRED,
             )
