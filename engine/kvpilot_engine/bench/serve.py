@@ -317,11 +317,10 @@ def dataset_prompts(name: str, n: int, output_len: tuple[int, int], seed: int):
 
 
 def run_serve_bench(ns: argparse.Namespace) -> int:
-    dataset = getattr(ns, "dataset", "random")
-    if dataset == "random":
+    if ns.dataset == "random":
         prompts = make_prompts(ns.num_prompts, tuple(ns.input_len), tuple(ns.output_len), ns.seed)
     else:
-        prompts = dataset_prompts(dataset, ns.num_prompts, tuple(ns.output_len), ns.seed)
+        prompts = dataset_prompts(ns.dataset, ns.num_prompts, tuple(ns.output_len), ns.seed)
     extra = {"ignore_eos": True} if ns.ignore_eos else {}
     all_results = {}
     for url in ns.base_url:

@@ -71,17 +71,16 @@ def run_spec_bench(ns: argparse.Namespace, args: EngineArgs) -> int:
         )
     plain = LLMEngine(dataclasses.replace(args, speculative_config=None))
     spec = LLMEngine(args, checkpoint=plain.checkpoint)
-    workloads = WORKLOADS
     runs: list[Run] = []
     hf_runs: dict[tuple[str, str], float] = {}
     hf = None
-    if getattr(ns, "compare_transformers", False):
+    if ns.compare_transformers:
         from kvpilot_engine.bench.throughput import Baseline, hf_model
 
         hf = hf_model(Baseline(plain.checkpoint, plain.dtype, plain.device, 0))
     for name in ns.workloads:
         for n in sorted({1, ns.concurrency}):
-            prompts = workloads[name](n)
+            prompts = WORKLOADS[name](n)
             for engine in (plain, spec):  # warm-up: allocator pools, the cost model's first fit
                 run_once(engine, prompts, min(16, ns.output_len))
             for _ in range(ns.num_iters):
