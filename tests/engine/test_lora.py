@@ -225,7 +225,8 @@ def test_bad_adapters_and_aborts(llm, oracle, tmp_path):
     assert e.value.reason == "NotFound"
     # A corrupt adapter named only by a request (loaded in the background) fails that request
     # alone; the others finish.
-    (bad / "adapter_config.json").write_text((big / "adapter_config.json").read_text())
+    # (attn8's own config: big's r=32 would fail on its rank before the weights are read)
+    shutil.copy(f"{paths['attn8']}/adapter_config.json", bad)
     engine.add_request(
         "broken", prompt_ids[0], GREEDY, lora_request=LoRARequest("b3", 94, str(bad))
     )
