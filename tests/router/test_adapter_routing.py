@@ -182,3 +182,21 @@ def test_route_config_adapters_round_trip_and_refusals() -> None:
         broken = {**doc, "adapters": [{**doc["adapters"][0], **change}]}
         with pytest.raises(ValueError, match=says.replace("[", r"\[").replace("]", r"\]")):
             RouteConfig.from_dict(broken)
+
+
+def test_a_placement_on_a_preferred_revision_leaves_the_round_robin_alone() -> None:
+    """The adapter shadow's copies go to the primary's revision and do not take turns from the
+    revisions' weights (a model canary's share)."""
+    config = RouteConfig("svc", (Revision("r1", 50), Revision("r2", 50)))
+    table, fresh = RouteTable(rng=random.Random(7)), RouteTable(rng=random.Random(7))
+    for t in (table, fresh):
+        t.update(config, [Endpoint(URLS[0], "r1"), Endpoint(URLS[1], "r2")])
+        for url in URLS[:2]:
+            t.set_models(url, cards(sql="/a/sql"))
+    router = AdapterRouter(table)
+    router.update(config)
+    for _ in range(5):
+        placement = router.place(Choice("sql", "shadow", "/a/sql"), prefer="r2", now=0.0)
+        assert placement is not None and placement.endpoint.url == URLS[1]
+    picks = [table.pick().revision for _ in range(6)]  # type: ignore[union-attr]
+    assert picks == [fresh.pick().revision for _ in range(6)]  # type: ignore[union-attr]

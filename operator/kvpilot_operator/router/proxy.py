@@ -570,14 +570,14 @@ class Router:
             if ex.mirrored is not None and not ex.mirrored.done():
                 ex.mirrored.set_result(ex.outcome)
 
-    async def _body(self, ex: Exchange) -> AsyncIterator[bytes]:
+    async def _body(self, ex: Exchange, st: EndpointState) -> AsyncIterator[bytes]:
         """The request body for httpx, which asks for more only once the bytes before are written:
         the shadow starts when the primary's request is on the wire, so its work fills the time
         the primary waits for the engine instead of delaying the primary's send."""
         yield ex.body
         if not ex.mirror_decided and self.mirror is not None and ex.request is not None:
             ex.mirror_decided = True
-            target = self._adapter_shadow(ex)
+            target = self._adapter_shadow(ex, st.revision)
             if target is None and ex.adapter is not None and ex.adapter.role != "stable":
                 return  # the model shadow compares the model: not with an adapter's canary
             headers = _shadow_headers(ex.upstream_headers)
@@ -586,8 +586,10 @@ class Router:
             headers["content-length"] = str(len(body))
             ex.mirrored = self.mirror.start(ex.path, body, headers, ex.request.greedy, target)
 
-    def _adapter_shadow(self, ex: Exchange) -> ShadowTarget | None:
-        """An adapter's shadow version (on the primary's engines), for its requests."""
+    def _adapter_shadow(self, ex: Exchange, revision: str) -> ShadowTarget | None:
+        """An adapter's shadow version, for its requests: on the primary's engines, of the
+        primary's revision while it has one (the same base model, and the copies leave the
+        revisions' round robin alone)."""
         route = self.adapters.routes.get(ex.adapter.model) if ex.adapter else None
         if route is None or route.shadow is None:
             return None
@@ -595,7 +597,7 @@ class Router:
         choice = Choice(route.name, "shadow", shadow.path)
 
         async def place() -> tuple[EndpointState, bytes] | None:
-            placement = self.adapters.place(choice, now=time.monotonic())
+            placement = self.adapters.place(choice, prefer=revision, now=time.monotonic())
             if placement is None:
                 return None
             if placement.load_path is not None and not (await self._load(placement))[0]:
@@ -627,7 +629,7 @@ class Router:
             self._dispatch(st)
             resp: httpx.Response | None = None
             request = self.client.build_request(
-                "POST", st.url + ex.path, content=self._body(ex), headers=ex.upstream_headers
+                "POST", st.url + ex.path, content=self._body(ex, st), headers=ex.upstream_headers
             )
             ex.sent_at = time.perf_counter()
             try:
