@@ -115,12 +115,11 @@ def _params(work: Workload, order: list[int]) -> list:
 def _warm_up(llm, work: Workload, lora: LoRARequest | None = None) -> None:
     from kvpilot_engine.sampling_params import SamplingParams
 
-    kw = {"lora_request": lora} if lora is not None else {}
     llm.generate(
         {"prompt_token_ids": work.prompts[0][:32]},
         SamplingParams(max_tokens=4, ignore_eos=True),
         use_tqdm=False,
-        **kw,
+        lora_request=lora,
     )
 
 
