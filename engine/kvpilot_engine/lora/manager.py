@@ -169,6 +169,8 @@ class LoRAManager:
         """Before scheduling: take in a finished load, start the next one a waiting sequence
         needs, and drop removed adapters nothing uses. Returns the adapters whose load failed
         (their requests must be failed: they can never run)."""
+        if not self.by_key:  # no adapter known: no sequence names one, nothing to do
+            return []
         waiting_keys = [s.lora_key for s in waiting if s.lora_key]
         self._waiting_keys = set(waiting_keys)
         used = self._waiting_keys | {s.lora_key for s in running if s.lora_key}
@@ -270,6 +272,8 @@ class LoRAManager:
 
     def names(self, seqs: Iterable[Sequence]) -> list[str]:
         """The adapters' names these sequences use, each once (the metrics' labels)."""
+        if not self.by_key:
+            return []
         keys = dict.fromkeys(s.lora_key for s in seqs if s.lora_key)
         return [self.by_key[k].request.lora_name for k in keys if k in self.by_key]
 
