@@ -168,6 +168,7 @@ SLOT_CASES = {
     "one-slot-all": [0] * 5,
     "one-slot-some": [-1, 1, 1, -1, 1],
     "mixed-padded": [0, 1, 2, -1, 2, 1, 0, 2],
+    "mixed-padded-subset": [2, 0, 2, -1, 0],  # slot 1 unused: the bmm gathers slots 0 and 2
     "mixed-segments": [2] * 12 + [0, 1, -1],
 }
 
@@ -181,6 +182,8 @@ def test_grouped_path_matches_per_token(banks_and_adapters, case, group):
     assert step is not None
     if case == "mixed-padded":
         assert step.padded
+    if case == "mixed-padded-subset":
+        assert step.padded and step.slot_idx is not None
     if case == "mixed-segments":
         assert not step.padded
     d_in = banks.a[group].shape[2]

@@ -108,6 +108,7 @@ class LoRAStep:
     counts: list[int]  # tokens per used slot
     padded: bool  # PyTorch path: bmm over [slots, longest, in]
     dest: torch.Tensor | None  # padded position of each of `rows`
+    slot_idx: torch.Tensor | None  # padded, when not every slot is used: the slots to gather
     # The Triton path (None/False on CPU)
     triton: bool = False
     decode_only: bool = False
@@ -138,12 +139,14 @@ class LoRAStep:
         rows_l = [t for s in used for t in by_slot[s]]
         counts = [len(by_slot[s]) for s in used]
         n, m = len(token_slots), len(rows_l)
-        padded, dest = False, None
+        padded, dest, slot_idx = False, None, None
         longest = max(counts)
         if not triton and len(used) > 1 and len(used) * longest <= 2 * m:
             padded = True
             dest_l = [i * longest + j for i, c in enumerate(counts) for j in range(c)]
             dest = to_device(dest_l, torch.long, dev)
+            if used != list(range(banks.max_loras)):
+                slot_idx = to_device(used, torch.long, dev)
         step = cls(
             banks=banks,
             groups=groups,
@@ -154,6 +157,7 @@ class LoRAStep:
             counts=counts,
             padded=padded,
             dest=dest,
+            slot_idx=slot_idx,
             triton=triton,
             decode_only=decode_only,
         )
@@ -203,11 +207,10 @@ def lora_delta_reference(
         k, longest = len(step.slots), max(step.counts)
         xp = x.new_zeros(k * longest, x.shape[1])
         xp.index_copy_(0, step.dest, xs)
-        if step.slots == list(range(a.shape[0])):
+        if step.slot_idx is None:
             sa, sb = a, b
         else:
-            idx = torch.tensor(step.slots, dtype=torch.long, device=a.device)
-            sa, sb = a.index_select(0, idx), b.index_select(0, idx)
+            sa, sb = a.index_select(0, step.slot_idx), b.index_select(0, step.slot_idx)
         y = torch.bmm(torch.bmm(xp.view(k, longest, -1), sa), sb)
         out.index_add_(0, step.rows, y.view(k * longest, -1).index_select(0, step.dest))
         return
