@@ -19,12 +19,16 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import structlog
 
 from kvpilot_engine.lora.request import LoRAError, LoRARequest
 from kvpilot_engine.server.errors import APIError
 from kvpilot_engine.server.protocol import ModelCard, ModelList
+
+if TYPE_CHECKING:
+    from kvpilot_engine.server.async_engine import AsyncLLMEngine
 
 log = structlog.get_logger("kvpilot.server")
 
@@ -105,7 +109,7 @@ def lora_error(e: LoRAError, param: str = "lora_path") -> APIError:
 class OpenAIServingModels:
     def __init__(
         self,
-        engine: object,  # AsyncLLMEngine (not imported: it imports this module's users)
+        engine: AsyncLLMEngine,
         served_model_name: str,
         lora_modules: list[LoRARequest] | None = None,
         *,
@@ -144,7 +148,7 @@ class OpenAIServingModels:
         return lora
 
     def show_available_models(self) -> ModelList:
-        llm = getattr(self.engine, "engine", None)
+        llm = self.engine.engine
         max_len = llm.max_model_len if llm is not None else None
         base = ModelCard(
             id=self.served_model_name,
@@ -194,7 +198,7 @@ class OpenAIServingModels:
                 local = await asyncio.to_thread(resolve_lora_path, lora_path, self.download_dir)
                 req = LoRARequest(lora_name, self._next_id, local)
                 self._next_id += 1
-                await self.engine.add_lora(req)  # type: ignore[attr-defined]
+                await self.engine.add_lora(req)
             except LoRAError as e:
                 log.warning("lora load failed", lora_name=lora_name, reason=e.reason, error=str(e))
                 raise lora_error(e) from None
@@ -218,5 +222,5 @@ class OpenAIServingModels:
             # Unknown to new requests first; those already running on it finish on it.
             del self.lora_requests[lora_name]
             self.lora_sources.pop(lora_name, None)
-            await self.engine.remove_lora(req.lora_int_id)  # type: ignore[attr-defined]
+            await self.engine.remove_lora(req.lora_int_id)
         log.info("lora unloaded", lora_name=lora_name, lora_int_id=req.lora_int_id)
