@@ -83,7 +83,8 @@ def test_bounded_load_spills_to_the_next_holder_then_loads_elsewhere() -> None:
         if placement.load_path is not None:
             assert placement.load_path == "/a/sql" and placement.name == "sql"
             loads.append(placement.endpoint.url)
-            router.loaded(placement.endpoint, placement.name, placement.load_path, BASE)
+            router.loaded(placement.endpoint, placement.name, placement.load_path)
+            assert placement.endpoint.models["sql"] == ("/a/sql", BASE)  # type: ignore[index]
         table.acquire(placement.endpoint)
         counts[placement.endpoint.url] += 1
     # Every engine took a share (1.25 x fair at most), the two without it after loading it.

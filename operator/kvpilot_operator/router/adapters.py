@@ -172,9 +172,12 @@ class AdapterRouter:
                 return card[0]
         return None
 
-    def loaded(self, st: EndpointState, name: str, path: str, base: str | None) -> None:
-        """A runtime load succeeded: `st` holds it from now on (before its next scrape)."""
-        st.models = {**(st.models or {}), name: (path, base or "")}
+    def loaded(self, st: EndpointState, name: str, path: str) -> None:
+        """A runtime load succeeded: `st` holds it from now on (before its next scrape), as an
+        adapter of the base model it serves."""
+        models = st.models or {}
+        base = next((n for n, (_, parent) in models.items() if parent is None), "")
+        st.models = {**models, name: (path, base)}
 
     def refused(self, st: EndpointState, now: float) -> None:
         st.no_runtime_load_until = now + NO_RUNTIME_LOAD_SECONDS

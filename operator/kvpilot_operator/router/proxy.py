@@ -749,7 +749,7 @@ class Router:
             return False, ""
         already = resp.status_code == 400 and "already" in resp.text
         if resp.status_code == 200 or already:
-            self.adapters.loaded(st, placement.name, placement.load_path, None)
+            self.adapters.loaded(st, placement.name, placement.load_path)
             log.info("adapter loaded", endpoint=st.url, adapter=placement.name)
             return True, ""
         if resp.status_code in (400, 404) and _code(resp.content) not in (
