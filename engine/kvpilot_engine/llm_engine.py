@@ -251,7 +251,6 @@ class LLMEngine:
                 sampling_params=params,
                 priority=priority,
                 arrival_time=arrival,
-                lora_request=lora_request,
                 lora_key=lora_key,
             )
             if params.structured_outputs is not None:
@@ -614,7 +613,6 @@ class LLMEngine:
             token_ids=list(token_ids),
             num_prompt_tokens=len(token_ids),
             sampling_params=SamplingParams(),
-            lora_request=lora_request,
             lora_key=lora_key,
         )
         chunks: list[torch.Tensor] = []

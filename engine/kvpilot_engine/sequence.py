@@ -7,7 +7,6 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import TYPE_CHECKING
 
-from kvpilot_engine.lora.request import LoRARequest
 from kvpilot_engine.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
@@ -56,10 +55,9 @@ class Sequence:
     # Drafts to verify in the coming step (speculative decoding): not in token_ids, which holds
     # only accepted tokens, so the block hashes and the detokenizer never see a rejected one.
     spec_token_ids: list[int] = field(default_factory=list)
-    # Its LoRA adapter (None: the base model) and the engine's key for that loaded adapter
-    # (lora/manager.py; 0: the base model). The key starts every block hash, so sequences on
-    # different adapters (or one on an adapter and one on the base) never share K/V.
-    lora_request: LoRARequest | None = None
+    # The engine's key for its LoRA adapter (lora/manager.py; 0: the base model). The key
+    # starts every block hash, so sequences on different adapters (or one on an adapter and one
+    # on the base) never share K/V.
     lora_key: int = 0
     # Admissions that went ahead of it while it waited for a LoRA slot (the scheduler bounds it).
     lora_overtaken: int = 0
