@@ -140,26 +140,23 @@ def fetch_model(ns: argparse.Namespace) -> None:
         or BUNDLED_ALIASES.get(model.lower(), model.lower()) in BUNDLED_MODELS
     ):
         return
-    from kvpilot_engine.sources import REPO_ID, SourceError, download, parse_uri
+    from kvpilot_engine.sources import SourceError, download, parse_uri
+    from kvpilot_engine.sources.base import cache_folder, source_uri
 
+    uri = source_uri(model)
+    if uri is None:
+        return  # the loader says what is wrong with it
     revision = getattr(ns, "revision", None)
     download_dir = getattr(ns, "download_dir", None)
     try:
-        if "://" not in model and "/" in model and REPO_ID.match(model):
-            model = f"hf://{model}"
-        if model.startswith("hf://"):
+        if uri.startswith("hf://"):
             from kvpilot_engine.sources.hub import snapshot_to_cache
 
-            src = parse_uri(model)
+            src = parse_uri(uri)
             path = str(snapshot_to_cache(src.location, revision or src.revision, download_dir))
-        elif "://" in model:
-            import hashlib
-
-            key = hashlib.sha256(model.encode()).hexdigest()[:16]
-            path = download_dir or os.path.join(os.path.expanduser("~/.cache/kvpilot/models"), key)
-            download(model, path, revision=revision)
         else:
-            return  # the loader says what is wrong with it
+            path = download_dir or str(cache_folder(uri, "~/.cache/kvpilot/models"))
+            download(uri, path, revision=revision)
     except SourceError as e:
         raise ValueError(f"{e.reason}: {e}") from e
     if getattr(ns, "served_model_name", "") is None:

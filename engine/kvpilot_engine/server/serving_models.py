@@ -14,11 +14,9 @@ a load is serialised with the other loads and unloads, never with requests.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import structlog
@@ -82,16 +80,14 @@ def resolve_lora_path(path: str, download_dir: str | None = None) -> str:
     that is not a local path, as vLLM takes it) downloaded into `download_dir` (default
     ~/.cache/kvpilot/loras), one folder per URI, reused by the next load. Blocking: call it on a
     worker thread. LoRAError with the source's reason (NotFound, Unauthorized, Unreachable, ...)."""
-    from kvpilot_engine.sources.base import REPO_ID
+    from kvpilot_engine.sources.base import cache_folder, source_uri
 
-    local = os.path.expanduser(path)
-    if "://" not in path and (os.path.exists(local) or "/" not in path or not REPO_ID.match(path)):
-        return local
+    uri = source_uri(path)
+    if uri is None:
+        return os.path.expanduser(path)
     from kvpilot_engine.sources import SourceError, download
 
-    uri = path if "://" in path else f"hf://{path}"
-    key = hashlib.sha256(uri.encode()).hexdigest()[:16]
-    dest = Path(os.path.expanduser(download_dir or LORA_CACHE)) / key
+    dest = cache_folder(uri, download_dir or LORA_CACHE)
     try:
         download(uri, dest)
     except SourceError as e:

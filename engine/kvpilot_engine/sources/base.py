@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -23,6 +24,23 @@ OCI_REFERENCE = re.compile(
     r"^(?P<registry>[a-zA-Z0-9.-]+(:[0-9]+)?)/(?P<repo>[a-z0-9]+([._/-][a-z0-9]+)*)"
     r"(:(?P<tag>[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}))?(@(?P<digest>sha256:[a-f0-9]{64}))?$"
 )
+
+
+def source_uri(ref: str) -> str | None:
+    """The source URI a model or adapter reference names: a URI as it is, `hf://org/repo` for a
+    Hub repo id that is not a local path (as vLLM takes one); None for a local path (or a name
+    the loader explains)."""
+    if "://" in ref:
+        return ref
+    if "/" in ref and REPO_ID.match(ref) and not os.path.exists(os.path.expanduser(ref)):
+        return f"hf://{ref}"
+    return None
+
+
+def cache_folder(uri: str, root: str) -> Path:
+    """A download's folder under `root`: one per URI, so a changed URI never reuses another's
+    files and the same URI is found again by the next run."""
+    return Path(os.path.expanduser(root)) / hashlib.sha256(uri.encode()).hexdigest()[:16]
 
 
 def hash_file(path: Path, h: Any) -> Any:
