@@ -186,6 +186,12 @@ def test_a_failed_download_is_the_engines_failure() -> None:
         },
     }
     assert 'secret "hf" not found' in (engine_failure([no_secret]) or "")
+    adapter = json.loads(json.dumps(failed))
+    adapter["status"]["initContainerStatuses"][0]["name"] = "adapter-sql-canary"
+    assert engine_failure([adapter]) == (
+        "download of adapter sql-canary (spec.adapters) in engine pod chat-engine-abc exited "
+        "with code 1: NotFound: s3://m/x: no objects"
+    )
 
 
 def test_source_status_reads_the_download_results() -> None:

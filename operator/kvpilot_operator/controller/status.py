@@ -62,8 +62,8 @@ def engine_failure(pods: list[dict[str, Any]]) -> str | None:
     for pod in pods:
         name = pod["metadata"]["name"]
         status = pod.get("status") or {}
-        # Init containers first: the model download (spec.model.source.uri) runs before the
-        # engine, and a failed one is why the engine never starts.
+        # Init containers first: the downloads (the model's, a draft's, each adapter's) run
+        # before the engine, and a failed one is why the engine never starts.
         statuses = [
             *(status.get("initContainerStatuses") or []),
             *(status.get("containerStatuses") or []),
@@ -74,6 +74,9 @@ def engine_failure(pods: list[dict[str, Any]]) -> str | None:
                 what = f"model download in engine pod {name}"
             elif cs.get("name") == "draft-model-download":
                 what = f"draft model download (spec.speculative.draftModel) in engine pod {name}"
+            elif cs.get("name", "").startswith("adapter-"):  # adapter-<name>[-canary|-shadow]
+                adapter = cs["name"].removeprefix("adapter-")
+                what = f"download of adapter {adapter} (spec.adapters) in engine pod {name}"
             for state in (cs.get("state") or {}, cs.get("lastState") or {}):
                 ended = state.get("terminated") or {}
                 if ended.get("exitCode"):
