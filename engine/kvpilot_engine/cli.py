@@ -576,6 +576,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     t.add_argument("--no-baseline", action="store_true", help="skip transformers (or peft)")
     t.add_argument(
+        "--run-batch",
+        action="store_true",
+        help="also `kvpilot run-batch` on the same engine and workload, written as a batch file "
+        "of /v1/completions lines (not with --lora)",
+    )
+    t.add_argument(
         "--lora",
         action="store_true",
         help="random LoRA adapters mixed in the workload, against the base model, one adapter "

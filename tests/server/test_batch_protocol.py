@@ -65,3 +65,29 @@ def test_output_lines_and_resume() -> None:
     done, end = protocol.finished_ids(data)
     assert done == {"a", "b"} and end == len(whole) + 1  # the torn line is not done
     assert protocol.finished_ids(b"") == (set(), 0)
+
+
+def test_check_results_names_missing_repeated_unasked_and_failed_ids() -> None:
+    def answered(cid: str, tokens: int) -> str:
+        return protocol.success(cid, {"usage": {"completion_tokens": tokens}})
+
+    good = "\n".join([answered("a", 3), answered("b", 4)]) + "\n"
+    check = protocol.check_results(good.encode(), ["a", "b"])
+    assert (check.succeeded, check.failed, check.completion_tokens) == (2, 0, 7)
+    assert check.problems == []
+
+    bad = [
+        answered("a", 3),
+        answered("a", 3),
+        protocol.api_error("x", 400, "max_tokens is too large", "max_tokens", None),
+        protocol.line_error(protocol.read_lines(b"nope")[0]),  # no custom_id at all
+    ]
+    check = protocol.check_results("\n".join(bad).encode(), ["a", "b", "x"])
+    assert (check.succeeded, check.failed, check.completion_tokens) == (2, 2, 6)
+    missing, repeated, failed = check.problems
+    assert missing == "1 custom_ids missing (first: 'b')"
+    assert repeated == "1 custom_ids answered more than once (first: 'a')"
+    assert failed.startswith("2 requests failed (first: x: ") and "too large" in failed
+
+    unasked = protocol.check_results(answered("z", 1).encode(), [])
+    assert unasked.problems == ["1 custom_ids not in the input (first: 'z')"]

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import json
 import uuid
-from dataclasses import dataclass
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -151,3 +153,50 @@ def finished_ids(data: bytes) -> tuple[set[str], int]:
         if isinstance(cid, str):
             done.add(cid)
     return done, end
+
+
+@dataclass
+class ResultCheck:
+    """A batch's output lines held against the custom_ids it was given: what a benchmark checks
+    before it trusts its figures (every request answered once, none failed)."""
+
+    succeeded: int = 0  # lines with a 200 response
+    failed: int = 0  # lines with an error, or a response with another status
+    completion_tokens: int = 0  # the usage of the 200 responses
+    problems: list[str] = field(default_factory=list)  # empty when all is well
+
+
+def check_results(data: bytes, custom_ids: Iterable[str]) -> ResultCheck:
+    """Count the output lines in `data` (an output file, or a Batch API batch's output and error
+    files together) and name what is wrong: ids missing, repeated or not asked for, failures."""
+    check = ResultCheck()
+    seen: Counter[str] = Counter()
+    first_failure = None
+    for text in data.split(b"\n"):
+        if not text.strip():
+            continue
+        out = BatchRequestOutput.model_validate_json(text)
+        if out.custom_id is not None:  # a line that was no request may have none: failed below
+            seen[out.custom_id] += 1
+        response = out.response
+        if out.error is None and response is not None and response.status_code == 200:
+            check.succeeded += 1
+            usage = (response.body or {}).get("usage") or {}
+            check.completion_tokens += usage.get("completion_tokens", 0)
+            continue
+        check.failed += 1
+        if first_failure is None:
+            why = out.error.message if out.error else json.dumps(response and response.body)
+            first_failure = f"{out.custom_id}: {why[:200]}"
+    wanted = set(custom_ids)
+
+    def name(what: str, ids: list[str]) -> None:
+        if ids:
+            check.problems.append(f"{len(ids)} custom_ids {what} (first: {sorted(ids)[0]!r})")
+
+    name("missing", [i for i in wanted if i not in seen])
+    name("answered more than once", [i for i, n in seen.items() if n > 1])
+    name("not in the input", [i for i in seen if i not in wanted])
+    if first_failure is not None:
+        check.problems.append(f"{check.failed} requests failed (first: {first_failure})")
+    return check

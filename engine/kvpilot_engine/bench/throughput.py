@@ -3,8 +3,10 @@
 The dataset is random token ids with uniformly drawn input and output lengths (vLLM's "random"
 dataset); EOS is ignored so both sides generate exactly the requested lengths. transformers runs
 `generate` on left-padded static batches, the way offline batch jobs use it; its throughput
-counts only the requested output tokens, not the padding it also computes. `--lora` runs
-bench/lora.py instead, on the same workload.
+counts only the requested output tokens, not the padding it also computes. `--run-batch` adds
+`kvpilot run-batch`'s path on the same loaded engine: the workload written as an OpenAI batch
+file of `/v1/completions` lines, answered by `run_batch` into a results file (parsing, checking
+and writing every line included). `--lora` runs bench/lora.py instead, on the same workload.
 """
 
 from __future__ import annotations
@@ -14,13 +16,19 @@ import gc
 import json
 import platform
 import random
+import tempfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from tqdm.auto import tqdm
 
 from kvpilot_engine.config import EngineArgs
+
+if TYPE_CHECKING:
+    from kvpilot_engine.llm import LLM
 
 
 @dataclass
@@ -62,6 +70,8 @@ def bench_kvpilot(args: EngineArgs, work: Workload) -> tuple[float, object]:
         SamplingParams(max_tokens=4, ignore_eos=True),
         use_tqdm=False,
     )
+    # The warm-up's prompt is the first one's start: no prefix-cache hit for it either.
+    llm.llm_engine.block_manager.reset_prefix_cache()
     t0 = time.perf_counter()
     outs = llm.generate([{"prompt_token_ids": p} for p in work.prompts], params, use_tqdm=True)
     elapsed = time.perf_counter() - t0
@@ -69,6 +79,51 @@ def bench_kvpilot(args: EngineArgs, work: Workload) -> tuple[float, object]:
     assert got == work.total_output, f"kvpilot generated {got} tokens, expected {work.total_output}"
     llm.llm_engine.check_no_leaks()
     return elapsed, llm
+
+
+def batch_file(work: Workload, model: str) -> bytes:
+    """The workload as an OpenAI batch file: one `/v1/completions` line a prompt, its token ids,
+    its output length, greedy, EOS ignored (vLLM's `ignore_eos`, which kvpilot's server takes)."""
+    lines = (
+        {
+            "custom_id": f"request-{i}",
+            "method": "POST",
+            "url": "/v1/completions",
+            "body": {
+                "model": model,
+                "prompt": prompt,
+                "max_tokens": n,
+                "temperature": 0.0,
+                "ignore_eos": True,
+            },
+        }
+        for i, (prompt, n) in enumerate(zip(work.prompts, work.output_lens, strict=True))
+    )
+    return "".join(json.dumps(line) + "\n" for line in lines).encode()
+
+
+def bench_run_batch(llm: LLM, work: Workload, model: str) -> float:
+    """`kvpilot run-batch` on the engine `llm` holds: the workload written as a batch file and
+    answered into a results file by `run_batch`, which is all the command does past loading the
+    model. Every line must come back once, answered, with the requested tokens."""
+    from kvpilot_engine.batch.protocol import check_results
+    from kvpilot_engine.batch.run_batch import run_batch
+
+    # LLM.generate has just run the same prompts: every one would be a prefix-cache hit.
+    llm.llm_engine.block_manager.reset_prefix_cache()
+    with tempfile.TemporaryDirectory(prefix="kvpilot-bench-run-batch-") as tmp:
+        requests, results = Path(tmp, "requests.jsonl"), Path(tmp, "results.jsonl")
+        requests.write_bytes(batch_file(work, model))
+        summary = run_batch(llm, str(requests), str(results), model)
+        ids = [f"request-{i}" for i in range(len(work.prompts))]
+        check = check_results(results.read_bytes(), ids)
+    assert not check.problems, f"run-batch: {'; '.join(check.problems)}"
+    assert check.succeeded == len(ids) and check.completion_tokens == work.total_output, (
+        f"run-batch answered {check.succeeded} of {len(ids)} lines with "
+        f"{check.completion_tokens} tokens, expected {work.total_output}"
+    )
+    llm.llm_engine.check_no_leaks()
+    return summary.seconds
 
 
 @dataclass
@@ -172,7 +227,18 @@ def run_throughput_bench(ns: argparse.Namespace, args: EngineArgs) -> int:
         "kvpilot_total_tokens_per_s": round((work.total_input + work.total_output) / kv_time, 1),
         "kvpilot_preemptions": llm.llm_engine.scheduler.num_preemptions,
     }
-    print(f"kvpilot:      {kv_time:8.1f} s  {kv_tps:8.1f} output tok/s")
+    # (row, seconds) in the order run; the table puts each against LLM.generate and transformers.
+    rows = [("kvpilot `LLM.generate`", kv_time)]
+    if ns.run_batch:
+        rb_time = bench_run_batch(llm, work, args.model)
+        rows.append(("kvpilot `run-batch` (same engine, batch file in and out)", rb_time))
+        result.update(
+            {
+                "run_batch_seconds": round(rb_time, 2),
+                "run_batch_output_tokens_per_s": round(work.total_output / rb_time, 1),
+                "run_batch_vs_generate": round(kv_time / rb_time, 2),
+            }
+        )
     engine = llm.llm_engine
     base = Baseline(
         engine.checkpoint, engine.dtype, engine.device, engine.tokenizer.eos_token_id or 0
@@ -183,9 +249,11 @@ def run_throughput_bench(ns: argparse.Namespace, args: EngineArgs) -> int:
     gc.collect()
     if base.device.type == "cuda":
         torch.cuda.empty_cache()
+    hf_time = None
     if not ns.no_baseline:
         hf_time = bench_transformers(base, work, ns.hf_batch_size)
         hf_tps = work.total_output / hf_time
+        rows.append((f"transformers `generate` (static batches of {ns.hf_batch_size})", hf_time))
         result.update(
             {
                 "transformers_batch_size": ns.hf_batch_size,
@@ -194,12 +262,30 @@ def run_throughput_bench(ns: argparse.Namespace, args: EngineArgs) -> int:
                 "speedup": round(kv_tps / hf_tps, 2),
             }
         )
-        print(
-            f"transformers: {hf_time:8.1f} s  {hf_tps:8.1f} output tok/s "
-            f"(static batches of {ns.hf_batch_size})"
-        )
-        print(f"speed-up:     {kv_tps / hf_tps:.2f}x")
+        if ns.run_batch:
+            result["run_batch_speedup"] = round(hf_time / rb_time, 2)
+    print()
+    print(throughput_table(rows, work.total_output, kv_time, hf_time))
     if ns.json:
         with open(ns.json, "w") as f:
             json.dump(result, f, indent=2)
     return 0
+
+
+def throughput_table(
+    rows: list[tuple[str, float]], output_tokens: int, generate: float, hf: float | None
+) -> str:
+    """Markdown: each row's seconds and output tokens/s, and its speed against LLM.generate's
+    and transformers' (a ratio of times: the workload is the same)."""
+    head = "| | seconds | output tok/s | vs `LLM.generate` |"
+    rule = "| --- | ---: | ---: | ---: |"
+    if hf is not None:
+        head, rule = head + " vs transformers |", rule + " ---: |"
+    lines = [head, rule]
+    for name, seconds in rows:
+        line = f"| {name} | {seconds:.1f} | {output_tokens / seconds:.1f} | "
+        line += f"{generate / seconds:.2f}x |"
+        if hf is not None:
+            line += f" {hf / seconds:.2f}x |"
+        lines.append(line)
+    return "\n".join(lines)
