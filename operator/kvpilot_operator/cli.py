@@ -536,8 +536,15 @@ def cmd_bench_router(ns: argparse.Namespace) -> int:
     return run_router_bench(ns)
 
 
+def cmd_bench_batch(ns: argparse.Namespace) -> int:
+    from kvpilot_operator.router.batch.bench import run_batch_bench
+
+    return run_batch_bench(ns)
+
+
 def add_router_commands(sub: Any, bench: Any) -> None:
-    """`kvpilot router` and `kvpilot bench router` (flags only: nothing heavy at parse time)."""
+    """`kvpilot router`, `kvpilot bench router` and `kvpilot bench batch` (flags only: nothing
+    heavy at parse time)."""
     r = sub.add_parser(
         "router", help="the OpenAI-compatible streaming proxy in front of an LLMService's engines"
     )
@@ -652,3 +659,56 @@ def add_router_commands(sub: Any, bench: Any) -> None:
     b.add_argument("--trivial-concurrency", type=int, default=64)
     b.add_argument("--json", default=None, help="also write the figures to this file")
     b.set_defaults(func=cmd_bench_router)
+
+    bb = bench.add_parser(
+        "batch",
+        help="interactive TTFT alone and while a Batch API batch drains, against the SLO",
+    )
+    bb.add_argument("model", nargs="?", default="smollm2", help="for the engine started here")
+    bb.add_argument(
+        "--router-url", help="a running router with the Batch API (nothing is started here)"
+    )
+    bb.add_argument("--engine-url", help="start only the router, in front of this engine")
+    bb.add_argument(
+        "--engine-arg",
+        action="append",
+        default=[],
+        help="extra `kvpilot serve` argument (repeat), e.g. --engine-arg=--max-num-seqs=16",
+    )
+    bb.add_argument(
+        "--router-arg",
+        action="append",
+        default=[],
+        help="extra `kvpilot router` argument (repeat), e.g. --router-arg=--batch-max-in-flight=4",
+    )
+    bb.add_argument(
+        "--api-key", help="for a router with --api-key (default: $OPENAI_API_KEY, else none)"
+    )
+    bb.add_argument(
+        "--duration", type=float, default=30.0, help="seconds of the interactive load alone"
+    )
+    bb.add_argument(
+        "--concurrency", type=int, default=1, help="interactive requests in flight (default: 1)"
+    )
+    bb.add_argument(
+        "--request-rate",
+        type=float,
+        default=None,
+        help="instead: interactive requests/s, evenly spaced, whatever the answers' pace",
+    )
+    bb.add_argument("--max-tokens", type=int, default=16, help="per interactive request")
+    bb.add_argument("--prompt-words", type=int, default=32, help="per request, both kinds")
+    bb.add_argument("--batch-size", type=int, default=300, help="requests in the batch")
+    bb.add_argument("--batch-max-tokens", type=int, default=16, help="per batch request")
+    bb.add_argument(
+        "--policy",
+        default="interactive-chat",
+        help="the preset whose TTFT SLO the interactive load is held to (default: "
+        "interactive-chat, p95 <= 500 ms)",
+    )
+    bb.add_argument("--ttft-slo-ms", type=float, help="instead of the preset's TTFT target")
+    bb.add_argument(
+        "--timeout", type=float, default=3600.0, help="seconds before the batch is cancelled"
+    )
+    bb.add_argument("--json", default=None, help="also write the figures to this file")
+    bb.set_defaults(func=cmd_bench_batch)

@@ -169,7 +169,7 @@ def test_the_router_never_imports_torch_or_the_engine() -> None:
     """The router ships in the operator image, which has no torch."""
     code = (
         "import json, sys, kvpilot_engine.cli, kvpilot_operator.router.server, "
-        "kvpilot_operator.router.bench\n"
+        "kvpilot_operator.router.bench, kvpilot_operator.router.batch.bench\n"
         "engine = sorted(m for m in sys.modules if m.startswith('kvpilot_engine.'))\n"
         "print(json.dumps({'torch': 'torch' in sys.modules, 'engine': engine}))"
     )

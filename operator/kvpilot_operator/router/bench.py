@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from kvpilot_operator.router.sse import choice_texts
 
-_WORDS = [
+WORDS = [
     "the",
     "quick",
     "brown",
@@ -63,7 +63,7 @@ _TRIVIAL_RESPONSE = (
 
 
 # ---- processes ----------------------------------------------------------------------------------
-def _free_port() -> int:
+def free_port() -> int:
     import socket
 
     with socket.socket() as s:
@@ -84,7 +84,7 @@ def _wait_ready(url: str, proc: subprocess.Popen[bytes], log: Path, timeout: flo
 
 
 @contextlib.contextmanager
-def _process(args: list[str], log: Path, port: int, timeout: float) -> Iterator[str]:
+def kvpilot_process(args: list[str], log: Path, port: int, timeout: float) -> Iterator[str]:
     """`kvpilot ARGS` on loopback until the block ends; yields its URL."""
     cmd = [sys.executable, "-m", "kvpilot_engine.cli", *args, "--host", "127.0.0.1"]
     with log.open("wb") as out:
@@ -102,7 +102,10 @@ def _process(args: list[str], log: Path, port: int, timeout: float) -> Iterator[
             proc.wait()
 
 
-def _router(tmp: Path, name: str, upstream: str) -> contextlib.AbstractContextManager[str]:
+def router_process(
+    tmp: Path, name: str, upstream: str, *flags: str
+) -> contextlib.AbstractContextManager[str]:
+    """`kvpilot router FLAGS` in front of one upstream, with a route file in `tmp`."""
     routes = {
         "service": "bench",
         "revisions": [{"name": name, "weight": 1}],
@@ -110,8 +113,8 @@ def _router(tmp: Path, name: str, upstream: str) -> contextlib.AbstractContextMa
     }
     config = tmp / f"routes-{name}.json"
     config.write_text(json.dumps(routes))
-    args = ["router", "--config", str(config)]
-    return _process(args, tmp / f"router-{name}.log", _free_port(), timeout=60)
+    args = ["router", "--config", str(config), *flags]
+    return kvpilot_process(args, tmp / f"router-{name}.log", free_port(), timeout=60)
 
 
 # ---- 1. added latency ---------------------------------------------------------------------------
@@ -121,7 +124,7 @@ class Timing:
     e2e: float
 
 
-async def _stream(client: httpx.AsyncClient, url: str, body: dict[str, Any]) -> Timing:
+async def stream_chat(client: httpx.AsyncClient, url: str, body: dict[str, Any]) -> Timing:
     t0 = time.perf_counter()
     ttft = None
     async with client.stream("POST", f"{url}/v1/chat/completions", json=body) as r:
@@ -137,7 +140,7 @@ async def _stream(client: httpx.AsyncClient, url: str, body: dict[str, Any]) -> 
 async def _latency(
     engine: str, router: str, model: str, ns: argparse.Namespace
 ) -> list[dict[str, Timing]]:
-    prompt = " ".join(_WORDS[i % len(_WORDS)] for i in range(ns.prompt_words))
+    prompt = " ".join(WORDS[i % len(WORDS)] for i in range(ns.prompt_words))
     body = {
         "model": model,
         "messages": [{"role": "user", "content": prompt}],
@@ -150,7 +153,7 @@ async def _latency(
     limits = httpx.Limits(max_connections=2 * ns.concurrency)
     async with httpx.AsyncClient(timeout=600, limits=limits) as client:
         for url in (engine, router, engine, router):  # warm up connections and the engine
-            await _stream(client, url, body)
+            await stream_chat(client, url, body)
         pairs = iter(range(ns.num_requests))
         bar = tqdm(total=ns.num_requests, desc="request pairs", unit="pair")
 
@@ -158,7 +161,8 @@ async def _latency(
             for i in pairs:
                 pair: dict[str, Timing] = {}
                 for path in ("direct", "router") if i % 2 == 0 else ("router", "direct"):
-                    pair[path] = await _stream(client, engine if path == "direct" else router, body)
+                    target = engine if path == "direct" else router
+                    pair[path] = await stream_chat(client, target, body)
                 out.append(pair)
                 bar.update()
 
@@ -215,7 +219,7 @@ async def _throughput(tmp: Path, ns: argparse.Namespace) -> dict[str, Any]:
     upstream = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
     body = b'{"model": "trivial", "prompt": "hi", "max_tokens": 1}'
     async with server:
-        with _router(tmp, "trivial", upstream) as router:
+        with router_process(tmp, "trivial", upstream) as router:
             port = int(router.rsplit(":", 1)[1])
             request = (
                 b"POST /v1/completions HTTP/1.1\r\nhost: bench\r\n"
@@ -259,16 +263,16 @@ def run_router_bench(ns: argparse.Namespace) -> int:
             if engine is None:
                 print(f"starting `kvpilot serve {ns.model}` ...", file=sys.stderr)
                 engine = stack.enter_context(
-                    _process(
+                    kvpilot_process(
                         ["serve", ns.model, *ns.engine_arg],
                         tmp / "engine.log",
-                        _free_port(),
+                        free_port(),
                         timeout=900,
                     )
                 )
             engine = engine.rstrip("/")
             model = httpx.get(f"{engine}/v1/models", timeout=30).json()["data"][0]["id"]
-            router = stack.enter_context(_router(tmp, "engine", engine))
+            router = stack.enter_context(router_process(tmp, "engine", engine))
             timings = asyncio.run(_latency(engine, router, model, ns))
         throughput = asyncio.run(_throughput(tmp, ns))
 
