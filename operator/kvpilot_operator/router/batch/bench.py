@@ -100,7 +100,7 @@ class Load:
     prompt_words: int
     concurrency: int
     rate: float | None
-    sent: itertools.count = field(default_factory=itertools.count)
+    sent: itertools.count[int] = field(default_factory=itertools.count)
 
     def body(self, label: str) -> dict[str, Any]:
         prompt = _prompt(label, self.prompt_words)
@@ -117,6 +117,7 @@ class Load:
                 phase.timings.append(await stream_chat(client, self.router, body))
             except (httpx.HTTPError, RuntimeError) as e:
                 phase.failures.append(f"{type(e).__name__}: {e}")
+                await asyncio.sleep(0.1)  # refused at once: a closed loop would spin on it
 
         if self.rate is None:
 
