@@ -51,10 +51,24 @@ def test_batch_router_args_and_volume() -> None:
     ]
     assert container["volumeMounts"] == [{"name": "batch", "mountPath": settings.directory}]
 
+    # The service's SLO goes with it: batch admission holds interactive latency under it.
+    pod = _router(
+        {
+            "batch": {"enabled": True},
+            "slo": {
+                "ttft": {"percentile": 90, "targetMs": 400},
+                "tpot": {"percentile": 99, "targetMs": 80},
+            },
+        }
+    )
+    slo = batch_settings(build_parser().parse_args(pod["containers"][0]["args"])).slo
+    assert (slo.ttft_s, slo.tpot_s, slo.percentile) == (0.4, 0.08, 99)
+
     # Without a claim: an emptyDir (the root filesystem is read-only); defaults for the rest.
     pod = _router({"batch": {"enabled": True}})
     ns = build_parser().parse_args(pod["containers"][0]["args"])
     assert batch_settings(ns) is not None and ns.batch_max_in_flight == 16
+    assert batch_settings(ns).slo.any  # the default SLO, as the autoscaler holds it
     assert pod["volumes"] == [{"name": "batch", "emptyDir": {}}]
 
     # Off, or not asked for: no flags, no volume. A policy can switch it on; the service wins.

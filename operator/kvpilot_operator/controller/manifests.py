@@ -36,6 +36,7 @@ from kvpilot_operator.api.types import (
     LLMService,
     LLMServiceSpec,
     ModelSource,
+    SLOSpec,
 )
 
 MODELS_MOUNT = "/models"
@@ -942,13 +943,22 @@ def adapter_routes(spec: LLMServiceSpec, canary_weights: dict[str, int]) -> list
 BATCH_DIR = "/var/lib/kvpilot/batch"
 
 
-def batch_args(batch: BatchSpec) -> list[str]:
-    """`kvpilot router`'s Batch API flags for spec.batch."""
+def batch_args(batch: BatchSpec, slo: SLOSpec | None = None) -> list[str]:
+    """`kvpilot router`'s Batch API flags for spec.batch; the service's SLO, which batch
+    admission keeps interactive traffic under."""
     args = ["--batch-dir", BATCH_DIR]
     if batch.max_file_bytes is not None:
         args += ["--batch-max-file-bytes", str(batch.max_file_bytes)]
     if batch.max_concurrent_requests is not None:
         args += ["--batch-max-in-flight", str(batch.max_concurrent_requests)]
+    targets = [t for t in (slo.ttft, slo.tpot) if t is not None] if slo is not None else []
+    if slo is not None and slo.ttft is not None:
+        args += ["--batch-slo-ttft-ms", str(slo.ttft.target_ms)]
+    if slo is not None and slo.tpot is not None:
+        args += ["--batch-slo-tpot-ms", str(slo.tpot.target_ms)]
+    if targets:
+        # One percentile for both: the stricter one.
+        args += ["--batch-slo-percentile", str(max(t.percentile for t in targets))]
     return args
 
 
@@ -1023,7 +1033,7 @@ def router_objects(
     volumes: list[dict[str, Any]] = []
     mounts: list[dict[str, Any]] = []
     if spec.batch is not None and spec.batch.enabled:
-        args += batch_args(spec.batch)
+        args += batch_args(spec.batch, spec.slo)
         volumes.append(batch_volume(spec.batch))
         mounts.append({"name": "batch", "mountPath": BATCH_DIR})
     env: list[dict[str, Any]] = [

@@ -212,6 +212,7 @@ class Exchange:
     adapter: Choice | None = None  # the adapter version chosen, for an adapter's request
     load_error: str = ""  # why the chosen version could not be loaded, when it could not
     sent_model: str | None = None  # the `model` in `body` now (rewritten per engine's name)
+    priority: int | None = None  # the caller's, once its key is checked
 
 
 class BodyTooLarge(Exception):
@@ -453,7 +454,7 @@ class Router:
             self._record(ex)
 
     async def _generate(self, ex: Exchange, scope: Scope, receive: Receive, send: Send) -> None:
-        priority = self._priority(scope)
+        priority = ex.priority = self._priority(scope)
         if priority is None:
             self.metrics.rejected.labels("unauthorized").inc()
             await self._reply(ex, send, 401, _UNAUTHORIZED)
@@ -847,6 +848,18 @@ class Router:
             with contextlib.suppress(Exception):
                 await send({"type": "http.response.body", "body": event, "more_body": False})
 
+    def _meter_batch(self, ex: Exchange, reader: ResponseReader) -> None:
+        """An interactive request's latency is what the Batch API's admission holds down."""
+        batch = self.batch
+        if batch is None or ex.priority is None or ex.priority >= batch.settings.priority:
+            return
+        if reader.first_text is None:
+            return
+        tpot = None
+        if reader.text_events >= 2 and reader.last_text is not None:
+            tpot = (reader.last_text - reader.first_text) / (reader.text_events - 1)
+        batch.meter.observe(time.monotonic(), reader.first_text - ex.t0, tpot)
+
     def _record(self, ex: Exchange) -> None:
         m, code = self.metrics, str(ex.status or 499)
         e2e = time.perf_counter() - ex.t0
@@ -869,6 +882,7 @@ class Router:
                 m.tpot.labels(ex.revision).observe(gap)
                 if adapter is not None:
                     m.adapter_tpot.labels(adapter.model, adapter.role).observe(gap)
+            self._meter_batch(ex, reader)
         log.info(
             "http_request",
             request_id=ex.rid,

@@ -14,7 +14,7 @@ import asyncio
 import json
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from kvpilot_engine.batch import protocol
@@ -23,6 +23,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from kvpilot_operator.router.batch.meter import BatchMeter, SLOTargets
 from kvpilot_operator.router.batch.metrics import BatchMetrics
 from kvpilot_operator.router.batch.objects import (
     Batch,
@@ -52,6 +53,8 @@ class BatchSettings:
     priority: int = DEFAULT_BATCH_PRIORITY
     # Send another batch request only while every engine reports at most this many waiting.
     max_engine_waiting: float = 0.0
+    # The service's interactive SLO: batch admission backs off before it is at risk (meter.py).
+    slo: SLOTargets = field(default_factory=SLOTargets)
 
 
 def _error(status: int, message: str, code: str, param: str | None = None) -> Response:
@@ -74,6 +77,7 @@ class BatchService:
         self.router = router
         self.store = BatchStore(settings.directory)
         self.metrics = BatchMetrics(registry)
+        self.meter = BatchMeter(settings.max_in_flight, settings.slo)
         self.worker = BatchWorker(
             self.store,
             self._call,
@@ -101,6 +105,10 @@ class BatchService:
         if not r.table.has_primary():
             return self.worker.in_flight == 0
         if r.admission.waiting > 0:
+            return False
+        limit_now = self.meter.current(time.monotonic())
+        self.metrics.limit.set(limit_now)
+        if self.worker.in_flight >= limit_now:
             return False
         limit = self.settings.max_engine_waiting
         return all(
@@ -392,6 +400,25 @@ def add_batch_args(p: Any) -> None:
         default=DEFAULT_BATCH_PRIORITY,
         help="X-KVPilot-Priority of batch requests (lower first; default: 1000)",
     )
+    p.add_argument(
+        "--batch-slo-ttft-ms",
+        type=float,
+        default=None,
+        help="the service's interactive TTFT target: batch requests in flight are halved when "
+        "interactive TTFT nears it and grow back one at a time when far under it",
+    )
+    p.add_argument(
+        "--batch-slo-tpot-ms",
+        type=float,
+        default=None,
+        help="the same for the interactive TPOT target",
+    )
+    p.add_argument(
+        "--batch-slo-percentile",
+        type=float,
+        default=95.0,
+        help="the percentile those targets hold (default: 95)",
+    )
 
 
 def batch_settings(ns: Any) -> BatchSettings | None:
@@ -404,4 +431,9 @@ def batch_settings(ns: Any) -> BatchSettings | None:
         max_file_bytes=ns.batch_max_file_bytes,
         max_in_flight=ns.batch_max_in_flight,
         priority=ns.batch_priority,
+        slo=SLOTargets(
+            ttft_s=ns.batch_slo_ttft_ms / 1000 if ns.batch_slo_ttft_ms else None,
+            tpot_s=ns.batch_slo_tpot_ms / 1000 if ns.batch_slo_tpot_ms else None,
+            percentile=ns.batch_slo_percentile,
+        ),
     )

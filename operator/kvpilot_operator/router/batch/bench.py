@@ -237,7 +237,11 @@ def run_batch_bench(ns: argparse.Namespace) -> int:
                             timeout=900,
                         )
                     )
-                flags = ["--batch-dir", str(tmp / "batches"), *ns.router_arg]
+                # The SLO goes to the router as the operator renders it from spec.slo: batch
+                # admission holds interactive latency under it (--router-arg overrides).
+                flags = ["--batch-dir", str(tmp / "batches")]
+                flags += ["--batch-slo-ttft-ms", str(slo_ms)]
+                flags += ["--batch-slo-percentile", str(percentile), *ns.router_arg]
                 router = stack.enter_context(
                     router_process(tmp, "engine", engine.rstrip("/"), *flags)
                 )

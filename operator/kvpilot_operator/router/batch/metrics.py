@@ -25,6 +25,12 @@ class BatchMetrics:
             ["result"],
             registry=registry,
         )
+        self.limit = Gauge(
+            "kvpilot_batch_admission_limit",
+            "Batch requests the router lets be in flight now: lowered while interactive latency "
+            "nears the service's SLO, raised while it is far under it.",
+            registry=registry,
+        )
         self.retried = Counter(
             "kvpilot_batch_requests_retried_total",
             "Batch requests sent again after a transient failure (no endpoint, 5xx, overloaded).",
