@@ -33,6 +33,7 @@ from typing import Any
 import torch
 
 from kvpilot_engine.config import EngineArgs, ModelConfig, parse_size, resolve_dtype
+from kvpilot_engine.cpu_linear import prepack_linears
 from kvpilot_engine.loader import Checkpoint, RandomCheckpoint, init_random, load_checkpoint
 from kvpilot_engine.lora.layers import LoRABanks
 from kvpilot_engine.model_runner import ModelRunner
@@ -171,7 +172,8 @@ def load_model(
     device: torch.device,
     parallel: Parallel,
 ) -> tuple[LlamaForCausalLM, dict[str, int]]:
-    """This rank's shard of the model, in `dtype` on `device`, then quantized as asked."""
+    """This rank's shard of the model, in `dtype` on `device`, then quantized as asked; on CPU its
+    float linear layers then get oneDNN-prepacked weights (cpu_linear.py)."""
     with torch.device("meta"):
         model = LlamaForCausalLM(parallel.local_config(ckpt.config), parallel)
     model = model.to(dtype).to_empty(device=device)
@@ -196,11 +198,16 @@ def load_model(
     if group is None:
         group, why = default_int4_group(ckpt.quant_types())
         if method == "int4" and parallel.rank == 0:
-            logger.info(
-                "int4 group size %d: %s (--quantization-group-size overrides)", group, why
-            )
+            logger.info("int4 group size %d: %s (--quantization-group-size overrides)", group, why)
     # After sharding: each rank quantizes only its own slice.
     quantized = quantize_model(model, method, group, ckpt.quant_types())
+    packed = prepack_linears(model, device, dtype)
+    if packed and parallel.rank == 0:
+        logger.info(
+            "prepacked the float linear layers for oneDNN: %.1f MiB beside the weights "
+            "(KVPILOT_CPU_PREPACK=0 turns it off)",
+            packed / 2**20,
+        )
     return model.eval(), quantized
 
 

@@ -34,6 +34,7 @@ from kvpilot_engine.bench.throughput import (
     workload_from,
 )
 from kvpilot_engine.config import EngineArgs, ModelConfig
+from kvpilot_engine.cpu_linear import repack_changed
 from kvpilot_engine.lora.request import LoRARequest
 
 # kvpilot's mixed batches against each row: at least this share of the base model's throughput,
@@ -101,6 +102,7 @@ def merge(model: torch.nn.Module, deltas: dict[str, torch.Tensor], sign: float) 
             else:
                 w = _param(params, module)
             w.add_(delta.to(w.device, w.dtype), alpha=sign)
+    repack_changed(model)  # CPU's prepacked copies of the merged weights: part of the swap's cost
 
 
 def _params(work: Workload, order: list[int]) -> list:
