@@ -143,7 +143,10 @@ def test_smollm2_tp2_matches_tp1(make_smollm2) -> None:
     try:
         assert _greedy(llm, PROMPTS) == ref
         for got, want in zip(_scores(llm, ref), ref_logits, strict=True):
-            torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+            # float32 sums in another order (each rank's half of o_proj's and down_proj's
+            # inputs, the prepacked GEMM's blocking): a few 1e-4 on logits of about 40.
+            atol = 1e-5 * want.abs().max().item()
+            torch.testing.assert_close(got, want, atol=atol, rtol=0)
         engine.check_no_leaks()
     finally:
         engine.shutdown()
