@@ -384,3 +384,81 @@ def test_suffix_index_drafts_from_itself_then_recent_outputs():
     small.finish(seq(4, [5, 6, 20, 21, 22], 2))
     assert small.propose([seq(5, [10, 11], 2)], [1]) == [[]]
     assert small.propose([seq(6, [20, 21], 2)], [1]) == [[22]]
+
+
+# ---- shadow drafts: learning acceptance without verifying ------------------------------------
+
+
+def _shadowed(tokens: list[int], seq_id: int) -> Sequence:
+    """A sequence decoding after `tokens` (its prompt), one output token in."""
+    seq = Sequence(
+        seq_id=seq_id,
+        request_id=str(seq_id),
+        index=0,
+        token_ids=list(tokens),
+        num_prompt_tokens=len(tokens) - 1,
+        sampling_params=SamplingParams(max_tokens=64),
+        status=SequenceStatus.RUNNING,
+    )
+    seq.num_computed_tokens = len(tokens) - 1
+    return seq
+
+
+def test_a_new_sequence_shadows_before_it_verifies_and_learns_from_it():
+    from kvpilot_engine.spec_decode.speculator import NgramSpeculation, Speculator
+
+    cfg = SpeculativeConfig(method="ngram", num_speculative_tokens=4, prompt_lookup_min=2)
+    spec = Speculator(cfg, NgramSpeculation(cfg), max_model_len=4096)
+    # A cheap token and an engine-wide history of full acceptance: drafts would pay.
+    spec.cost.c0, spec.cost.c1 = 0.05, 0.001
+    spec.prior.accepted, spec.prior.rejected = 50.0, 1.0
+    text = [5, 6, 7, 8, 9, 10, 11, 12]
+    copy = _shadowed(text + [5, 6], 0)  # a copy has begun: the lookup drafts 7, 8, 9, 10
+    chat = _shadowed(text + [40, 41, 5, 6], 1)  # drafts 7, 8, 9, 10 too, but will not follow
+    spec.propose([copy, chat])
+    # No evidence of their own yet: nothing verified, both shadowed.
+    assert copy.spec_token_ids == [] and chat.spec_token_ids == []
+    assert spec._shadows[0].draft == [7, 8, 9, 10] and spec._shadows[1].draft == [7, 8, 9, 10]
+    # One step later the copy generated the draft's first token, the chat something else.
+    copy.token_ids.append(7)
+    copy.num_computed_tokens += 1
+    chat.token_ids.append(99)
+    chat.num_computed_tokens += 1
+    spec.propose([copy, chat])
+    assert copy.spec_token_ids == [8, 9, 10, 11]  # drafts from the copy's own evidence
+    assert chat.spec_token_ids == []  # a miss, with nothing verified to learn it
+    assert spec._estimate(chat).alpha < 0.5 < spec._estimate(copy).alpha
+    assert 1 not in spec._shadows  # settled at the miss
+    assert spec.stats.num_draft_tokens == 0  # shadows are not counted as drafts
+    # A sequence that keeps missing is shadowed less often: after a miss, not at once.
+    chat.token_ids.append(5)
+    chat.token_ids.append(6)
+    chat.num_computed_tokens += 2
+    back = spec._backoff[1]
+    assert back.misses == 1 and back.next_at == len(chat) - 1
+    spec.on_finished(chat)
+    assert 1 not in spec._backoff and 1 not in spec._estimates
+
+
+def test_a_draft_model_is_never_shadowed():
+    from kvpilot_engine.spec_decode.speculator import Speculator
+
+    class Counting:
+        free = False
+        draft_cost = 0.0
+        calls = 0
+
+        def propose(self, seqs, num_tokens):
+            Counting.calls += 1
+            return [[7] * k for k in num_tokens]
+
+        def finish(self, seq):
+            pass
+
+    cfg = SpeculativeConfig(method="ngram", num_speculative_tokens=3)
+    spec = Speculator(cfg, Counting(), max_model_len=4096)
+    spec.cost.c0, spec.cost.c1 = 0.05, 0.001
+    seq = _shadowed([5, 6, 7, 5, 6], 0)
+    spec.propose([seq])
+    # Without shadows the first step verifies on the engine-wide prior, as before.
+    assert seq.spec_token_ids == [7, 7, 7] and not spec._shadows

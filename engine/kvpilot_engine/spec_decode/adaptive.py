@@ -102,8 +102,11 @@ class AcceptanceEstimate:
         return self.accepted / total if total > 0 else 0.0
 
     def update(self, num_drafts: int, num_accepted: int) -> None:
+        self.observe(num_accepted, num_accepted < num_drafts)
+
+    def observe(self, num_accepted: int, rejected: bool) -> None:
         self.accepted = self.decay * self.accepted + num_accepted
-        self.rejected = self.decay * self.rejected + (1.0 if num_accepted < num_drafts else 0.0)
+        self.rejected = self.decay * self.rejected + (1.0 if rejected else 0.0)
 
 
 def expected_tokens(alpha: float, k: int) -> float:

@@ -29,6 +29,8 @@ _PROBE = "Speculative decoding needs one tokenizer: ünïcödé, 12345, def f(x)
 
 
 class DraftModelSpeculation:
+    free = False  # every proposal is a forward pass of the draft model
+
     def __init__(self, config: SpeculativeConfig, args: EngineArgs, engine: LLMEngine):
         from kvpilot_engine.loader import load_checkpoint
         from kvpilot_engine.worker import Worker

@@ -37,6 +37,8 @@ class SuffixIndex:
 
 
 class SuffixSpeculation:
+    free = True  # lookups: proposals may be made without verifying them
+
     def __init__(self, config: SpeculativeConfig):
         self.min_n = config.prompt_lookup_min
         self.max_n = config.prompt_lookup_max
