@@ -96,7 +96,9 @@ def prepack_linears(model: nn.Module, device: torch.device, dtype: torch.dtype) 
         for parent, name, linear in swaps:
             try:
                 packed = PackedLinear(linear)
-            except RuntimeError as e:  # an op this torch build or CPU lacks: stay on F.linear
+            # An op this torch build or CPU lacks, or a weight made in inference mode (no
+            # version counter to tell when it changes): that layer stays on F.linear.
+            except (RuntimeError, AttributeError) as e:
                 logger.debug("not prepacking %s: %s", name, e)
                 continue
             setattr(parent, name, packed)
