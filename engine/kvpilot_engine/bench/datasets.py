@@ -4,12 +4,18 @@ them to any server). Each builder gives n different prompts.
   edit  a source file of the engine and the start of a copy of it: the answer repeats the file
   qa    a document (the engine's own docstrings and code) and a question answered by quoting it
   chat  open questions with nothing to copy
+
+The files are the first 1,500 characters of engine modules as they were when the workloads were
+first measured, kept in texts/: read from the live modules, the workload changed whenever their
+docstrings did (a small model copies some texts faithfully and drifts on others), and figures
+taken on different days were not comparable.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+_TEXTS = Path(__file__).resolve().parent / "texts"
 _SOURCES = ["block_manager.py", "scheduler.py", "sequence.py", "sampling_params.py"]
 _QUESTIONS = [
     "Write a short story about a lighthouse keeper who finds a message in a bottle.",
@@ -19,11 +25,15 @@ _QUESTIONS = [
 ]
 
 
+def _text(module: str, chars: int) -> str:
+    """A pinned module text (see the docstring)."""
+    return (_TEXTS / (module.replace("/", "_") + ".txt")).read_text()[:chars]
+
+
 def edit_prompts(n: int, chars: int = 1500) -> list[str]:
-    here = Path(__file__).resolve().parent.parent
     out = []
     for i in range(n):
-        code = (here / _SOURCES[i % len(_SOURCES)]).read_text()[:chars]
+        code = _text(_SOURCES[i % len(_SOURCES)], chars)
         out.append(f"Copy this code exactly.\n\n{code}\n\nCopy:\n\n{code[:80]}")
     return out
 
@@ -42,11 +52,10 @@ _DOCS = [
 
 
 def qa_prompts(n: int, chars: int = 1500) -> list[str]:
-    here = Path(__file__).resolve().parent.parent
     out = []
     for i in range(n):
         name, question = _DOCS[i % len(_DOCS)]
-        doc = (here / name).read_text()[:chars]
+        doc = _text(name, chars)
         out.append(
             f"Read this document.\n\n{doc}\n\nQuestion: {question} Answer by quoting the "
             "document.\n\nAnswer: The document says:"
