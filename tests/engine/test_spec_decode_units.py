@@ -413,8 +413,8 @@ def test_a_new_sequence_shadows_before_it_verifies_and_learns_from_it():
     spec.cost.c0, spec.cost.c1 = 0.05, 0.001
     spec.prior.accepted, spec.prior.rejected = 50.0, 1.0
     text = [5, 6, 7, 8, 9, 10, 11, 12]
-    copy = _shadowed(text + [5, 6], 0)  # a copy has begun: the lookup drafts 7, 8, 9, 10
-    chat = _shadowed(text + [40, 41, 5, 6], 1)  # drafts 7, 8, 9, 10 too, but will not follow
+    copy = _shadowed([*text, 5, 6], 0)  # a copy has begun: the lookup drafts 7, 8, 9, 10
+    chat = _shadowed([*text, 40, 41, 5, 6], 1)  # drafts 7, 8, 9, 10 too, but will not follow
     spec.propose([copy, chat])
     # No evidence of their own yet: nothing verified, both shadowed.
     assert copy.spec_token_ids == [] and chat.spec_token_ids == []

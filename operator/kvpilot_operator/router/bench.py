@@ -255,21 +255,26 @@ def _ms(values: list[float], q: float) -> float:
     return float(np.percentile(values, q)) * 1000
 
 
+def engine_url(ns: argparse.Namespace, stack: contextlib.ExitStack, tmp: Path) -> str:
+    """`--engine-url`, or a `kvpilot serve MODEL [--engine-arg ...]` started on loopback for
+    the length of `stack`."""
+    if ns.engine_url is not None:
+        return str(ns.engine_url)
+    print(f"starting `kvpilot serve {ns.model}` ...", file=sys.stderr)
+    return str(
+        stack.enter_context(
+            kvpilot_process(
+                ["serve", ns.model, *ns.engine_arg], tmp / "engine.log", free_port(), timeout=900
+            )
+        )
+    )
+
+
 def run_router_bench(ns: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="kvpilot-bench-router-") as scratch:
         tmp = Path(scratch)
         with contextlib.ExitStack() as stack:
-            engine = ns.engine_url
-            if engine is None:
-                print(f"starting `kvpilot serve {ns.model}` ...", file=sys.stderr)
-                engine = stack.enter_context(
-                    kvpilot_process(
-                        ["serve", ns.model, *ns.engine_arg],
-                        tmp / "engine.log",
-                        free_port(),
-                        timeout=900,
-                    )
-                )
+            engine = engine_url(ns, stack, tmp)
             engine = engine.rstrip("/")
             model = httpx.get(f"{engine}/v1/models", timeout=30).json()["data"][0]["id"]
             router = stack.enter_context(router_process(tmp, "engine", engine))

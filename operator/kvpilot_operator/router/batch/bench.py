@@ -33,8 +33,7 @@ import numpy as np
 from kvpilot_operator.router.bench import (
     WORDS,
     Timing,
-    free_port,
-    kvpilot_process,
+    engine_url,
     router_process,
     stream_chat,
 )
@@ -226,17 +225,7 @@ def run_batch_bench(ns: argparse.Namespace) -> int:
         with contextlib.ExitStack() as stack:
             router = ns.router_url
             if router is None:
-                engine = ns.engine_url
-                if engine is None:
-                    print(f"starting `kvpilot serve {ns.model}` ...", file=sys.stderr)
-                    engine = stack.enter_context(
-                        kvpilot_process(
-                            ["serve", ns.model, *ns.engine_arg],
-                            tmp / "engine.log",
-                            free_port(),
-                            timeout=900,
-                        )
-                    )
+                engine = engine_url(ns, stack, tmp)
                 # The SLO goes to the router as the operator renders it from spec.slo: batch
                 # admission holds interactive latency under it (--router-arg overrides).
                 flags = ["--batch-dir", str(tmp / "batches")]
