@@ -12,6 +12,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from kvpilot_engine.bench.datasets import edit_prompts
 from kvpilot_operator.local.cluster import LocalCluster
 from kvpilot_operator.local.nodeagent import NodeAgent
 
@@ -98,7 +99,10 @@ def test_speculative_service_serves_and_a_foreign_draft_is_reported(
                 "app.kubernetes.io/component=engine,kvpilot.io/llmservice=spec-ok",
                 "-o", "jsonpath={.items[0].status.podIP}",
             ).stdout.strip()  # fmt: skip
-            text = "def area(w, h):\n    return w * h\n\n" * 3
+            # A text the model copies: the adaptive plan verifies drafts only where its shadow
+            # drafts have been borne out (a prompt the model does not continue verbatim would
+            # rightly verify none).
+            text = edit_prompts(1, chars=600)[0]
             reply = httpx.post(
                 f"http://{pod_ip}:8000/v1/completions",
                 json={"model": "spec-ok", "prompt": text, "max_tokens": 24, "temperature": 0},
