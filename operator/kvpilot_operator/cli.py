@@ -542,6 +542,18 @@ def cmd_bench_batch(ns: argparse.Namespace) -> int:
     return run_batch_bench(ns)
 
 
+def _add_engine_args(p: Any) -> None:
+    """The flags router/bench.py's `engine_url` reads: a model to start, or a running engine."""
+    p.add_argument("model", nargs="?", default="smollm2", help="for the engine started here")
+    p.add_argument("--engine-url", help="use this running engine instead of starting one")
+    p.add_argument(
+        "--engine-arg",
+        action="append",
+        default=[],
+        help="extra `kvpilot serve` argument (repeat), e.g. --engine-arg=--dtype=bfloat16",
+    )
+
+
 def add_router_commands(sub: Any, bench: Any) -> None:
     """`kvpilot router`, `kvpilot bench router` and `kvpilot bench batch` (flags only: nothing
     heavy at parse time)."""
@@ -643,14 +655,7 @@ def add_router_commands(sub: Any, bench: Any) -> None:
     b = bench.add_parser(
         "router", help="latency the router adds to an engine's streams, and its max requests/s"
     )
-    b.add_argument("model", nargs="?", default="smollm2", help="for the engine started here")
-    b.add_argument("--engine-url", help="use this running engine instead of starting one")
-    b.add_argument(
-        "--engine-arg",
-        action="append",
-        default=[],
-        help="extra `kvpilot serve` argument (repeat), e.g. --engine-arg=--dtype=bfloat16",
-    )
+    _add_engine_args(b)
     b.add_argument("--num-requests", type=int, default=100, help="request pairs (direct, router)")
     b.add_argument("--concurrency", type=int, default=1, help="pairs in flight at once")
     b.add_argument("--max-tokens", type=int, default=16)
@@ -664,16 +669,9 @@ def add_router_commands(sub: Any, bench: Any) -> None:
         "batch",
         help="interactive TTFT alone and while a Batch API batch drains, against the SLO",
     )
-    bb.add_argument("model", nargs="?", default="smollm2", help="for the engine started here")
+    _add_engine_args(bb)
     bb.add_argument(
         "--router-url", help="a running router with the Batch API (nothing is started here)"
-    )
-    bb.add_argument("--engine-url", help="start only the router, in front of this engine")
-    bb.add_argument(
-        "--engine-arg",
-        action="append",
-        default=[],
-        help="extra `kvpilot serve` argument (repeat), e.g. --engine-arg=--max-num-seqs=16",
     )
     bb.add_argument(
         "--router-arg",
