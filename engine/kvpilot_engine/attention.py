@@ -35,18 +35,25 @@ if TYPE_CHECKING:
 
 @dataclass
 class DecodeGroup:
-    """Decode rows of similar context length, attended in one padded SDPA call.
+    """Sequences with a few query tokens each (decodes, verify steps of drafts) and contexts of
+    similar length, attended in one padded SDPA call.
 
     Built once per step and shared by every layer: the gather index, the padding mask and the
-    buffers the gathered K/V land in (preallocated, so 30 layers do not fault in fresh pages)."""
+    buffers the gathered K/V land in (preallocated, so 30 layers do not fault in fresh pages).
+    A sequence with fewer than `num_queries` query tokens repeats its first one in the slots
+    before them; those slots' outputs are dropped."""
 
-    rows: torch.Tensor  # [G] query rows in the flattened batch
+    rows: torch.Tensor  # [G * Q] query rows in the flattened batch, sequence-major
     block_ids: torch.Tensor  # [G * num_blocks] the blocks to gather, row-major
-    mask: torch.Tensor  # [G, 1, 1, L] True where a key is inside the sequence
+    mask: torch.Tensor  # [G, 1, Q, L] True where a key is visible to a query slot
     max_len: int  # L
     num_blocks: int
     key_buf: torch.Tensor  # [G * num_blocks, block_size, num_kv_heads, head_dim]
     value_buf: torch.Tensor
+    num_queries: int = 1  # Q
+    # With Q > 1: the slots that are real queries (indexes into G * Q) and their rows.
+    real_slots: torch.Tensor | None = None
+    real_rows: torch.Tensor | None = None
 
 
 @dataclass
@@ -56,7 +63,9 @@ class AttentionMetadata:
     context_lens: list[int]  # [num_seqs] tokens in the cache after this step, queries included
     block_tables: torch.Tensor  # [num_seqs, max_blocks] int64, padded with 0
     decode_seqs: list[int]  # sequences with one query token
-    prefill_seqs: list[int]  # the others
+    # The others; on the CPU path build_decode_groups takes the short ones (up to
+    # MAX_GROUPED_QUERY tokens) into its groups and leaves here those attended one at a time.
+    prefill_seqs: list[int]
     max_context_len: int
     decode_groups: list[DecodeGroup] = field(default_factory=list)
     # The Triton path's inputs (None on the reference path). Everything the kernels read is a
@@ -84,6 +93,10 @@ class CpuDecodeIndex:
 
 
 DECODE_GROUP_SIZE = 16
+# Sequences with up to this many query tokens are attended in decode groups: a verify step's
+# drafts (and a short prefill chunk) then cost rows of a batched call, not a call of their own
+# per sequence and layer, which on CPU cost as much as the whole step's matmuls at 16 in flight.
+MAX_GROUPED_QUERY = 16
 CPU_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -98,9 +111,10 @@ def build_decode_groups(
     workspace: Workspace,
     cpu_kernel: bool | None = None,
 ) -> list[DecodeGroup]:
-    """Sort decode rows by context length and cut them into groups, so padding to the longest
-    context in a group wastes little. With the C++ CPU kernel there are no groups: it reads the
-    blocks in place, and `meta.cpu_decode` gets its index instead."""
+    """Sort the sequences with few query tokens by query count and context length and cut them
+    into groups, so padding to the longest in a group wastes little; `meta.prefill_seqs` keeps
+    the rest. With the C++ CPU kernel only decodes are taken and there are no groups: it reads
+    the blocks in place, and `meta.cpu_decode` gets its index instead."""
     if cpu_kernel is None:  # the engine's choice: opt-in for now (cpu_decode.enabled)
         cpu_kernel = cpu_decode.enabled()
     if cpu_kernel and workspace.dtype in CPU_KERNEL_DTYPES and cpu_decode.load():
@@ -110,13 +124,20 @@ def build_decode_groups(
             rows=torch.tensor([meta.query_start_loc[i] for i in meta.decode_seqs]),
         )
         return []
-    order = sorted(meta.decode_seqs, key=lambda i: meta.context_lens[i])
+    qsl = meta.query_start_loc
+
+    def q_len(i: int) -> int:
+        return qsl[i + 1] - qsl[i]
+
+    short = [i for i in meta.prefill_seqs if q_len(i) <= MAX_GROUPED_QUERY]
+    meta.prefill_seqs = [i for i in meta.prefill_seqs if q_len(i) > MAX_GROUPED_QUERY]
+    order = sorted(meta.decode_seqs + short, key=lambda i: (q_len(i), meta.context_lens[i]))
     groups: list[DecodeGroup] = []
     offset = 0
     specs = []
     for g in range(0, len(order), DECODE_GROUP_SIZE):
         members = order[g : g + DECODE_GROUP_SIZE]
-        max_len = meta.context_lens[members[-1]]
+        max_len = max(meta.context_lens[i] for i in members)
         num_blocks = -(-max_len // block_size)
         specs.append((members, max_len, num_blocks, offset))
         offset += len(members) * num_blocks
@@ -126,17 +147,36 @@ def build_decode_groups(
         idx = torch.tensor(members, device=dev)
         lens = torch.tensor([meta.context_lens[i] for i in members], device=dev)
         n = len(members) * num_blocks
-        groups.append(
-            DecodeGroup(
-                rows=torch.tensor([meta.query_start_loc[i] for i in members], device=dev),
-                block_ids=meta.block_tables[idx, :num_blocks].reshape(-1),
-                mask=(torch.arange(max_len, device=dev)[None, :] < lens[:, None])[:, None, None, :],
-                max_len=max_len,
-                num_blocks=num_blocks,
-                key_buf=key_ws[off : off + n],
-                value_buf=value_ws[off : off + n],
-            )
+        group = DecodeGroup(
+            rows=torch.tensor([qsl[i] for i in members], device=dev),
+            block_ids=meta.block_tables[idx, :num_blocks].reshape(-1),
+            mask=(torch.arange(max_len, device=dev)[None, :] < lens[:, None])[:, None, None, :],
+            max_len=max_len,
+            num_blocks=num_blocks,
+            key_buf=key_ws[off : off + n],
+            value_buf=value_ws[off : off + n],
         )
+        nq = max(q_len(i) for i in members)
+        if nq > 1:
+            # Slot j of a sequence with q query tokens holds query max(j - (Q - q), 0), at
+            # absolute position ctx - q + that, and sees the keys up to it.
+            rows, real_slots, real_rows, first_pos = [], [], [], []
+            for m, i in enumerate(members):
+                q, pad = q_len(i), nq - q_len(i)
+                rows += [qsl[i]] * pad + list(range(qsl[i], qsl[i + 1]))
+                real_slots += range(m * nq + pad, (m + 1) * nq)
+                real_rows += range(qsl[i], qsl[i + 1])
+                first_pos.append(meta.context_lens[i] - q)
+            pad_t = torch.tensor([nq - q_len(i) for i in members], device=dev)
+            j = torch.arange(nq, device=dev)[None, :]
+            pos = torch.tensor(first_pos, device=dev)[:, None] + (j - pad_t[:, None]).clamp(min=0)
+            keys = torch.arange(max_len, device=dev)
+            group.mask = (keys[None, None, :] <= pos[:, :, None])[:, None]
+            group.rows = torch.tensor(rows, device=dev)
+            group.num_queries = nq
+            group.real_slots = torch.tensor(real_slots, device=dev)
+            group.real_rows = torch.tensor(real_rows, device=dev)
+        groups.append(group)
     return groups
 
 
@@ -243,20 +283,24 @@ def paged_attention(
             c.rows, scale,
         )  # fmt: skip
     for g in meta.decode_groups:
-        batch = g.rows.shape[0]
+        batch, nq = g.mask.shape[0], g.num_queries
         torch.index_select(key_cache, 0, g.block_ids, out=g.key_buf)
         torch.index_select(value_cache, 0, g.block_ids, out=g.value_buf)
         # [G * blocks, bs, Hkv, D] -> [G, Hkv, L, D]; keys past a row's length are masked.
         k = g.key_buf.view(batch, -1, *key_cache.shape[2:])[:, : g.max_len].transpose(1, 2)
         v = g.value_buf.view(batch, -1, *key_cache.shape[2:])[:, : g.max_len].transpose(1, 2)
-        q = query[g.rows].unsqueeze(2)  # [G, H, 1, D]
+        q = query[g.rows].view(batch, nq, num_heads, -1).transpose(1, 2)  # [G, H, Q, D]
         if query.dtype == torch.float32:
             o = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=g.mask, scale=scale, enable_gqa=gqa
             )
         else:
             o = _grouped_decode_attention(q, k, v, g.mask, scale)
-        out[g.rows] = o.squeeze(2)
+        o = o.transpose(1, 2).reshape(batch * nq, num_heads, -1)  # [G * Q, H, D]
+        if g.real_slots is None:
+            out[g.rows] = o
+        else:
+            out[g.real_rows] = o[g.real_slots]
     return out
 
 
@@ -266,12 +310,15 @@ def _grouped_decode_attention(
     """Decode attention as two batched matmuls with the query heads of each KV head grouped.
 
     PyTorch's CPU SDPA is several times slower in 16-bit than this; scores and softmax are
-    taken in float32. q: [G, H, 1, D]; k, v: [G, Hkv, L, D]; returns [G, H, 1, D]."""
-    batch, num_heads, _, head_dim = q.shape
+    taken in float32. q: [G, H, Q, D]; k, v: [G, Hkv, L, D]; mask: [G, 1, Q, L]; returns
+    [G, H, Q, D]."""
+    batch, num_heads, nq, head_dim = q.shape
     num_kv_heads = k.shape[1]
-    qg = q.view(batch, num_kv_heads, num_heads // num_kv_heads, head_dim)
+    groups = num_heads // num_kv_heads
+    # Rows of a KV head's block are (query head, query slot) pairs, head-major.
+    qg = q.reshape(batch, num_kv_heads, groups * nq, head_dim)
     k, v = k.contiguous(), v.contiguous()
     scores = torch.matmul(qg, k.transpose(-1, -2)).float() * scale
-    scores.masked_fill_(~mask, float("-inf"))
+    scores.masked_fill_(~mask.repeat(1, 1, groups, 1), float("-inf"))
     probs = scores.softmax(dim=-1).to(v.dtype)
-    return torch.matmul(probs, v).view(batch, num_heads, 1, head_dim)
+    return torch.matmul(probs, v).view(batch, num_heads, nq, head_dim)

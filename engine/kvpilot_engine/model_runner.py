@@ -182,7 +182,7 @@ class ModelRunner:
             meta.seq_lens_t = to_device(step.context_lens, torch.int32, dev)
             qsl = step.query_start_loc
             meta.max_query_len = max(qsl[i + 1] - qsl[i] for i in range(len(qsl) - 1))
-        elif step.decode_seqs:
+        else:
             meta.decode_groups = build_decode_groups(meta, self.block_size, self.workspace)
         if step.lora_slots and self.lora_banks is not None:
             qsl = step.query_start_loc

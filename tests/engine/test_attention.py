@@ -44,6 +44,9 @@ def test_mixed_batch_matches_dense(dtype, heads, cpu_kernel):
     # prefill chunks after a cached prefix, lengths on and one past a block boundary.
     seqs = [(15, 1), (16, 1), (40, 1), (0, 33), (16, 17), (31, 1), (0, 16), (47, 2), (100, 1)]
     seqs += [(0, 1), (63, 1), (64, 1)]  # a first token alone; the last block exactly full
+    # Verify steps of drafts and short chunks, attended in decode groups with padded query
+    # slots: across a block boundary, a whole short prompt, the most a group takes, one more.
+    seqs += [(10, 6), (100, 6), (0, 3), (33, 16), (20, 17)]
     key_cache = torch.zeros(num_blocks, bs, num_kv_heads, head_dim, dtype=dtype)
     value_cache = torch.zeros_like(key_cache)
     perm = torch.randperm(num_blocks).tolist()  # blocks scattered through the pool
