@@ -131,12 +131,16 @@ def build_decode_groups(
 
     short = [i for i in meta.prefill_seqs if q_len(i) <= MAX_GROUPED_QUERY]
     meta.prefill_seqs = [i for i in meta.prefill_seqs if q_len(i) > MAX_GROUPED_QUERY]
-    order = sorted(meta.decode_seqs + short, key=lambda i: (q_len(i), meta.context_lens[i]))
+    # Decodes and multi-token queries are grouped apart: one verifying sequence would
+    # otherwise pad every decode of its group to its query count.
+    by_len = sorted(short, key=lambda i: (q_len(i), meta.context_lens[i]))
+    cuts = []
+    for order in (sorted(meta.decode_seqs, key=lambda i: meta.context_lens[i]), by_len):
+        cuts += [order[g : g + DECODE_GROUP_SIZE] for g in range(0, len(order), DECODE_GROUP_SIZE)]
     groups: list[DecodeGroup] = []
     offset = 0
     specs = []
-    for g in range(0, len(order), DECODE_GROUP_SIZE):
-        members = order[g : g + DECODE_GROUP_SIZE]
+    for members in cuts:
         max_len = max(meta.context_lens[i] for i in members)
         num_blocks = -(-max_len // block_size)
         specs.append((members, max_len, num_blocks, offset))

@@ -22,6 +22,18 @@ _QUESTIONS = [
     "Explain how vaccines train the immune system, for a curious twelve-year-old.",
     "Describe a walk through a busy market in a city you invent.",
     "What are the pros and cons of working from home? Discuss in detail.",
+    "Plan a three-day trip to the mountains for a family with two small children.",
+    "Why do leaves change colour in autumn? Explain the chemistry simply.",
+    "Write a letter to your future self, ten years from now.",
+    "Compare trains and planes for travelling across a continent.",
+    "Tell the history of bread, from the first farmers to the modern bakery.",
+    "Give advice to someone starting to learn the violin as an adult.",
+    "Invent a board game and explain its rules.",
+    "What makes a good teacher? Give examples from everyday school life.",
+    "Describe the life cycle of a star, from a cloud of gas to its end.",
+    "Write a dialogue between a cat and a dog arguing about who is the better pet.",
+    "How would you organise a small community garden? Describe the first year.",
+    "Explain why the sky is blue and sunsets are red.",
 ]
 
 

@@ -11,7 +11,12 @@ both alike. Workloads:
   chat  free generation with nothing to copy (lookups mostly miss)
 
 each at one request in flight and at --concurrency in flight (different files/questions per
-request), greedy, EOS ignored, --output-len tokens per request. The figure is output tokens
+request), greedy, EOS ignored, --output-len tokens per request. At --concurrency the load is a
+closed loop of REQUESTS_PER_SLOT x concurrency requests of output lengths between half of and
+all of --output-len, each finished one replaced by the next, as clients of a server keep it: the
+tokens speculation gains for one request then free its slot sooner. (A single batch of
+equal-length requests would finish no sooner unless every one of them gained, since its last
+step is the same for all.) The figure is output tokens
 per second of wall time from the first request added to the last token; the acceptance rate
 and the mean tokens per verify step come from the engine's spec_decode counters.
 
@@ -25,11 +30,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import random
 import time
 from pathlib import Path
 
 from kvpilot_engine.bench.datasets import WORKLOADS
 from kvpilot_engine.config import EngineArgs
+
+REQUESTS_PER_SLOT = 4
 
 
 @dataclasses.dataclass
@@ -47,19 +55,36 @@ class Run:
         return self.tokens / self.seconds
 
 
-def run_once(engine, prompts: list[str], output_len: int) -> tuple[int, float]:
+def run_once(
+    engine, prompts: list[str], output_len: int | list[int], in_flight: int | None = None
+) -> tuple[int, float]:
+    """Run every prompt with at most `in_flight` requests in the engine at once (all of them
+    when None), the next added as soon as one finishes; output tokens and seconds.
+    `output_len`: tokens per request, or each request's own."""
     from kvpilot_engine.sampling_params import SamplingParams
 
-    params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
+    lens = output_len if isinstance(output_len, list) else [output_len] * len(prompts)
+    queue = list(enumerate(prompts))
+    slots = len(queue) if in_flight is None else in_flight
     t0 = time.perf_counter()
-    for i, p in enumerate(prompts):
-        engine.add_request(f"bench-{time.monotonic_ns()}-{i}", p, params)
     tokens = 0
-    while engine.has_unfinished_requests():
+    while queue or engine.has_unfinished_requests():
+        while queue and engine.get_num_unfinished_requests() < slots:
+            i, p = queue.pop(0)
+            params = SamplingParams(temperature=0.0, max_tokens=lens[i], ignore_eos=True)
+            engine.add_request(f"bench-{time.monotonic_ns()}-{i}", p, params)
         for out in engine.step():
             if out.finished:
                 tokens += len(out.outputs[0].token_ids)
     return tokens, time.perf_counter() - t0
+
+
+def closed_loop_lengths(num_requests: int, output_len: int, seed: int = 0) -> list[int]:
+    """Output lengths for a closed loop: uniform in [output_len / 2, output_len], seeded, so
+    requests end at different steps with or without speculation (equal lengths end together
+    without it, and refill the batch in one prefill step: a synchrony real traffic lacks)."""
+    rng = random.Random(seed)
+    return [rng.randint(max(1, output_len // 2), output_len) for _ in range(num_requests)]
 
 
 def run_spec_bench(ns: argparse.Namespace, args: EngineArgs) -> int:
@@ -80,14 +105,15 @@ def run_spec_bench(ns: argparse.Namespace, args: EngineArgs) -> int:
         hf = hf_model(Baseline(plain.checkpoint, plain.dtype, plain.device, 0))
     for name in ns.workloads:
         for n in sorted({1, ns.concurrency}):
-            prompts = WORKLOADS[name](n)
+            prompts = WORKLOADS[name](n if n == 1 else REQUESTS_PER_SLOT * n)
+            lens = [ns.output_len] if n == 1 else closed_loop_lengths(len(prompts), ns.output_len)
             for engine in (plain, spec):  # warm-up: allocator pools, the cost model's first fit
-                run_once(engine, prompts, min(16, ns.output_len))
+                run_once(engine, prompts[:n], min(16, ns.output_len))
             for _ in range(ns.num_iters):
                 for engine in (plain, spec):
                     sp = engine.speculator
                     before = dataclasses.replace(sp.stats) if sp else None
-                    tokens, seconds = run_once(engine, prompts, ns.output_len)
+                    tokens, seconds = run_once(engine, prompts, lens, n)
                     run = Run(name, n, sp is not None, tokens, seconds)
                     if sp is not None and before is not None:
                         drafted = sp.stats.num_draft_tokens - before.num_draft_tokens

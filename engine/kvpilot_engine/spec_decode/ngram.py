@@ -9,7 +9,6 @@ most recent, whose continuation is the likeliest to still be current.
 from __future__ import annotations
 
 import numpy as np
-from numpy.lib.stride_tricks import sliding_window_view
 
 
 class NgramProposer:
@@ -24,12 +23,16 @@ class NgramProposer:
             return []
         ctx = np.asarray(token_ids[-self.max_context :], dtype=np.int64)
         n_ctx = len(ctx)
+        # Every match ends on an earlier occurrence of the last token: find those once, then
+        # extend them backwards (cheaper than comparing every window of every length).
+        ends = np.flatnonzero(ctx[:-1] == ctx[-1])
         for n in range(min(self.max_n, n_ctx - 1), self.min_n - 1, -1):
-            suffix = ctx[-n:]
-            # Windows that start before the suffix itself and are followed by a token.
-            windows = sliding_window_view(ctx[: n_ctx - 1], n)
-            hits = np.flatnonzero((windows == suffix).all(axis=1))
-            if len(hits):
-                start = int(hits[-1]) + n
+            cand = ends[ends >= n - 1]
+            for t in range(1, n):
+                if not len(cand):
+                    break
+                cand = cand[ctx[cand - t] == ctx[-1 - t]]
+            if len(cand):
+                start = int(cand[-1]) + 1
                 return ctx[start : start + k].tolist()
         return []
