@@ -267,9 +267,11 @@ def paged_attention(
     for i in meta.prefill_seqs:
         start, end = meta.query_start_loc[i], meta.query_start_loc[i + 1]
         ctx = meta.context_lens[i]
-        q = query[start:end].transpose(0, 1)  # [H, q_len, D]
-        k = _gather(key_cache, meta.block_tables[i], ctx)
-        v = _gather(value_cache, meta.block_tables[i], ctx)
+        # [1, H, len, D]: with a batch dimension PyTorch's CPU SDPA takes its flash kernel;
+        # without one, its math path (4x slower on a 455-token prompt).
+        q = query[start:end].transpose(0, 1)[None]
+        k = _gather(key_cache, meta.block_tables[i], ctx)[None]
+        v = _gather(value_cache, meta.block_tables[i], ctx)[None]
         q_len = end - start
         if q_len == ctx:
             o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
@@ -278,7 +280,7 @@ def paged_attention(
             q_pos = torch.arange(ctx - q_len, ctx, device=query.device)
             mask = torch.arange(ctx, device=query.device)[None, :] <= q_pos[:, None]
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
-        out[start:end] = o.transpose(0, 1)
+        out[start:end] = o[0].transpose(0, 1)
 
     if meta.cpu_decode is not None:
         c = meta.cpu_decode

@@ -11,7 +11,8 @@ both alike. Workloads:
   chat  free generation with nothing to copy (lookups mostly miss)
 
 each at one request in flight and at --concurrency in flight (different files/questions per
-request), greedy, EOS ignored, --output-len tokens per request. At --concurrency the load is a
+request), greedy, EOS ignored. At one in flight, REQUESTS_PER_SLOT requests one after another
+(four files, documents or questions), --output-len tokens each. At --concurrency the load is a
 closed loop of REQUESTS_PER_SLOT x concurrency requests of output lengths between half of and
 all of --output-len, each finished one replaced by the next, as clients of a server keep it: the
 tokens speculation gains for one request then free its slot sooner. (A single batch of
@@ -105,8 +106,8 @@ def run_spec_bench(ns: argparse.Namespace, args: EngineArgs) -> int:
         hf = hf_model(Baseline(plain.checkpoint, plain.dtype, plain.device, 0))
     for name in ns.workloads:
         for n in sorted({1, ns.concurrency}):
-            prompts = WORKLOADS[name](n if n == 1 else REQUESTS_PER_SLOT * n)
-            lens = [ns.output_len] if n == 1 else closed_loop_lengths(len(prompts), ns.output_len)
+            prompts = WORKLOADS[name](REQUESTS_PER_SLOT * n)
+            lens = ns.output_len if n == 1 else closed_loop_lengths(len(prompts), ns.output_len)
             for engine in (plain, spec):  # warm-up: allocator pools, the cost model's first fit
                 run_once(engine, prompts[:n], min(16, ns.output_len))
             for _ in range(ns.num_iters):
