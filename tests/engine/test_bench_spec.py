@@ -48,3 +48,24 @@ def test_bench_spec_with_transformers_prompt_lookup(tmp_path: Path, capsys) -> N
             ratio = r["spec_tokens_per_s"] / r["hf_prompt_lookup_tokens_per_s"]
             assert abs(ratio - r["spec_over_hf_prompt_lookup"]) < 1e-2
     assert "ours/lookup" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_bench_spec_draft_model_against_transformers_assistant_model(tmp_path: Path, capsys):
+    # The draft method is compared with transformers' assisted generation on the same draft.
+    out = tmp_path / "spec.json"
+    draft = '{"method": "draft_model", "model": "random:tiny", "num_speculative_tokens": 3}'
+    rc = main(
+        [
+            "bench", "spec", "random:tiny", "--max-model-len", "512", "--kv-cache-memory",
+            "64MiB", "--workloads", "chat", "--concurrency", "1", "--output-len", "6",
+            "--num-iters", "1", "--compare-transformers", "--speculative-config", draft,
+            "--json", str(out),
+        ]
+    )  # fmt: skip
+    assert rc == 0
+    (row,) = json.loads(out.read_text())
+    assert row["hf_assistant_model_tokens_per_s"] > 0 and row["hf_plain_tokens_per_s"] > 0
+    ratio = row["spec_tokens_per_s"] / row["hf_assistant_model_tokens_per_s"]
+    assert abs(ratio - row["spec_over_hf_assistant_model"]) < 1e-2
+    assert "ours/assisted" in capsys.readouterr().out

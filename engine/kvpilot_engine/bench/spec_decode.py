@@ -23,7 +23,9 @@ and the mean tokens per verify step come from the engine's spec_decode counters.
 
 With --compare-transformers, transformers' own assisted generation runs the same prompts at
 one request in flight on the same weights in the same process: `generate` plain and with
-prompt lookup (`prompt_lookup_num_tokens` = num_speculative_tokens), timed the same way.
+prompt lookup (`prompt_lookup_num_tokens` = num_speculative_tokens), or for the draft_model
+method with the same draft as its `assistant_model` (`num_assistant_tokens` =
+num_speculative_tokens), timed the same way.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ import json
 import random
 import time
 from pathlib import Path
+from typing import Any
 
 from kvpilot_engine.bench.datasets import WORKLOADS
 from kvpilot_engine.config import EngineArgs
@@ -104,6 +107,16 @@ def run_spec_bench(ns: argparse.Namespace, args: EngineArgs) -> int:
         from kvpilot_engine.bench.throughput import Baseline, hf_model
 
         hf = hf_model(Baseline(plain.checkpoint, plain.dtype, plain.device, 0))
+        cfg = args.speculative_config
+        if cfg.method == "draft_model":
+            # transformers' assisted generation with the same draft (its assistant_model).
+            draft = spec.speculator.proposer.checkpoint  # type: ignore[union-attr]
+            hf_extra = {
+                "assistant_model": hf_model(Baseline(draft, plain.dtype, plain.device, 0)),
+                "num_assistant_tokens": cfg.num_speculative_tokens,
+            }
+        else:
+            hf_extra = {"prompt_lookup_num_tokens": cfg.num_speculative_tokens}
     for name in ns.workloads:
         for n in sorted({1, ns.concurrency}):
             prompts = WORKLOADS[name](REQUESTS_PER_SLOT * n)
@@ -124,9 +137,8 @@ def run_spec_bench(ns: argparse.Namespace, args: EngineArgs) -> int:
                         run.tokens_per_step = (accepted + steps) / steps if steps else None
                     runs.append(run)
             if n == 1 and hf is not None:
-                k = args.speculative_config.num_speculative_tokens
                 ids = [plain.tokenizer.encode(p) for p in prompts]
-                hf_runs.update(hf_bench(hf, name, ids, ns.output_len, ns.num_iters, k))
+                hf_runs.update(hf_bench(hf, name, ids, ns.output_len, ns.num_iters, hf_extra))
     plain.check_no_leaks()
     spec.check_no_leaks()
     cfg = args.speculative_config
@@ -166,18 +178,22 @@ def run_spec_bench(ns: argparse.Namespace, args: EngineArgs) -> int:
             )
     if hf_runs:
         print("transformers generate on the same weights, 1 in flight (best of the same runs):")
-        print(f"{'workload':>8} {'plain tok/s':>11} {'lookup tok/s':>12} {'ours/lookup':>11}")
+        how = "assisted" if "assistant_model" in hf_extra else "lookup"
+        print(f"{'workload':>8} {'plain tok/s':>11} {how + ' tok/s':>12} {'ours/' + how:>13}")
         for name in ns.workloads:
             if (name, "plain") not in hf_runs:
                 continue
             ours = next(r for r in rows if r["workload"] == name and r["in_flight"] == 1)
-            hp, hl = hf_runs[(name, "plain")], hf_runs[(name, "prompt_lookup")]
+            hp, hl = hf_runs[(name, "plain")], hf_runs[(name, "assisted")]
             ratio = ours["spec_tokens_per_s"] / hl
-            print(f"{name:>8} {hp:11.1f} {hl:12.1f} {ratio:10.2f}x")
+            print(f"{name:>8} {hp:11.1f} {hl:12.1f} {ratio:12.2f}x")
+            key = "assistant_model" if how == "assisted" else "prompt_lookup"
             ours.update(
-                hf_plain_tokens_per_s=round(hp, 2),
-                hf_prompt_lookup_tokens_per_s=round(hl, 2),
-                spec_over_hf_prompt_lookup=round(ratio, 3),
+                {
+                    "hf_plain_tokens_per_s": round(hp, 2),
+                    f"hf_{key}_tokens_per_s": round(hl, 2),
+                    f"spec_over_hf_{key}": round(ratio, 3),
+                }
             )
     if ns.json:
         Path(ns.json).write_text(json.dumps(rows, indent=2) + "\n")
@@ -187,16 +203,22 @@ def run_spec_bench(ns: argparse.Namespace, args: EngineArgs) -> int:
 
 
 def hf_bench(
-    model, workload: str, prompts: list[list[int]], output_len: int, iters: int, k: int
+    model,
+    workload: str,
+    prompts: list[list[int]],
+    output_len: int,
+    iters: int,
+    assisted: dict[str, Any],
 ) -> dict[tuple[str, str], float]:
     """transformers' generate on the engine's weights, one prompt at a time: plain greedy and
-    with prompt lookup (k tokens), output tokens per second of wall time, best of `iters`."""
+    assisted (`assisted`: prompt lookup's or assistant_model's arguments), output tokens per
+    second of wall time, best of `iters`."""
     import torch
 
     device = next(model.parameters()).device
     ids = [torch.tensor([p], device=device) for p in prompts]
     out: dict[tuple[str, str], float] = {}
-    for label, extra in (("plain", {}), ("prompt_lookup", {"prompt_lookup_num_tokens": k})):
+    for label, extra in (("plain", {}), ("assisted", assisted)):
         best = 0.0
         for _ in range(iters):
             tokens, t0 = 0, time.perf_counter()

@@ -55,6 +55,7 @@ class DraftModelSpeculation:
             # The draft proposes on the base model; the target verifies with the adapter.
             enable_lora=False,
         )
+        self.checkpoint = ckpt
         self.worker = Worker(draft_args, ckpt)
         self.runner = self.worker.model_runner
         self.block_manager = BlockManager(
