@@ -4,7 +4,11 @@
 # Llama-3-8B shape in bf16 with every quantization, and the Qwen3-0.6B-shape offline throughput
 # against transformers on the same GPU, then writes one markdown table (OUTDIR/gpu-check.md).
 #
-#   scripts/gpu-check.sh [OUTDIR] [tests] [latency] [throughput]    (default: all three)
+#   scripts/gpu-check.sh [OUTDIR] [tests] [latency] [throughput] [spec]
+#
+# The default is the first three. `spec` (opt-in, about 4 minutes) runs speculative decoding
+# against plain decoding on the device: `bench spec` on GPU_CHECK_SPEC_MODEL (default smollm2,
+# which must be installed there; SPEC_MODEL=random:... measures only the cost of having it on).
 #
 # PYTHON picks the interpreter (default .venv/bin/python, else python3); each step has its own
 # time limit, so one that hangs or fails still leaves the others' figures in the table.
@@ -14,7 +18,7 @@ PY=${PYTHON:-.venv/bin/python}
 [ -x "$PY" ] || PY=python3
 OUT=${1:-gpu-check}
 shift || true
-STEPS=${*:-tests latency throughput}
+STEPS=${*:-tests latency throughput}  # spec: opt-in
 mkdir -p "$OUT"
 KVPILOT=("$PY" -m kvpilot_engine.cli)
 
@@ -46,5 +50,9 @@ step throughput "${GPU_CHECK_THROUGHPUT_S:-300}" "${KVPILOT[@]}" bench throughpu
     random:qwen3-0.6b --dtype bfloat16 --num-prompts 256 --input-len 100 1024 \
     --output-len 100 1024 --max-model-len 4096 --max-num-seqs 256 \
     --max-num-batched-tokens 16384 --hf-batch-size 64 --json "$OUT/throughput.json"
+
+step spec "${GPU_CHECK_SPEC_S:-300}" "${KVPILOT[@]}" bench spec "${GPU_CHECK_SPEC_MODEL:-smollm2}" \
+    --dtype bfloat16 --workloads edit qa chat --concurrency 16 --output-len 128 --num-iters 2 \
+    --json "$OUT/spec.json"
 
 "$PY" -m kvpilot_engine.bench.gpu_report "$OUT" | tee "$OUT/gpu-check.md"

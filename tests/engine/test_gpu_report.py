@@ -42,3 +42,23 @@ def test_report_puts_figures_beside_targets(tmp_path):
     int8_row = next(line for line in md.splitlines() if line.startswith("| int8 |"))
     assert int8_row.endswith("| >= 1.6x | not met |")  # 1.5x < 1.6x
     assert "No figures (timed out after 300 s)." in md  # throughput left no JSON
+
+
+def test_spec_step_appears_only_when_run(tmp_path):
+    (tmp_path / "steps.txt").write_text("tests 0 50\n")
+    assert "Speculative decoding" not in report(tmp_path)  # opt-in: absent unless asked for
+    (tmp_path / "steps.txt").write_text("tests 0 50\nspec 0 200\n")
+    rows = [
+        {"workload": "edit", "in_flight": 1, "plain_tokens_per_s": 100.0,
+         "spec_tokens_per_s": 250.0, "speedup": 2.5, "acceptance": 0.8},
+        {"workload": "chat", "in_flight": 16, "plain_tokens_per_s": 900.0,
+         "spec_tokens_per_s": 850.0, "speedup": 0.944, "acceptance": None},
+    ]  # fmt: skip
+    (tmp_path / "spec.json").write_text(json.dumps(rows))
+    md = report(tmp_path)
+    edit = next(line for line in md.splitlines() if line.startswith("| edit | 1 |"))
+    assert "80%" in edit and edit.endswith(">= 2.0x: met |")
+    chat = next(line for line in md.splitlines() if line.startswith("| chat | 16 |"))
+    assert chat.endswith(">= 1.0x: not met |")
+    (tmp_path / "spec.json").unlink()
+    assert "No figures (exit 0, 200 s)." in report(tmp_path)

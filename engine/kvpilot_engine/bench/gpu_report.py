@@ -20,9 +20,10 @@ BF16_SHARE_OF_PEAK = 0.75
 QUANT_SPEEDUP = {"int8": 1.6, "int4": 2.5, "fp8": 1.6}
 THROUGHPUT_TOK_S = 10_000.0
 THROUGHPUT_SPEEDUP = 5.0
+SPEC_EDIT_SPEEDUP = 2.0
 
 
-def _load(path: Path) -> dict[str, Any] | None:
+def _load(path: Path) -> Any:
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError):
@@ -137,6 +138,31 @@ def throughput_section(folder: Path, steps: dict[str, tuple[int, int]]) -> list[
     return [*lines, "", f"({_step_note(steps, 'throughput')})", ""]
 
 
+def spec_section(folder: Path, steps: dict[str, tuple[int, int]]) -> list[str]:
+    """Speculative against plain decoding (`bench spec`): the opt-in step, shown when it ran."""
+    if "spec" not in steps:
+        return []
+    lines = ["### Speculative decoding", ""]
+    rows = _load(folder / "spec.json")
+    if not rows:
+        return [*lines, f"No figures ({_step_note(steps, 'spec')}).", ""]
+    lines += [
+        "| workload | in flight | plain tok/s | speculative tok/s | speed-up | accepted | target |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        # At one in flight code editing should double; nowhere may speculation cost throughput.
+        target = SPEC_EDIT_SPEEDUP if (r["workload"], r["in_flight"]) == ("edit", 1) else 1.0
+        acc = r.get("acceptance")
+        lines.append(
+            f"| {r['workload']} | {r['in_flight']} | {r['plain_tokens_per_s']:,.1f} | "
+            f"{r['spec_tokens_per_s']:,.1f} | {r['speedup']}x | "
+            f"{'-' if acc is None else f'{acc:.0%}'} | >= {target}x: "
+            f"{_verdict(r['speedup'], target)} |"
+        )
+    return [*lines, "", f"({_step_note(steps, 'spec')})", ""]
+
+
 def report(folder: Path) -> str:
     steps = _steps(folder)
     env = (folder / "env.txt").read_text().strip() if (folder / "env.txt").exists() else ""
@@ -146,6 +172,7 @@ def report(folder: Path) -> str:
     lines += tests_section(folder, steps)
     lines += latency_section(folder, steps)
     lines += throughput_section(folder, steps)
+    lines += spec_section(folder, steps)
     return "\n".join(lines)
 
 
