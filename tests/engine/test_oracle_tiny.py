@@ -4,6 +4,7 @@ folders by transformers itself, must give transformers' greedy tokens and logits
 from __future__ import annotations
 
 import json
+import zlib
 from pathlib import Path
 
 import pytest
@@ -21,7 +22,10 @@ def write_tiny_model(path: Path, name: str, tokenizer) -> Path:
     spec = dict(CASES[name])
     cls = getattr(transformers, spec.pop("cls"))
     cfg = getattr(transformers, spec.pop("cfg"))(**COMMON, **spec)
-    torch.manual_seed(hash(name) % 2**31)
+    # A stable seed: hash(str) changes with every process (PYTHONHASHSEED), so each run drew a
+    # different random model, and now and then one whose greedy logits nearly tie, where float32
+    # rounding (a different attention kernel) flips a token.
+    torch.manual_seed(zlib.crc32(name.encode()))
     model = cls(cfg)
     if name == "qwen2":  # transformers initialises biases to zero; make them matter
         for layer in model.model.layers:
