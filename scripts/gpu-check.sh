@@ -8,7 +8,7 @@
 #
 # The default is the first three. `spec` (opt-in, about 4 minutes) runs speculative decoding
 # against plain decoding on the device: `bench spec` on GPU_CHECK_SPEC_MODEL (default smollm2,
-# which must be installed there; SPEC_MODEL=random:... measures only the cost of having it on).
+# which must be installed there; a random:... model measures only the cost of having it on).
 #
 # PYTHON picks the interpreter (default .venv/bin/python, else python3); each step has its own
 # time limit, so one that hangs or fails still leaves the others' figures in the table.

@@ -149,38 +149,36 @@ def build_decode_groups(
     dev = meta.block_tables.device
     for members, max_len, num_blocks, off in specs:
         idx = torch.tensor(members, device=dev)
-        lens = torch.tensor([meta.context_lens[i] for i in members], device=dev)
         n = len(members) * num_blocks
-        group = DecodeGroup(
-            rows=torch.tensor([qsl[i] for i in members], device=dev),
-            block_ids=meta.block_tables[idx, :num_blocks].reshape(-1),
-            mask=(torch.arange(max_len, device=dev)[None, :] < lens[:, None])[:, None, None, :],
-            max_len=max_len,
-            num_blocks=num_blocks,
-            key_buf=key_ws[off : off + n],
-            value_buf=value_ws[off : off + n],
-        )
         nq = max(q_len(i) for i in members)
-        if nq > 1:
-            # Slot j of a sequence with q query tokens holds query max(j - (Q - q), 0), at
-            # absolute position ctx - q + that, and sees the keys up to it.
-            rows, real_slots, real_rows, first_pos = [], [], [], []
-            for m, i in enumerate(members):
-                q, pad = q_len(i), nq - q_len(i)
-                rows += [qsl[i]] * pad + list(range(qsl[i], qsl[i + 1]))
-                real_slots += range(m * nq + pad, (m + 1) * nq)
-                real_rows += range(qsl[i], qsl[i + 1])
-                first_pos.append(meta.context_lens[i] - q)
-            pad_t = torch.tensor([nq - q_len(i) for i in members], device=dev)
-            j = torch.arange(nq, device=dev)[None, :]
-            pos = torch.tensor(first_pos, device=dev)[:, None] + (j - pad_t[:, None]).clamp(min=0)
-            keys = torch.arange(max_len, device=dev)
-            group.mask = (keys[None, None, :] <= pos[:, :, None])[:, None]
-            group.rows = torch.tensor(rows, device=dev)
-            group.num_queries = nq
-            group.real_slots = torch.tensor(real_slots, device=dev)
-            group.real_rows = torch.tensor(real_rows, device=dev)
-        groups.append(group)
+        # Slot j of a sequence with q query tokens holds query max(j - (Q - q), 0), at absolute
+        # position ctx - q + that, and sees the keys up to it (for decodes: keys < ctx).
+        rows, real_slots, real_rows, pads, first_pos = [], [], [], [], []
+        for m, i in enumerate(members):
+            q = q_len(i)
+            pads.append(nq - q)
+            first_pos.append(meta.context_lens[i] - q)
+            rows += [qsl[i]] * (nq - q) + list(range(qsl[i], qsl[i + 1]))
+            real_slots += range(m * nq + nq - q, (m + 1) * nq)
+            real_rows += range(qsl[i], qsl[i + 1])
+        j = torch.arange(nq, device=dev)[None, :]
+        pad = torch.tensor(pads, device=dev)[:, None]
+        pos = torch.tensor(first_pos, device=dev)[:, None] + (j - pad).clamp(min=0)
+        keys = torch.arange(max_len, device=dev)
+        groups.append(
+            DecodeGroup(
+                rows=torch.tensor(rows, device=dev),
+                block_ids=meta.block_tables[idx, :num_blocks].reshape(-1),
+                mask=(keys[None, None, :] <= pos[:, :, None])[:, None],
+                max_len=max_len,
+                num_blocks=num_blocks,
+                key_buf=key_ws[off : off + n],
+                value_buf=value_ws[off : off + n],
+                num_queries=nq,
+                real_slots=torch.tensor(real_slots, device=dev) if nq > 1 else None,
+                real_rows=torch.tensor(real_rows, device=dev) if nq > 1 else None,
+            )
+        )
     return groups
 
 

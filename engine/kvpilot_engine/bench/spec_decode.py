@@ -178,7 +178,8 @@ def run_spec_bench(ns: argparse.Namespace, args: EngineArgs) -> int:
             )
     if hf_runs:
         print("transformers generate on the same weights, 1 in flight (best of the same runs):")
-        how = "assisted" if "assistant_model" in hf_extra else "lookup"
+        key = "assistant_model" if "assistant_model" in hf_extra else "prompt_lookup"
+        how = "assisted" if key == "assistant_model" else "lookup"
         print(f"{'workload':>8} {'plain tok/s':>11} {how + ' tok/s':>12} {'ours/' + how:>13}")
         for name in ns.workloads:
             if (name, "plain") not in hf_runs:
@@ -187,7 +188,6 @@ def run_spec_bench(ns: argparse.Namespace, args: EngineArgs) -> int:
             hp, hl = hf_runs[(name, "plain")], hf_runs[(name, "assisted")]
             ratio = ours["spec_tokens_per_s"] / hl
             print(f"{name:>8} {hp:11.1f} {hl:12.1f} {ratio:12.2f}x")
-            key = "assistant_model" if how == "assisted" else "prompt_lookup"
             ours.update(
                 {
                     "hf_plain_tokens_per_s": round(hp, 2),
